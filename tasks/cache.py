@@ -1,0 +1,141 @@
+"""Persistent response cache and attempt ledger (sqlite in WAL mode).
+
+Why: a run killed at any point and started again must re-send nothing that had already
+succeeded, and no spend may go uncounted. Each successful answer is committed the moment
+it arrives (WAL + synchronous=NORMAL survives a killed process), keyed by a hash of what
+changes the request: model, rendered prompt, sampling parameters and sample index. The
+parse function is not in the key, so re-parsing cached answers is free. Errors are never
+cached. Every attempt, failed ones included, is written to the ledger with its status,
+latency and the token usage it returned, so the bill can be reconciled.
+API keys never reach this file: only request bodies are stored, never headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+  key TEXT PRIMARY KEY,
+  request TEXT NOT NULL,
+  text TEXT NOT NULL,
+  finish_reason TEXT,
+  prompt_tokens INTEGER,
+  completion_tokens INTEGER,
+  created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  run_id TEXT,
+  key TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  status TEXT NOT NULL,
+  http_status INTEGER,
+  latency_s REAL,
+  prompt_tokens INTEGER,
+  completion_tokens INTEGER,
+  error TEXT,
+  created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id);
+"""
+
+
+def request_key(model: str, prompt: Any, sampling: dict[str, Any], sample_index: int) -> str:
+    """Hash of everything that changes the teacher's answer (never the parser, never secrets)."""
+    blob = json.dumps(
+        {"model": model, "prompt": prompt, "sampling": sampling, "sample_index": sample_index},
+        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class CachedAnswer:
+    text: str
+    finish_reason: Optional[str]
+    prompt_tokens: Optional[int]
+    completion_tokens: Optional[int]
+
+
+class ResponseCache:
+    """sqlite-backed cache of successful answers plus a ledger of every attempt."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(SCHEMA)
+
+    def get(self, key: str) -> Optional[CachedAnswer]:
+        row = self.db.execute(
+            "SELECT text, finish_reason, prompt_tokens, completion_tokens FROM responses WHERE key=?", (key,)
+        ).fetchone()
+        return CachedAnswer(*row) if row else None
+
+    def get_many(self, keys: list[str]) -> dict[str, CachedAnswer]:
+        out: dict[str, CachedAnswer] = {}
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            q = "SELECT key, text, finish_reason, prompt_tokens, completion_tokens FROM responses WHERE key IN (%s)" % (
+                ",".join("?" * len(part))
+            )
+            for k, *rest in self.db.execute(q, part):
+                out[k] = CachedAnswer(*rest)
+        return out
+
+    def put_success(
+        self, entries: list[tuple[str, CachedAnswer]], request: dict[str, Any], run_id: str, attempt: int,
+        http_status: int, latency_s: float,
+    ) -> None:
+        """Store the answer(s) of one request and its attempt in one transaction, committed now.
+
+        ``entries`` has one (key, answer) per choice; the usage sits on the first one.
+        """
+        now = time.time()
+        req_json = json.dumps(request, ensure_ascii=False)
+        first = entries[0][1]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?)",
+                [(k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now) for k, a in entries],
+            )
+            self.db.execute(
+                "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,completion_tokens,error,created)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
+                 first.completion_tokens, None, now),
+            )
+
+    def put_attempt(
+        self, key: str, run_id: str, attempt: int, status: str, http_status: Optional[int], latency_s: float,
+        prompt_tokens: Optional[int], completion_tokens: Optional[int], error: Optional[str],
+    ) -> None:
+        """Record a failed attempt (never cached as an answer), with any usage it reported."""
+        self.db.execute(
+            "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,completion_tokens,error,created)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (run_id, key, attempt, status, http_status, latency_s, prompt_tokens, completion_tokens,
+             (error or "")[:500], time.time()),
+        )
+
+    def ledger_totals(self, run_id: str) -> dict[str, int]:
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(status='ok'),0), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0)"
+            " FROM attempts WHERE run_id=?", (run_id,),
+        ).fetchone()
+        return {"attempts": row[0], "ok": row[1], "tokens_in": row[2], "tokens_out": row[3]}
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,173 @@
+"""Prompt templates: load a YAML template, render it per item and sample, parse answers.
+
+Why here and not in the client: rendering decides what is sent (and so the cache key),
+parsing decides what an answer means. Parsing is deliberately *not* part of the cache
+key, so a better parser re-parses cached answers for free. Parsing is strict: an answer
+that is not one of the configured labels (or a declared alias) is an invalid vote, kept
+with its raw text, never mapped to a label by guesswork.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import jinja2
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_COMPLETION_TEMPLATE = """{{ instruction }}
+
+{% for ex in examples %}{{ input_prefix }}{{ ex.text }}
+{{ output_prefix }}{{ ex.label }}
+
+{% endfor %}{{ input_prefix }}{{ text }}
+{{ output_prefix }}"""
+
+
+class PromptError(ValueError):
+    """A prompt template file is invalid; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+@dataclass
+class PromptTemplate:
+    """A labelling prompt: instruction, few-shot examples and the closed label set."""
+
+    name: str
+    labels: list[str]
+    instruction: str
+    examples: list[Example]
+    input_prefix: str = "Text: "
+    output_prefix: str = "Label:"
+    aliases: dict[str, str] = field(default_factory=dict)
+    completion_template: str = DEFAULT_COMPLETION_TEMPLATE
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self._jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+            self.completion_template
+        )
+        norm = {normalise_answer(lab): lab for lab in self.labels}
+        for alias, target in self.aliases.items():
+            if target not in self.labels:
+                raise PromptError(f"{self.source}: alias {alias!r} maps to {target!r}, which is not in labels")
+            norm[normalise_answer(alias)] = target
+        self._lookup = norm
+
+    # -- rendering -----------------------------------------------------------------
+    def examples_for(self, sample_index: int, vary: bool) -> list[Example]:
+        """Few-shot examples for sample i: the file's order for i=0, a seeded reorder otherwise."""
+        if not vary or sample_index == 0 or len(self.examples) < 2:
+            return list(self.examples)
+        ex = list(self.examples)
+        random.Random(f"{self.name}:{sample_index}").shuffle(ex)
+        return ex
+
+    def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
+        return self._jinja.render(
+            instruction=self.instruction.strip(),
+            examples=self.examples_for(sample_index, vary),
+            text=one_line(text),
+            input_prefix=self.input_prefix,
+            output_prefix=self.output_prefix,
+        )
+
+    def render_chat(self, text: str, sample_index: int = 0, vary: bool = False) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.instruction.strip() + "\nAnswer with one of: " + ", ".join(self.labels) + "."}]
+        for ex in self.examples_for(sample_index, vary):
+            msgs.append({"role": "user", "content": one_line(ex.text)})
+            msgs.append({"role": "assistant", "content": ex.label})
+        msgs.append({"role": "user", "content": one_line(text)})
+        return msgs
+
+    # -- parsing -------------------------------------------------------------------
+    def parse(self, answer: Optional[str]) -> Optional[str]:
+        """Map an answer to a label, or None when it is not exactly a label or alias."""
+        if answer is None:
+            return None
+        first = answer.strip().splitlines()[0] if answer.strip() else ""
+        return self._lookup.get(normalise_answer(first))
+
+    def template_hash(self) -> str:
+        """Hash of everything in the template that shapes a request."""
+        blob = repr((self.labels, self.instruction, [(e.text, e.label) for e in self.examples], self.input_prefix,
+                     self.output_prefix, self.completion_template))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_PUNCT = re.compile(r"^[\s\"'`*.:;,!()\[\]-]+|[\s\"'`*.:;,!()\[\]-]+$")
+
+
+def normalise_answer(s: str) -> str:
+    """Lower-case and trim quotes, punctuation and whitespace at both ends (nothing inside)."""
+    return _PUNCT.sub("", s).lower()
+
+
+def one_line(text: str) -> str:
+    """Collapse newlines so an item cannot fake the prompt's own 'Label:' lines."""
+    return " ".join(text.split())
+
+
+def prompt_hash(rendered: Any) -> str:
+    return hashlib.sha256(repr(rendered).encode()).hexdigest()[:16]
+
+
+def resolve_prompt_path(path: str) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    alt = REPO_ROOT / path
+    if alt.exists():
+        return alt
+    alt = REPO_ROOT / "prompts" / path
+    if alt.exists():
+        return alt
+    raise PromptError(f"prompt template not found: {path} (looked in ., {REPO_ROOT}, {REPO_ROOT / 'prompts'})")
+
+
+def load_prompt(path: str) -> PromptTemplate:
+    p = resolve_prompt_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PromptError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PromptError(f"{p}: top level must be a mapping")
+    allowed = {"name", "labels", "instruction", "examples", "input_prefix", "output_prefix", "aliases", "completion_template"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise PromptError(f"{p}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for req in ("name", "labels", "instruction"):
+        if not raw.get(req):
+            raise PromptError(f"{p}: field '{req}' is required")
+    labels = raw["labels"]
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+        raise PromptError(f"{p}: field 'labels' must be a list of at least two non-empty strings")
+    if len({normalise_answer(x) for x in labels}) != len(labels):
+        raise PromptError(f"{p}: field 'labels' has duplicates after normalisation")
+    examples = []
+    for i, ex in enumerate(raw.get("examples") or []):
+        if not isinstance(ex, dict) or set(ex) != {"text", "label"}:
+            raise PromptError(f"{p}: examples[{i}] must have exactly 'text' and 'label'")
+        if ex["label"] not in labels:
+            raise PromptError(f"{p}: examples[{i}].label {ex['label']!r} is not in labels {labels}")
+        examples.append(Example(text=str(ex["text"]), label=ex["label"]))
+    kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template") if k in raw}
+    try:
+        return PromptTemplate(
+            name=raw["name"], labels=labels, instruction=raw["instruction"], examples=examples,
+            aliases=dict(raw.get("aliases") or {}), source=str(p), **kwargs,
+        )
+    except jinja2.TemplateSyntaxError as e:
+        raise PromptError(f"{p}: completion_template: {e}") from None

@@ -1,0 +1,127 @@
+"""The annotation summary: counts, agreement, tokens, time and teacher quality on gold.
+
+Why teacher quality is scored here: "the student is as good as the teacher" only means
+something if the teacher itself was measured on human gold, single answer and voted, with
+the abstentions counted as misses (coverage is reported beside it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional
+
+import pyarrow.parquet as pq
+from sklearn.metrics import accuracy_score, f1_score
+
+NO_LABEL = "<none>"
+
+
+def _missing(x: Any) -> bool:
+    """None or NaN: Parquet round trips through pandas may turn a missing string into NaN."""
+    return x is None or (isinstance(x, float) and x != x)
+
+
+def _iter_frames(paths: list[str], columns: list[str]):
+    for p in paths:
+        yield pq.read_table(p, columns=columns).to_pandas()
+
+
+def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
+    """Counts over voted shards: items, votes, invalid/failed votes, abstentions, agreement histogram."""
+    cols = ["votes", "sample_status", "label", "confidence", "abstain_reason", "low_agreement"]
+    s: dict[str, Any] = {"items": 0, "votes": 0, "valid_votes": 0, "invalid_votes": 0, "failed_votes": 0,
+                         "abstained": 0, "abstained_tie": 0, "abstained_no_valid": 0, "failed_items": 0,
+                         "low_agreement": 0}
+    hist: Counter = Counter()
+    dist: Counter = Counter()
+    for df in _iter_frames(voted_paths, cols):
+        s["items"] += len(df)
+        for st in df["sample_status"]:
+            s["votes"] += len(st)
+            for x in st:
+                if x == "ok":
+                    s["valid_votes"] += 1
+                elif x == "invalid":
+                    s["invalid_votes"] += 1
+                else:
+                    s["failed_votes"] += 1
+        for lab, conf, reason, low in zip(df["label"], df["confidence"], df["abstain_reason"], df["low_agreement"]):
+            hist[f"{round(conf * k)}/{k}"] += 1
+            if _missing(lab):
+                s["abstained"] += 1
+                if not _missing(reason) and reason.startswith("tie"):
+                    s["abstained_tie"] += 1
+                else:
+                    s["abstained_no_valid"] += 1
+                if reason == "all requests failed":
+                    s["failed_items"] += 1
+            else:
+                dist[lab] += 1
+            if low:
+                s["low_agreement"] += 1
+    s["invalid_rate"] = s["invalid_votes"] / s["votes"] if s["votes"] else 0.0
+    s["agreement_histogram"] = dict(sorted(hist.items()))
+    s["teacher_label_distribution"] = dict(sorted(dist.items()))
+    return s
+
+
+def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
+    """Teacher accuracy and macro-F1 against human gold: voted label and sample 0 alone."""
+    gold, voted, single = [], [], []
+    for df in _iter_frames(voted_paths, ["label_gold", "label", "votes"]):
+        gold += df["label_gold"].tolist()
+        voted += [NO_LABEL if _missing(x) else x for x in df["label"]]
+        single += [NO_LABEL if _missing(v[0]) else v[0] for v in df["votes"]]
+    if not gold:
+        return {}
+    kw = dict(labels=labels, average="macro", zero_division=0)
+    return {
+        "gold_items_scored": len(gold),
+        "teacher_accuracy_voted": float(accuracy_score(gold, voted)),
+        "teacher_macro_f1_voted": float(f1_score(gold, voted, **kw)),
+        "teacher_coverage_voted": sum(v != NO_LABEL for v in voted) / len(gold),
+        "teacher_accuracy_single": float(accuracy_score(gold, single)),
+        "teacher_macro_f1_single": float(f1_score(gold, single, **kw)),
+        "gold_label_distribution": dict(sorted(Counter(gold).items())),
+        "teacher_label_distribution_on_gold": dict(sorted(Counter(voted).items())),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {x}" for k, x in v.items())
+    return str(v)
+
+
+def markdown_summary(summary: dict[str, Any], title: str = "distill annotation summary") -> str:
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    for k, v in summary.items():
+        if isinstance(v, dict) and k in ("data_pool", "data_gold", "status_counts"):
+            continue
+        lines.append(f"| {k} | {_fmt(v)} |")
+    for k in ("data_pool", "data_gold"):
+        if isinstance(summary.get(k), dict):
+            d = summary[k]
+            lines.append(f"| {k} | rows {d.get('rows_read')}, items {d.get('items')}, empty {d.get('empty_text')}, "
+                         f"dup ids {d.get('duplicate_ids')}, dup texts {d.get('duplicate_texts')}, "
+                         f"bad utf-8 {d.get('invalid_utf8')} |")
+    return "\n".join(lines) + "\n"
+
+
+def terminal_summary(summary: dict[str, Any]) -> str:
+    keys = ["items", "votes", "invalid_votes", "failed_votes", "abstained", "low_agreement", "requests_sent",
+            "requests_cached", "tokens_in", "tokens_out", "wall_s", "teacher_items_per_s", "gold_items_scored",
+            "teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "teacher_coverage_voted",
+            "agreement_histogram", "teacher_label_distribution", "gold_label_distribution"]
+    width = max(len(k) for k in keys)
+    out = []
+    for k in keys:
+        if k in summary:
+            out.append(f"  {k:<{width}}  {_fmt(summary[k])}")
+    return "\n".join(out)
+
+
+def pick(d: dict[str, Any], *keys: str) -> dict[str, Optional[Any]]:
+    return {k: d.get(k) for k in keys}

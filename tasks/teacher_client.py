@@ -1,0 +1,314 @@
+"""The teacher client: one aiohttp session for any OpenAI-compatible endpoint.
+
+Why one module: everything that touches money lives here. Bounded concurrency (a fixed
+pool of workers, so memory does not grow with the request count); requests- and
+tokens-per-minute limits; retries with exponential backoff and full jitter on 429, 5xx,
+timeouts, dropped connections and non-JSON bodies (an HTML error page is an error, never
+an answer), honouring Retry-After; a persistent cache consulted before anything is sent;
+and the token usage of every attempt recorded in the ledger, retries included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import aiohttp
+
+from tasks.cache import CachedAnswer, ResponseCache
+from tasks.ratelimit import RateLimiter
+
+try:  # orjson ships with prefect; fall back to the stdlib
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover
+    import json
+
+    _loads = json.loads
+
+log = logging.getLogger("distill.teacher")
+
+RETRYABLE_STATUS = {408, 409, 425, 429}
+
+
+@dataclass
+class TeacherRequest:
+    """One HTTP request. ``keys`` has one cache key per choice (k of them when using ``n``)."""
+
+    keys: list[str]
+    path: str  # "/completions" or "/chat/completions"
+    payload: dict[str, Any]
+    est_tokens: int
+
+
+@dataclass
+class Outcome:
+    """What became of one cache key: an answer, or a failure with its reason."""
+
+    text: Optional[str]
+    cached: bool
+    error: Optional[str] = None
+    attempts: int = 0
+
+
+@dataclass
+class ClientStats:
+    requests_sent: int = 0  # HTTP attempts made, retries included
+    requests_ok: int = 0
+    requests_cached: int = 0  # answers served from the cache (per choice)
+    requests_failed: int = 0  # gave up after retries / non-retryable error
+    attempt_errors: int = 0
+    retries: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def bump(self, status: str) -> None:
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
+
+class ServerError(Exception):
+    pass
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        dt = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if dt is None:
+        return None
+    return max(0.0, dt.timestamp() - (now if now is not None else time.time()))
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: Optional[float], rng: random.Random) -> float:
+    """Full-jitter exponential backoff; a Retry-After from the server is a floor."""
+    delay = rng.uniform(0, min(cap, base * (2 ** (attempt - 1))))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def _extract(data: Any, n: int) -> tuple[list[CachedAnswer], Optional[int], Optional[int]]:
+    """Pull choices and usage out of an OpenAI-style body; raises ServerError if it is not one."""
+    if not isinstance(data, dict):
+        raise ServerError(f"response JSON is a {type(data).__name__}, not an object")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    pt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
+    ct = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) < n:
+        raise ServerError(f"response has {len(choices) if isinstance(choices, list) else 'no'} choices, expected {n}")
+    out = []
+    for i, ch in enumerate(sorted(choices[:n], key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)):
+        if not isinstance(ch, dict):
+            raise ServerError("choice is not an object")
+        if "text" in ch and isinstance(ch["text"], str):
+            text = ch["text"]
+        elif isinstance(ch.get("message"), dict) and isinstance(ch["message"].get("content"), str):
+            text = ch["message"]["content"]
+        else:
+            raise ServerError("choice has neither text nor message.content")
+        out.append(CachedAnswer(text, ch.get("finish_reason"), pt if i == 0 else None, ct if i == 0 else None))
+    return out, pt, ct
+
+
+class TeacherClient:
+    """Async client; use as ``async with TeacherClient(...) as c: await c.run(requests)``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Optional[str],
+        cache: ResponseCache,
+        run_id: str,
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_attempts: int = 6,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        limiter: Optional[RateLimiter] = None,
+        on_result: Optional[Callable[[ClientStats], None]] = None,
+        seed: int = 0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.cache = cache
+        self.run_id = run_id
+        self.concurrency = concurrency
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.limiter = limiter if limiter is not None and limiter.active else None
+        self.on_result = on_result
+        self.stats = ClientStats()
+        self._rng = random.Random(seed)
+        self._pause_until = 0.0
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def __repr__(self) -> str:  # never show the key
+        return f"TeacherClient({self.base_url!r}, concurrency={self.concurrency})"
+
+    async def __aenter__(self) -> "TeacherClient":
+        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def run(self, requests: list[TeacherRequest]) -> dict[str, Outcome]:
+        """Answer every request: from the cache where possible, otherwise over HTTP."""
+        results: dict[str, Outcome] = {}
+        all_keys = [k for r in requests for k in r.keys]
+        hits = self.cache.get_many(all_keys)
+        todo: list[TeacherRequest] = []
+        for r in requests:
+            if all(k in hits for k in r.keys):
+                for k in r.keys:
+                    results[k] = Outcome(hits[k].text, cached=True)
+                self.stats.requests_cached += len(r.keys)
+            else:
+                todo.append(r)
+        if self.on_result and hits:
+            self.on_result(self.stats)
+        it = iter(todo)
+
+        async def worker() -> None:
+            for req in it:
+                results.update(await self._send(req))
+                if self.on_result:
+                    self.on_result(self.stats)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(todo)) or 0)))
+        return results
+
+    async def _send(self, req: TeacherRequest) -> dict[str, Outcome]:
+        assert self._session is not None, "use TeacherClient as an async context manager"
+        url = self.base_url + req.path
+        n = len(req.keys)
+        key0 = req.keys[0]
+        last_error = "no attempt made"
+        for attempt in range(1, self.max_attempts + 1):
+            pause = self._pause_until - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            if self.limiter is not None:
+                await self.limiter.acquire(req.est_tokens)
+            retry_after: Optional[float] = None
+            http_status: Optional[int] = None
+            pt = ct = None
+            t0 = time.perf_counter()
+            self.stats.requests_sent += 1
+            try:
+                async with self._session.post(url, json=req.payload) as resp:
+                    http_status = resp.status
+                    body = await resp.read()
+                    ra_header = resp.headers.get("Retry-After")
+                latency = time.perf_counter() - t0
+                if http_status == 200:
+                    try:
+                        data = _loads(body)
+                        answers, pt, ct = _extract(data, n)
+                    except (ValueError, ServerError) as e:
+                        kind = "bad_json" if isinstance(e, ValueError) else "bad_response"
+                        raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}") from None
+                    self.cache.put_success(
+                        list(zip(req.keys, answers)), req.payload, self.run_id, attempt, http_status, latency
+                    )
+                    self._count_usage(pt, ct)
+                    if self.limiter is not None:
+                        self.limiter.reconcile(req.est_tokens, None if pt is None else pt + (ct or 0))
+                    self.stats.requests_ok += 1
+                    self.stats.bump("ok")
+                    return {k: Outcome(a.text, cached=False, attempts=attempt) for k, a in zip(req.keys, answers)}
+                # an error status: try to read usage anyway (some servers bill failed calls)
+                try:
+                    _, pt, ct = _extract(_loads(body), 0)
+                except Exception:
+                    pt = ct = None
+                retry_after = parse_retry_after(ra_header)
+                retryable = http_status in RETRYABLE_STATUS or http_status >= 500
+                kind = f"http_{http_status}"
+                msg = f"HTTP {http_status}: {_snippet(body)!r}"
+                if not retryable:
+                    self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg)
+                    return self._give_up(req, f"{msg} (not retryable)", attempt)
+            except _Retryable as e:
+                kind, msg = e.kind, e.msg
+                latency = time.perf_counter() - t0
+            except asyncio.TimeoutError:
+                kind, msg = "timeout", f"no answer within {self.timeout.total:.0f}s"
+                latency = time.perf_counter() - t0
+            except (aiohttp.ClientError, ConnectionError, OSError) as e:
+                kind, msg = "connection", f"{type(e).__name__}: {e}"
+                latency = time.perf_counter() - t0
+            msg = redact(msg, [self._api_key or ""])
+            last_error = msg
+            self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg)
+            if attempt == self.max_attempts:
+                break
+            self.stats.retries += 1
+            delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, retry_after, self._rng)
+            if http_status == 429 and retry_after is not None:
+                # the server asked everyone to slow down: pause all workers, not only this one
+                self._pause_until = max(self._pause_until, time.monotonic() + retry_after)
+            log.debug("retrying %s after %s in %.2fs", key0[:12], kind, delay)
+            await asyncio.sleep(delay)
+        return self._give_up(req, f"gave up after {self.max_attempts} attempts; last error: {last_error}", self.max_attempts)
+
+    def _count_usage(self, pt: Optional[int], ct: Optional[int]) -> None:
+        self.stats.tokens_in += pt or 0
+        self.stats.tokens_out += ct or 0
+
+    def _record_failure(self, key: str, attempt: int, kind: str, http_status: Optional[int], latency: float,
+                        pt: Optional[int], ct: Optional[int], msg: str) -> None:
+        self.stats.attempt_errors += 1
+        self.stats.bump(kind)
+        self._count_usage(pt, ct)
+        self.cache.put_attempt(key, self.run_id, attempt, kind, http_status, latency, pt, ct, msg)
+        if attempt == 1 or kind not in ("http_429",):
+            log.warning("teacher attempt %d failed: %s", attempt, msg[:300])
+
+    def _give_up(self, req: TeacherRequest, reason: str, attempts: int) -> dict[str, Outcome]:
+        self.stats.requests_failed += 1
+        return {k: Outcome(None, cached=False, error=reason, attempts=attempts) for k in req.keys}
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, msg: str) -> None:
+        super().__init__(msg)
+        self.kind = kind
+        self.msg = msg
+
+
+def _snippet(body: bytes, n: int = 160) -> str:
+    return body[:n].decode("utf-8", "replace").replace("\n", " ")

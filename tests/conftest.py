@@ -1,0 +1,64 @@
+"""Shared fixtures: offline env, an isolated Prefect home, one Prefect test server, a fake teacher."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+_TMP = tempfile.mkdtemp(prefix="distill-tests-")
+os.environ.update({
+    "PREFECT_HOME": str(Path(_TMP) / "prefect"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(_TMP) / "prefect-results"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+})
+
+from tests.fake_openai import FakeOpenAI  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One Prefect test server for the session; yields its API URL (for subprocesses too)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture
+def fake_teacher() -> Iterator[FakeOpenAI]:
+    srv = FakeOpenAI(latency_s=0.0, slow_s=2.0).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def binary_prompt(tmp_path: Path) -> Path:
+    p = tmp_path / "prompt.yaml"
+    p.write_text(
+        "name: test-binary\n"
+        "labels: [positive, negative]\n"
+        "instruction: Is the review positive or negative?\n"
+        "input_prefix: 'Review: '\n"
+        "output_prefix: 'Sentiment:'\n"
+        "examples:\n"
+        "  - {text: 'a good film', label: positive}\n"
+        "  - {text: 'a dull film', label: negative}\n"
+        "  - {text: 'loved it', label: positive}\n"
+    )
+    return p

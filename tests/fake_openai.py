@@ -1,0 +1,217 @@
+"""A loopback fake OpenAI-compatible server that injects faults (a test double only).
+
+Faults are chosen by markers in the item text, per attempt of the same request body:
+  [429]      first attempt: 429 with Retry-After: 1
+  [500]      first two attempts: 500 JSON error
+  [502html]  first attempt: 502 with an HTML page
+  [html200]  first attempt: 200 with an HTML page (must not be parsed as an answer)
+  [slow]     first attempt: answers after ``slow_s`` (past the client timeout)
+  [drop]     first attempt: connection dropped without a response
+  [badjson]  first attempt: 200 with malformed JSON
+  [offlabel] every attempt: answers "banana" (an invalid vote)
+  [dead]     every attempt: 500 (the item must end explicitly failed)
+  [401]      every attempt: 401 (not retryable: fails at once)
+Otherwise it answers "positive" if the text contains "good", else "negative".
+
+It counts what it received and what it delivered (a response the client hung up on is
+not delivered), so tests can check the client's request and token totals against it.
+Run standalone for benchmarks: ``python -m tests.fake_openai --port P --latency 0.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+from collections import Counter
+from typing import Any, Optional
+
+from aiohttp import web
+
+
+def canonical(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False)
+
+
+def item_text(payload: dict[str, Any]) -> str:
+    if "messages" in payload:
+        return str(payload["messages"][-1]["content"])
+    lines = str(payload.get("prompt", "")).rstrip().splitlines()
+    return lines[-2] if len(lines) >= 2 else (lines[-1] if lines else "")
+
+
+class FakeOpenAI:
+    def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, fixed_answer: Optional[str] = None) -> None:
+        self.latency_s = latency_s
+        self.slow_s = slow_s
+        self.fixed_answer = fixed_answer
+        self.received: list[str] = []  # canonical request bodies, in arrival order
+        self.attempts: Counter = Counter()
+        self.delivered_ok: Counter = Counter()  # canonical body -> 200 answers delivered
+        self.statuses: Counter = Counter()
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.auth_headers: list[str] = []
+        self.lock = threading.Lock()
+        self.port = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._runner: Optional[web.AppRunner] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    def _answer(self, text: str) -> str:
+        if self.fixed_answer is not None:
+            return self.fixed_answer
+        if "[offlabel]" in text:
+            return " banana"
+        return " positive" if "good" in text else " negative"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        payload = json.loads(raw)
+        body = canonical(payload)
+        with self.lock:
+            self.received.append(body)
+            self.attempts[body] += 1
+            attempt = self.attempts[body]
+            self.auth_headers.append(request.headers.get("Authorization", ""))
+        text = item_text(payload)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        fault = self._fault(text, attempt)
+        if fault == "429":
+            return self._status(web.json_response({"error": {"message": "rate limited"}}, status=429,
+                                                  headers={"Retry-After": "1"}))
+        if fault == "401":
+            return self._status(web.json_response({"error": {"message": "bad key"}}, status=401))
+        if fault in ("500", "dead"):
+            return self._status(web.json_response({"error": {"message": "boom"}}, status=500))
+        if fault == "502html":
+            return self._status(web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                             content_type="text/html"))
+        if fault == "html200":
+            return self._status(web.Response(status=200, text="<html><body>maintenance</body></html>",
+                                             content_type="text/html"))
+        if fault == "badjson":
+            return self._status(web.Response(status=200, text='{"choices": [{"text": "posi', content_type="application/json"))
+        if fault == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+            with self.lock:
+                self.statuses["dropped"] += 1
+            return web.Response(status=200)
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
+        n = int(payload.get("n", 1) or 1)
+        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
+        pt, ct = len(prompt) // 4 + 1, 1 * n
+        ans = self._answer(text)
+        if "messages" in payload:
+            choices = [{"index": i, "message": {"role": "assistant", "content": ans.strip()}, "finish_reason": "stop"}
+                       for i in range(n)]
+        else:
+            choices = [{"index": i, "text": ans, "finish_reason": "stop"} for i in range(n)]
+        resp = web.json_response({"id": "x", "object": "text_completion", "choices": choices,
+                                  "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
+        if request.transport is None or request.transport.is_closing():
+            with self.lock:
+                self.statuses["client_gone"] += 1
+            return resp
+        with self.lock:
+            self.delivered_ok[body] += 1
+            self.tokens_in += pt
+            self.tokens_out += ct
+            self.statuses["200"] += 1
+        return resp
+
+    def _status(self, resp: web.Response) -> web.Response:
+        with self.lock:
+            self.statuses[str(resp.status) + ("html" if resp.content_type == "text/html" else "")] += 1
+        return resp
+
+    @staticmethod
+    def _fault(text: str, attempt: int) -> Optional[str]:
+        if "[dead]" in text:
+            return "dead"
+        if "[401]" in text:
+            return "401"
+        if "[500]" in text and attempt <= 2:
+            return "500"
+        for marker in ("429", "502html", "html200", "slow", "drop", "badjson"):
+            if f"[{marker}]" in text and attempt == 1:
+                return marker
+        return None
+
+    # ------------------------------------------------------------- lifecycle
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "FakeOpenAI":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+
+            async def up() -> None:
+                self._runner = web.AppRunner(self.app(), access_log=None)
+                await self._runner.setup()
+                site = web.TCPSite(self._runner, "127.0.0.1", 0)
+                await site.start()
+                self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                ready.set()
+
+            self._loop.run_until_complete(up())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def down() -> None:
+            assert self._runner is not None
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(10)
+        self._loop = None
+
+    def reset_counts(self) -> None:
+        with self.lock:
+            self.received.clear()
+            self.delivered_ok.clear()
+            self.statuses.clear()
+            self.tokens_in = self.tokens_out = 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--latency", type=float, default=0.1)
+    ap.add_argument("--answer", default=" positive")
+    a = ap.parse_args()
+    srv = FakeOpenAI(latency_s=a.latency, fixed_answer=a.answer)
+    web.run_app(srv.app(), host="127.0.0.1", port=a.port, access_log=None, print=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()

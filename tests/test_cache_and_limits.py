@@ -1,0 +1,106 @@
+import asyncio
+import email.utils
+import random
+import time
+
+import pytest
+
+from tasks.cache import CachedAnswer, ResponseCache, request_key
+from tasks.ratelimit import RateLimiter, TokenBucket, estimate_tokens
+from tasks.teacher_client import backoff_delay, parse_retry_after, redact
+
+SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 3, "stop": ["\n"], "seed": 0}
+
+
+def test_cache_key_covers_what_changes_the_request():
+    k = request_key("m", "prompt", SP, 0)
+    assert k == request_key("m", "prompt", dict(reversed(list(SP.items()))), 0)  # order-free
+    assert k != request_key("m2", "prompt", SP, 0)
+    assert k != request_key("m", "prompt!", SP, 0)
+    assert k != request_key("m", "prompt", {**SP, "temperature": 0.7}, 0)
+    assert k != request_key("m", "prompt", {**SP, "seed": 1}, 0)
+    assert k != request_key("m", "prompt", SP, 1)
+    assert len(k) == 64
+
+
+def test_cache_roundtrip_and_wal(tmp_path):
+    c = ResponseCache(tmp_path / "c.sqlite")
+    assert c.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    c.put_success([("k1", CachedAnswer(" positive", "stop", 10, 1))], {"prompt": "p"}, "run", 2, 200, 0.1)
+    c.put_attempt("k1", "run", 1, "http_500", 500, 0.05, None, None, "boom")
+    c.close()
+    c = ResponseCache(tmp_path / "c.sqlite")  # persisted across connections
+    assert c.get("k1").text == " positive"
+    assert c.get("missing") is None
+    assert set(c.get_many(["k1", "nope"])) == {"k1"}
+    assert c.ledger_totals("run") == {"attempts": 2, "ok": 1, "tokens_in": 10, "tokens_out": 1}
+
+
+def test_bucket_arithmetic_with_fake_clock():
+    now = [0.0]
+    b = TokenBucket(per_minute=120, burst_s=1.0, clock=lambda: now[0])  # 2/s, capacity 2
+    assert b.capacity == 2 and b.wait_time(1) == 0
+    b.take(2)
+    assert b.wait_time(1) == pytest.approx(0.5)
+    now[0] = 0.25
+    assert b.wait_time(1) == pytest.approx(0.25)
+    now[0] = 10.0
+    assert b.level <= b.capacity and b.wait_time(2) == 0  # refill is capped
+
+
+def test_token_reservation_reconciles():
+    now = [0.0]
+    lim = RateLimiter(None, tokens_per_minute=6000, clock=lambda: now[0])  # 100 tok/s, capacity 100
+    b = lim.tokens
+    b.take(80)
+    lim.reconcile(est_tokens=80, actual_tokens=30)  # 50 unused tokens come back
+    assert b.level == pytest.approx(70)
+    b.take(70)
+    lim.reconcile(est_tokens=10, actual_tokens=60)  # overrun of 50 is charged
+    assert b.level == pytest.approx(-50)
+    assert b.wait_time(10) == pytest.approx(0.6)
+    lim.reconcile(10, None)  # no usage reported: the reservation stands
+    assert b.level == pytest.approx(-50)
+
+
+def test_oversized_request_waits_for_full_bucket_not_forever():
+    now = [0.0]
+    b = TokenBucket(per_minute=60, clock=lambda: now[0])  # 1/s, capacity 1
+    b.take(1)
+    assert b.wait_time(50) == pytest.approx(1.0)
+
+
+def test_rpm_limit_paces_real_requests():
+    async def go():
+        lim = RateLimiter(requests_per_minute=600, tokens_per_minute=None)  # 10/s, burst 10
+        t0 = time.monotonic()
+        for _ in range(15):
+            await lim.acquire(1)
+        return time.monotonic() - t0
+    el = asyncio.run(go())
+    assert 0.4 <= el < 1.5  # 10 at once, 5 more at 10/s
+
+
+def test_estimate_tokens():
+    assert estimate_tokens(400, 3) == 104
+    assert estimate_tokens(400, 3, n=3) == 110
+
+
+def test_retry_after_parsing():
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= parse_retry_after(date) <= 31
+
+
+def test_backoff_is_jittered_capped_and_floored_by_retry_after():
+    rng = random.Random(0)
+    ds = [backoff_delay(a, 0.5, 4.0, None, rng) for a in range(1, 10) for _ in range(20)]
+    assert all(0 <= d <= 4.0 for d in ds) and len(set(ds)) > 50
+    assert all(backoff_delay(1, 0.5, 4.0, 7.0, rng) >= 7.0 for _ in range(10))
+
+
+def test_redact():
+    assert redact("Bearer sk-123 failed", ["sk-123"]) == "Bearer *** failed"

@@ -1,0 +1,76 @@
+import pytest
+
+from distill.config import ConfigError, DistillConfig, load_config
+
+BASE = """
+prompt: prompts/sentiment_binary.yaml
+data:
+  pool_path: data/movie/pool.parquet
+"""
+
+
+def write(tmp_path, body):
+    p = tmp_path / "c.yaml"
+    p.write_text(body)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["teacher.samples=5", "client.requests_per_minute=120",
+                                              'teacher.stop=["\\n", "END"]', "data.pool_limit=10"])
+    assert cfg.teacher.samples == 5 and cfg.client.requests_per_minute == 120
+    assert cfg.teacher.stop == ["\n", "END"] and cfg.data.pool_limit == 10
+
+
+def test_unknown_keys_rejected_with_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + "teacher:\n  sampels: 3\n"))
+    assert "teacher.sampels" in str(e.value) and "c.yaml" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["teacher.tempreature=1"])
+    assert "teacher.tempreature" in str(e.value)
+
+
+def test_bounds(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["teacher.samples=0"])
+    assert "teacher.samples" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["teacher.local=false"])
+    assert "base_url" in str(e.value)
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, BASE), ["teacher.base_url=ftp://x"])
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(write(tmp_path, BASE), ["teacher.samples"])
+
+
+def test_every_field_has_a_description():
+    def walk(model):
+        for name, f in model.model_fields.items():
+            assert f.description, f"{model.__name__}.{name} has no description"
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+    walk(DistillConfig)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+    for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml"):
+        load_config(p)
+
+
+def test_config_is_a_prefect_parameter_schema():
+    """The flow's parameter renders as a form: Prefect builds a JSON schema with our fields."""
+    from prefect.utilities.callables import parameter_schema
+    from flows.annotate import annotate_flow
+
+    schema = parameter_schema(annotate_flow.fn).model_dump()
+    defs = schema.get("definitions") or schema.get("$defs") or {}
+    assert "config" in schema["properties"]
+    assert "TeacherConfig" in defs and "samples" in defs["TeacherConfig"]["properties"]
