@@ -44,7 +44,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tasks.demo_data import prepare_demo_data
 
     for info in prepare_demo_data(args.data_dir):
-        print(f"{info['corpus']}: pool {info['pool']}, gold {info['gold']}, labels {info['labels']}")
+        print(f"{info['corpus']}: pool {info['pool']}, dev {info['dev']}, gold {info['gold']}, "
+              f"gold labels {info['labels']}")
     return 0
 
 

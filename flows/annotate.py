@@ -55,8 +55,15 @@ def report_task(summary: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 def input_fingerprint(cfg: DistillConfig, template: PromptTemplate) -> str:
     """Hash of what makes existing annotation parts valid; a change invalidates them (the cache stays)."""
+    def stat(path: str | None) -> list[int] | None:
+        if not path or not Path(path).exists():
+            return None
+        st = Path(path).stat()
+        return [st.st_size, st.st_mtime_ns]
+
     blob = json.dumps(
         {"data": cfg.data.model_dump(mode="json"), "prompt": template.template_hash(),
+         "files": [stat(cfg.data.pool_path), stat(cfg.data.gold_path)],
          "teacher": cfg.teacher.model_dump(mode="json", exclude={"startup_timeout_s", "n_threads",
                                                                  "price_in_per_mtok", "price_out_per_mtok"})},
         sort_keys=True,

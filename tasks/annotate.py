@@ -131,9 +131,10 @@ class Progress:
     """Terminal bar (items, req/s, errors, tokens) and a periodic line through the run logger."""
 
     def __init__(self, total_requests: int, desc: str, logger: Optional[logging.Logger | Any] = None,
-                 every_s: float = 10.0, enabled: bool = True) -> None:
-        self.bar = tqdm(total=total_requests, desc=desc, unit="req", disable=not enabled, mininterval=0.5,
+                 every_s: float = 10.0, enabled: bool = True, samples_per_item: int = 1) -> None:
+        self.bar = tqdm(total=total_requests, desc=desc, unit="sample", disable=not enabled, mininterval=0.5,
                         dynamic_ncols=True)
+        self.k = max(1, samples_per_item)
         self.logger = logger
         self.every_s = every_s
         self.t0 = time.monotonic()
@@ -150,15 +151,15 @@ class Progress:
         if now - self.last_log >= 0.5 or done == self.total:
             el = max(now - self.t0, 1e-9)
             self.bar.set_postfix(
-                rps=f"{stats.requests_sent / el:.1f}", err=stats.attempt_errors, cached=stats.requests_cached,
+                items=done // self.k, rps=f"{stats.requests_sent / el:.1f}", err=stats.attempt_errors, cached=stats.requests_cached,
                 tok=stats.tokens_in + stats.tokens_out, refresh=False,
             )
         if self.logger is not None and (now - self.last_log >= self.every_s or done == self.total):
             self.last_log = now
             el = max(now - self.t0, 1e-9)
             self.logger.info(
-                "annotate: %d/%d requests done (%.1f req/s sent, %d cached, %d attempt errors, %d tokens)",
-                done, self.total, stats.requests_sent / el, stats.requests_cached, stats.attempt_errors,
+                "annotate: %d/%d samples done (~%d items; %.1f req/s sent, %d cached, %d attempt errors, %d tokens)",
+                done, self.total, done // self.k, stats.requests_sent / el, stats.requests_cached, stats.attempt_errors,
                 stats.tokens_in + stats.tokens_out,
             )
 
@@ -197,7 +198,8 @@ def annotate_shard(
     plan = plan_shard(items["text"].tolist(), cfg, template)
     cache = ResponseCache(cfg.client.cache_path)
     c = cfg.client
-    progress = Progress(len(plan.samples), f"teacher {Path(in_path).stem}", logger, enabled=show_progress)
+    progress = Progress(len(plan.samples), f"teacher {Path(in_path).parent.name}/{Path(in_path).stem}", logger,
+                        enabled=show_progress, samples_per_item=cfg.teacher.samples)
     t0 = time.monotonic()
 
     async def go() -> tuple[dict[str, Outcome], ClientStats]:

@@ -20,6 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+try:  # orjson ships with prefect; it is several times faster than json for the request column
+    import orjson
+
+    def _dumps(obj: Any) -> str:
+        return orjson.dumps(obj).decode()
+except ImportError:  # pragma: no cover
+    def _dumps(obj: Any) -> str:
+        return json.dumps(obj, ensure_ascii=False)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
   key TEXT PRIMARY KEY,
@@ -76,6 +85,9 @@ class ResponseCache:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
+        self.autoflush = True
+        self._resp: list[tuple] = []
+        self._att: list[tuple] = []
 
     def get(self, key: str) -> Optional[CachedAnswer]:
         row = self.db.execute(
@@ -98,39 +110,50 @@ class ResponseCache:
         self, entries: list[tuple[str, CachedAnswer]], request: dict[str, Any], run_id: str, attempt: int,
         http_status: int, latency_s: float,
     ) -> None:
-        """Store the answer(s) of one request and its attempt in one transaction, committed now.
+        """Queue the answer(s) of one request and its attempt; written at the next :meth:`flush`.
 
-        ``entries`` has one (key, answer) per choice; the usage sits on the first one.
+        ``entries`` has one (key, answer) per choice; the usage sits on the first one. With
+        ``autoflush`` (the default) the write is committed before this returns; the async
+        client instead flushes once per event-loop turn, so a burst of answers costs one
+        transaction and none waits longer than the current turn.
         """
         now = time.time()
-        req_json = json.dumps(request, ensure_ascii=False)
+        req_json = _dumps(request)
         first = entries[0][1]
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?)",
-                [(k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now) for k, a in entries],
-            )
-            self.db.execute(
-                "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,completion_tokens,error,created)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
-                 first.completion_tokens, None, now),
-            )
+        self._resp.extend((k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now)
+                          for k, a in entries)
+        self._att.append((run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
+                          first.completion_tokens, None, now))
+        if self.autoflush:
+            self.flush()
 
     def put_attempt(
         self, key: str, run_id: str, attempt: int, status: str, http_status: Optional[int], latency_s: float,
         prompt_tokens: Optional[int], completion_tokens: Optional[int], error: Optional[str],
     ) -> None:
         """Record a failed attempt (never cached as an answer), with any usage it reported."""
-        self.db.execute(
-            "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,completion_tokens,error,created)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (run_id, key, attempt, status, http_status, latency_s, prompt_tokens, completion_tokens,
-             (error or "")[:500], time.time()),
-        )
+        self._att.append((run_id, key, attempt, status, http_status, latency_s, prompt_tokens, completion_tokens,
+                          (error or "")[:500], time.time()))
+        if self.autoflush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit everything queued in one transaction."""
+        if not self._resp and not self._att:
+            return
+        resp, att = self._resp, self._att
+        self._resp, self._att = [], []
+        with self.db:
+            self.db.execute("BEGIN")
+            if resp:
+                self.db.executemany("INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?)", resp)
+            if att:
+                self.db.executemany(
+                    "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
+                    "completion_tokens,error,created) VALUES (?,?,?,?,?,?,?,?,?,?)", att)
 
     def ledger_totals(self, run_id: str) -> dict[str, int]:
+        self.flush()
         row = self.db.execute(
             "SELECT COUNT(*), COALESCE(SUM(status='ok'),0), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0)"
             " FROM attempts WHERE run_id=?", (run_id,),
@@ -138,4 +161,5 @@ class ResponseCache:
         return {"attempts": row[0], "ok": row[1], "tokens_in": row[2], "tokens_out": row[3]}
 
     def close(self) -> None:
+        self.flush()
         self.db.close()

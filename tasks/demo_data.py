@@ -8,9 +8,11 @@ Mappings (documented in the README):
 - movie (binary): mean > +0.5 -> positive, mean < -0.5 -> negative; |mean| <= 0.5 dropped
   as ambiguous (10,605 -> about 9,900 items).
 - nyt (3-class): mean < -0.5 -> negative, mean > +0.5 -> positive, otherwise neutral.
-Each gets a seeded stratified split: a gold test split (human labels, for evaluation only)
-and a pool to annotate (its human labels are kept aside in pool_labels.parquet, for
-analysis only, never used for training or prompting).
+Each gets a seeded stratified split into three parts:
+- gold (1,000 items): human labels for the final evaluation only;
+- dev (300 items): human labels for choosing prompts and vote strategies (never gold);
+- pool (the rest): what the teacher annotates. Its human labels are kept aside in
+  pool_labels.parquet for analysis only, never used for training or prompting.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from sklearn.model_selection import train_test_split
 
 VADER_VERSION = "3.3.2"
 CORPORA = {
-    "movie": {"file": "movieReviewSnippets_GroundTruth.txt", "classes": 2, "gold_size": 1000},
-    "nyt": {"file": "nytEditorialSnippets_GroundTruth.txt", "classes": 3, "gold_size": 1000},
+    "movie": {"file": "movieReviewSnippets_GroundTruth.txt", "classes": 2, "gold_size": 1000, "dev_size": 300},
+    "nyt": {"file": "nytEditorialSnippets_GroundTruth.txt", "classes": 3, "gold_size": 1000, "dev_size": 300},
 }
 SEED = 13
 AMBIGUOUS = 0.5
@@ -84,15 +86,17 @@ def build_corpus(name: str, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     df = to_labels(read_ratings(raw_dir / spec["file"]), spec["classes"])
     df = df[df["text"].str.len() > 0]
     df["id"] = name + "-" + df["id"].astype(str)
-    pool, gold = train_test_split(df, test_size=spec["gold_size"], random_state=SEED, stratify=df["label"])
+    rest, gold = train_test_split(df, test_size=spec["gold_size"], random_state=SEED, stratify=df["label"])
+    pool, dev = train_test_split(rest, test_size=spec["dev_size"], random_state=SEED, stratify=rest["label"])
     pool = pool.sample(frac=1.0, random_state=SEED).reset_index(drop=True)  # shuffled: pool_limit takes a fair sample
     d = out_dir / name
     d.mkdir(parents=True, exist_ok=True)
     pool[["id", "text"]].to_parquet(d / "pool.parquet", index=False)
     pool[["id", "label", "mean"]].to_parquet(d / "pool_labels.parquet", index=False)
     gold[["id", "text", "label", "mean"]].reset_index(drop=True).to_parquet(d / "gold.parquet", index=False)
+    dev[["id", "text", "label", "mean"]].reset_index(drop=True).to_parquet(d / "dev.parquet", index=False)
     info = {"corpus": name, "source": f"vaderSentiment=={VADER_VERSION} {spec['file']}", "seed": SEED,
-            "pool": len(pool), "gold": len(gold), "labels": gold["label"].value_counts().to_dict()}
+            "pool": len(pool), "dev": len(dev), "gold": len(gold), "labels": gold["label"].value_counts().to_dict()}
     (d / "info.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -104,7 +108,7 @@ def prepare_demo_data(data_dir: str | Path = "data") -> list[dict[str, Any]]:
     raw = None
     for name in CORPORA:
         info_path = data_dir / name / "info.json"
-        if info_path.exists():
+        if info_path.exists() and "dev" in json.loads(info_path.read_text()):
             infos.append(json.loads(info_path.read_text()))
             continue
         raw = raw or fetch_sdist(data_dir / "_downloads")

@@ -67,14 +67,20 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
 
 def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
     """Teacher accuracy and macro-F1 against human gold: voted label and sample 0 alone."""
-    gold, voted, single = [], [], []
-    for df in _iter_frames(voted_paths, ["label_gold", "label", "votes"]):
+    gold, voted, single, conf = [], [], [], []
+    for df in _iter_frames(voted_paths, ["label_gold", "label", "votes", "confidence", "n_votes"]):
         gold += df["label_gold"].tolist()
+        conf += [f"{round(c * n)}/{n}" for c, n in zip(df["confidence"], df["n_votes"])]
         voted += [NO_LABEL if _missing(x) else x for x in df["label"]]
         single += [NO_LABEL if _missing(v[0]) else v[0] for v in df["votes"]]
     if not gold:
         return {}
     kw = dict(labels=labels, average="macro", zero_division=0)
+    by_agree: dict[str, str] = {}
+    for share in sorted(set(conf)):
+        idx = [i for i, c in enumerate(conf) if c == share]
+        acc = sum(voted[i] == gold[i] for i in idx) / len(idx)
+        by_agree[share] = f"{acc:.3f} (n={len(idx)})"
     return {
         "gold_items_scored": len(gold),
         "teacher_accuracy_voted": float(accuracy_score(gold, voted)),
@@ -84,6 +90,7 @@ def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
         "teacher_macro_f1_single": float(f1_score(gold, single, **kw)),
         "gold_label_distribution": dict(sorted(Counter(gold).items())),
         "teacher_label_distribution_on_gold": dict(sorted(Counter(voted).items())),
+        "teacher_accuracy_by_agreement": by_agree,
     }
 
 
@@ -114,7 +121,8 @@ def terminal_summary(summary: dict[str, Any]) -> str:
     keys = ["items", "votes", "invalid_votes", "failed_votes", "abstained", "low_agreement", "requests_sent",
             "requests_cached", "tokens_in", "tokens_out", "wall_s", "teacher_items_per_s", "gold_items_scored",
             "teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "teacher_coverage_voted",
-            "agreement_histogram", "teacher_label_distribution", "gold_label_distribution"]
+            "teacher_accuracy_by_agreement", "agreement_histogram", "teacher_label_distribution",
+            "teacher_label_distribution_on_gold", "gold_label_distribution", "stage_seconds"]
     width = max(len(k) for k in keys)
     out = []
     for k in keys:

@@ -168,6 +168,7 @@ class TeacherClient:
         self._rng = random.Random(seed)
         self._pause_until = 0.0
         self._session: Optional[aiohttp.ClientSession] = None
+        self._flush_scheduled = False
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -176,11 +177,14 @@ class TeacherClient:
         return f"TeacherClient({self.base_url!r}, concurrency={self.concurrency})"
 
     async def __aenter__(self) -> "TeacherClient":
+        self.cache.autoflush = False  # one transaction per event-loop turn, see _schedule_flush
         connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self._headers)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
+        self.cache.flush()
+        self.cache.autoflush = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -244,6 +248,7 @@ class TeacherClient:
                     self.cache.put_success(
                         list(zip(req.keys, answers)), req.payload, self.run_id, attempt, http_status, latency
                     )
+                    self._schedule_flush()
                     self._count_usage(pt, ct)
                     if self.limiter is not None:
                         self.limiter.reconcile(req.est_tokens, None if pt is None else pt + (ct or 0))
@@ -285,6 +290,16 @@ class TeacherClient:
             await asyncio.sleep(delay)
         return self._give_up(req, f"gave up after {self.max_attempts} attempts; last error: {last_error}", self.max_attempts)
 
+    def _schedule_flush(self) -> None:
+        """Commit queued cache writes at the end of this event-loop turn (before any new I/O wait)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.cache.flush()
+
     def _count_usage(self, pt: Optional[int], ct: Optional[int]) -> None:
         self.stats.tokens_in += pt or 0
         self.stats.tokens_out += ct or 0
@@ -295,6 +310,7 @@ class TeacherClient:
         self.stats.bump(kind)
         self._count_usage(pt, ct)
         self.cache.put_attempt(key, self.run_id, attempt, kind, http_status, latency, pt, ct, msg)
+        self._schedule_flush()
         if attempt == 1 or kind not in ("http_429",):
             log.warning("teacher attempt %d failed: %s", attempt, msg[:300])
 

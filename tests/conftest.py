@@ -9,18 +9,15 @@ from typing import Iterator
 
 import pytest
 
+from distill.runtime import OFFLINE_ENV  # noqa: E402  (plain constants; imports nothing heavy)
+
 _TMP = tempfile.mkdtemp(prefix="distill-tests-")
+os.environ.update(OFFLINE_ENV)
 os.environ.update({
     "PREFECT_HOME": str(Path(_TMP) / "prefect"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(_TMP) / "prefect-results"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DISTILL_STATE_DIR": str(Path(_TMP) / "distill-state"),
 })
 
 from tests.fake_openai import FakeOpenAI  # noqa: E402

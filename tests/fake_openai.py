@@ -203,14 +203,31 @@ class FakeOpenAI:
             self.tokens_in = self.tokens_out = 0
 
 
+def lean_app(latency_s: float, answer: str) -> web.Application:
+    """A fixed-latency server with no bookkeeping, for client benchmarks."""
+    body = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": "fake",
+                       "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}],
+                       "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(latency_s)
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handle)
+    app.router.add_post("/v1/chat/completions", handle)
+    return app
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--answer", default=" positive")
     a = ap.parse_args()
-    srv = FakeOpenAI(latency_s=a.latency, fixed_answer=a.answer)
-    web.run_app(srv.app(), host="127.0.0.1", port=a.port, access_log=None, print=None, backlog=4096)
+    web.run_app(lean_app(a.latency, a.answer), host="127.0.0.1", port=a.port, access_log=None, print=None,
+                backlog=4096)
 
 
 if __name__ == "__main__":
