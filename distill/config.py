@@ -37,6 +37,24 @@ class SampleVariation(str, Enum):
 
     prompt_variants = "prompt_variants"
     temperature = "temperature"
+    teachers = "teachers"
+
+
+class TeacherMember(_Strict):
+    """One more teacher for ``variation: teachers``; unset fields fall back to the main teacher's."""
+
+    model: str = Field(description="Model name sent in this member's requests.")
+    base_url: Optional[str] = Field(default=None, description="Its OpenAI-compatible base URL (None: the main teacher's endpoint).")
+    api_key_env: Optional[str] = Field(default=None, description="Env var holding its API key (None: the main teacher's key).")
+    api_key_secret_block: Optional[str] = Field(default=None, description="Prefect Secret block holding its API key.")
+    mode: Optional[TeacherMode] = Field(default=None, description="completion or chat (None: the main teacher's mode).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") if v else v
 
 
 class DataConfig(_Strict):
@@ -89,12 +107,17 @@ class TeacherConfig(_Strict):
         default=SampleVariation.prompt_variants,
         description=(
             "How the k samples differ: 'prompt_variants' reorders the few-shot examples per sample (greedy decoding "
-            "stays deterministic), 'temperature' resends the same prompt with a per-sample seed at `temperature`."
+            "stays deterministic), 'temperature' resends the same prompt with a per-sample seed at `temperature`, "
+            "'teachers' asks sample i of members[i % len(members)]."
         ),
     )
     supports_n: bool = Field(
         default=False,
         description="The endpoint honours `n` (OpenAI does, llama.cpp does not): ask for k choices in one request.",
+    )
+    members: list[TeacherMember] = Field(
+        default_factory=list,
+        description="With variation 'teachers': the teachers the samples are spread over (sample i -> member i mod n).",
     )
     seed: int = Field(default=0, description="Base seed; sample i sends seed + i where the endpoint takes one.")
     price_in_per_mtok: float = Field(default=0.0, ge=0, description="USD per million prompt tokens (0 for local).")
@@ -118,6 +141,8 @@ class TeacherConfig(_Strict):
     def _endpoint(self) -> "TeacherConfig":
         if not self.local and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.local is false")
+        if self.variation == SampleVariation.teachers and not self.members:
+            raise ValueError("teacher.members must list at least one teacher when teacher.variation is 'teachers'")
         return self
 
 

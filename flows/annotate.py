@@ -37,9 +37,15 @@ def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_ur
                         name: str, show_progress: bool = True) -> dict[str, Any]:
     """Thin Prefect wrapper: the API key is resolved here, never passed as a parameter."""
     template = load_prompt(cfg.prompt)
-    api_key = resolve_api_key(cfg.teacher.api_key_env, cfg.teacher.api_key_secret_block)
+    t = cfg.teacher
+    api_key = resolve_api_key(t.api_key_env, t.api_key_secret_block)
+    members = [
+        (m.base_url or base_url,
+         resolve_api_key(m.api_key_env, m.api_key_secret_block) if (m.api_key_env or m.api_key_secret_block) else api_key)
+        for m in t.members
+    ]
     res = annotate_shard(in_path, out_path, cfg, template, base_url, api_key, run_id, logger=run_logger(),
-                         show_progress=show_progress)
+                         show_progress=show_progress, member_endpoints=members)
     return {"path": res.path, "items": res.items, "skipped": res.skipped, **res.stats}
 
 

@@ -63,30 +63,37 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate) -
     t = cfg.teacher
     k = t.samples
     vary = t.variation == SampleVariation.prompt_variants
-    use_n = t.supports_n and not vary and k > 1
-    chat = t.mode == TeacherMode.chat
-    path = "/chat/completions" if chat else "/completions"
+    mixed = t.variation == SampleVariation.teachers
+    use_n = t.supports_n and t.variation == SampleVariation.temperature and k > 1
     reqs: list[TeacherRequest] = []
     samples: list[PlannedSample] = []
-    sample_rounds = [0] if use_n else range(k)
-    for i in sample_rounds:
+    for i in [0] if use_n else range(k):
+        # sample i: which teacher (endpoint index, model, mode) asks it
+        if mixed:
+            m_idx = i % len(t.members)
+            member = t.members[m_idx]
+            endpoint, model, mode = m_idx + 1, member.model, member.mode or t.mode
+        else:
+            endpoint, model, mode = 0, t.model, t.mode
+        chat = mode == TeacherMode.chat
+        path = "/chat/completions" if chat else "/completions"
         for idx, text in enumerate(texts):
             rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
             ph = prompt_hash(rendered)
             if use_n:
                 base = sampling_params(cfg, 0)
-                keys = [request_key(t.model, rendered, {**base, "n": k}, j) for j in range(k)]
-                payload = {"model": t.model, **base, "n": k}
+                keys = [request_key(model, rendered, {**base, "n": k}, j) for j in range(k)]
+                payload = {"model": model, **base, "n": k}
                 for j, key in enumerate(keys):
                     samples.append(PlannedSample(idx, j, key, ph))
             else:
                 sp = sampling_params(cfg, i)
-                keys = [request_key(t.model, rendered, sp, i)]
-                payload = {"model": t.model, **sp}
+                keys = [request_key(model, rendered, sp, i)]
+                payload = {"model": model, **sp}
                 samples.append(PlannedSample(idx, i, keys[0], ph))
             payload["messages" if chat else "prompt"] = rendered
             chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
-            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys))))
+            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint))
     return ShardPlan(reqs, samples)
 
 
@@ -139,6 +146,7 @@ class Progress:
         self.every_s = every_s
         self.t0 = time.monotonic()
         self.last_log = self.t0
+        self.last_post = self.t0
         self.done = 0
         self.total = total_requests
 
@@ -148,10 +156,12 @@ class Progress:
         now = time.monotonic()
         if delta:
             self.bar.update(delta)
-        if now - self.last_log >= 0.5 or done == self.total:
+        if now - self.last_post >= 0.5 or done == self.total:
+            self.last_post = now
             el = max(now - self.t0, 1e-9)
             self.bar.set_postfix(
-                items=done // self.k, rps=f"{stats.requests_sent / el:.1f}", err=stats.attempt_errors, cached=stats.requests_cached,
+                **{"items≈": done // self.k}, rps=f"{stats.requests_sent / el:.1f}", err=stats.attempt_errors,
+                cached=stats.requests_cached,
                 tok=stats.tokens_in + stats.tokens_out, refresh=False,
             )
         if self.logger is not None and (now - self.last_log >= self.every_s or done == self.total):
@@ -188,8 +198,13 @@ def run_async(coro: Any) -> Any:
 def annotate_shard(
     in_path: str, out_path: str, cfg: DistillConfig, template: PromptTemplate, base_url: str,
     api_key: Optional[str], run_id: str, logger: Any = None, show_progress: bool = True,
+    member_endpoints: Optional[list[tuple[str, Optional[str]]]] = None,
 ) -> ShardResult:
-    """Annotate one input shard into ``out_path``; a no-op if that part already exists."""
+    """Annotate one input shard into ``out_path``; a no-op if that part already exists.
+
+    ``member_endpoints`` gives (base_url, api_key) per ``teacher.members`` entry, for
+    ``variation: teachers``; endpoint 0 is the main teacher (``base_url``, ``api_key``).
+    """
     out = Path(out_path)
     if out.exists():
         n = pq.ParquetFile(out).metadata.num_rows
@@ -202,23 +217,43 @@ def annotate_shard(
                         enabled=show_progress, samples_per_item=cfg.teacher.samples)
     t0 = time.monotonic()
 
+    endpoints = [(base_url, api_key)] + list(member_endpoints or [])
+    per_request = _choices_per_request(cfg)
+
     async def go() -> tuple[dict[str, Outcome], ClientStats]:
-        counter = {"n": 0}
-        client = TeacherClient(
-            base_url, api_key, cache, run_id, concurrency=c.concurrency, timeout_s=c.timeout_s,
-            max_attempts=c.max_attempts, backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
-            limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute),
-        )
+        by_endpoint: dict[int, list[TeacherRequest]] = {}
+        for r in plan.requests:
+            by_endpoint.setdefault(r.endpoint, []).append(r)
+        clients: dict[int, TeacherClient] = {}
 
-        def on_result(stats: ClientStats) -> None:
-            counter["n"] = stats.requests_cached + stats.requests_ok * max(1, _choices_per_request(cfg)) + \
-                stats.requests_failed * max(1, _choices_per_request(cfg))
-            progress.update(stats, counter["n"])
+        def on_result(_: ClientStats) -> None:
+            total = ClientStats()
+            for cl in clients.values():
+                total = total.merged(cl.stats)
+            done = total.requests_cached + (total.requests_ok + total.requests_failed) * per_request
+            progress.update(total, done)
 
-        client.on_result = on_result
-        async with client:
-            res = await client.run(plan.requests)
-        return res, client.stats
+        for e in by_endpoint:
+            if e >= len(endpoints):
+                raise ValueError(f"teacher.members[{e - 1}] has no endpoint: pass member_endpoints")
+            url, key = endpoints[e]
+            clients[e] = TeacherClient(
+                url, key, cache, run_id, concurrency=c.concurrency, timeout_s=c.timeout_s,
+                max_attempts=c.max_attempts, backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
+                limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute), on_result=on_result,
+            )
+
+        async def one(e: int) -> dict[str, Outcome]:
+            async with clients[e] as cl:
+                return await cl.run(by_endpoint[e])
+
+        results: dict[str, Outcome] = {}
+        for part in await asyncio.gather(*(one(e) for e in by_endpoint)):
+            results.update(part)
+        total = ClientStats()
+        for cl in clients.values():
+            total = total.merged(cl.stats)
+        return results, total
 
     try:
         outcomes, stats = run_async(go())

@@ -45,6 +45,7 @@ class TeacherRequest:
     path: str  # "/completions" or "/chat/completions"
     payload: dict[str, Any]
     est_tokens: int
+    endpoint: int = 0  # index into the endpoints of the run (0: the main teacher)
 
 
 @dataclass
@@ -72,6 +73,17 @@ class ClientStats:
 
     def bump(self, status: str) -> None:
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
+    def merged(self, other: "ClientStats") -> "ClientStats":
+        """Sum of two clients' counts (one client per endpoint when teachers are mixed)."""
+        out = ClientStats(started=min(self.started, other.started))
+        for f in ("requests_sent", "requests_ok", "requests_cached", "requests_failed", "attempt_errors", "retries",
+                  "tokens_in", "tokens_out"):
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        for st in (self.status_counts, other.status_counts):
+            for k, v in st.items():
+                out.status_counts[k] = out.status_counts.get(k, 0) + v
+        return out
 
 
 class ServerError(Exception):

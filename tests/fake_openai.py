@@ -11,7 +11,8 @@ Faults are chosen by markers in the item text, per attempt of the same request b
   [offlabel] every attempt: answers "banana" (an invalid vote)
   [dead]     every attempt: 500 (the item must end explicitly failed)
   [401]      every attempt: 401 (not retryable: fails at once)
-Otherwise it answers "positive" if the text contains "good", else "negative".
+Otherwise it answers "positive" if the text contains "good", else "negative" (the model
+named "contrarian" answers the opposite, to test votes across teachers).
 
 It counts what it received and what it delivered (a response the client hung up on is
 not delivered), so tests can check the client's request and token totals against it.
@@ -70,12 +71,15 @@ class FakeOpenAI:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
-    def _answer(self, text: str) -> str:
+    def _answer(self, text: str, model: str = "") -> str:
         if self.fixed_answer is not None:
             return self.fixed_answer
         if "[offlabel]" in text:
             return " banana"
-        return " positive" if "good" in text else " negative"
+        good = "good" in text
+        if model == "contrarian":
+            good = not good
+        return " positive" if good else " negative"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -116,7 +120,7 @@ class FakeOpenAI:
         n = int(payload.get("n", 1) or 1)
         prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
         pt, ct = len(prompt) // 4 + 1, 1 * n
-        ans = self._answer(text)
+        ans = self._answer(text, str(payload.get("model", "")))
         if "messages" in payload:
             choices = [{"index": i, "message": {"role": "assistant", "content": ans.strip()}, "finish_reason": "stop"}
                        for i in range(n)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pandas as pd
@@ -30,12 +31,12 @@ def make_items(tmp_path):
     return p, df
 
 
-def make_cfg(tmp_path, prompt, base_url, **client):
+def make_cfg(tmp_path, prompt, base_url, teacher=None, **client):
     return config_from_dict({
         "run_name": "t", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
         "data": {"pool_path": "unused"},
         "teacher": {"local": False, "base_url": base_url, "samples": 2, "variation": "temperature",
-                    "temperature": 0.7, "api_key_env": "FAKE_KEY"},
+                    "temperature": 0.7, "api_key_env": "FAKE_KEY", **(teacher or {})},
         "client": {"concurrency": 8, "timeout_s": 0.5, "max_attempts": 4, "backoff_base_s": 0.01,
                    "backoff_max_s": 0.05, "cache_path": str(tmp_path / "cache.sqlite"), **client},
     })
@@ -146,3 +147,35 @@ def test_chat_and_completion_modes(tmp_path, fake_teacher, binary_prompt, mode):
                    show_progress=False)
     assert list(pq.read_table(out).to_pandas()["votes"][0]) == ["positive", "positive"]
     assert ("messages" in fake_teacher.received[0]) == (mode == "chat")
+
+
+def test_votes_across_teachers(tmp_path, fake_teacher, binary_prompt, monkeypatch):
+    """variation: teachers spreads the k samples over several teachers (two endpoints here)."""
+    from tests.fake_openai import FakeOpenAI
+
+    second = FakeOpenAI().start()
+    try:
+        p = tmp_path / "s.parquet"
+        pd.DataFrame({"id": ["a", "b"], "text": ["good one", "bad one"]}).to_parquet(p)
+        cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url, teacher={
+            "variation": "teachers", "samples": 3,
+            "members": [{"model": "big"}, {"model": "contrarian", "base_url": second.base_url},
+                        {"model": "small"}],
+        })
+        out = tmp_path / "o.parquet"
+        annotate_shard(str(p), str(out), cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, None, "r",
+                       show_progress=False, member_endpoints=[(fake_teacher.base_url, None), (second.base_url, None),
+                                                              (fake_teacher.base_url, None)])
+        df = pq.read_table(out).to_pandas()
+        assert [list(v) for v in df["votes"]] == [["positive", "negative", "positive"],
+                                                  ["negative", "positive", "negative"]]
+        assert len(fake_teacher.received) == 4 and len(second.received) == 2
+        assert {json.loads(b)["model"] for b in fake_teacher.received} == {"big", "small"}
+    finally:
+        second.stop()
+
+
+def test_teachers_variation_needs_members(tmp_path, binary_prompt):
+    from distill.config import ConfigError
+    with pytest.raises(ConfigError, match="teacher.members"):
+        make_cfg(tmp_path, binary_prompt, "http://127.0.0.1:1/v1", teacher={"variation": "teachers"})
