@@ -1,0 +1,119 @@
+"""MLflow tracking set-up, model logging and registration behind a quality gate.
+
+Why a gate: a nightly run must never replace a good model with a worse one. A new student
+is registered as a version with alias ``challenger``; it becomes ``champion`` only if its
+gold macro-F1 clears the floor and beats the current champion's, re-measured on the same
+gold set now (not read from an old tag), by more than zero and at least the margin.
+The decision and its reason are tags on the version.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tracking_uri(configured: Optional[str]) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup_tracking(configured_uri: Optional[str], experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists (artifacts beside a sqlite store)."""
+    import mlflow
+
+    uri = tracking_uri(configured_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        loc = None
+        if uri.startswith("sqlite:///"):
+            loc = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=loc)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reason: str
+    champion_version: Optional[str] = None
+    champion_macro_f1: Optional[float] = None
+
+
+def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float) -> tuple[bool, str]:
+    """The gate rule as a pure function (see the module docstring)."""
+    if challenger_f1 < floor:
+        return False, f"macro-F1 {challenger_f1:.4f} is below the floor {floor:.4f}"
+    if champion_f1 is None:
+        return True, f"first model: macro-F1 {challenger_f1:.4f} clears the floor {floor:.4f}"
+    diff = challenger_f1 - champion_f1
+    if diff > 0 and diff >= margin:
+        return True, f"macro-F1 {challenger_f1:.4f} beats the champion's {champion_f1:.4f} by {diff:+.4f} (margin {margin:.4f})"
+    return False, (f"macro-F1 {challenger_f1:.4f} does not beat the champion's {champion_f1:.4f} by more than zero "
+                   f"and at least the margin {margin:.4f} ({diff:+.4f})")
+
+
+def log_student_model(model_dir: str, quantize_int8: bool, max_length: int, example_texts: list[str]) -> Any:
+    """Log the student as a pyfunc model (signature, input example, explicit pip requirements)."""
+    import mlflow
+    import pandas as pd
+    import torch
+    import transformers
+    from mlflow.models import infer_signature
+
+    from tasks.mlflow_model import StudentPyfunc
+
+    example = pd.DataFrame({"text": example_texts[:3] or ["an example"]})
+    out_example = pd.DataFrame({"label": ["x"] * len(example), "score": [0.5] * len(example)})
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"]
+    return mlflow.pyfunc.log_model(
+        name="student", python_model=StudentPyfunc(quantize_int8=quantize_int8, max_length=max_length),
+        artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
+        input_example=example, pip_requirements=reqs,
+        code_paths=[str(REPO / "tasks")],  # the model loads without distill installed
+    )
+
+
+def champion_macro_f1(model_name: str, gold_texts: list[str], gold_labels: list[str], labels: list[str]) -> tuple[Optional[str], Optional[float]]:
+    """Re-measure the current champion (if any) on this gold set."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from sklearn.metrics import f1_score
+
+    client = mlflow.MlflowClient()
+    try:
+        v = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None, None
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    pred = model.predict(__import__("pandas").DataFrame({"text": gold_texts}))["label"].tolist()
+    return str(v.version), float(f1_score(gold_labels, pred, labels=labels, average="macro", zero_division=0))
+
+
+def register_and_gate(model_uri: str, model_name: str, challenger_f1: float, gold_texts: list[str],
+                      gold_labels: list[str], labels: list[str], floor: float, margin: float,
+                      run_id: str) -> dict[str, Any]:
+    """Register a version (alias challenger), decide, and move ``champion`` only if it earned it."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    champ_version, champ_f1 = champion_macro_f1(model_name, gold_texts, gold_labels, labels)
+    mv = mlflow.register_model(model_uri, model_name)
+    promote, reason = decide(challenger_f1, champ_f1, floor, margin)
+    client.set_registered_model_alias(model_name, "challenger", mv.version)
+    tags = {"gold_macro_f1": f"{challenger_f1:.6f}", "gate_decision": "promoted" if promote else "rejected",
+            "gate_reason": reason, "source_run_id": run_id,
+            "compared_with_version": champ_version or "", "champion_macro_f1_now": "" if champ_f1 is None else f"{champ_f1:.6f}"}
+    for k, v in tags.items():
+        client.set_model_version_tag(model_name, mv.version, k, v)
+    if promote:
+        client.set_registered_model_alias(model_name, "champion", mv.version)
+    return {"model_name": model_name, "model_version": str(mv.version), "promoted": promote, "gate_reason": reason,
+            "previous_champion_version": champ_version, "previous_champion_macro_f1": champ_f1}

@@ -1,0 +1,80 @@
+"""Registration and the quality gate, against a real MLflow sqlite store in a temp dir."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("mlflow")
+
+from distill.config import StudentConfig  # noqa: E402
+from tasks.registry import decide, log_student_model, register_and_gate, setup_tracking  # noqa: E402
+from tasks.train import train_student  # noqa: E402
+
+LABELS = ["positive", "negative"]
+POS = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
+NEG = ["awful mess", "hated it", "terrible acting", "a bore", "dreadful film", "dull and pointless"]
+
+
+def test_decide_rules():
+    assert decide(0.5, None, 0.6, 0.0)[0] is False  # floor not met, even as the first model
+    ok, why = decide(0.7, None, 0.6, 0.0)
+    assert ok and "first model" in why
+    assert decide(0.70, 0.75, 0.6, 0.0)[0] is False  # worse
+    assert decide(0.75, 0.75, 0.6, 0.0)[0] is False  # equal keeps the champion
+    assert decide(0.76, 0.75, 0.6, 0.02)[0] is False  # better but within the margin
+    assert decide(0.78, 0.75, 0.6, 0.02)[0] is True
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("student")
+    rows = [(t, ["positive"] * 3, "positive", 1.0) for t in POS] + [(t, ["negative"] * 3, "negative", 1.0) for t in NEG]
+    p = tmp / "v.parquet"
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows * 3, columns=["text", "votes", "label", "confidence"])), p)
+    cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20)
+    return train_student([str(p)], LABELS, str(tmp / "out"), cfg, 0.6, show_progress=False)["model_dir"]
+
+
+def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = setup_tracking(None, "gate-test")
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    texts = POS + NEG
+    gold = ["positive"] * 6 + ["negative"] * 6
+    gold[0], gold[6] = "negative", "positive"  # the model is right on 10 of 12: champion F1 = 10/12
+
+    def new_version(f1: float, floor: float = 0.6, margin: float = 0.0) -> dict:
+        with mlflow.start_run() as run:
+            info = log_student_model(student_dir, quantize_int8=False, max_length=16, example_texts=texts)
+            return register_and_gate(info.model_uri, "m", f1, texts, gold, LABELS, floor, margin, run.info.run_id)
+
+    r = new_version(0.5)  # floor not met: registered, not champion
+    assert r["promoted"] is False and "below the floor" in r["gate_reason"]
+    r = new_version(0.84)  # first model to pass the floor
+    assert r["promoted"] is True and r["previous_champion_version"] is None
+    champ = r["model_version"]
+    r = new_version(0.80)  # worse than the champion re-measured on this gold set (0.8333)
+    assert r["promoted"] is False and r["previous_champion_macro_f1"] == pytest.approx(10 / 12)
+    r = new_version(0.84, margin=0.05)  # better, but within the margin
+    assert r["promoted"] is False
+    r = new_version(0.90, margin=0.05)  # better by more than the margin
+    assert r["promoted"] is True and r["previous_champion_version"] == champ
+
+    client = mlflow.MlflowClient()
+    v = client.get_model_version_by_alias("m", "champion")
+    assert v.version == r["model_version"] and v.tags["gate_decision"] == "promoted"
+    assert client.get_model_version_by_alias("m", "challenger").version == r["model_version"]
+    rejected = client.get_model_version("m", "3")
+    assert rejected.tags["gate_decision"] == "rejected" and "does not beat" in rejected.tags["gate_reason"]
+
+    # the champion loads by alias and predicts labels from the configured set, with a score
+    model = mlflow.pyfunc.load_model("models:/m@champion")
+    out = model.predict(pd.DataFrame({"text": ["loved it", "a bore", "something else entirely"]}))
+    assert list(out.columns) == ["label", "score"]
+    assert set(out["label"]) <= set(LABELS) and out["label"].tolist()[:2] == ["positive", "negative"]
+    assert ((out["score"] > 0) & (out["score"] <= 1)).all()
