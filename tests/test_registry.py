@@ -67,8 +67,8 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
 
     client = mlflow.MlflowClient()
     v = client.get_model_version_by_alias("m", "champion")
-    assert v.version == r["model_version"] and v.tags["gate_decision"] == "promoted"
-    assert client.get_model_version_by_alias("m", "challenger").version == r["model_version"]
+    assert str(v.version) == r["model_version"] and v.tags["gate_decision"] == "promoted"
+    assert str(client.get_model_version_by_alias("m", "challenger").version) == r["model_version"]
     rejected = client.get_model_version("m", "3")
     assert rejected.tags["gate_decision"] == "rejected" and "does not beat" in rejected.tags["gate_reason"]
 
