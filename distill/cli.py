@@ -2,6 +2,8 @@
 
     distill data fetch                      fetch and build the bundled demo data
     distill annotate CONFIG [--set k=v]... [--summary-json PATH] [--no-progress]
+    distill run CONFIG [--set k=v]... [--summary-json PATH]   the whole DAG, ending in the gate
+    distill predict --model models:/NAME@champion FILE [--output OUT]
     distill teacher start|stop|status       a long-lived local teacher for repeated runs
 """
 
@@ -37,6 +39,51 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
         print(f"  summary JSON: {args.summary_json}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.distill import distill_flow
+
+    cfg = _load(args)
+    summary = distill_flow(cfg, show_progress=not args.no_progress)
+    print("\n== distill run: teacher vs student on human gold ==")
+    print(summary["table"])
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2,
+                                                      default=str))
+        print(f"summary JSON: {args.summary_json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import mlflow
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from tasks.data import DataReport, iter_items
+    from tasks.registry import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(args.tracking_uri))
+    model = mlflow.pyfunc.load_model(args.model)
+    out_path = Path(args.output or Path(args.file).with_suffix(".predictions.parquet"))
+    report = DataReport(path=args.file)
+    parts = []
+    with tqdm(desc="predict", unit="item") as bar:
+        for chunk in iter_items(args.file, args.text_column, args.id_column, args.batch_rows, report=report):
+            pred = model.predict(pd.DataFrame({"text": chunk["text"]}))
+            parts.append(pd.DataFrame({"id": chunk["id"].values, "label": pred["label"].values,
+                                       "score": pred["score"].values}))
+            bar.update(len(chunk))
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "label", "score"])
+    if out_path.suffix == ".csv":
+        df.to_csv(out_path, index=False)
+    else:
+        df.to_parquet(out_path, index=False)
+    print(f"labelled {len(df)} items -> {out_path} ({report.empty_text} empty texts and {report.duplicate_ids} "
+          f"repeated ids set aside)")
+    print(df["label"].value_counts().to_string())
     return 0
 
 
@@ -88,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--summary-json", help="also write the summary as JSON to this path")
     a.add_argument("--no-progress", action="store_true", help="no progress bar (logs still report progress)")
     a.set_defaults(func=cmd_annotate)
+
+    r = sub.add_parser("run", help="the whole DAG: annotate, vote, train, evaluate, register behind the gate")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--summary-json")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("predict", help="label a file with a registered student")
+    pr.add_argument("--model", required=True, help="e.g. models:/distill-student@champion")
+    pr.add_argument("file", help=".csv, .jsonl, .parquet or a saved datasets folder")
+    pr.add_argument("--text-column", default="text")
+    pr.add_argument("--id-column", default="id")
+    pr.add_argument("--output", help="output .parquet or .csv (default: FILE.predictions.parquet)")
+    pr.add_argument("--batch-rows", type=int, default=2000)
+    pr.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("data", help="bundled demo data")
     d.add_argument("action", choices=["fetch"])

@@ -117,3 +117,23 @@ def register_and_gate(model_uri: str, model_name: str, challenger_f1: float, gol
         client.set_registered_model_alias(model_name, "champion", mv.version)
     return {"model_name": model_name, "model_version": str(mv.version), "promoted": promote, "gate_reason": reason,
             "previous_champion_version": champ_version, "previous_champion_macro_f1": champ_f1}
+
+
+def _task():  # type: ignore[no-untyped-def]
+    from prefect import task
+
+    @task(name="register")
+    def register_task(model_uri: str, model_name: str, challenger_f1: float, gold_path: str, text_column: str,
+                      id_column: str, label_column: str, labels: list[str], floor: float, margin: float,
+                      run_id: str) -> dict[str, Any]:
+        """Reads the gold file itself: big lists never travel as Prefect parameters."""
+        from tasks.evaluate import read_gold
+
+        gold = read_gold(gold_path, text_column, id_column, label_column, labels)
+        return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
+                                 labels, floor, margin, run_id)
+
+    return register_task
+
+
+register_task = _task()

@@ -224,3 +224,17 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
         "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _task():  # type: ignore[no-untyped-def]
+    from prefect import task
+
+    @task(name="train-student")
+    def train_task(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
+                   show_progress: bool = True) -> dict[str, Any]:
+        return train_student(voted_paths, labels, out_dir, student, min_agreement, show_progress)
+
+    return train_task
+
+
+train_task = _task()

@@ -1,0 +1,167 @@
+"""The ``distill`` flow: annotate -> vote -> train -> evaluate -> register.
+
+One MLflow parent run per flow run, tagged with the Prefect flow-run id and name; each
+stage logs into a nested run. The annotate flow is reused as a subflow. MLflow calls
+happen here in the flow body (with explicit run ids), so tasks stay plain and testable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+
+from distill.config import DistillConfig
+from distill.runtime import run_logger, set_offline_env
+from flows.annotate import annotate_flow
+from tasks.evaluate import evaluate_task
+from tasks.prompting import load_prompt
+from tasks.registry import log_student_model, register_task, setup_tracking
+from tasks.train import train_task
+
+set_offline_env()
+
+TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_single", "teacher_macro_f1_voted",
+              "student_accuracy", "student_macro_f1", "student_accuracy_on_teacher_subset",
+              "student_macro_f1_on_teacher_subset", "student_items_per_s", "teacher_items_per_s", "speed_ratio",
+              "promoted", "gate_reason", "model_name", "model_version", "mlflow_run_id"]
+
+
+def _numeric(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            out[prefix + k] = float(v)
+        elif isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out[prefix + k] = float(v)
+    return out
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def final_table(s: dict[str, Any]) -> str:
+    n_sub = s.get("teacher_subset_items")
+    lines = [
+        "| model | gold items | accuracy | macro-F1 | items/s |",
+        "|---|---|---|---|---|",
+        f"| teacher, 1 sample | {n_sub} (seeded subset) | {_pct(s.get('teacher_accuracy_single'))} | "
+        f"{_pct(s.get('teacher_macro_f1_single'))} | {s.get('teacher_items_per_s') or 0:.2f} |",
+        f"| teacher, voted (k={s.get('samples_per_item')}) | {n_sub} (same subset) | "
+        f"{_pct(s.get('teacher_accuracy_voted'))} | {_pct(s.get('teacher_macro_f1_voted'))} | |",
+        f"| student | {n_sub} (same subset) | {_pct(s.get('student_accuracy_on_teacher_subset'))} | "
+        f"{_pct(s.get('student_macro_f1_on_teacher_subset'))} | {s.get('student_items_per_s') or 0:.1f} |",
+        f"| student | {s.get('gold_items')} (all gold) | {_pct(s.get('student_accuracy'))} | "
+        f"{_pct(s.get('student_macro_f1'))} | |",
+        "",
+        f"Student is {s.get('speed_ratio') or 0:.0f}x the teacher's items/s on this machine.",
+        f"Gate: {'PROMOTED to champion' if s.get('promoted') else 'not promoted'} - {s.get('gate_reason')}",
+        f"MLflow run {s.get('mlflow_run_id')}, model {s.get('model_name')} version {s.get('model_version')}.",
+        "Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("stage_seconds", {}).items()),
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="distill", log_prints=True)
+def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Distil the teacher into a student and register it if it passes the quality gate."""
+    import mlflow
+    import pandas as pd
+
+    cfg = config
+    logger = run_logger()
+    if not cfg.data.gold_path:
+        raise ValueError("data.gold_path is required for the distill flow: the student is judged on human gold")
+    template = load_prompt(cfg.prompt)
+    labels = template.labels
+    uri = setup_tracking(cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    stage_s: dict[str, float] = {}
+    try:
+        ctx = get_run_context()
+        fr_id, fr_name = str(ctx.flow_run.id), str(ctx.flow_run.name)  # type: ignore[union-attr]
+    except Exception:
+        fr_id, fr_name = "", ""
+    run_dir = cfg.run_dir
+    with mlflow.start_run(run_name=cfg.run_name, tags={"prefect.flow_run_id": fr_id, "prefect.flow_run_name": fr_name,
+                                                       "distill.run_name": cfg.run_name}) as parent:
+        mlflow.log_params({k: str(v)[:500] for k, v in cfg.public_params().items()})
+        mlflow.log_text(Path(template.source).read_text(), "prompt/template.yaml")
+        mlflow.set_tag("prompt_hash", template.template_hash())
+        mlflow.log_dict(json.loads(cfg.model_dump_json()), "config.json")
+
+        t0 = time.monotonic()
+        ann = annotate_flow(cfg, show_progress=show_progress)
+        stage_s["annotate"] = time.monotonic() - t0
+        with mlflow.start_run(run_name="annotate", nested=True):
+            mlflow.log_metrics(_numeric(ann))
+            mlflow.log_dict(ann, "annotation_summary.json")
+            with contextlib.suppress(Exception):
+                gold_df = pd.read_parquet(cfg.data.gold_path) if cfg.data.gold_path.endswith(".parquet") else None
+                if gold_df is not None:
+                    mlflow.log_input(mlflow.data.from_pandas(gold_df, source=cfg.data.gold_path, name="gold"),
+                                     context="evaluation")
+                pool_votes = sorted(Path(ann["votes_dir"]).glob("*.parquet"))
+                votes_df = pd.concat([pd.read_parquet(p, columns=["id", "text", "label", "confidence"])
+                                      for p in pool_votes])
+                mlflow.log_input(mlflow.data.from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"),
+                                 context="training")
+
+        voted_pool = sorted(str(p) for p in Path(ann["votes_dir"]).glob("*.parquet"))
+        voted_gold = sorted(str(p) for p in (run_dir / "votes" / "gold").glob("*.parquet"))
+        t0 = time.monotonic()
+        tr = train_task(voted_pool, labels, str(run_dir / "student"), cfg.student, cfg.vote.min_agreement, show_progress)
+        stage_s["train"] = time.monotonic() - t0
+        with mlflow.start_run(run_name="train", nested=True):
+            mlflow.log_params({k: str(v) for k, v in tr.items() if not isinstance(v, (int, float)) or isinstance(v, bool)})
+            mlflow.log_metrics(_numeric(tr))
+
+        t0 = time.monotonic()
+        ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
+                           labels, voted_gold, tr["model_dir"], cfg.student.quantize_int8, cfg.student.max_length,
+                           str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
+                           ann.get("teacher_items_per_s"))
+        stage_s["evaluate"] = time.monotonic() - t0
+        with mlflow.start_run(run_name="evaluate", nested=True):
+            mlflow.log_metrics(_numeric(ev))
+            for p in ev["plots"]:
+                mlflow.log_artifact(p, "plots")
+            mlflow.log_dict({k: v for k, v in ev.items() if k != "plots"}, "evaluation.json")
+        for p in ev["plots"]:
+            mlflow.log_artifact(p, "plots")
+
+        t0 = time.monotonic()
+        info = log_student_model(tr["model_dir"], cfg.student.quantize_int8, cfg.student.max_length,
+                                 pd.read_parquet(voted_pool[0], columns=["text"])["text"].tolist()[:3])
+        reg = register_task(info.model_uri, cfg.tracking.model_name, ev["student_macro_f1"], cfg.data.gold_path,
+                            cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column, labels,
+                            cfg.gate.min_macro_f1, cfg.gate.min_improvement, parent.info.run_id)
+        stage_s["register"] = time.monotonic() - t0
+        summary: dict[str, Any] = {
+            "run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": parent.info.run_id,
+            "mlflow_tracking_uri": uri, **{k: ann.get(k) for k in ("items", "votes", "invalid_votes", "abstained",
+                                                                  "requests_sent", "requests_cached", "tokens_in",
+                                                                  "tokens_out")},
+            **{k: v for k, v in ev.items() if k not in ("plots",)}, **reg,
+            "train_items": tr["train_items"], "use_votes": tr["use_votes"], "soft_labels": tr["soft_labels"],
+            "stage_seconds": {**ann.get("stage_seconds", {}), **{k: round(v, 2) for k, v in stage_s.items()}},
+        }
+        mlflow.log_metrics(_numeric({k: summary.get(k) for k in TABLE_KEYS}))
+        mlflow.set_tags({"gate_decision": "promoted" if reg["promoted"] else "rejected",
+                         "model_version": reg["model_version"]})
+        table = final_table(summary)
+        mlflow.log_text(table, "summary.md")
+        (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(markdown="# distill run\n\n" + table, key="distill-summary",
+                                 description="teacher vs student on human gold, speed and the gate decision")
+    logger.info("distill run finished:\n%s", table)
+    summary["table"] = table
+    return summary

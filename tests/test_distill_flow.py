@@ -1,0 +1,83 @@
+"""The whole DAG: annotate -> vote -> train -> evaluate -> register, through Prefect and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("mlflow")
+
+from distill.cli import main as cli_main  # noqa: E402
+from distill.config import config_from_dict  # noqa: E402
+
+KEYS = {"teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "student_accuracy",
+        "student_macro_f1", "student_items_per_s", "teacher_items_per_s", "speed_ratio", "promoted", "model_name",
+        "model_version", "mlflow_run_id"}
+POS = ["good fun", "good acting", "good story", "good cast", "good film", "good music", "good ending", "good pace"]
+NEG = ["bad fun", "bad acting", "bad story", "bad cast", "bad film", "bad music", "bad ending", "bad pace"]
+
+
+def write_data(tmp_path, n_pool: int, n_gold: int):
+    pool = [(f"p{i}", (POS if i % 2 else NEG)[i % 8] + f" {i}") for i in range(n_pool)]
+    pd.DataFrame(pool, columns=["id", "text"]).to_parquet(tmp_path / "pool.parquet")
+    gold = [(f"g{i}", (POS if i % 2 else NEG)[i % 8] + f" gold {i}", "positive" if i % 2 else "negative")
+            for i in range(n_gold)]
+    pd.DataFrame(gold, columns=["id", "text", "label"]).to_parquet(tmp_path / "gold.parquet")
+
+
+def cfg_dict(tmp_path, prompt, teacher):
+    return {
+        "run_name": "dag", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
+        "data": {"pool_path": str(tmp_path / "pool.parquet"), "gold_path": str(tmp_path / "gold.parquet"),
+                 "gold_teacher_limit": 10},
+        "teacher": teacher,
+        "client": {"cache_path": str(tmp_path / "cache.sqlite"), "concurrency": 2},
+        "student": {"epochs": 8, "batch_size": 8, "max_length": 16, "learning_rate": 3e-4,
+                    "early_stopping_patience": 20, "eval_batch_size": 16},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "dag-student"},
+        "gate": {"min_macro_f1": 0.5},
+    }
+
+
+def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefect_api, monkeypatch, capsys):
+    import mlflow
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    write_data(tmp_path, 64, 24)
+    raw = cfg_dict(tmp_path, binary_prompt, {"local": False, "base_url": fake_teacher.base_url, "samples": 3})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "s.json"
+    assert cli_main(["run", str(p), "--no-progress", "--summary-json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert KEYS <= set(s)
+    assert s["student_accuracy"] >= 0.9 and s["promoted"] is True and s["model_version"] == "1"
+    assert s["speed_ratio"] and s["speed_ratio"] > 1
+    printed = capsys.readouterr().out
+    assert "teacher, voted" in printed and "PROMOTED" in printed
+
+    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+    run = mlflow.get_run(s["mlflow_run_id"])
+    assert run.data.tags["prefect.flow_run_id"] and run.data.params["teacher.samples"] == "3"
+    assert "student_macro_f1" in run.data.metrics
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(s["mlflow_run_id"], "plots")}
+    assert {"plots/confusion_student.png", "plots/teacher_coverage.png"} <= arts
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
+    assert set(children["tags.mlflow.runName"]) == {"annotate", "train", "evaluate"}
+
+    # the same run again: equal macro-F1 keeps the champion (version 1)
+    assert cli_main(["run", str(p), "--no-progress", "--summary-json", str(out)]) == 0
+    s2 = json.loads(out.read_text())
+    assert s2["promoted"] is False and s2["model_version"] == "2"
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("dag-student", "champion").version) == "1"
+
+    # predict a file with the champion, the way a user would
+    texts = tmp_path / "new.csv"
+    pd.DataFrame({"id": ["a", "b"], "text": ["good story here", "bad acting here"]}).to_csv(texts, index=False)
+    assert cli_main(["predict", "--model", "models:/dag-student@champion", str(texts),
+                     "--tracking-uri", raw["tracking"]["tracking_uri"], "--output", str(tmp_path / "pred.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert pred["label"].tolist() == ["positive", "negative"] and pred["score"].between(0, 1).all()
