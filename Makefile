@@ -1,5 +1,5 @@
 # distill: two commands do all the set-up.
-#   make demo   set up (venv, deps, local teacher server, demo data) and run the demo
+#   make demo   set up (venv, deps, local teacher server, demo data) and run the whole demo DAG
 #   make test   set up and run the test suite (what CI runs via .ci/run)
 # Both are idempotent: a second call reuses the venv, the built llama.cpp wheel and the data.
 
@@ -38,7 +38,7 @@ data/movie/info.json: $(STAMP)
 	$(BIN)/distill data fetch
 
 demo: setup
-	$(BIN)/distill annotate $(CONFIG) --summary-json runs/demo-summary.json
+	$(BIN)/distill run $(CONFIG) --summary-json runs/demo-summary.json
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=10

@@ -197,8 +197,10 @@ class StudentConfig(_Strict):
     )
     soft_labels: bool = Field(default=False, description="Train on the vote distribution instead of the winning label.")
     seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
-    quantize_int8: bool = Field(
-        default=True, description="Serve the CPU student with int8 dynamic quantisation of its Linear layers."
+    precision: str = Field(
+        default="auto", pattern="^(auto|fp32|bf16|fp16|int8)$",
+        description=("Inference precision: 'auto' = bf16 on GPUs and on CPUs with bf16 units (AMX/AVX512-BF16), "
+                     "else int8 dynamic quantisation on CPU; or force fp32, bf16, fp16 or int8."),
     )
 
 

@@ -125,7 +125,7 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
 
         t0 = time.monotonic()
         ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
-                           labels, voted_gold, tr["model_dir"], cfg.student.quantize_int8, cfg.student.max_length,
+                           labels, voted_gold, tr["model_dir"], cfg.student.precision, cfg.student.max_length,
                            str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
                            ann.get("teacher_items_per_s"))
         stage_s["evaluate"] = time.monotonic() - t0
@@ -138,7 +138,7 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
             mlflow.log_artifact(p, "plots")
 
         t0 = time.monotonic()
-        info = log_student_model(tr["model_dir"], cfg.student.quantize_int8, cfg.student.max_length,
+        info = log_student_model(tr["model_dir"], cfg.student.precision, cfg.student.max_length,
                                  pd.read_parquet(voted_pool[0], columns=["text"])["text"].tolist()[:3])
         reg = register_task(info.model_uri, cfg.tracking.model_name, ev["student_macro_f1"], cfg.data.gold_path,
                             cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column, labels,

@@ -171,13 +171,15 @@ def _task():  # type: ignore[no-untyped-def]
 
     @task(name="evaluate")
     def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str],
-                      teacher_gold_votes: list[str], model_dir: str, quantize_int8: bool, max_length: int,
+                      teacher_gold_votes: list[str], model_dir: str, precision: str, max_length: int,
                       out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float]) -> dict[str, Any]:
         from tasks.inference import StudentPredictor
 
         gold = read_gold(gold_path, text_column, id_column, label_column, labels)
-        pred = StudentPredictor(model_dir, quantize_int8=quantize_int8, max_length=max_length)
-        return evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s)
+        pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)
+        res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s)
+        res["student_precision"] = pred.precision
+        return res
 
     return evaluate_task
 

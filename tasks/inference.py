@@ -1,9 +1,9 @@
 """The student's inference path: what `distill predict`, evaluation and the MLflow model use.
 
 Why not a plain pipeline: sorting texts by length and padding each batch only to its own
-longest text wastes no compute on padding, and int8 dynamic quantisation of the Linear
-layers speeds a CPU encoder up further (bench/student_inference.py measures both and the
-accuracy cost). Results come back in the caller's order.
+longest text wastes no compute on padding, and int8 the model runs in bf16 on CPUs with
+bf16 units (AMX/AVX512-BF16) or with int8 dynamic quantisation elsewhere
+(bench/student_inference.py measures each against a plain pipeline, with its accuracy). Results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -16,10 +16,30 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 beats int8 here."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def choose_precision(requested: str, device: str) -> str:
+    """'auto': bf16 on GPUs that have it (else fp16); on CPU bf16 where the CPU has bf16 units, else int8."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "int8"
+
+
 class StudentPredictor:
     """Load a saved student folder (model, tokenizer, labels.json) and label texts."""
 
-    def __init__(self, model_dir: str, quantize_int8: bool = False, max_length: int = 128,
+    def __init__(self, model_dir: str, precision: str = "fp32", max_length: int = 128,
                  device: Optional[str] = None) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -30,10 +50,18 @@ class StudentPredictor:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         model.eval()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if quantize_int8 and self.device == "cpu":
+        self.precision = choose_precision(precision, self.device)
+        if self.precision == "int8":
+            if self.device != "cpu":
+                raise ValueError("int8 dynamic quantisation runs on CPU only")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif self.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        elif self.precision == "fp16":
+            model = model.to(torch.float16)
+        elif self.precision != "fp32":
+            raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16, fp16 or int8")
         self.model = model.to(self.device)
-        self.quantized = quantize_int8 and self.device == "cpu"
         self.max_length = max_length
 
     def predict_proba(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:

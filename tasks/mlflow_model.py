@@ -21,15 +21,15 @@ except ImportError:  # pragma: no cover
 
 
 class StudentPyfunc(_Base):  # type: ignore[misc,valid-type]
-    def __init__(self, quantize_int8: bool = True, max_length: int = 128, batch_size: int = 64) -> None:
-        self.quantize_int8 = quantize_int8
+    def __init__(self, precision: str = "auto", max_length: int = 128, batch_size: int = 64) -> None:
+        self.precision = precision
         self.max_length = max_length
         self.batch_size = batch_size
 
     def load_context(self, context):  # type: ignore[no-untyped-def]
         from tasks.inference import StudentPredictor
 
-        self.predictor = StudentPredictor(context.artifacts["model_dir"], quantize_int8=self.quantize_int8,
+        self.predictor = StudentPredictor(context.artifacts["model_dir"], precision=self.precision,
                                           max_length=self.max_length)
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # untyped: see MLflow schema rules

@@ -59,7 +59,7 @@ def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, mar
                    f"and at least the margin {margin:.4f} ({diff:+.4f})")
 
 
-def log_student_model(model_dir: str, quantize_int8: bool, max_length: int, example_texts: list[str]) -> Any:
+def log_student_model(model_dir: str, precision: str, max_length: int, example_texts: list[str]) -> Any:
     """Log the student as a pyfunc model (signature, input example, explicit pip requirements)."""
     import mlflow
     import pandas as pd
@@ -74,7 +74,7 @@ def log_student_model(model_dir: str, quantize_int8: bool, max_length: int, exam
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
             f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"]
     return mlflow.pyfunc.log_model(
-        name="student", python_model=StudentPyfunc(quantize_int8=quantize_int8, max_length=max_length),
+        name="student", python_model=StudentPyfunc(precision=precision, max_length=max_length),
         artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
         input_example=example, pip_requirements=reqs,
         code_paths=[str(REPO / "tasks")],  # the model loads without distill installed

@@ -27,7 +27,7 @@ def write_data(tmp_path, n_pool: int, n_gold: int):
     pd.DataFrame(gold, columns=["id", "text", "label"]).to_parquet(tmp_path / "gold.parquet")
 
 
-def cfg_dict(tmp_path, prompt, teacher):
+def cfg_dict(tmp_path, prompt, teacher) -> dict:
     return {
         "run_name": "dag", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
         "data": {"pool_path": str(tmp_path / "pool.parquet"), "gold_path": str(tmp_path / "gold.parquet"),
@@ -81,3 +81,34 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
                      "--tracking-uri", raw["tracking"]["tracking_uri"], "--output", str(tmp_path / "pred.csv")]) == 0
     pred = pd.read_csv(tmp_path / "pred.csv")
     assert pred["label"].tolist() == ["positive", "negative"] and pred["score"].between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_whole_dag_on_the_real_local_teacher(tmp_path, prefect_api, monkeypatch):
+    """About 40 items through llama.cpp + SmolLM2, MiniLM training, MLflow registry and the gate."""
+    import mlflow
+
+    from distill.config import config_from_dict
+    from flows.distill import distill_flow
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    pos = ["An absolute triumph, moving and funny.", "One of the best films of the year.",
+           "Gorgeous photography and a wonderful cast.", "A warm, witty and beautifully made story."]
+    neg = ["A tedious, badly acted mess.", "I walked out after twenty minutes of boredom.",
+           "The plot is stupid and the jokes fall flat.", "Dull, ugly and far too long."]
+    pool = [(f"p{i}", (pos if i % 2 else neg)[i % 4] + f" ({i})") for i in range(30)]
+    pd.DataFrame(pool, columns=["id", "text"]).to_parquet(tmp_path / "pool.parquet")
+    gold = [(f"g{i}", (pos if i % 2 else neg)[(i + 1) % 4], "positive" if i % 2 else "negative") for i in range(10)]
+    pd.DataFrame(gold, columns=["id", "text", "label"]).to_parquet(tmp_path / "gold.parquet")
+    raw = cfg_dict(tmp_path, REPO / "prompts/sentiment_binary.yaml", {"local": True, "samples": 3, "max_tokens": 3})
+    raw["student"].update({"epochs": 6, "max_length": 32})
+    raw["gate"]["min_macro_f1"] = 0.0
+    s = distill_flow(config_from_dict(raw), show_progress=False)
+    assert s["requests_sent"] == (30 + 10) * 3 and s["items"] == 30
+    assert KEYS <= set(s) and s["promoted"] is True
+    assert 0.0 <= s["student_accuracy"] <= 1.0 and s["teacher_items_per_s"] > 0
+    mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/dag-student@champion")
+    out = model.predict(pd.DataFrame({"text": ["What a wonderful film.", "A boring mess."]}))
+    assert set(out["label"]) <= {"positive", "negative"}

@@ -42,6 +42,7 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
     uri = setup_tracking(None, "gate-test")
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     texts = POS + NEG
@@ -50,7 +51,7 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
 
     def new_version(f1: float, floor: float = 0.6, margin: float = 0.0) -> dict:
         with mlflow.start_run() as run:
-            info = log_student_model(student_dir, quantize_int8=False, max_length=16, example_texts=texts)
+            info = log_student_model(student_dir, precision="fp32", max_length=16, example_texts=texts)
             return register_and_gate(info.model_uri, "m", f1, texts, gold, LABELS, floor, margin, run.info.run_id)
 
     r = new_version(0.5)  # floor not met: registered, not champion

@@ -96,5 +96,5 @@ def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
     texts = [r_[0] for r_ in rows]
     fp32, _ = StudentPredictor(r["model_dir"]).predict(texts, batch_size=3)
     assert fp32 == [r_[2] for r_ in rows]  # sorted by length inside, returned in caller order
-    int8, _ = StudentPredictor(r["model_dir"], quantize_int8=True).predict(texts, batch_size=3)
+    int8, _ = StudentPredictor(r["model_dir"], precision="int8").predict(texts, batch_size=3)
     assert sum(a == b for a, b in zip(fp32, int8)) >= 18
