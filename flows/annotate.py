@@ -166,7 +166,16 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True) -> dict[str
         "tokens_out": _sum(all_results, "tokens_out"),
         "teacher_requests_per_s": ok / sent_wall if sent_wall > 0 else None,
         "teacher_items_per_s": ok / k / sent_wall if sent_wall > 0 else None,
+        "teacher_speed_source": "this run" if sent_wall > 0 else None,
     })
+    prev = run_dir / "annotation_summary.json"
+    if summary["teacher_items_per_s"] is None and prev.exists():
+        # everything came from the cache: keep the teacher speed measured when it was last asked
+        old = json.loads(prev.read_text())
+        if old.get("teacher_items_per_s"):
+            summary["teacher_items_per_s"] = old["teacher_items_per_s"]
+            summary["teacher_requests_per_s"] = old.get("teacher_requests_per_s")
+            summary["teacher_speed_source"] = "an earlier run (all answers cached now)"
     if voted["gold"]:
         summary.update(gold_scores(voted["gold"], template.labels))
         g = vote_stats(voted["gold"], k)

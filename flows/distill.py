@@ -62,7 +62,15 @@ def final_table(s: dict[str, Any]) -> str:
         f"| student | {s.get('gold_items')} (all gold) | {_pct(s.get('student_accuracy'))} | "
         f"{_pct(s.get('student_macro_f1'))} | |",
         "",
-        f"Student is {s.get('speed_ratio') or 0:.0f}x the teacher's items/s on this machine.",
+        "| class (gold subset) | gold | teacher predicted | student predicted | teacher recall | student recall | inherited blind spot |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {b['label']} | {b['gold']} | {b['teacher_predicted']} | {b['student_predicted']} | "
+          f"{_pct(b['teacher_recall'])} | {_pct(b['student_recall'])} | {'yes' if b['inherited_blind_spot'] else 'no'} |"
+          for b in s.get("blind_spots", [])],
+        "",
+        f"Student is {s.get('speed_ratio') or 0:.0f}x the teacher's items/s on this machine "
+        f"(student precision {s.get('student_precision')}, batch {s.get('student_batch_size')}; "
+        f"p50/p95 single-item latency {s.get('student_latency_p50_ms') or 0:.1f}/{s.get('student_latency_p95_ms') or 0:.1f} ms).",
         f"Gate: {'PROMOTED to champion' if s.get('promoted') else 'not promoted'} - {s.get('gate_reason')}",
         f"MLflow run {s.get('mlflow_run_id')}, model {s.get('model_name')} version {s.get('model_version')}.",
         "Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("stage_seconds", {}).items()),

@@ -68,6 +68,7 @@ def test_flow_on_fake_teacher_writes_votes_summary_and_artifact(tmp_path, fake_t
     fake_teacher.reset_counts()
     s2 = annotate_flow(cfg, show_progress=False)
     assert s2["requests_sent"] == 0 and s2["items"] == 29
+    assert s2["teacher_items_per_s"] == s["teacher_items_per_s"] and "earlier run" in s2["teacher_speed_source"]
 
 
 def test_cli_summary_json_and_clear_errors(tmp_path, fake_teacher, binary_prompt, prefect_api, capsys):
