@@ -45,8 +45,14 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.distill import distill_flow
 
+    from tasks.report import terminal_summary
+
     cfg = _load(args)
     summary = distill_flow(cfg, show_progress=not args.no_progress)
+    ann = cfg.run_dir / "annotation_summary.json"
+    if ann.exists():
+        print("\n== annotation and vote ==")
+        print(terminal_summary(json.loads(ann.read_text())))
     print("\n== distill run: teacher vs student on human gold ==")
     print(summary["table"])
     if args.summary_json:

@@ -23,6 +23,13 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and field."""
 
 
+def _check_url(v: Optional[str]) -> Optional[str]:
+    """An endpoint must be http(s); a trailing slash is dropped so paths join cleanly."""
+    if v is not None and not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v.rstrip("/") if v else v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -52,9 +59,7 @@ class TeacherMember(_Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/") if v else v
+        return _check_url(v)
 
 
 class DataConfig(_Strict):
@@ -133,9 +138,7 @@ class TeacherConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/") if v else v
+        return _check_url(v)
 
     @model_validator(mode="after")
     def _endpoint(self) -> "TeacherConfig":

@@ -67,6 +67,9 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert {"plots/confusion_student.png", "plots/teacher_coverage.png"} <= arts
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
     assert set(children["tags.mlflow.runName"]) == {"annotate", "train", "evaluate"}
+    ann_run = children[children["tags.mlflow.runName"] == "annotate"]["run_id"].iloc[0]
+    lineage = {d.dataset.name for d in mlflow.get_run(ann_run).inputs.dataset_inputs}
+    assert lineage == {"gold", "pool-votes"}
 
     # the same run again: equal macro-F1 keeps the champion (version 1)
     assert cli_main(["run", str(p), "--no-progress", "--summary-json", str(out)]) == 0
