@@ -164,6 +164,7 @@ class TeacherClient:
         limiter: Optional[RateLimiter] = None,
         on_result: Optional[Callable[[ClientStats], None]] = None,
         seed: int = 0,
+        logger: Any = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -176,6 +177,7 @@ class TeacherClient:
         self.backoff_max_s = backoff_max_s
         self.limiter = limiter if limiter is not None and limiter.active else None
         self.on_result = on_result
+        self.log = logger if logger is not None else log  # Prefect's run logger inside a run
         self.stats = ClientStats()
         self._rng = random.Random(seed)
         self._pause_until = 0.0
@@ -298,7 +300,7 @@ class TeacherClient:
             if http_status == 429 and retry_after is not None:
                 # the server asked everyone to slow down: pause all workers, not only this one
                 self._pause_until = max(self._pause_until, time.monotonic() + retry_after)
-            log.debug("retrying %s after %s in %.2fs", key0[:12], kind, delay)
+            self.log.debug("retrying %s after %s in %.2fs", key0[:12], kind, delay)
             await asyncio.sleep(delay)
         return self._give_up(req, f"gave up after {self.max_attempts} attempts; last error: {last_error}", self.max_attempts)
 
@@ -324,7 +326,7 @@ class TeacherClient:
         self.cache.put_attempt(key, self.run_id, attempt, kind, http_status, latency, pt, ct, msg)
         self._schedule_flush()
         if attempt == 1 or kind not in ("http_429",):
-            log.warning("teacher attempt %d failed: %s", attempt, msg[:300])
+            self.log.warning("teacher attempt %d failed: %s", attempt, msg[:300])
 
     def _give_up(self, req: TeacherRequest, reason: str, attempts: int) -> dict[str, Outcome]:
         self.stats.requests_failed += 1
