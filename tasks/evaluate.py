@@ -18,11 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-NO_LABEL = "<none>"
-
-
-def _clean(xs: list[Any]) -> list[str]:
-    return [NO_LABEL if (x is None or (isinstance(x, float) and x != x)) else str(x) for x in xs]
+from tasks.vote import NO_LABEL, or_no_label as _clean
 
 
 def scores(gold: list[str], pred: list[str], labels: list[str]) -> dict[str, Any]:

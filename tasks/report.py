@@ -13,12 +13,7 @@ from typing import Any, Optional
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, f1_score
 
-NO_LABEL = "<none>"
-
-
-def _missing(x: Any) -> bool:
-    """None or NaN: Parquet round trips through pandas may turn a missing string into NaN."""
-    return x is None or (isinstance(x, float) and x != x)
+from tasks.vote import NO_LABEL, is_missing as _missing, or_no_label
 
 
 def _iter_frames(paths: list[str], columns: list[str]):
@@ -71,8 +66,8 @@ def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
     for df in _iter_frames(voted_paths, ["label_gold", "label", "votes", "confidence", "n_votes"]):
         gold += df["label_gold"].tolist()
         conf += [f"{round(c * n)}/{n}" for c, n in zip(df["confidence"], df["n_votes"])]
-        voted += [NO_LABEL if _missing(x) else x for x in df["label"]]
-        single += [NO_LABEL if _missing(v[0]) else v[0] for v in df["votes"]]
+        voted += or_no_label(df["label"].tolist())
+        single += or_no_label([v[0] for v in df["votes"]])
     if not gold:
         return {}
     kw = dict(labels=labels, average="macro", zero_division=0)

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from tasks.vote import is_missing as _missing
+
 
 @dataclass
 class TrainData:
@@ -31,10 +33,6 @@ class TrainData:
     soft: list[list[float]]
     excluded_abstained: int
     excluded_low_agreement: int
-
-
-def _missing(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and x != x)
 
 
 def build_train_data(voted_paths: list[str], labels: list[str], use_votes: str, min_agreement: float) -> TrainData:

@@ -20,6 +20,18 @@ import pyarrow.parquet as pq
 from prefect import task
 
 
+NO_LABEL = "<none>"  # how an abstention is shown beside real labels in metrics
+
+
+def is_missing(x: object) -> bool:
+    """None or NaN: Parquet round trips through pandas may turn a missing label into NaN."""
+    return x is None or (isinstance(x, float) and x != x)
+
+
+def or_no_label(xs: Sequence[object]) -> list[str]:
+    return [NO_LABEL if is_missing(x) else str(x) for x in xs]
+
+
 @dataclass(frozen=True)
 class VoteResult:
     label: Optional[str]
