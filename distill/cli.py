@@ -26,6 +26,13 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return load_config(args.config, args.set)
 
 
+def _write_summary_json(path: Optional[str], summary: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2, default=str))
+        print(f"  summary JSON: {path}")
+
+
 def cmd_annotate(args: argparse.Namespace) -> int:
     from flows.annotate import annotate_flow
     from tasks.report import terminal_summary
@@ -35,10 +42,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     print("\n== distill annotate: summary ==")
     print(terminal_summary(summary))
     print(f"  votes written to {summary['votes_dir']}")
-    if args.summary_json:
-        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
-        print(f"  summary JSON: {args.summary_json}")
+    _write_summary_json(args.summary_json, summary)
     return 0
 
 
@@ -55,11 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(terminal_summary(json.loads(ann.read_text())))
     print("\n== distill run: teacher vs student on human gold ==")
     print(summary["table"])
-    if args.summary_json:
-        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary_json).write_text(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2,
-                                                      default=str))
-        print(f"summary JSON: {args.summary_json}")
+    _write_summary_json(args.summary_json, {k: v for k, v in summary.items() if k != "table"})
     return 0
 
 

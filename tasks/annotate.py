@@ -226,10 +226,12 @@ def annotate_shard(
             by_endpoint.setdefault(r.endpoint, []).append(r)
         clients: dict[int, TeacherClient] = {}
 
-        def on_result(_: ClientStats) -> None:
-            total = ClientStats()
-            for cl in clients.values():
-                total = total.merged(cl.stats)
+        def on_result(stats: ClientStats) -> None:
+            total = stats  # one endpoint (the usual case): no merge per answer
+            if len(clients) > 1:
+                total = ClientStats()
+                for cl in clients.values():
+                    total = total.merged(cl.stats)
             done = total.requests_cached + (total.requests_ok + total.requests_failed) * per_request
             progress.update(total, done)
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from prefect import task
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 from tasks.vote import NO_LABEL, or_no_label as _clean
@@ -162,22 +163,15 @@ def blind_spots(gold: list[str], teacher: list[str], student: list[str], labels:
     return rows
 
 
-def _task():  # type: ignore[no-untyped-def]
-    from prefect import task
+@task(name="evaluate")
+def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str],
+                  teacher_gold_votes: list[str], model_dir: str, precision: str, max_length: int,
+                  out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float]) -> dict[str, Any]:
+    from tasks.inference import StudentPredictor
 
-    @task(name="evaluate")
-    def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str],
-                      teacher_gold_votes: list[str], model_dir: str, precision: str, max_length: int,
-                      out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float]) -> dict[str, Any]:
-        from tasks.inference import StudentPredictor
+    gold = read_gold(gold_path, text_column, id_column, label_column, labels)
+    pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)
+    res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s)
+    res["student_precision"] = pred.precision
+    return res
 
-        gold = read_gold(gold_path, text_column, id_column, label_column, labels)
-        pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)
-        res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s)
-        res["student_precision"] = pred.precision
-        return res
-
-    return evaluate_task
-
-
-evaluate_task = _task()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from prefect import task
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -119,21 +121,14 @@ def register_and_gate(model_uri: str, model_name: str, challenger_f1: float, gol
             "previous_champion_version": champ_version, "previous_champion_macro_f1": champ_f1}
 
 
-def _task():  # type: ignore[no-untyped-def]
-    from prefect import task
+@task(name="register")
+def register_task(model_uri: str, model_name: str, challenger_f1: float, gold_path: str, text_column: str,
+                  id_column: str, label_column: str, labels: list[str], floor: float, margin: float,
+                  run_id: str) -> dict[str, Any]:
+    """Reads the gold file itself: big lists never travel as Prefect parameters."""
+    from tasks.evaluate import read_gold
 
-    @task(name="register")
-    def register_task(model_uri: str, model_name: str, challenger_f1: float, gold_path: str, text_column: str,
-                      id_column: str, label_column: str, labels: list[str], floor: float, margin: float,
-                      run_id: str) -> dict[str, Any]:
-        """Reads the gold file itself: big lists never travel as Prefect parameters."""
-        from tasks.evaluate import read_gold
+    gold = read_gold(gold_path, text_column, id_column, label_column, labels)
+    return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
+                             labels, floor, margin, run_id)
 
-        gold = read_gold(gold_path, text_column, id_column, label_column, labels)
-        return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
-                                 labels, floor, margin, run_id)
-
-    return register_task
-
-
-register_task = _task()

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from prefect import task
 
 from tasks.vote import is_missing as _missing
 
@@ -224,15 +225,8 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
     }
 
 
-def _task():  # type: ignore[no-untyped-def]
-    from prefect import task
+@task(name="train-student")
+def train_task(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
+               show_progress: bool = True) -> dict[str, Any]:
+    return train_student(voted_paths, labels, out_dir, student, min_agreement, show_progress)
 
-    @task(name="train-student")
-    def train_task(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
-                   show_progress: bool = True) -> dict[str, Any]:
-        return train_student(voted_paths, labels, out_dir, student, min_agreement, show_progress)
-
-    return train_task
-
-
-train_task = _task()
