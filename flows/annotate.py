@@ -23,10 +23,17 @@ from prefect.context import get_run_context
 from distill.config import DistillConfig
 from distill.runtime import resolve_api_key, run_logger, set_offline_env
 from tasks.annotate import annotate_shard
+from tasks.budget import BudgetExhausted
+from tasks.cache import ResponseCache
+from tasks.carbon import measure_energy
+from tasks.costs import teacher_costs
 from tasks.load import load_task
 from tasks.local_teacher import local_teacher
+from tasks.plan import make_plan, plan_text
+from tasks.pricing import TeacherPrice, resolve_prices
 from tasks.prompting import PromptTemplate, load_prompt
 from tasks.report import gold_scores, markdown_summary, vote_stats
+from tasks.tokens import counter_for
 from tasks.vote import vote_task
 
 set_offline_env()
@@ -34,7 +41,8 @@ set_offline_env()
 
 @task(name="annotate-shard", task_run_name="annotate-{name}")
 def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_url: str, run_id: str,
-                        name: str, show_progress: bool = True) -> dict[str, Any]:
+                        name: str, show_progress: bool = True, prices: list[TeacherPrice] | None = None,
+                        budget_left_usd: float | None = None) -> dict[str, Any]:
     """Thin Prefect wrapper: the API key is resolved here, never passed as a parameter."""
     template = load_prompt(cfg.prompt)
     t = cfg.teacher
@@ -45,8 +53,16 @@ def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_ur
         for m in t.members
     ]
     res = annotate_shard(in_path, out_path, cfg, template, base_url, api_key, run_id, logger=run_logger(),
-                         show_progress=show_progress, member_endpoints=members)
-    return {"path": res.path, "items": res.items, "skipped": res.skipped, **res.stats}
+                         show_progress=show_progress, member_endpoints=members, prices=prices,
+                         budget_left_usd=budget_left_usd, counter=counter_for(t))
+    return {"path": res.path, "items": res.items, "skipped": res.skipped, "budget_exhausted": res.budget_exhausted,
+            **res.stats}
+
+
+@task(name="plan")
+def plan_task(cfg: DistillConfig, shard_paths: list[str], prices: list[TeacherPrice]) -> dict[str, Any]:
+    """The priced plan (no request sent); the counter is built here, where the tokenizer lives."""
+    return make_plan(cfg, load_prompt(cfg.prompt), shard_paths, prices, counter_for(cfg.teacher))
 
 
 @task(name="report")
@@ -71,7 +87,7 @@ def input_fingerprint(cfg: DistillConfig, template: PromptTemplate) -> str:
         {"data": cfg.data.model_dump(mode="json"), "prompt": template.template_hash(),
          "files": [stat(cfg.data.pool_path), stat(cfg.data.gold_path)],
          "teacher": cfg.teacher.model_dump(mode="json", exclude={"startup_timeout_s", "n_threads",
-                                                                 "price_in_per_mtok", "price_out_per_mtok"})},
+                                                                 "tokenizer"})},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -101,12 +117,18 @@ def _sum(results: list[dict[str, Any]], key: str) -> int:
 
 
 @flow(name="annotate", log_prints=True)
-def annotate_flow(config: DistillConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Annotate the pool (and the gold subset) with k teacher samples per item and vote them."""
+def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Annotate the pool (and the gold subset) with k teacher samples per item and vote them.
+
+    ``dry_run``: stop after the priced plan; nothing is sent and no teacher is started.
+    """
     t_start = time.monotonic()
     cfg = config
     logger = run_logger()
     template = load_prompt(cfg.prompt)
+    prices = resolve_prices(cfg)  # an unpriced teacher fails here, before any request
+    for p in prices:
+        logger.info("teacher price: %s", p.describe())
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     fp = input_fingerprint(cfg, template)
@@ -124,20 +146,66 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True) -> dict[str
     logger.info("loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
                 "%d rows with invalid UTF-8)", pr["items"], pr["empty_text"], pr["duplicate_ids"],
                 pr["duplicate_texts"], pr["invalid_utf8"])
+    plan = plan_task(cfg, inputs["gold_shards"] + inputs["pool_shards"], prices)
+    ptext = plan_text(plan)
+    (run_dir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
+    logger.info("plan before any request:\n%s", ptext)
+    if dry_run:
+        with contextlib.suppress(Exception):
+            create_markdown_artifact(markdown="# distill plan (dry run: nothing sent)\n\n" + ptext, key="distill-plan",
+                                     description="priced plan of the annotation, before any request")
+        return {"dry_run": True, "plan": plan, "plan_text": ptext, "run_name": cfg.run_name}
+    if plan["over_budget"]:
+        logger.warning("the plan (about $%.4f) is over budget.max_usd=$%g: the run will stop at the cap",
+                       plan["usd"], cfg.budget.max_usd)
     run_id = _current_run_id()
     shard_results: dict[str, list[dict[str, Any]]] = {"pool": [], "gold": []}
     t0 = time.monotonic()
-    with teacher_endpoint(cfg) as base_url:
+    spent, exhausted = 0.0, False
+    max_usd = cfg.budget.max_usd
+    e = cfg.energy
+    with measure_energy("teacher", e.country_iso_code, e.measure and cfg.teacher.local, e.cpu_power_w,
+                        e.measure_power_secs) as teacher_energy, teacher_endpoint(cfg) as base_url:
         logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, cfg.teacher.model,
                     cfg.teacher.samples, cfg.teacher.variation.value)
         for split in ("gold", "pool"):
             for p in inputs[f"{split}_shards"]:
+                if exhausted:
+                    break
                 out = run_dir / "annotations" / split / Path(p).name
                 name = f"{split}-{Path(p).stem}"
-                shard_results[split].append(
-                    annotate_shard_task(p, str(out), cfg, base_url, run_id, name, show_progress)
-                )
+                left = None if max_usd is None else max(0.0, max_usd - spent)
+                r = annotate_shard_task(p, str(out), cfg, base_url, run_id, name, show_progress, prices, left)
+                spent += float(r.get("spent_usd", 0.0) or 0.0)
+                exhausted = exhausted or bool(r.get("budget_exhausted"))
+                shard_results[split].append(r)
     annotate_s = time.monotonic() - t0
+    all_results = shard_results["pool"] + shard_results["gold"]
+    cache = ResponseCache(cfg.client.cache_path)
+    try:
+        ledger = cache.ledger_usage(run_id)
+    finally:
+        cache.close()
+    prev_path = run_dir / "annotation_summary.json"
+    previous = json.loads(prev_path.read_text()) if prev_path.exists() else None
+    if exhausted:
+        costs = teacher_costs(cfg, prices, all_results, ledger, teacher_energy, 0, None, previous)
+        not_sent = _sum(all_results, "not_sent_budget")
+        msg = (f"budget.max_usd=${max_usd:g} reached: spent ${costs['teacher_usd']:.4f} on "
+               f"{costs['teacher_attempts']:,} attempts; {not_sent:,} requests in the last shard not sent and "
+               f"{sum(len(inputs[f'{sp}_shards']) - len(shard_results[sp]) for sp in ('gold', 'pool'))} shards not "
+               f"started. Answers so far are in the cache ({cfg.client.cache_path}) and partial parts in "
+               f"{run_dir / 'annotations'}; rerun with a higher budget.max_usd to continue without paying for them again.")
+        partial = {"run_name": cfg.run_name, "stopped": "budget", "message": msg, "plan_usd": plan["usd"],
+                   "requests_sent": _sum(all_results, "requests_sent"), "requests_ok": _sum(all_results, "requests_ok"),
+                   "requests_cached": _sum(all_results, "requests_cached"), "not_sent_budget": not_sent,
+                   "budget_max_usd": max_usd, **costs}
+        (run_dir / "budget_stop.json").write_text(json.dumps(partial, indent=2, default=str))
+        logger.error(msg)
+        with contextlib.suppress(Exception):
+            create_markdown_artifact(markdown="# distill stopped at its budget\n\n" + msg, key="distill-budget-stop",
+                                     description="the run reached budget.max_usd")
+        raise BudgetExhausted(msg, partial)
 
     t0 = time.monotonic()
     voted = {
@@ -152,7 +220,6 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True) -> dict[str
                                "samples_per_item": k, "variation": cfg.teacher.variation.value,
                                "prompt_hash": template.template_hash()}
     summary.update(vote_stats(voted["pool"], k))
-    all_results = shard_results["pool"] + shard_results["gold"]
     sent_wall = sum(r.get("wall_s", 0.0) for r in all_results if r.get("requests_sent"))
     ok = _sum(all_results, "requests_ok")
     summary.update({
@@ -168,14 +235,17 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True) -> dict[str
         "teacher_items_per_s": ok / k / sent_wall if sent_wall > 0 else None,
         "teacher_speed_source": "this run" if sent_wall > 0 else None,
     })
-    prev = run_dir / "annotation_summary.json"
-    if summary["teacher_items_per_s"] is None and prev.exists():
+    if summary["teacher_items_per_s"] is None and previous:
         # everything came from the cache: keep the teacher speed measured when it was last asked
-        old = json.loads(prev.read_text())
-        if old.get("teacher_items_per_s"):
-            summary["teacher_items_per_s"] = old["teacher_items_per_s"]
-            summary["teacher_requests_per_s"] = old.get("teacher_requests_per_s")
+        if previous.get("teacher_items_per_s"):
+            summary["teacher_items_per_s"] = previous["teacher_items_per_s"]
+            summary["teacher_requests_per_s"] = previous.get("teacher_requests_per_s")
             summary["teacher_speed_source"] = "an earlier run (all answers cached now)"
+    items_total = sum(int(r.get("items", 0) or 0) for r in all_results if not r.get("skipped"))
+    summary.update(teacher_costs(cfg, prices, all_results, ledger, teacher_energy, items_total,
+                                 summary["teacher_items_per_s"], previous))
+    summary.update({"plan_requests": plan["requests_to_send"], "plan_tokens": plan["tokens_in"] + plan["tokens_out"],
+                    "plan_usd": plan["usd"], "plan_seconds": plan["seconds"], "budget_max_usd": max_usd})
     if voted["gold"]:
         summary.update(gold_scores(voted["gold"], template.labels))
         g = vote_stats(voted["gold"], k)

@@ -24,10 +24,13 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from distill.config import DistillConfig, SampleVariation, TeacherMode
+from tasks.budget import SpendMeter
 from tasks.cache import ResponseCache, request_key
+from tasks.pricing import TeacherPrice
 from tasks.prompting import PromptTemplate, prompt_hash
 from tasks.ratelimit import RateLimiter, estimate_tokens
 from tasks.teacher_client import ClientStats, Outcome, TeacherClient, TeacherRequest
+from tasks.tokens import TokenCounter
 
 log = logging.getLogger("distill.annotate")
 
@@ -93,7 +96,8 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate) -
                 samples.append(PlannedSample(idx, i, keys[0], ph))
             payload["messages" if chat else "prompt"] = rendered
             chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
-            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint))
+            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint,
+                                       est_out=t.max_tokens * len(keys)))
     return ShardPlan(reqs, samples)
 
 
@@ -115,6 +119,8 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
             errors[i][j] = "no outcome recorded"
             continue
         cached[i][j] = o.cached
+        if o.budget_stop:
+            status[i][j] = "not_sent"
         if o.text is None:
             errors[i][j] = o.error
             continue
@@ -183,6 +189,7 @@ class ShardResult:
     items: int
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False
+    budget_exhausted: bool = False
 
 
 def run_async(coro: Any) -> Any:
@@ -199,11 +206,17 @@ def annotate_shard(
     in_path: str, out_path: str, cfg: DistillConfig, template: PromptTemplate, base_url: str,
     api_key: Optional[str], run_id: str, logger: Any = None, show_progress: bool = True,
     member_endpoints: Optional[list[tuple[str, Optional[str]]]] = None,
+    prices: Optional[list[TeacherPrice]] = None, budget_left_usd: Optional[float] = None,
+    counter: Optional[TokenCounter] = None,
 ) -> ShardResult:
     """Annotate one input shard into ``out_path``; a no-op if that part already exists.
 
     ``member_endpoints`` gives (base_url, api_key) per ``teacher.members`` entry, for
     ``variation: teachers``; endpoint 0 is the main teacher (``base_url``, ``api_key``).
+    ``prices`` (one per endpoint) price every attempt; with ``budget_left_usd`` the shard
+    starts no request past that spend. A shard cut short by the budget writes its answers
+    so far to ``<part>.partial.parquet`` and not the part itself, so a rerun redoes it
+    (from the cache) instead of taking it as finished.
     """
     out = Path(out_path)
     if out.exists():
@@ -219,6 +232,7 @@ def annotate_shard(
 
     endpoints = [(base_url, api_key)] + list(member_endpoints or [])
     per_request = _choices_per_request(cfg)
+    meter = SpendMeter(prices, budget_left_usd) if prices else None
 
     async def go() -> tuple[dict[str, Outcome], ClientStats]:
         by_endpoint: dict[int, list[TeacherRequest]] = {}
@@ -243,7 +257,7 @@ def annotate_shard(
                 url, key, cache, run_id, concurrency=c.concurrency, timeout_s=c.timeout_s,
                 max_attempts=c.max_attempts, backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
                 limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute), on_result=on_result,
-                logger=logger,
+                logger=logger, meter=meter, endpoint=e, counter=counter,
             )
 
         async def one(e: int) -> dict[str, Outcome]:
@@ -264,18 +278,39 @@ def annotate_shard(
         progress.close()
         cache.close()
     df = assemble(items, plan, outcomes, template, cfg.teacher.samples)
+    exhausted = stats.not_sent_budget > 0
+    if exhausted:
+        out = out.with_name(out.stem + ".partial.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
     tmp.replace(out)  # atomic: a part exists only when complete
+    if not exhausted:
+        out.with_name(out.stem + ".partial.parquet").unlink(missing_ok=True)
+    used = [o for o in outcomes.values() if o.text is not None]
+    busy = meter.busy_seconds() if meter else 0.0
+    answers_usd = fresh_usd = 0.0  # token price of the answers used (usage sits on a request's first key)
+    for r in plan.requests:
+        o = outcomes.get(r.keys[0])
+        if prices and o is not None and o.text is not None:
+            c = prices[min(r.endpoint, len(prices) - 1)].token_cost(o.prompt_tokens, o.completion_tokens, 1)
+            answers_usd += c
+            fresh_usd += 0.0 if o.cached else c
     st = {
         "requests_sent": stats.requests_sent, "requests_ok": stats.requests_ok,
         "requests_cached": stats.requests_cached, "requests_failed": stats.requests_failed,
         "attempt_errors": stats.attempt_errors, "retries": stats.retries,
         "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out,
         "status_counts": stats.status_counts, "wall_s": time.monotonic() - t0,
+        "tokens_counted": stats.tokens_counted, "not_sent_budget": stats.not_sent_budget,
+        "spent_usd": meter.spent_usd() if meter else 0.0, "busy_s": busy,
+        # usage behind every answer used (fresh or cached): what labelling these items costs
+        "answers_used": len(used), "answer_tokens_in": sum(o.prompt_tokens or 0 for o in used),
+        "answer_tokens_out": sum(o.completion_tokens or 0 for o in used),
+        "answers_usage_estimated": sum(1 for o in used if o.usage_source == "estimated"),
+        "answers_usd": answers_usd, "fresh_answers_usd": fresh_usd,
     }
-    return ShardResult(str(out), len(df), st)
+    return ShardResult(str(out), len(df), st, budget_exhausted=exhausted)
 
 
 def _choices_per_request(cfg: DistillConfig) -> int:

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS responses (
   finish_reason TEXT,
   prompt_tokens INTEGER,
   completion_tokens INTEGER,
-  created REAL NOT NULL
+  created REAL NOT NULL,
+  usage_source TEXT
 );
 CREATE TABLE IF NOT EXISTS attempts (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -50,10 +51,14 @@ CREATE TABLE IF NOT EXISTS attempts (
   prompt_tokens INTEGER,
   completion_tokens INTEGER,
   error TEXT,
-  created REAL NOT NULL
+  created REAL NOT NULL,
+  model TEXT,
+  usage_source TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id);
 """
+# columns added after the first release; older cache files get them on open
+MIGRATIONS = {"responses": [("usage_source", "TEXT")], "attempts": [("model", "TEXT"), ("usage_source", "TEXT")]}
 
 
 def request_key(model: str, prompt: Any, sampling: dict[str, Any], sample_index: int) -> str:
@@ -71,6 +76,7 @@ class CachedAnswer:
     finish_reason: Optional[str]
     prompt_tokens: Optional[int]
     completion_tokens: Optional[int]
+    usage_source: Optional[str] = None  # "reported" by the server, "counted" or "estimated" by distill
 
 
 class ResponseCache:
@@ -85,13 +91,18 @@ class ResponseCache:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
+        for table, cols in MIGRATIONS.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, typ in cols:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
         self.autoflush = True
         self._resp: list[tuple] = []
         self._att: list[tuple] = []
 
     def get(self, key: str) -> Optional[CachedAnswer]:
         row = self.db.execute(
-            "SELECT text, finish_reason, prompt_tokens, completion_tokens FROM responses WHERE key=?", (key,)
+            "SELECT text, finish_reason, prompt_tokens, completion_tokens, usage_source FROM responses WHERE key=?", (key,)
         ).fetchone()
         return CachedAnswer(*row) if row else None
 
@@ -99,7 +110,7 @@ class ResponseCache:
         out: dict[str, CachedAnswer] = {}
         for i in range(0, len(keys), 500):
             part = keys[i : i + 500]
-            q = "SELECT key, text, finish_reason, prompt_tokens, completion_tokens FROM responses WHERE key IN (%s)" % (
+            q = "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source FROM responses WHERE key IN (%s)" % (
                 ",".join("?" * len(part))
             )
             for k, *rest in self.db.execute(q, part):
@@ -120,20 +131,22 @@ class ResponseCache:
         now = time.time()
         req_json = _dumps(request)
         first = entries[0][1]
-        self._resp.extend((k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now)
-                          for k, a in entries)
+        self._resp.extend((k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now,
+                           a.usage_source) for k, a in entries)
         self._att.append((run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
-                          first.completion_tokens, None, now))
+                          first.completion_tokens, None, now, request.get("model"), first.usage_source))
         if self.autoflush:
             self.flush()
 
     def put_attempt(
         self, key: str, run_id: str, attempt: int, status: str, http_status: Optional[int], latency_s: float,
         prompt_tokens: Optional[int], completion_tokens: Optional[int], error: Optional[str],
+        model: Optional[str] = None,
     ) -> None:
         """Record a failed attempt (never cached as an answer), with any usage it reported."""
+        source = "reported" if prompt_tokens is not None or completion_tokens is not None else None
         self._att.append((run_id, key, attempt, status, http_status, latency_s, prompt_tokens, completion_tokens,
-                          (error or "")[:500], time.time()))
+                          (error or "")[:500], time.time(), model, source))
         if self.autoflush:
             self.flush()
 
@@ -146,11 +159,13 @@ class ResponseCache:
         with self.db:
             self.db.execute("BEGIN")
             if resp:
-                self.db.executemany("INSERT OR REPLACE INTO responses VALUES (?,?,?,?,?,?,?)", resp)
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,"
+                    "created,usage_source) VALUES (?,?,?,?,?,?,?,?)", resp)
             if att:
                 self.db.executemany(
                     "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
-                    "completion_tokens,error,created) VALUES (?,?,?,?,?,?,?,?,?,?)", att)
+                    "completion_tokens,error,created,model,usage_source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", att)
 
     def ledger_totals(self, run_id: str) -> dict[str, int]:
         self.flush()
@@ -159,6 +174,33 @@ class ResponseCache:
             " FROM attempts WHERE run_id=?", (run_id,),
         ).fetchone()
         return {"attempts": row[0], "ok": row[1], "tokens_in": row[2], "tokens_out": row[3]}
+
+    def ledger_usage(self, run_id: str) -> list[dict[str, Any]]:
+        """Attempts of a run grouped by model, outcome and where their usage came from (for pricing)."""
+        self.flush()
+        rows = self.db.execute(
+            "SELECT model, status='ok', usage_source, COUNT(*), COALESCE(SUM(prompt_tokens),0),"
+            " COALESCE(SUM(completion_tokens),0), COALESCE(SUM(latency_s),0) FROM attempts WHERE run_id=?"
+            " GROUP BY 1,2,3", (run_id,),
+        ).fetchall()
+        return [{"model": m, "ok": bool(ok), "usage_source": src, "attempts": n, "tokens_in": pt, "tokens_out": ct,
+                 "latency_s": lat} for m, ok, src, n, pt, ct, lat in rows]
+
+    def model_history(self, model: str) -> dict[str, Any]:
+        """What earlier runs measured for ``model``: mean latency, prompt tokens per character, completion tokens.
+
+        The plan uses it to calibrate its estimates once a model has answered before.
+        """
+        self.flush()
+        lat = self.db.execute(
+            "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
+        tok = self.db.execute(
+            "SELECT COUNT(*), SUM(prompt_tokens), SUM(LENGTH(COALESCE(json_extract(request,'$.prompt'),"
+            " json_extract(request,'$.messages')))), AVG(completion_tokens) FROM responses"
+            " WHERE json_extract(request,'$.model')=? AND prompt_tokens IS NOT NULL AND usage_source IS NOT 'estimated'",
+            (model,)).fetchone()
+        return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[0],
+                "tokens_per_char": (tok[1] / tok[2]) if tok[0] and tok[2] else None, "completion_tokens": tok[3]}
 
     def close(self) -> None:
         self.flush()

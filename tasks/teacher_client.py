@@ -20,8 +20,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import aiohttp
 
+from tasks.budget import SpendMeter
 from tasks.cache import CachedAnswer, ResponseCache
 from tasks.ratelimit import RateLimiter
+from tasks.tokens import TokenCounter, heuristic_counter
 
 try:  # orjson ships with prefect; fall back to the stdlib
     import orjson
@@ -44,8 +46,9 @@ class TeacherRequest:
     keys: list[str]
     path: str  # "/completions" or "/chat/completions"
     payload: dict[str, Any]
-    est_tokens: int
+    est_tokens: int  # prompt estimate + max_tokens per choice (what the rate limiter reserves)
     endpoint: int = 0  # index into the endpoints of the run (0: the main teacher)
+    est_out: int = 0  # the max_tokens part of est_tokens (the budget reserves it as worst-case output)
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Outcome:
     cached: bool
     error: Optional[str] = None
     attempts: int = 0
+    prompt_tokens: Optional[int] = None  # usage of the request that produced it (first choice of an n-request)
+    completion_tokens: Optional[int] = None
+    usage_source: Optional[str] = None
+    budget_stop: bool = False  # not sent because the budget was exhausted
 
 
 @dataclass
@@ -68,6 +75,9 @@ class ClientStats:
     retries: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    tokens_counted: int = 0  # of tokens_in + tokens_out: counted or estimated by distill (no usage in the response)
+    spent_usd: float = 0.0  # token-priced spend of the attempts (hourly endpoints: see SpendMeter.busy_seconds)
+    not_sent_budget: int = 0  # requests never sent because the budget was exhausted
     status_counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -78,7 +88,7 @@ class ClientStats:
         """Sum of two clients' counts (one client per endpoint when teachers are mixed)."""
         out = ClientStats(started=min(self.started, other.started))
         for f in ("requests_sent", "requests_ok", "requests_cached", "requests_failed", "attempt_errors", "retries",
-                  "tokens_in", "tokens_out"):
+                  "tokens_in", "tokens_out", "tokens_counted", "spent_usd", "not_sent_budget"):
             setattr(out, f, getattr(self, f) + getattr(other, f))
         for st in (self.status_counts, other.status_counts):
             for k, v in st.items():
@@ -165,6 +175,9 @@ class TeacherClient:
         on_result: Optional[Callable[[ClientStats], None]] = None,
         seed: int = 0,
         logger: Any = None,
+        meter: Optional[SpendMeter] = None,
+        endpoint: int = 0,
+        counter: Optional[TokenCounter] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -179,6 +192,9 @@ class TeacherClient:
         self.on_result = on_result
         self.log = logger if logger is not None else log  # Prefect's run logger inside a run
         self.stats = ClientStats()
+        self.meter = meter
+        self.endpoint = endpoint
+        self.counter = counter or heuristic_counter()
         self._rng = random.Random(seed)
         self._pause_until = 0.0
         self._session: Optional[aiohttp.ClientSession] = None
@@ -212,7 +228,9 @@ class TeacherClient:
         for r in requests:
             if all(k in hits for k in r.keys):
                 for k in r.keys:
-                    results[k] = Outcome(hits[k].text, cached=True)
+                    h = hits[k]
+                    results[k] = Outcome(h.text, cached=True, prompt_tokens=h.prompt_tokens,
+                                         completion_tokens=h.completion_tokens, usage_source=h.usage_source)
                 self.stats.requests_cached += len(r.keys)
             else:
                 todo.append(r)
@@ -234,65 +252,87 @@ class TeacherClient:
         url = self.base_url + req.path
         n = len(req.keys)
         key0 = req.keys[0]
+        model = req.payload.get("model")
+        est_prompt = max(0, req.est_tokens - req.est_out)
         last_error = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             pause = self._pause_until - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
-            if self.limiter is not None:
-                await self.limiter.acquire(req.est_tokens)
-            retry_after: Optional[float] = None
-            http_status: Optional[int] = None
+            reservation = 0.0
+            if self.meter is not None:
+                reservation = self.meter.estimate(self.endpoint, est_prompt, req.est_out)
+                if not await self.meter.acquire(self.endpoint, reservation):
+                    self.stats.not_sent_budget += 1
+                    why = "not sent: budget.max_usd reached" + (f" (after {attempt - 1} failed attempts)" if attempt > 1 else "")
+                    out = self._give_up(req, why, attempt - 1)
+                    for o in out.values():
+                        o.budget_stop = True
+                    return out
+            billed = False
             pt = ct = None
-            t0 = time.perf_counter()
-            self.stats.requests_sent += 1
             try:
-                async with self._session.post(url, json=req.payload) as resp:
-                    http_status = resp.status
-                    body = await resp.read()
-                    ra_header = resp.headers.get("Retry-After")
-                latency = time.perf_counter() - t0
-                if http_status == 200:
-                    try:
-                        data = _loads(body)
-                        answers, pt, ct = _extract(data, n)
-                    except (ValueError, ServerError) as e:
-                        kind = "bad_json" if isinstance(e, ValueError) else "bad_response"
-                        raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}") from None
-                    self.cache.put_success(
-                        list(zip(req.keys, answers)), req.payload, self.run_id, attempt, http_status, latency
-                    )
-                    self._schedule_flush()
-                    self._count_usage(pt, ct)
-                    if self.limiter is not None:
-                        self.limiter.reconcile(req.est_tokens, None if pt is None else pt + (ct or 0))
-                    self.stats.requests_ok += 1
-                    self.stats.bump("ok")
-                    return {k: Outcome(a.text, cached=False, attempts=attempt) for k, a in zip(req.keys, answers)}
-                # an error status: try to read usage anyway (some servers bill failed calls)
+                if self.limiter is not None:
+                    await self.limiter.acquire(req.est_tokens)
+                retry_after: Optional[float] = None
+                http_status: Optional[int] = None
+                t0 = time.perf_counter()
+                self.stats.requests_sent += 1
                 try:
-                    _, pt, ct = _extract(_loads(body), 0)
-                except Exception:
-                    pt = ct = None
-                retry_after = parse_retry_after(ra_header)
-                retryable = http_status in RETRYABLE_STATUS or http_status >= 500
-                kind = f"http_{http_status}"
-                msg = f"HTTP {http_status}: {_snippet(body)!r}"
-                if not retryable:
-                    self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg)
-                    return self._give_up(req, f"{msg} (not retryable)", attempt)
-            except _Retryable as e:
-                kind, msg = e.kind, e.msg
-                latency = time.perf_counter() - t0
-            except asyncio.TimeoutError:
-                kind, msg = "timeout", f"no answer within {self.timeout.total:.0f}s"
-                latency = time.perf_counter() - t0
-            except (aiohttp.ClientError, ConnectionError, OSError) as e:
-                kind, msg = "connection", f"{type(e).__name__}: {e}"
-                latency = time.perf_counter() - t0
+                    async with self._session.post(url, json=req.payload) as resp:
+                        http_status = resp.status
+                        body = await resp.read()
+                        ra_header = resp.headers.get("Retry-After")
+                    latency = time.perf_counter() - t0
+                    if http_status == 200:
+                        try:
+                            data = _loads(body)
+                            answers, pt, ct = _extract(data, n)
+                        except (ValueError, ServerError) as e:
+                            kind = "bad_json" if isinstance(e, ValueError) else "bad_response"
+                            raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}") from None
+                        pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
+                        billed = True
+                        self.cache.put_success(
+                            list(zip(req.keys, answers)), req.payload, self.run_id, attempt, http_status, latency
+                        )
+                        self._schedule_flush()
+                        self._count_usage(pt, ct)
+                        if self.limiter is not None:
+                            self.limiter.reconcile(req.est_tokens, pt + ct)
+                        self.stats.requests_ok += 1
+                        self.stats.bump("ok")
+                        return {k: Outcome(a.text, cached=False, attempts=attempt, prompt_tokens=a.prompt_tokens,
+                                           completion_tokens=a.completion_tokens, usage_source=source)
+                                for k, a in zip(req.keys, answers)}
+                    # an error status: read usage anyway (some servers bill failed calls) and price it
+                    try:
+                        _, pt, ct = _extract(_loads(body), 0)
+                    except Exception:
+                        pt = ct = None
+                    billed = pt is not None or ct is not None
+                    retry_after = parse_retry_after(ra_header)
+                    retryable = http_status in RETRYABLE_STATUS or http_status >= 500
+                    kind = f"http_{http_status}"
+                    msg = f"HTTP {http_status}: {_snippet(body)!r}"
+                    if not retryable:
+                        self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
+                        return self._give_up(req, f"{msg} (not retryable)", attempt)
+                except _Retryable as e:
+                    kind, msg = e.kind, e.msg
+                    latency = time.perf_counter() - t0
+                except asyncio.TimeoutError:
+                    kind, msg = "timeout", f"no answer within {self.timeout.total:.0f}s"
+                    latency = time.perf_counter() - t0
+                except (aiohttp.ClientError, ConnectionError, OSError) as e:
+                    kind, msg = "connection", f"{type(e).__name__}: {e}"
+                    latency = time.perf_counter() - t0
+            finally:
+                if self.meter is not None:
+                    self.stats.spent_usd += await self.meter.settle(self.endpoint, reservation, pt, ct, est_prompt, billed)
             msg = redact(msg, [self._api_key or ""])
             last_error = msg
-            self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg)
+            self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
             if attempt == self.max_attempts:
                 break
             self.stats.retries += 1
@@ -303,6 +343,25 @@ class TeacherClient:
             self.log.debug("retrying %s after %s in %.2fs", key0[:12], kind, delay)
             await asyncio.sleep(delay)
         return self._give_up(req, f"gave up after {self.max_attempts} attempts; last error: {last_error}", self.max_attempts)
+
+    def _fill_usage(self, payload: dict[str, Any], answers: list[CachedAnswer], pt: Optional[int],
+                    ct: Optional[int]) -> tuple[int, int, str]:
+        """Usage of an answered request; counted (or estimated) by distill when the server sent none."""
+        source = "reported"
+        if pt is None or ct is None:
+            source = self.counter.usage_source
+            counted = 0
+            if pt is None:
+                pt = self.counter.count_prompt(payload)
+                counted += pt
+            if ct is None:
+                ct = sum(self.counter.count_completion(a.text, a.finish_reason) for a in answers)
+                counted += ct
+            self.stats.tokens_counted += counted
+            answers[0].prompt_tokens, answers[0].completion_tokens = pt, ct
+        for a in answers:
+            a.usage_source = source
+        return pt, ct, source
 
     def _schedule_flush(self) -> None:
         """Commit queued cache writes at the end of this event-loop turn (before any new I/O wait)."""
@@ -319,11 +378,11 @@ class TeacherClient:
         self.stats.tokens_out += ct or 0
 
     def _record_failure(self, key: str, attempt: int, kind: str, http_status: Optional[int], latency: float,
-                        pt: Optional[int], ct: Optional[int], msg: str) -> None:
+                        pt: Optional[int], ct: Optional[int], msg: str, model: Optional[str] = None) -> None:
         self.stats.attempt_errors += 1
         self.stats.bump(kind)
         self._count_usage(pt, ct)
-        self.cache.put_attempt(key, self.run_id, attempt, kind, http_status, latency, pt, ct, msg)
+        self.cache.put_attempt(key, self.run_id, attempt, kind, http_status, latency, pt, ct, msg, model)
         self._schedule_flush()
         if attempt == 1 or kind not in ("http_429",):
             self.log.warning("teacher attempt %d failed: %s", attempt, msg[:300])

@@ -31,6 +31,11 @@ from typing import Any, Optional
 from aiohttp import web
 
 
+# prices for the fake's model names: every flow test prices its teacher like a real run
+FAKE_PRICES = {"models": {"teacher": {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "source": "test"},
+                          "contrarian": {"input_per_mtok": 3.0, "output_per_mtok": 6.0, "source": "test"}}}
+
+
 def canonical(payload: dict[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, ensure_ascii=False)
 

@@ -13,6 +13,7 @@ from distill.config import config_from_dict
 from tasks.annotate import annotate_shard
 from tasks.cache import ResponseCache
 from tasks.prompting import load_prompt
+from tests.fake_openai import FAKE_PRICES
 
 SECRET = "sk-test-DO-NOT-LEAK-123"
 MARKERS = ["429", "500", "502html", "html200", "slow", "drop", "badjson", "offlabel", "dead", "401"]
@@ -39,6 +40,7 @@ def make_cfg(tmp_path, prompt, base_url, teacher=None, **client):
                     "temperature": 0.7, "api_key_env": "FAKE_KEY", **(teacher or {})},
         "client": {"concurrency": 8, "timeout_s": 0.5, "max_attempts": 4, "backoff_base_s": 0.01,
                    "backoff_max_s": 0.05, "cache_path": str(tmp_path / "cache.sqlite"), **client},
+        "pricing": FAKE_PRICES,
     })
 
 

@@ -11,6 +11,7 @@ pytest.importorskip("mlflow")
 
 from distill.cli import main as cli_main  # noqa: E402
 from distill.config import config_from_dict  # noqa: E402
+from tests.fake_openai import FAKE_PRICES
 
 KEYS = {"teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "student_accuracy",
         "student_macro_f1", "student_items_per_s", "teacher_items_per_s", "speed_ratio", "promoted", "model_name",
@@ -38,6 +39,7 @@ def cfg_dict(tmp_path, prompt, teacher) -> dict:
                     "early_stopping_patience": 20, "eval_batch_size": 16},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "dag-student"},
         "gate": {"min_macro_f1": 0.5},
+        "pricing": FAKE_PRICES,
     }
 
 

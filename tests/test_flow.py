@@ -11,6 +11,7 @@ import pytest
 from distill.cli import main as cli_main
 from distill.config import config_from_dict
 from flows.annotate import annotate_flow
+from tests.fake_openai import FAKE_PRICES
 
 SUMMARY_KEYS = {"items", "votes", "invalid_votes", "abstained", "requests_sent", "requests_cached", "tokens_in",
                 "tokens_out", "wall_s", "teacher_accuracy_voted", "teacher_macro_f1_voted", "teacher_accuracy_single"}
@@ -36,6 +37,7 @@ def fake_cfg(tmp_path, prompt, base_url, **teacher):
                  "text_column": "body", "id_column": "ticket_id", "gold_teacher_limit": 10, "chunk_rows": 8},
         "teacher": {"local": False, "base_url": base_url, "samples": 3, **teacher},
         "client": {"cache_path": str(tmp_path / "cache.sqlite")},
+        "pricing": FAKE_PRICES,
     })
 
 

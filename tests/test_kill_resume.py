@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from tests.conftest import REPO
-from tests.fake_openai import FakeOpenAI, canonical
+from tests.fake_openai import FAKE_PRICES, FakeOpenAI, canonical
 
 N_ITEMS = 400
 K = 2
@@ -29,6 +29,7 @@ def write_config(tmp_path, base_url, prompt):
         "data": {"pool_path": str(pool), "chunk_rows": 100},
         "teacher": {"local": False, "base_url": base_url, "samples": K, "variation": "prompt_variants"},
         "client": {"concurrency": 4, "cache_path": str(tmp_path / "cache.sqlite"), "timeout_s": 10},
+        "pricing": FAKE_PRICES,
     }
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(cfg))
