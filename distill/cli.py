@@ -2,7 +2,8 @@
 
     distill data fetch                      fetch and build the bundled demo data
     distill annotate CONFIG [--set k=v]... [--summary-json PATH] [--no-progress]
-    distill run CONFIG [--set k=v]... [--summary-json PATH]   the whole DAG, ending in the gate
+    distill run CONFIG [--set k=v]... [--summary-json PATH] [--dry-run]   the whole DAG, ending in the gate
+    distill plan CONFIG [--set k=v]... [--json PATH]   requests, tokens, $ and time, before any request
     distill predict --model models:/NAME@champion FILE [--output OUT]
     distill teacher start|stop|status       a long-lived local teacher for repeated runs
 """
@@ -33,12 +34,32 @@ def _write_summary_json(path: Optional[str], summary: dict) -> None:
         print(f"  summary JSON: {path}")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tasks.plan import plan_run, plan_text
+
+    cfg = _load(args)
+    plan = plan_run(cfg)
+    print(f"== distill plan: {cfg.run_name} (nothing sent) ==")
+    print(plan_text(plan))
+    _write_summary_json(args.json, plan)
+    return 0
+
+
+def _print_plan(summary: dict, args: argparse.Namespace) -> int:
+    print("== distill plan (dry run: nothing sent) ==")
+    print(summary["plan_text"])
+    _write_summary_json(args.summary_json, summary["plan"])
+    return 0
+
+
 def cmd_annotate(args: argparse.Namespace) -> int:
     from flows.annotate import annotate_flow
     from tasks.report import terminal_summary
 
     cfg = _load(args)
-    summary = annotate_flow(cfg, show_progress=not args.no_progress)
+    summary = annotate_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run)
+    if args.dry_run:
+        return _print_plan(summary, args)
     print("\n== distill annotate: summary ==")
     print(terminal_summary(summary))
     print(f"  votes written to {summary['votes_dir']}")
@@ -52,7 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.report import terminal_summary
 
     cfg = _load(args)
-    summary = distill_flow(cfg, show_progress=not args.no_progress)
+    summary = distill_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run)
+    if args.dry_run:
+        return _print_plan(summary, args)
     ann = cfg.run_dir / "annotation_summary.json"
     if ann.exists():
         print("\n== annotation and vote ==")
@@ -140,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set teacher.samples=5 (repeatable)")
     a.add_argument("--summary-json", help="also write the summary as JSON to this path")
     a.add_argument("--no-progress", action="store_true", help="no progress bar (logs still report progress)")
+    a.add_argument("--dry-run", action="store_true", help="only the priced plan, through the flow; nothing is sent")
     a.set_defaults(func=cmd_annotate)
 
     r = sub.add_parser("run", help="the whole DAG: annotate, vote, train, evaluate, register behind the gate")
@@ -147,7 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--summary-json")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--dry-run", action="store_true", help="only the priced plan, through the flow; nothing is sent")
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser("plan", help="requests, tokens, $ and time of a run, before any request (no Prefect needed)")
+    pl.add_argument("config")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--json", help="also write the plan as JSON to this path")
+    pl.set_defaults(func=cmd_plan)
 
     pr = sub.add_parser("predict", help="label a file with a registered student")
     pr.add_argument("--model", required=True, help="e.g. models:/distill-student@champion")
@@ -178,13 +209,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tasks.local_teacher import TeacherServerError
     from tasks.prompting import PromptError
     from distill.runtime import SecretError
+    from tasks.budget import BudgetExhausted
+    from tasks.pricing import PricingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError) as e:
+    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError, PricingError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    except BudgetExhausted as e:
+        print(f"distill: stopped: {e}", file=sys.stderr)
+        _write_summary_json(getattr(args, "summary_json", None), e.summary)
+        return 3
 
 
 if __name__ == "__main__":

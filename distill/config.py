@@ -270,9 +270,9 @@ class PricingConfig(_Strict):
     )
     hardware_name: str = Field(default="this machine", description="Name of this machine in reports.")
     assumed_local_tokens_per_s: float = Field(
-        default=140.0, gt=0,
+        default=600.0, gt=0,
         description=("Plan only, until a run has measured it: prompt tokens per second of the local teacher "
-                     "(140 = SmolLM2-135M Q4_1 on 2 CPU cores)."),
+                     "(600 = SmolLM2-135M Q4_1 on 2 CPU cores with the few-shot prefix reused from its KV cache)."),
     )
     assumed_remote_latency_s: float = Field(
         default=1.0, gt=0, description="Plan only, until a run has measured it: seconds per request of a remote teacher."

@@ -21,6 +21,9 @@ from prefect.context import get_run_context
 from distill.config import DistillConfig
 from distill.runtime import run_logger, set_offline_env
 from flows.annotate import annotate_flow
+from tasks.budget import BudgetExhausted
+from tasks.carbon import measure_energy
+from tasks.costs import cost_chart, cost_table, projection
 from tasks.evaluate import evaluate_task
 from tasks.prompting import load_prompt
 from tasks.registry import log_student_model, register_task, setup_tracking
@@ -32,6 +35,14 @@ TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macr
               "student_accuracy", "student_macro_f1", "student_accuracy_on_teacher_subset",
               "student_macro_f1_on_teacher_subset", "student_items_per_s", "teacher_items_per_s", "speed_ratio",
               "promoted", "gate_reason", "model_name", "model_version", "mlflow_run_id"]
+# the cost and carbon figures of --summary-json; each has a *_method key next to it
+COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
+             "teacher_usd_per_1m", "teacher_hours_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m",
+             "student_usd_per_1m", "student_hours_per_1m", "student_kwh_per_1m", "student_kgco2_per_1m",
+             "cost_ratio_per_1m", "time_ratio_per_1m", "co2_ratio_per_1m",
+             "ref_teacher_usd_per_1m", "ref_teacher_hours_per_1m", "ref_teacher_kwh_per_1m", "ref_teacher_kgco2_per_1m",
+             "ref_student_usd_per_1m", "ref_student_hours_per_1m", "ref_student_kwh_per_1m", "ref_student_kgco2_per_1m",
+             "ref_cost_ratio_per_1m", "ref_time_ratio_per_1m", "ref_co2_ratio_per_1m"]
 
 
 def _numeric(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -79,8 +90,11 @@ def final_table(s: dict[str, Any]) -> str:
 
 
 @flow(name="distill", log_prints=True)
-def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Distil the teacher into a student and register it if it passes the quality gate."""
+def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Distil the teacher into a student and register it if it passes the quality gate.
+
+    ``dry_run``: only the priced plan of the annotation; nothing is sent, trained or logged.
+    """
     import mlflow
     import pandas as pd
 
@@ -88,6 +102,8 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
     logger = run_logger()
     if not cfg.data.gold_path:
         raise ValueError("data.gold_path is required for the distill flow: the student is judged on human gold")
+    if dry_run:
+        return annotate_flow(cfg, show_progress=show_progress, dry_run=True)
     template = load_prompt(cfg.prompt)
     labels = template.labels
     uri = setup_tracking(cfg.tracking.tracking_uri, cfg.tracking.experiment)
@@ -106,7 +122,13 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
         mlflow.log_dict(json.loads(cfg.model_dump_json()), "config.json")
 
         t0 = time.monotonic()
-        ann = annotate_flow(cfg, show_progress=show_progress)
+        try:
+            ann = annotate_flow(cfg, show_progress=show_progress)
+        except BudgetExhausted as e:
+            mlflow.log_metrics(_numeric({k: e.summary.get(k) for k in ("teacher_usd", "requests_sent", "not_sent_budget",
+                                                                       "budget_max_usd")}))
+            mlflow.set_tags({"stopped": "budget", "stop_message": str(e)[:5000]})
+            raise
         stage_s["annotate"] = time.monotonic() - t0
         with mlflow.start_run(run_name="annotate", nested=True):
             mlflow.log_metrics(_numeric(ann))
@@ -125,8 +147,16 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
         voted_pool = sorted(str(p) for p in Path(ann["votes_dir"]).glob("*.parquet"))
         voted_gold = sorted(str(p) for p in (run_dir / "votes" / "gold").glob("*.parquet"))
         t0 = time.monotonic()
-        tr = train_task(voted_pool, labels, str(run_dir / "student"), cfg.student, cfg.vote.min_agreement, show_progress)
+        en = cfg.energy
+        with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
+                            en.measure_power_secs) as train_energy:
+            tr = train_task(voted_pool, labels, str(run_dir / "student"), cfg.student, cfg.vote.min_agreement,
+                            show_progress)
         stage_s["train"] = time.monotonic() - t0
+        tr.update(train_energy.as_dict("student_train"))
+        tr["student_train_usd"] = cfg.pricing.hardware_usd_per_hour * train_energy.duration_s / 3600
+        tr["student_train_usd_method"] = (f"measured {train_energy.duration_s:.0f} s x ${cfg.pricing.hardware_usd_per_hour:g}/h "
+                                          f"({cfg.pricing.hardware_name})")
         with mlflow.start_run(run_name="train", nested=True):
             mlflow.log_params({k: str(v) for k, v in tr.items() if not isinstance(v, (int, float)) or isinstance(v, bool)})
             mlflow.log_metrics(_numeric(tr))
@@ -135,15 +165,24 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
         ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
                            labels, voted_gold, tr["model_dir"], cfg.student.precision, cfg.student.max_length,
                            str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
-                           ann.get("teacher_items_per_s"))
+                           ann.get("teacher_items_per_s"), cfg.energy)
         stage_s["evaluate"] = time.monotonic() - t0
         with mlflow.start_run(run_name="evaluate", nested=True):
             mlflow.log_metrics(_numeric(ev))
             for p in ev["plots"]:
                 mlflow.log_artifact(p, "plots")
             mlflow.log_dict({k: v for k, v in ev.items() if k != "plots"}, "evaluation.json")
+        costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
+                 (k in COST_KEYS or k.endswith("_method") or k in ("teacher_requests_billed", "teacher_attempts",
+                                                                   "teacher_usd_failed_attempts", "teacher_prices"))}
+        costs.update({k: v for k, v in tr.items() if k.startswith("student_train_")})
+        costs.update(projection(cfg, ann, ev.get("student_items_per_s"), ev.get("student_kwh_per_item"),
+                                ev.get("student_kwh_per_item_method", "not measured")))
+        ev["plots"].append(cost_chart(costs, run_dir / "evaluation" / "cost_per_1m.png"))
         for p in ev["plots"]:
             mlflow.log_artifact(p, "plots")
+        mlflow.log_metrics(_numeric({k: costs.get(k) for k in COST_KEYS}))
+        mlflow.log_dict(costs, "costs.json")
 
         t0 = time.monotonic()
         info = log_student_model(tr["model_dir"], cfg.student.precision, cfg.student.max_length,
@@ -158,13 +197,13 @@ def distill_flow(config: DistillConfig, show_progress: bool = True) -> dict[str,
                                                                   "requests_sent", "requests_cached", "tokens_in",
                                                                   "tokens_out")},
             **{k: v for k, v in ev.items() if k not in ("plots",)}, **reg,
-            "train_items": tr["train_items"], "use_votes": tr["use_votes"], "soft_labels": tr["soft_labels"],
+            "train_items": tr["train_items"], "use_votes": tr["use_votes"], "soft_labels": tr["soft_labels"], **costs,
             "stage_seconds": {**ann.get("stage_seconds", {}), **{k: round(v, 2) for k, v in stage_s.items()}},
         }
         mlflow.log_metrics(_numeric({k: summary.get(k) for k in TABLE_KEYS}))
         mlflow.set_tags({"gate_decision": "promoted" if reg["promoted"] else "rejected",
                          "model_version": reg["model_version"]})
-        table = final_table(summary)
+        table = final_table(summary) + "\n\n" + cost_table(summary)
         mlflow.log_text(table, "summary.md")
         (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     with contextlib.suppress(Exception):

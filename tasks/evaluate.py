@@ -96,7 +96,7 @@ def read_gold(gold_path: str, text_column: str, id_column: str, label_column: st
 
 def evaluate(
     gold: pd.DataFrame, teacher_gold_votes: list[str], predictor: Any, labels: list[str], out_dir: str,
-    batch_size: int, k: int, teacher_items_per_s: Optional[float],
+    batch_size: int, k: int, teacher_items_per_s: Optional[float], energy: Any = None,
 ) -> dict[str, Any]:
     """All gold metrics, plots and speed figures; returns a flat-ish dict (plots as paths)."""
     from tasks.inference import measure_speed
@@ -138,7 +138,7 @@ def evaluate(
             plot_confusion(tg, voted, labels, "teacher (voted) on gold subset", out / "confusion_teacher_voted.png"),
             plot_coverage(curve, out / "teacher_coverage.png"),
         ]
-    speed = measure_speed(predictor, texts, batch_size)
+    speed = measure_speed(predictor, texts, batch_size, energy=energy)
     res.update(speed)
     res["teacher_items_per_s"] = teacher_items_per_s
     res["speed_ratio"] = speed["student_items_per_s"] / teacher_items_per_s if teacher_items_per_s else None
@@ -166,12 +166,13 @@ def blind_spots(gold: list[str], teacher: list[str], student: list[str], labels:
 @task(name="evaluate")
 def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str],
                   teacher_gold_votes: list[str], model_dir: str, precision: str, max_length: int,
-                  out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float]) -> dict[str, Any]:
+                  out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float],
+                  energy: Any = None) -> dict[str, Any]:
     from tasks.inference import StudentPredictor
 
     gold = read_gold(gold_path, text_column, id_column, label_column, labels)
     pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)
-    res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s)
+    res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s, energy)
     res["student_precision"] = pred.precision
     return res
 

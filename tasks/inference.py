@@ -92,16 +92,36 @@ class StudentPredictor:
         return [self.labels[i] for i in top], [float(p[j, i]) for j, i in enumerate(top)]
 
 
-def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, single_n: int = 100) -> dict[str, Any]:
-    """items/s at ``batch_size`` over all texts (after a warm-up) and p50/p95 latency of single items."""
+def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, single_n: int = 100,
+                  energy: Any = None, min_energy_s: float = 5.0) -> dict[str, Any]:
+    """items/s at ``batch_size`` (after a warm-up), its energy per item, and p50/p95 single-item latency.
+
+    With ``energy`` (an EnergyConfig) the batched passes run under codecarbon's offline
+    tracker and repeat until ``min_energy_s`` have passed, so a fast student still gives a
+    reading longer than a couple of the tracker's samples.
+    """
+    from tasks.carbon import measure_energy
+
     pred.predict(texts[: min(len(texts), batch_size * 2)], batch_size)  # warm-up
-    t0 = time.perf_counter()
-    pred.predict(texts, batch_size)
-    items_per_s = len(texts) / (time.perf_counter() - t0)
+    measure = energy is not None and energy.measure
+    done = 0
+    with measure_energy("student-inference", energy.country_iso_code if energy else "USA", measure,
+                        getattr(energy, "cpu_power_w", None), getattr(energy, "measure_power_secs", 5.0)) as reading:
+        t0 = time.perf_counter()
+        while True:
+            pred.predict(texts, batch_size)
+            done += len(texts)
+            elapsed = time.perf_counter() - t0
+            if not measure or elapsed >= min_energy_s or not texts:
+                break
+    items_per_s = done / elapsed if elapsed > 0 else 0.0
     lat = []
     for t in texts[:single_n]:
         s = time.perf_counter()
         pred.predict([t], 1)
         lat.append(time.perf_counter() - s)
+    kwh_item = reading.kwh / done if reading.kwh is not None and done else None
     return {"student_items_per_s": items_per_s, "student_latency_p50_ms": float(np.percentile(lat, 50) * 1000),
-            "student_latency_p95_ms": float(np.percentile(lat, 95) * 1000), "student_batch_size": batch_size}
+            "student_latency_p95_ms": float(np.percentile(lat, 95) * 1000), "student_batch_size": batch_size,
+            "student_speed_items": done, "student_infer_kwh": reading.kwh, "student_kwh_per_item": kwh_item,
+            "student_kwh_per_item_method": f"{reading.method}, {done:,} items in batches of {batch_size}"}

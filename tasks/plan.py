@@ -224,3 +224,18 @@ def plan_text(p: dict[str, Any]) -> str:
                   f"- {pre}output tokens: {r['tokens_out_method']}", f"- {pre}USD: {r['usd_method']}",
                   f"- {pre}time: {r['seconds_method']}"]
     return "\n".join(lines)
+
+
+def plan_run(cfg: DistillConfig) -> dict[str, Any]:
+    """The plan of a whole run from its config, without Prefect: what ``distill plan`` prints."""
+    from pathlib import Path
+
+    from tasks.load import prepare_inputs
+    from tasks.pricing import resolve_prices
+    from tasks.prompting import load_prompt
+    from tasks.tokens import counter_for
+
+    template = load_prompt(cfg.prompt)
+    prices = resolve_prices(cfg)
+    inputs = prepare_inputs(cfg, template.labels, Path(cfg.run_dir) / "input")
+    return make_plan(cfg, template, inputs["gold_shards"] + inputs["pool_shards"], prices, counter_for(cfg.teacher))

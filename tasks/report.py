@@ -117,7 +117,8 @@ def terminal_summary(summary: dict[str, Any]) -> str:
             "requests_cached", "tokens_in", "tokens_out", "wall_s", "teacher_items_per_s", "gold_items_scored",
             "teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "teacher_coverage_voted",
             "teacher_speed_source", "teacher_accuracy_by_agreement", "agreement_histogram", "teacher_label_distribution",
-            "teacher_label_distribution_on_gold", "gold_label_distribution", "stage_seconds"]
+            "teacher_label_distribution_on_gold", "gold_label_distribution", "plan_requests", "plan_usd", "teacher_usd",
+            "teacher_usd_failed_attempts", "teacher_kwh", "teacher_gco2", "teacher_usd_per_item", "stage_seconds"]
     width = max(len(k) for k in keys)
     out = []
     for k in keys:

@@ -133,13 +133,19 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _usage(data: Any) -> tuple[Optional[int], Optional[int]]:
+    """(prompt_tokens, completion_tokens) of an OpenAI-style body, None where absent."""
+    usage = data.get("usage") if isinstance(data, dict) and isinstance(data.get("usage"), dict) else {}
+    pt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
+    ct = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+    return pt, ct
+
+
 def _extract(data: Any, n: int) -> tuple[list[CachedAnswer], Optional[int], Optional[int]]:
     """Pull choices and usage out of an OpenAI-style body; raises ServerError if it is not one."""
     if not isinstance(data, dict):
         raise ServerError(f"response JSON is a {type(data).__name__}, not an object")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    pt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
-    ct = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+    pt, ct = _usage(data)
     choices = data.get("choices")
     if not isinstance(choices, list) or len(choices) < n:
         raise ServerError(f"response has {len(choices) if isinstance(choices, list) else 'no'} choices, expected {n}")
@@ -307,7 +313,7 @@ class TeacherClient:
                                 for k, a in zip(req.keys, answers)}
                     # an error status: read usage anyway (some servers bill failed calls) and price it
                     try:
-                        _, pt, ct = _extract(_loads(body), 0)
+                        pt, ct = _usage(_loads(body))
                     except Exception:
                         pt = ct = None
                     billed = pt is not None or ct is not None

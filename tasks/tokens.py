@@ -10,8 +10,11 @@ token. Every count carries its method so reports can mark it ``counted`` or ``es
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Optional
+import os
+import sys
+from typing import Any, Callable, Iterator, Optional
 
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English text
 
@@ -45,6 +48,23 @@ class TokenCounter:
         return "counted" if self.exact else "estimated"
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # captured stderr (pytest): nothing to silence
+        yield
+        return
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def heuristic_counter() -> TokenCounter:
     return TokenCounter(None, f"estimated at {CHARS_PER_TOKEN:g} characters per token")
 
@@ -53,7 +73,8 @@ def llama_counter(gguf_path: str) -> TokenCounter:
     """The GGUF's own tokenizer (vocab only: loads in well under a second, no weights)."""
     from llama_cpp import Llama
 
-    vocab = Llama(model_path=gguf_path, vocab_only=True, verbose=False)
+    with _quiet_stderr():  # llama.cpp prints context warnings straight to fd 2, verbose=False or not
+        vocab = Llama(model_path=gguf_path, vocab_only=True, verbose=False)
 
     def fn(text: str, prompt: bool) -> int:
         return len(vocab.tokenize(text.encode("utf-8", "replace"), add_bos=prompt, special=prompt))

@@ -11,6 +11,8 @@ Faults are chosen by markers in the item text, per attempt of the same request b
   [offlabel] every attempt: answers "banana" (an invalid vote)
   [dead]     every attempt: 500 (the item must end explicitly failed)
   [401]      every attempt: 401 (not retryable: fails at once)
+  [nousage]  every attempt: a normal answer without a ``usage`` object
+  [billed500] first attempt: 500 whose body reports usage (a failed call the provider bills)
 Otherwise it answers "positive" if the text contains "good", else "negative" (the model
 named "contrarian" answers the opposite, to test votes across teachers).
 
@@ -48,7 +50,12 @@ def item_text(payload: dict[str, Any]) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, fixed_answer: Optional[str] = None) -> None:
+    def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, fixed_answer: Optional[str] = None,
+                 count_tokens: Optional[Any] = None) -> None:
+        # the server's tokenizer: a callable on text; default about 4 characters per token
+        self.count_tokens = count_tokens or (lambda text: len(text) // 4 + 1)
+        self.billed_in = 0  # prompt tokens reported on billed failures (500 with usage)
+        self.billed_out = 0
         self.latency_s = latency_s
         self.slow_s = slow_s
         self.fixed_answer = fixed_answer
@@ -106,6 +113,16 @@ class FakeOpenAI:
             return self._status(web.json_response({"error": {"message": "bad key"}}, status=401))
         if fault in ("500", "dead"):
             return self._status(web.json_response({"error": {"message": "boom"}}, status=500))
+        n = int(payload.get("n", 1) or 1)
+        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
+        pt, ct = self.count_tokens(prompt), 1 * n
+        if fault == "billed500":
+            with self.lock:
+                self.billed_in += pt
+                self.billed_out += ct
+            return self._status(web.json_response(
+                {"error": {"message": "overloaded after generating"},
+                 "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}, status=500))
         if fault == "502html":
             return self._status(web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
                                              content_type="text/html"))
@@ -122,25 +139,25 @@ class FakeOpenAI:
             return web.Response(status=200)
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
-        n = int(payload.get("n", 1) or 1)
-        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
-        pt, ct = len(prompt) // 4 + 1, 1 * n
         ans = self._answer(text, str(payload.get("model", "")))
         if "messages" in payload:
             choices = [{"index": i, "message": {"role": "assistant", "content": ans.strip()}, "finish_reason": "stop"}
                        for i in range(n)]
         else:
             choices = [{"index": i, "text": ans, "finish_reason": "stop"} for i in range(n)]
-        resp = web.json_response({"id": "x", "object": "text_completion", "choices": choices,
-                                  "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
+        body_json: dict[str, Any] = {"id": "x", "object": "text_completion", "choices": choices}
+        if "[nousage]" not in text:
+            body_json["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+        resp = web.json_response(body_json)
         if request.transport is None or request.transport.is_closing():
             with self.lock:
                 self.statuses["client_gone"] += 1
             return resp
         with self.lock:
             self.delivered_ok[body] += 1
-            self.tokens_in += pt
-            self.tokens_out += ct
+            if "usage" in body_json:
+                self.tokens_in += pt
+                self.tokens_out += ct
             self.statuses["200"] += 1
         return resp
 
@@ -157,7 +174,7 @@ class FakeOpenAI:
             return "401"
         if "[500]" in text and attempt <= 2:
             return "500"
-        for marker in ("429", "502html", "html200", "slow", "drop", "badjson"):
+        for marker in ("429", "502html", "html200", "slow", "drop", "badjson", "billed500"):
             if f"[{marker}]" in text and attempt == 1:
                 return marker
         return None

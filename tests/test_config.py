@@ -61,8 +61,21 @@ def test_every_field_has_a_description():
 
 def test_shipped_configs_validate():
     from pathlib import Path
+
+    from tasks.pricing import load_table
+
+    seen = 0
     for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml"):
-        load_config(p)
+        if p.name == "prices.yaml":  # the price table, not a run config
+            assert len(load_table(p)) >= 5
+            continue
+        cfg = load_config(p)
+        seen += 1
+        # every shipped config prices its teacher (an unpriced one would fail before its first request)
+        from tasks.pricing import resolve_prices
+
+        assert resolve_prices(cfg)
+    assert seen >= 2
 
 
 def test_config_is_a_prefect_parameter_schema():
@@ -74,3 +87,5 @@ def test_config_is_a_prefect_parameter_schema():
     defs = schema.get("definitions") or schema.get("$defs") or {}
     assert "config" in schema["properties"]
     assert "TeacherConfig" in defs and "samples" in defs["TeacherConfig"]["properties"]
+    assert "BudgetConfig" in defs and "max_usd" in defs["BudgetConfig"]["properties"]
+    assert "dry_run" in schema["properties"]

@@ -60,13 +60,22 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert s["speed_ratio"] and s["speed_ratio"] > 1
     printed = capsys.readouterr().out
     assert "teacher, voted" in printed and "PROMOTED" in printed
+    assert "per 1M items" in printed and "teacher / student" in printed
+    for k in ("teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_usd_per_1m", "teacher_usd_per_1m",
+              "cost_ratio_per_1m", "co2_ratio_per_1m"):
+        assert isinstance(s[k], float) and s[k] > 0, k
+        assert s[f"{k}_method"], k
+    assert s["teacher_kwh_method"].startswith("estimated")  # a remote teacher's energy is estimated
+    assert s["student_train_kwh_method"].startswith("estimated by codecarbon")
+    assert s["teacher_usd"] == pytest.approx((fake_teacher.tokens_in * 1.0 + fake_teacher.tokens_out * 2.0) / 1e6)
 
     mlflow.set_tracking_uri(raw["tracking"]["tracking_uri"])
     run = mlflow.get_run(s["mlflow_run_id"])
     assert run.data.tags["prefect.flow_run_id"] and run.data.params["teacher.samples"] == "3"
     assert "student_macro_f1" in run.data.metrics
+    assert run.data.metrics["cost_ratio_per_1m"] == pytest.approx(s["cost_ratio_per_1m"])
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(s["mlflow_run_id"], "plots")}
-    assert {"plots/confusion_student.png", "plots/teacher_coverage.png"} <= arts
+    assert {"plots/confusion_student.png", "plots/teacher_coverage.png", "plots/cost_per_1m.png"} <= arts
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
     assert set(children["tags.mlflow.runName"]) == {"annotate", "train", "evaluate"}
     ann_run = children[children["tags.mlflow.runName"] == "annotate"]["run_id"].iloc[0]
