@@ -22,7 +22,7 @@ from prefect.context import get_run_context
 
 from distill.config import DistillConfig
 from distill.runtime import resolve_api_key, run_logger, set_offline_env
-from tasks.annotate import annotate_shard
+from tasks.annotate import annotate_shard, choices_per_request
 from tasks.budget import BudgetExhausted
 from tasks.cache import ResponseCache
 from tasks.carbon import measure_energy
@@ -42,7 +42,7 @@ set_offline_env()
 @task(name="annotate-shard", task_run_name="annotate-{name}")
 def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_url: str, run_id: str,
                         name: str, show_progress: bool = True, prices: list[TeacherPrice] | None = None,
-                        budget_left_usd: float | None = None) -> dict[str, Any]:
+                        budget_left_usd: float | None = None, prompt_ratio: float | None = None) -> dict[str, Any]:
     """Thin Prefect wrapper: the API key is resolved here, never passed as a parameter."""
     template = load_prompt(cfg.prompt)
     t = cfg.teacher
@@ -54,7 +54,7 @@ def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_ur
     ]
     res = annotate_shard(in_path, out_path, cfg, template, base_url, api_key, run_id, logger=run_logger(),
                          show_progress=show_progress, member_endpoints=members, prices=prices,
-                         budget_left_usd=budget_left_usd, counter=counter_for(t))
+                         budget_left_usd=budget_left_usd, counter=counter_for(t), prompt_ratio=prompt_ratio)
     return {"path": res.path, "items": res.items, "skipped": res.skipped, "budget_exhausted": res.budget_exhausted,
             **res.stats}
 
@@ -161,7 +161,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     run_id = _current_run_id()
     shard_results: dict[str, list[dict[str, Any]]] = {"pool": [], "gold": []}
     t0 = time.monotonic()
-    spent, exhausted = 0.0, False
+    spent, exhausted, ratio = 0.0, False, None
     max_usd = cfg.budget.max_usd
     e = cfg.energy
     with measure_energy("teacher", e.country_iso_code, e.measure and cfg.teacher.local, e.cpu_power_w,
@@ -175,8 +175,9 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
                 out = run_dir / "annotations" / split / Path(p).name
                 name = f"{split}-{Path(p).stem}"
                 left = None if max_usd is None else max(0.0, max_usd - spent)
-                r = annotate_shard_task(p, str(out), cfg, base_url, run_id, name, show_progress, prices, left)
+                r = annotate_shard_task(p, str(out), cfg, base_url, run_id, name, show_progress, prices, left, ratio)
                 spent += float(r.get("spent_usd", 0.0) or 0.0)
+                ratio = r.get("prompt_ratio") or ratio
                 exhausted = exhausted or bool(r.get("budget_exhausted"))
                 shard_results[split].append(r)
     annotate_s = time.monotonic() - t0
@@ -189,7 +190,8 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     prev_path = run_dir / "annotation_summary.json"
     previous = json.loads(prev_path.read_text()) if prev_path.exists() else None
     if exhausted:
-        costs = teacher_costs(cfg, prices, all_results, ledger, teacher_energy, 0, None, previous)
+        costs = teacher_costs(cfg, prices, all_results, ledger, teacher_energy, 0, None, previous,
+                              choices_per_request(cfg))
         not_sent = _sum(all_results, "not_sent_budget")
         msg = (f"budget.max_usd=${max_usd:g} reached: spent ${costs['teacher_usd']:.4f} on "
                f"{costs['teacher_attempts']:,} attempts; {not_sent:,} requests in the last shard not sent and "
@@ -220,6 +222,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
                                "samples_per_item": k, "variation": cfg.teacher.variation.value,
                                "prompt_hash": template.template_hash()}
     summary.update(vote_stats(voted["pool"], k))
+    per_request = choices_per_request(cfg)
     sent_wall = sum(r.get("wall_s", 0.0) for r in all_results if r.get("requests_sent"))
     ok = _sum(all_results, "requests_ok")
     summary.update({
@@ -232,7 +235,8 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         "tokens_in": _sum(all_results, "tokens_in"),
         "tokens_out": _sum(all_results, "tokens_out"),
         "teacher_requests_per_s": ok / sent_wall if sent_wall > 0 else None,
-        "teacher_items_per_s": ok / k / sent_wall if sent_wall > 0 else None,
+        # one request answers `per_request` samples (k with `n`, else 1)
+        "teacher_items_per_s": ok * per_request / k / sent_wall if sent_wall > 0 else None,
         "teacher_speed_source": "this run" if sent_wall > 0 else None,
     })
     if summary["teacher_items_per_s"] is None and previous:
@@ -243,7 +247,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
             summary["teacher_speed_source"] = "an earlier run (all answers cached now)"
     items_total = sum(int(r.get("items", 0) or 0) for r in all_results if not r.get("skipped"))
     summary.update(teacher_costs(cfg, prices, all_results, ledger, teacher_energy, items_total,
-                                 summary["teacher_items_per_s"], previous))
+                                 summary["teacher_items_per_s"], previous, per_request))
     summary.update({"plan_requests": plan["requests_to_send"], "plan_tokens": plan["tokens_in"] + plan["tokens_out"],
                     "plan_usd": plan["usd"], "plan_seconds": plan["seconds"], "budget_max_usd": max_usd})
     if voted["gold"]:

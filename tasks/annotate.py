@@ -207,7 +207,7 @@ def annotate_shard(
     api_key: Optional[str], run_id: str, logger: Any = None, show_progress: bool = True,
     member_endpoints: Optional[list[tuple[str, Optional[str]]]] = None,
     prices: Optional[list[TeacherPrice]] = None, budget_left_usd: Optional[float] = None,
-    counter: Optional[TokenCounter] = None,
+    counter: Optional[TokenCounter] = None, prompt_ratio: Optional[float] = None,
 ) -> ShardResult:
     """Annotate one input shard into ``out_path``; a no-op if that part already exists.
 
@@ -216,7 +216,8 @@ def annotate_shard(
     ``prices`` (one per endpoint) price every attempt; with ``budget_left_usd`` the shard
     starts no request past that spend. A shard cut short by the budget writes its answers
     so far to ``<part>.partial.parquet`` and not the part itself, so a rerun redoes it
-    (from the cache) instead of taking it as finished.
+    (from the cache) instead of taking it as finished. ``prompt_ratio`` carries the
+    real/estimated prompt-token ratio learned by earlier shards of the run.
     """
     out = Path(out_path)
     if out.exists():
@@ -231,8 +232,13 @@ def annotate_shard(
     t0 = time.monotonic()
 
     endpoints = [(base_url, api_key)] + list(member_endpoints or [])
-    per_request = _choices_per_request(cfg)
-    meter = SpendMeter(prices, budget_left_usd) if prices else None
+    per_request = choices_per_request(cfg)
+    meter = None
+    if prices:
+        exact = counter is not None and counter.exact
+        meter = SpendMeter(prices, budget_left_usd, servers=[url for url, _ in endpoints],
+                           max_request_s=c.timeout_s, prompt_ratio=max(1.0, prompt_ratio or 1.0),
+                           ratio_known=exact or bool(prompt_ratio))
 
     async def go() -> tuple[dict[str, Outcome], ClientStats]:
         by_endpoint: dict[int, list[TeacherRequest]] = {}
@@ -304,6 +310,8 @@ def annotate_shard(
         "status_counts": stats.status_counts, "wall_s": time.monotonic() - t0,
         "tokens_counted": stats.tokens_counted, "not_sent_budget": stats.not_sent_budget,
         "spent_usd": meter.spent_usd() if meter else 0.0, "busy_s": busy,
+        "token_usd": meter.token_usd if meter else 0.0, "hourly_usd": meter.hourly_usd() if meter else 0.0,
+        "prompt_ratio": meter.prompt_ratio if meter and meter.ratio_known else None,
         # usage behind every answer used (fresh or cached): what labelling these items costs
         "answers_used": len(used), "answer_tokens_in": sum(o.prompt_tokens or 0 for o in used),
         "answer_tokens_out": sum(o.completion_tokens or 0 for o in used),
@@ -313,6 +321,6 @@ def annotate_shard(
     return ShardResult(str(out), len(df), st, budget_exhausted=exhausted)
 
 
-def _choices_per_request(cfg: DistillConfig) -> int:
+def choices_per_request(cfg: DistillConfig) -> int:
     t = cfg.teacher
     return t.samples if (t.supports_n and t.variation == SampleVariation.temperature and t.samples > 1) else 1

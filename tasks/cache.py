@@ -194,13 +194,18 @@ class ResponseCache:
         self.flush()
         lat = self.db.execute(
             "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
+        # per answer: with `n`, usage sits on a request's first choice and the others carry none,
+        # so completion tokens are summed over all of the model's answers and divided by their number
         tok = self.db.execute(
-            "SELECT COUNT(*), SUM(prompt_tokens), SUM(LENGTH(COALESCE(json_extract(request,'$.prompt'),"
-            " json_extract(request,'$.messages')))), AVG(completion_tokens) FROM responses"
-            " WHERE json_extract(request,'$.model')=? AND prompt_tokens IS NOT NULL AND usage_source IS NOT 'estimated'",
+            "SELECT COUNT(*), SUM(prompt_tokens),"
+            " SUM(CASE WHEN prompt_tokens IS NOT NULL THEN COALESCE(LENGTH(json_extract(request,'$.prompt')),"
+            "   (SELECT SUM(LENGTH(json_extract(m.value,'$.content'))) FROM json_each(request,'$.messages') AS m)) END),"
+            " SUM(completion_tokens) * 1.0 / COUNT(*), SUM(prompt_tokens IS NOT NULL)"
+            " FROM responses WHERE json_extract(request,'$.model')=? AND COALESCE(usage_source,'reported') != 'estimated'",
             (model,)).fetchone()
-        return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[0],
-                "tokens_per_char": (tok[1] / tok[2]) if tok[0] and tok[2] else None, "completion_tokens": tok[3]}
+        return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[4] or 0,
+                "tokens_per_char": (tok[1] / tok[2]) if tok[4] and tok[2] else None,
+                "completion_tokens": tok[3] if tok[4] else None}
 
     def close(self) -> None:
         self.flush()

@@ -73,7 +73,9 @@ def measure_energy(label: str, country_iso_code: str, enabled: bool = True, cpu_
         try:
             from codecarbon import OfflineEmissionsTracker
 
-            kw: dict[str, Any] = {"country_iso_code": country_iso_code, "log_level": "error", "save_to_file": False,
+            logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its init chatter comes before log_level applies
+
+            kw: dict[str, Any] = {"country_iso_code": country_iso_code, "log_level": "error", "output_methods": [],
                                   "measure_power_secs": measure_power_secs, "tracking_mode": tracking_mode,
                                   "project_name": f"distill-{label}", "allow_multiple_runs": True}
             if cpu_power_w:

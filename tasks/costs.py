@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from distill.config import DistillConfig
 from tasks.carbon import EnergyReading, grid_intensity, remote_teacher_energy
-from tasks.pricing import TeacherPrice, busy_cost
+from tasks.pricing import TeacherPrice
 
 M = 1_000_000
 
@@ -25,18 +25,23 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def teacher_costs(cfg: DistillConfig, prices: list[TeacherPrice], shards: list[dict[str, Any]],
                   ledger: list[dict[str, Any]], energy: EnergyReading, items: int,
-                  teacher_items_per_s: Optional[float], previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                  teacher_items_per_s: Optional[float], previous: Optional[dict[str, Any]] = None,
+                  answers_per_request: int = 1) -> dict[str, Any]:
     """This run's teacher bill (USD, kWh, gCO2e) and per-item figures for the 1M projection.
 
     ``shards`` are the annotate-shard results, ``ledger`` the run's attempts grouped by
-    :meth:`ResponseCache.ledger_usage`, ``energy`` the codecarbon reading taken while a
-    local teacher served (unused for remote teachers, whose energy is estimated).
+    :meth:`ResponseCache.ledger_usage`, ``energy`` the codecarbon reading taken while the
+    local teacher served (other teachers' energy is estimated), ``items`` the items of the
+    shards annotated now, ``answers_per_request`` k when one request returns all k (``n``).
     """
     k = cfg.teacher.samples
     hourly = [p for p in prices if p.kind == "hourly"]
     token = [p for p in prices if p.kind == "tokens"]
-    spent = sum(float(r.get("spent_usd", 0.0) or 0.0) for r in shards)
-    busy_s = sum(float(r.get("busy_s", 0.0) or 0.0) for r in shards)
+
+    def total(key: str) -> float:
+        return sum(float(r.get(key, 0.0) or 0.0) for r in shards)
+
+    spent, token_spent, hourly_spent, busy_s = total("spent_usd"), total("token_usd"), total("hourly_usd"), total("busy_s")
     attempts = sum(g["attempts"] for g in ledger)
     billed = sum(g["attempts"] for g in ledger if g["ok"] or g["usage_source"])
     failed_billed = [g for g in ledger if not g["ok"] and g["usage_source"]]
@@ -47,75 +52,81 @@ def teacher_costs(cfg: DistillConfig, prices: list[TeacherPrice], shards: list[d
            for s_ in ("reported", "counted", "estimated")}
     parts = []
     if token:
-        parts.append(f"token usage of all {attempts:,} attempts (retries and invalid answers included; usage "
-                     f"{src['reported']:,} reported, {src['counted']:,} counted, {src['estimated']:,} estimated) x "
-                     + "; ".join(p.describe() for p in token))
+        parts.append(f"token usage of all {attempts:,} attempts (retries, invalid answers and billed failures included; "
+                     f"usage {src['reported']:,} reported by the server, {src['counted']:,} counted with the teacher's "
+                     f"tokenizer, {src['estimated']:,} estimated) x " + "; ".join(p.describe() for p in token))
     if hourly:
         parts.append(f"{busy_s / 3600:.4f} busy hours x " + "; ".join(p.describe() for p in hourly))
     if not parts:
         parts.append("; ".join(p.describe() for p in prices))
+    kind = "partly estimated" if src["estimated"] else "measured"
     out: dict[str, Any] = {
-        "teacher_usd": spent, "teacher_usd_method": "measured: " + " + ".join(parts),
+        "teacher_usd": spent, "teacher_usd_method": f"{kind}: " + " + ".join(parts),
         "teacher_requests_billed": billed, "teacher_attempts": attempts, "teacher_usd_failed_attempts": retries_usd,
         "teacher_busy_s": busy_s, "teacher_prices": [p.describe() for p in prices],
         "teacher_self_hosted": bool(hourly) or (cfg.teacher.local and not token),
-        "teacher_tokens_counted": sum(int(r.get("tokens_counted", 0) or 0) for r in shards),
+        "teacher_tokens_counted": int(total("tokens_counted")),
     }
+    tokens = int(total("tokens_in") + total("tokens_out"))
+    if hourly and not token and busy_s > 0 and tokens:
+        # the hardware rate as a token price, to set beside an API's
+        out["teacher_usd_per_mtok_equivalent"] = hourly_spent / (tokens / 1e6)
+        out["teacher_usd_per_mtok_equivalent_method"] = (f"measured: {busy_s:.0f} busy s x "
+                                                          f"${hourly[0].usd_per_hour:g}/h over {tokens:,} tokens")
 
-    sent_ok = sum(int(r.get("requests_ok", 0) or 0) for r in shards)
-    tokens_out = sum(int(r.get("tokens_out", 0) or 0) for r in shards)
-    if out["teacher_self_hosted"]:
+    answers_sent = int(total("requests_ok")) * answers_per_request
+    tokens_out = int(total("tokens_out"))
+    if cfg.teacher.local:  # it serves on this machine: measured while it served
         country = cfg.energy.country_iso_code
         out.update(energy.as_dict("teacher"))
-        kwh_item = energy.kwh / (sent_ok / k) if energy.kwh is not None and sent_ok else None
-        how = f"{energy.method}, over {sent_ok:,} answers sent in this run"
+        kwh_item = energy.kwh / (answers_sent / k) if energy.kwh is not None and answers_sent else None
+        how = f"{energy.method}, over {answers_sent:,} answers sent in this run"
         if kwh_item is None and previous and previous.get("teacher_kwh_per_item") is not None:
-            kwh_item, how = previous["teacher_kwh_per_item"], "from an earlier run (all answers cached now)"
+            kwh_item, how = previous["teacher_kwh_per_item"], "from an earlier run (no answer sent now)"
     else:
         country = cfg.energy.remote_country_iso_code
         p0 = token[0] if token else prices[0]
-        est = remote_teacher_energy(billed, tokens_out, p0.kwh_per_request or cfg.energy.remote_kwh_per_request,
-                                    p0.kwh_per_1k_output_tokens or cfg.energy.remote_kwh_per_1k_output_tokens, country)
+        per_req = p0.kwh_per_request if p0.kwh_per_request is not None else cfg.energy.remote_kwh_per_request
+        per_1k = (p0.kwh_per_1k_output_tokens if p0.kwh_per_1k_output_tokens is not None
+                  else cfg.energy.remote_kwh_per_1k_output_tokens)
+        est = remote_teacher_energy(billed, tokens_out, per_req, per_1k, country)
         out.update(est.as_dict("teacher"))
-        per_item = remote_teacher_energy(k, 0, p0.kwh_per_request or cfg.energy.remote_kwh_per_request,
-                                         None, country) if not (p0.kwh_per_1k_output_tokens or
-                                                                cfg.energy.remote_kwh_per_1k_output_tokens) else None
-        if per_item is not None:
-            kwh_item, how = per_item.kwh, per_item.method
+        if per_1k is None:  # per request: k / answers_per_request requests per item
+            kwh_item = per_req * k / answers_per_request
+            how = est.method
         else:
-            kwh_item = est.kwh / (sent_ok / k) if est.kwh is not None and sent_ok else None
+            kwh_item = est.kwh / (answers_sent / k) if est.kwh is not None and answers_sent else None
             how = est.method
     out["teacher_grid_country"] = country
     out["teacher_grid_gco2_per_kwh"] = grid_intensity(country)
     out["teacher_kwh_per_item"] = kwh_item
     out["teacher_kwh_per_item_method"] = how
 
-    usd_item, usd_how = 0.0, []
+    usd_item: Optional[float] = 0.0
+    usd_how: list[str] = []
     if token:
-        answers_usd = sum(float(r.get("answers_usd", 0.0) or 0.0) for r in shards)
-        fresh = sum(float(r.get("fresh_answers_usd", 0.0) or 0.0) for r in shards)
-        token_spent = spent - busy_cost_total(hourly, busy_s)
+        answers_usd, fresh = total("answers_usd"), total("fresh_answers_usd")
         overhead = token_spent / fresh if fresh > 0 else 1.0
-        usd_item += answers_usd * overhead / items if items else 0.0
-        usd_how.append(f"token usage of the {items:,} items' answers x price x {overhead:.3f} "
-                       f"(attempts billed per answer{' in this run' if fresh > 0 else ': nothing sent this run, taken as 1'})")
-    if hourly:
+        if items:
+            usd_item = answers_usd * overhead / items
+            usd_how.append(f"projected from this run: token usage of the {items:,} items' answers x price x "
+                           f"{overhead:.3f} (attempts billed per answer"
+                           f"{' in this run' if fresh > 0 else '; nothing sent this run, taken as 1'})")
+        elif previous and previous.get("teacher_usd_per_item") is not None:
+            usd_item, usd_how = previous["teacher_usd_per_item"], ["from an earlier run (no shard annotated now)"]
+        else:
+            usd_item = None
+    if hourly and usd_item is not None:
         rate = sum(p.usd_per_hour for p in hourly) / len(hourly)
         if teacher_items_per_s:
             usd_item += rate / 3600 / teacher_items_per_s
-            usd_how.append(f"${rate:g}/h / measured {teacher_items_per_s:.3f} items/s")
+            usd_how.append(f"projected from this run: ${rate:g}/h / measured {teacher_items_per_s:.3f} items/s")
         else:
-            usd_item = None  # type: ignore[assignment]
-    if token and not items and previous and previous.get("teacher_usd_per_item") is not None:
-        usd_item, usd_how = previous["teacher_usd_per_item"], ["from an earlier run (no shard annotated now)"]
+            usd_item = None
     out["teacher_usd_per_item"] = usd_item
-    out["teacher_usd_per_item_method"] = "; ".join(usd_how) or "free"
+    out["teacher_usd_per_item_method"] = "; ".join(usd_how) or ("free" if usd_item == 0 else "not measured")
     out["teacher_gco2_method"] = out["teacher_kwh_method"]
     return out
-
-
-def busy_cost_total(hourly: list[TeacherPrice], busy_s: float) -> float:
-    return sum(busy_cost(p, busy_s) for p in hourly[:1])
 
 
 def projection(cfg: DistillConfig, ann: dict[str, Any], student_items_per_s: Optional[float],

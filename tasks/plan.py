@@ -132,12 +132,12 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
         seconds = e.to_send / rps if e.to_send and rps else 0.0
         if price.kind == "tokens":
             usd = price.token_cost(tin, tout, e.to_send)
-            usd_how = f"tokens x {price.describe()}"
+            usd_how = f"estimated: tokens above x {price.describe()}"
             b = price.batch_variant()
             usd_batch = b.token_cost(tin, tout, e.to_send) if b is not price else None
         elif price.kind == "hourly":
             usd = busy_cost(price, seconds)
-            usd_how = f"estimated hours x {price.describe()}"
+            usd_how = f"estimated: hours above x {price.describe()}"
             usd_batch = None
         else:
             usd, usd_how, usd_batch = 0.0, price.describe(), None

@@ -91,6 +91,8 @@ def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
+        if v != 0 and abs(v) < 0.001:
+            return f"{v:.3g}"  # per-item costs and energies are tiny; keep their digits
         return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
     if isinstance(v, dict):
         return ", ".join(f"{k}: {x}" for k, x in v.items())

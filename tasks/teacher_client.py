@@ -259,7 +259,11 @@ class TeacherClient:
         n = len(req.keys)
         key0 = req.keys[0]
         model = req.payload.get("model")
-        est_prompt = max(0, req.est_tokens - req.est_out)
+        if self.meter is not None and self.meter.limit_usd is not None:
+            # under a budget: the counter's figure (the teacher's tokenizer when this machine has it; chat overhead included)
+            est_prompt = self.counter.count_prompt(req.payload)
+        else:
+            est_prompt = max(0, req.est_tokens - req.est_out)
         last_error = "no attempt made"
         for attempt in range(1, self.max_attempts + 1):
             pause = self._pause_until - time.monotonic()
@@ -277,6 +281,7 @@ class TeacherClient:
                     return out
             billed = False
             pt = ct = None
+            t_attempt = time.perf_counter()
             try:
                 if self.limiter is not None:
                     await self.limiter.acquire(req.est_tokens)
@@ -291,10 +296,13 @@ class TeacherClient:
                         ra_header = resp.headers.get("Retry-After")
                     latency = time.perf_counter() - t0
                     if http_status == 200:
+                        data = None
                         try:
                             data = _loads(body)
                             answers, pt, ct = _extract(data, n)
                         except (ValueError, ServerError) as e:
+                            pt, ct = _usage(data)  # an unusable answer the server billed is still on the bill
+                            billed = pt is not None or ct is not None
                             kind = "bad_json" if isinstance(e, ValueError) else "bad_response"
                             raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}") from None
                         pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
@@ -335,7 +343,8 @@ class TeacherClient:
                     latency = time.perf_counter() - t0
             finally:
                 if self.meter is not None:
-                    self.stats.spent_usd += await self.meter.settle(self.endpoint, reservation, pt, ct, est_prompt, billed)
+                    self.stats.spent_usd += await self.meter.settle(self.endpoint, reservation, pt, ct, est_prompt, billed,
+                                                                    time.perf_counter() - t_attempt)
             msg = redact(msg, [self._api_key or ""])
             last_error = msg
             self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)

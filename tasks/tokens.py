@@ -34,7 +34,11 @@ class TokenCounter:
         return self._fn(text, prompt)
 
     def count_prompt(self, payload: dict[str, Any]) -> int:
-        """Prompt tokens of a request body: a completion prompt, or chat messages (+4 per message, +3)."""
+        """Prompt tokens of a request body: a completion prompt, or chat messages.
+
+        For chat, the chat template's tokens are not known here: 4 per message and 3 for
+        the reply are added (OpenAI's published rule), so chat counts are approximate.
+        """
         if "messages" in payload:
             return sum(self.count(str(m.get("content", ""))) + 4 for m in payload["messages"]) + 3
         return self.count(str(payload.get("prompt", "")), prompt=True)

@@ -13,6 +13,7 @@ Faults are chosen by markers in the item text, per attempt of the same request b
   [401]      every attempt: 401 (not retryable: fails at once)
   [nousage]  every attempt: a normal answer without a ``usage`` object
   [billed500] first attempt: 500 whose body reports usage (a failed call the provider bills)
+  [billedbad] first attempt: 200 with usage but no choices (an unusable answer the provider bills)
 Otherwise it answers "positive" if the text contains "good", else "negative" (the model
 named "contrarian" answers the opposite, to test votes across teachers).
 
@@ -123,6 +124,12 @@ class FakeOpenAI:
             return self._status(web.json_response(
                 {"error": {"message": "overloaded after generating"},
                  "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}, status=500))
+        if fault == "billedbad":
+            with self.lock:
+                self.billed_in += pt
+                self.billed_out += ct
+            return self._status(web.json_response(
+                {"id": "x", "choices": [], "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}))
         if fault == "502html":
             return self._status(web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
                                              content_type="text/html"))
@@ -174,7 +181,7 @@ class FakeOpenAI:
             return "401"
         if "[500]" in text and attempt <= 2:
             return "500"
-        for marker in ("429", "502html", "html200", "slow", "drop", "badjson", "billed500"):
+        for marker in ("429", "502html", "html200", "slow", "drop", "badjson", "billed500", "billedbad"):
             if f"[{marker}]" in text and attempt == 1:
                 return marker
         return None

@@ -160,12 +160,61 @@ def test_budget_refuses_a_request_that_would_cross_the_cap():
     assert m.spent_usd() == pytest.approx(9.0) and m.exhausted
 
 
+def test_hourly_endpoints_on_one_server_share_its_busy_time():
+    clock = Clock()
+    local = TeacherPrice("local", "hourly", usd_per_hour=3.6)
+    m = SpendMeter([local, local], servers=["http://a/v1", "http://a/v1"], clock=clock)
+
+    async def go() -> None:
+        assert await m.acquire(0, 0.0) and await m.acquire(1, 0.0)
+        clock.t = 10.0
+        await m.settle(0, 0.0, None, None, 0, billed=True, busy_s=10.0)
+        await m.settle(1, 0.0, None, None, 0, billed=True, busy_s=10.0)
+
+    asyncio.run(go())
+    assert m.busy_seconds() == pytest.approx(10.0) and m.spent_usd() == pytest.approx(0.01)
+
+
+def test_uncalibrated_budget_sends_one_request_until_usage_is_known():
+    price = TeacherPrice("m", "tokens", input_per_mtok=1.0, output_per_mtok=1.0)
+    m = SpendMeter([price], limit_usd=100.0)
+    order: list[str] = []
+
+    async def worker(name: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        assert await m.acquire(0, 0.001)
+        order.append(f"start {name}")
+        await asyncio.sleep(0.05)
+        order.append(f"end {name}")
+        await m.settle(0, 0.001, 500, 1, 100, billed=True)  # 5x the estimate: learned before the next starts
+
+    async def go() -> None:
+        await asyncio.gather(worker("a", 0), worker("b", 0.01), worker("c", 0.02))
+
+    asyncio.run(go())
+    assert order[:3] == ["start a", "end a", "start b"]  # b waited for a's usage
+    assert m.prompt_ratio == pytest.approx(5.0) and m.ratio_known
+
+
+def test_history_is_per_answer_when_one_request_returns_k(tmp_path):
+    from tasks.cache import CachedAnswer, ResponseCache
+
+    c = ResponseCache(tmp_path / "c.sqlite")
+    req = {"model": "m", "prompt": "x" * 400, "n": 3}
+    c.put_success([("k0", CachedAnswer("a", "stop", 100, 6, "reported")), ("k1", CachedAnswer("b", "stop", None, None, "reported")),
+                   ("k2", CachedAnswer("c", "stop", None, None, "reported"))], req, "r", 1, 200, 0.5)
+    h = c.model_history("m")
+    assert h["completion_tokens"] == pytest.approx(2.0)  # 6 tokens over 3 answers
+    assert h["tokens_per_char"] == pytest.approx(100 / 400) and h["latency_s"] == pytest.approx(0.5)
+
+
 # --------------------------------------------------------------------------- usage of every attempt
 
 
 def test_every_attempt_is_priced_retries_failures_and_missing_usage(tmp_path, binary_prompt, fake_teacher):
     rows = [{"id": f"n{i}", "text": f"good film {i}"} for i in range(6)]
     rows += [{"id": "b", "text": "bad film [billed500]"}, {"id": "f", "text": "bad film [500]"},
+             {"id": "bb", "text": "bad film [billedbad]"},
              {"id": "u", "text": "good film [nousage]"}, {"id": "o", "text": "good film [offlabel]"}]
     in_path = tmp_path / "shard.parquet"
     pd.DataFrame(rows).to_parquet(in_path)
@@ -191,6 +240,8 @@ def test_every_attempt_is_priced_retries_failures_and_missing_usage(tmp_path, bi
     billed_failures = db.execute("SELECT COUNT(*) FROM attempts WHERE status='http_500' AND prompt_tokens > 0").fetchone()[0]
     unbilled = db.execute("SELECT COUNT(*) FROM attempts WHERE status='http_500' AND prompt_tokens IS NULL").fetchone()[0]
     assert billed_failures == 2 and unbilled == 4  # [500] fails twice per sample, reports no usage
+    bad = db.execute("SELECT COUNT(*) FROM attempts WHERE status='bad_response' AND prompt_tokens > 0").fetchone()[0]
+    assert bad == 2  # 200 without choices but with usage: retried, and its usage billed
 
 
 # --------------------------------------------------------------------------- the budget cap, end to end
@@ -323,3 +374,27 @@ def test_codecarbon_offline_measures_something():
             s += i
     assert r.kwh is not None and r.kwh > 0 and r.gco2 > 0
     assert r.method.startswith("estimated by codecarbon") and "OfflineEmissionsTracker" in r.method
+
+
+def test_distill_run_stopped_by_budget_exits_3_and_tags_mlflow(tmp_path, binary_prompt, fake_teacher, capsys,
+                                                               prefect_api, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_pool(tmp_path, 30)
+    pd.DataFrame({"id": [f"g{i}" for i in range(8)], "text": [f"good gold {i}" if i % 2 else f"bad gold {i}" for i in range(8)],
+                  "label": ["positive" if i % 2 else "negative" for i in range(8)]}).to_json(
+        tmp_path / "gold.jsonl", orient="records", lines=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = base_cfg(tmp_path, binary_prompt, fake_teacher.base_url,
+                   data={"gold_path": str(tmp_path / "gold.jsonl")},
+                   pricing={"models": {"teacher": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}},
+                   budget={"max_usd": 0.5}, tracking={"tracking_uri": uri})
+    out = tmp_path / "s.json"
+    assert cli_main(["run", str(write_yaml(tmp_path, raw)), "--no-progress", "--summary-json", str(out)]) == 3
+    assert "budget.max_usd=$0.5 reached" in capsys.readouterr().err
+    s = json.loads(out.read_text())
+    assert 0 < s["teacher_usd"] <= 0.5 and s["stopped"] == "budget"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["distill"], filter_string="tags.stopped = 'budget'")
+    assert len(runs) == 1 and runs["metrics.teacher_usd"].iloc[0] == pytest.approx(s["teacher_usd"])
