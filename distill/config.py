@@ -386,15 +386,20 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw != "" else ""
 
 
+def read_yaml(path: Path, error: type[Exception], what: str) -> Any:
+    """Parse a YAML file; a missing file or bad YAML raises ``error`` naming the file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: invalid YAML: {e}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
     """Load a YAML config and apply ``--set`` overrides; errors name the file and the field."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = read_yaml(path, ConfigError, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides or []:

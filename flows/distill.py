@@ -174,7 +174,8 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
             mlflow.log_dict({k: v for k, v in ev.items() if k != "plots"}, "evaluation.json")
         costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
                  (k in COST_KEYS or k.endswith("_method") or k in ("teacher_requests_billed", "teacher_attempts",
-                                                                   "teacher_usd_failed_attempts", "teacher_prices"))}
+                                                                   "teacher_usd_failed_attempts", "teacher_prices",
+                                                                   "teacher_usd_per_mtok_equivalent"))}
         costs.update({k: v for k, v in tr.items() if k.startswith("student_train_")})
         costs.update(projection(cfg, ann, ev.get("student_items_per_s"), ev.get("student_kwh_per_item"),
                                 ev.get("student_kwh_per_item_method", "not measured")))

@@ -176,25 +176,20 @@ def projection(cfg: DistillConfig, ann: dict[str, Any], student_items_per_s: Opt
     # the reference deployment (assumed throughput factor, price and power)
     ref_how = (f"{ref.name}: ${ref.usd_per_hour:g}/h, {ref.power_kw:g} kW, {{f:g}}x this machine's measured items/s "
                f"(assumed, reference.*), {ref_gi:.0f} gCO2e/kWh ({ref.country_iso_code} grid)")
+    def on_reference(who: str, hours: Optional[float], factor: float) -> None:
+        rh = hours / factor if hours is not None else None
+        kwh = rh * ref.power_kw if rh is not None else None
+        out.update({f"ref_{who}_hours_per_1m": rh, f"ref_{who}_usd_per_1m": rh * ref.usd_per_hour if rh is not None else None,
+                    f"ref_{who}_kwh_per_1m": kwh, f"ref_{who}_kgco2_per_1m": kwh * ref_gi / 1000 if kwh is not None else None,
+                    f"ref_{who}_method": ref_how.format(f=factor)})
+
     if ann.get("teacher_self_hosted"):
-        rh = t_hours / ref.teacher_throughput_factor if t_hours is not None else None
-        out.update({"ref_teacher_hours_per_1m": rh,
-                    "ref_teacher_usd_per_1m": rh * ref.usd_per_hour if rh is not None else None,
-                    "ref_teacher_kwh_per_1m": rh * ref.power_kw if rh is not None else None,
-                    "ref_teacher_method": ref_how.format(f=ref.teacher_throughput_factor)})
-        out["ref_teacher_kgco2_per_1m"] = (out["ref_teacher_kwh_per_1m"] * ref_gi / 1000
-                                           if out["ref_teacher_kwh_per_1m"] is not None else None)
+        on_reference("teacher", t_hours, ref.teacher_throughput_factor)
     else:  # an API costs the same wherever distill runs
         out.update({k.replace("teacher_", "ref_teacher_", 1): out[k] for k in
                     ("teacher_hours_per_1m", "teacher_usd_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m")})
         out["ref_teacher_method"] = "remote API: same price, speed and energy as measured here"
-    rs = s_hours / ref.student_throughput_factor if s_hours is not None else None
-    out.update({"ref_student_hours_per_1m": rs,
-                "ref_student_usd_per_1m": rs * ref.usd_per_hour if rs is not None else None,
-                "ref_student_kwh_per_1m": rs * ref.power_kw if rs is not None else None,
-                "ref_student_method": ref_how.format(f=ref.student_throughput_factor)})
-    out["ref_student_kgco2_per_1m"] = (out["ref_student_kwh_per_1m"] * ref_gi / 1000
-                                       if out["ref_student_kwh_per_1m"] is not None else None)
+    on_reference("student", s_hours, ref.student_throughput_factor)
 
     for pre in ("", "ref_"):
         out[f"{pre}cost_ratio_per_1m"] = _ratio(out[f"{pre}teacher_usd_per_1m"], out[f"{pre}student_usd_per_1m"])
@@ -230,6 +225,9 @@ def cost_table(s: dict[str, Any]) -> str:
         f"{_f(s.get('teacher_kwh'))} | {_f(s.get('teacher_gco2'))} |",
         f"| student training | {_f(s.get('student_train_usd'), '$')} | {_f(s.get('student_train_kwh'))} | "
         f"{_f(s.get('student_train_gco2'))} |",
+        *([f"Self-hosted teacher: ${s['teacher_usd_per_mtok_equivalent']:.4f} per 1M tokens at the throughput measured "
+           f"in this run ({s.get('teacher_usd_per_mtok_equivalent_method')})."]
+          if s.get("teacher_usd_per_mtok_equivalent") else []),
         "",
         "| per 1M items | USD | hours | kg CO2e |",
         "|---|---|---|---|",

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import ValidationError
 
-from distill.config import DistillConfig, ModelPrice
+from distill.config import DistillConfig, ModelPrice, read_yaml
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,12 +72,7 @@ def load_table(path: str | Path) -> dict[str, ModelPrice]:
     p = Path(path)
     if not p.exists() and not p.is_absolute() and (REPO / p).exists():
         p = REPO / p  # the bundled table, when run from another directory
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise PricingError(f"price table not found: {p} (pricing.table)") from None
-    except yaml.YAMLError as e:
-        raise PricingError(f"{p}: invalid YAML: {e}") from None
+    raw = read_yaml(p, PricingError, "price table (pricing.table)")
     models = raw.get("models") if isinstance(raw, dict) else None
     if not isinstance(models, dict):
         raise PricingError(f"{p}: expected a top-level 'models:' mapping of model name -> prices")
