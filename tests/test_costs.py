@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import sqlite3
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from distill.cli import main as cli_main
-from distill.config import ConfigError, ModelPrice, config_from_dict
+from distill.config import ModelPrice, config_from_dict
 from tasks.annotate import annotate_shard
 from tasks.budget import SpendMeter
 from tasks.carbon import grid_intensity, remote_teacher_energy
@@ -23,7 +21,7 @@ from tasks.pricing import PricingError, TeacherPrice, load_table, resolve_price,
 from tasks.prompting import load_prompt
 from tasks.tokens import heuristic_counter
 from tests.conftest import REPO
-from tests.fake_openai import FAKE_PRICES, FakeOpenAI, item_text
+from tests.fake_openai import FAKE_PRICES, FakeOpenAI
 
 
 def base_cfg(tmp_path: Path, prompt: Path, base_url: str, **over):
