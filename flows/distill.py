@@ -3,6 +3,8 @@
 One MLflow parent run per flow run, tagged with the Prefect flow-run id and name; each
 stage logs into a nested run. The annotate flow is reused as a subflow. MLflow calls
 happen here in the flow body (with explicit run ids), so tasks stay plain and testable.
+Training and inference run under codecarbon's offline tracker; the run ends with the
+teacher's bill and the per-1M-items projection for teacher and student (tasks/costs.py).
 """
 
 from __future__ import annotations
