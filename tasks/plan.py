@@ -9,7 +9,7 @@ and prices the result. Every figure states how it was estimated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow.parquet as pq
@@ -32,7 +32,6 @@ class _Endpoint:
     sample_tokens: int = 0
     sampled: int = 0
     choices: int = 0  # answers the requests to send will return
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _prompt_chars(payload: dict[str, Any]) -> int:

@@ -76,7 +76,6 @@ class ClientStats:
     tokens_in: int = 0
     tokens_out: int = 0
     tokens_counted: int = 0  # of tokens_in + tokens_out: counted or estimated by distill (no usage in the response)
-    spent_usd: float = 0.0  # token-priced spend of the attempts (hourly endpoints: see SpendMeter.busy_seconds)
     not_sent_budget: int = 0  # requests never sent because the budget was exhausted
     status_counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -88,7 +87,7 @@ class ClientStats:
         """Sum of two clients' counts (one client per endpoint when teachers are mixed)."""
         out = ClientStats(started=min(self.started, other.started))
         for f in ("requests_sent", "requests_ok", "requests_cached", "requests_failed", "attempt_errors", "retries",
-                  "tokens_in", "tokens_out", "tokens_counted", "spent_usd", "not_sent_budget"):
+                  "tokens_in", "tokens_out", "tokens_counted", "not_sent_budget"):
             setattr(out, f, getattr(self, f) + getattr(other, f))
         for st in (self.status_counts, other.status_counts):
             for k, v in st.items():
@@ -343,8 +342,8 @@ class TeacherClient:
                     latency = time.perf_counter() - t0
             finally:
                 if self.meter is not None:
-                    self.stats.spent_usd += await self.meter.settle(self.endpoint, reservation, pt, ct, est_prompt, billed,
-                                                                    time.perf_counter() - t_attempt)
+                    await self.meter.settle(self.endpoint, reservation, pt, ct, est_prompt, billed,
+                                            time.perf_counter() - t_attempt)
             msg = redact(msg, [self._api_key or ""])
             last_error = msg
             self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
