@@ -95,7 +95,7 @@ async def distill_client(url: str, c: int, ps: list[str], cache_path: str) -> fl
     tpl = PromptTemplate(name="bench", labels=["positive", "negative"], instruction="x", examples=[])
     reqs = []
     for p in ps:
-        key = request_key("m", p, SAMPLING, 0)
+        key = request_key("m", p, SAMPLING)
         reqs.append(TeacherRequest([key], "/completions", {"model": "m", "prompt": p, **SAMPLING}, 50))
     cache = ResponseCache(cache_path)
     limiter = RateLimiter(requests_per_minute=10_000_000, tokens_per_minute=1_000_000_000)

@@ -5,7 +5,7 @@ Prefect flow's parameter (so the Prefect UI renders it as a form), and is what g
 logged as run parameters. Every model forbids unknown keys, so a typo in a YAML file or a
 ``--set`` override fails loudly with the field's dotted path instead of being ignored.
 Secrets are never values here: the config names an environment variable or a Prefect
-Secret block, and :func:`distill.secrets.resolve_api_key` reads it at request time.
+Secret block, and :func:`distill.runtime.resolve_api_key` reads it at request time.
 """
 
 from __future__ import annotations
@@ -125,6 +125,16 @@ class TeacherConfig(_Strict):
         description="With variation 'teachers': the teachers the samples are spread over (sample i -> member i mod n).",
     )
     seed: int = Field(default=0, description="Base seed; sample i sends seed + i where the endpoint takes one.")
+    logprobs: bool = Field(
+        default=True,
+        description=("Ask for the log-probabilities of the answer's tokens (completions: `logprobs`; chat: `logprobs` + "
+                     "`top_logprobs`) and derive each label's probability from them. Turn off for an endpoint that "
+                     "rejects the parameter; without them aggregation falls back to vote shares."),
+    )
+    top_logprobs: int = Field(
+        default=5, ge=1, le=20,
+        description="Alternatives returned per answer token (OpenAI allows up to 5 on completions, 20 on chat).",
+    )
     tokenizer: Optional[str] = Field(
         default=None,
         description=("Hugging Face tokenizer folder matching the teacher, to count tokens for the plan and for answers "
@@ -149,6 +159,9 @@ class TeacherConfig(_Strict):
             raise ValueError("teacher.base_url is required when teacher.local is false")
         if self.variation == SampleVariation.teachers and not self.members:
             raise ValueError("teacher.members must list at least one teacher when teacher.variation is 'teachers'")
+        if self.variation == SampleVariation.temperature and self.samples > 1 and self.temperature == 0:
+            raise ValueError("teacher.variation 'temperature' at temperature 0 would pay for k identical greedy answers: "
+                             "set teacher.temperature above 0, or use variation 'prompt_variants'")
         return self
 
 
@@ -168,15 +181,33 @@ class ClientConfig(_Strict):
     )
 
 
+class Aggregation(str, Enum):
+    majority = "majority"
+    mean_probability = "mean_probability"
+
+
 class VoteConfig(_Strict):
+    aggregation: Aggregation = Field(
+        default=Aggregation.mean_probability,
+        description=("How the k samples of an item become one label: 'majority' (the most votes; confidence = vote share) "
+                     "or 'mean_probability' (average the k label distributions read from the teacher's log-probabilities; "
+                     "label = argmax, confidence = its probability; a sample without log-probabilities counts as a "
+                     "one-hot vote). Invalid and failed samples count against confidence either way."),
+    )
     min_agreement: float = Field(
-        default=0.6, ge=0.0, le=1.0, description="Items whose vote share is below this are kept but flagged."
+        default=0.6, ge=0.0, le=1.0, description="Items whose confidence is below this are kept but flagged."
     )
 
 
 class UseVotes(str, Enum):
     filter = "filter"
     weight = "weight"
+
+
+class ClassBalance(str, Enum):
+    none = "none"
+    loss = "loss"
+    sampling = "sampling"
 
 
 class StudentConfig(_Strict):
@@ -201,7 +232,21 @@ class StudentConfig(_Strict):
         default=UseVotes.weight,
         description="'filter': drop items below vote.min_agreement; 'weight': keep all voted items, loss weighted by vote share.",
     )
-    soft_labels: bool = Field(default=False, description="Train on the vote distribution instead of the winning label.")
+    soft_label_weight: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description=("Hard/soft mix of the loss: 0 trains on the teacher's aggregated label only, 1 on its label "
+                     "distribution only (mean log-probabilities, or vote shares where there are none), in between both."),
+    )
+    distill_temperature: float = Field(
+        default=1.0, ge=1.0, le=20.0,
+        description=("Temperature T of the soft-label term: teacher distribution and student logits are both softened "
+                     "by T and the term is scaled by T^2 (Hinton et al.); 1 leaves them as they are."),
+    )
+    class_balance: ClassBalance = Field(
+        default=ClassBalance.loss,
+        description=("Keep a skewed teacher from teaching one class only: 'loss' weighs each class by the inverse of its "
+                     "share of the teacher's labels, 'sampling' draws batches class-balanced, 'none' trains as labelled."),
+    )
     seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
     precision: str = Field(
         default="auto", pattern="^(auto|fp32|bf16|fp16|int8)$",

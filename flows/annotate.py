@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
-from distill.config import DistillConfig
+from distill.config import DistillConfig, SampleVariation
 from distill.runtime import resolve_api_key, run_logger, set_offline_env
 from tasks.annotate import annotate_shard, choices_per_request
 from tasks.budget import BudgetExhausted
@@ -126,6 +126,8 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     cfg = config
     logger = run_logger()
     template = load_prompt(cfg.prompt)
+    if cfg.teacher.variation == SampleVariation.prompt_variants:
+        template.check_variants(cfg.teacher.samples)  # k distinct prompts, or a clear refusal before any request
     prices = resolve_prices(cfg)  # an unpriced teacher fails here, before any request
     for p in prices:
         logger.info("teacher price: %s", p.describe())
@@ -212,7 +214,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     t0 = time.monotonic()
     voted = {
         split: vote_task([r["path"] for r in shard_results[split]], str(run_dir / "votes" / split),
-                         cfg.vote.min_agreement, name=split)
+                         cfg.vote.min_agreement, template.labels, cfg.vote.aggregation.value, name=split)
         for split in ("pool", "gold")
     }
     vote_s = time.monotonic() - t0
@@ -220,7 +222,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     k = cfg.teacher.samples
     summary: dict[str, Any] = {"run_name": cfg.run_name, "teacher_model": cfg.teacher.model,
                                "samples_per_item": k, "variation": cfg.teacher.variation.value,
-                               "prompt_hash": template.template_hash()}
+                               "aggregation": cfg.vote.aggregation.value, "prompt_hash": template.template_hash()}
     summary.update(vote_stats(voted["pool"], k))
     per_request = choices_per_request(cfg)
     sent_wall = sum(r.get("wall_s", 0.0) for r in all_results if r.get("requests_sent"))
@@ -229,6 +231,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         "requests_sent": _sum(all_results, "requests_sent"),
         "requests_ok": ok,
         "requests_cached": _sum(all_results, "requests_cached"),
+        "requests_deduplicated": _sum(all_results, "requests_deduplicated"),
         "shards_reused": sum(1 for r in all_results if r.get("skipped")),
         "requests_failed": _sum(all_results, "requests_failed"),
         "retries": _sum(all_results, "retries"),

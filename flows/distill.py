@@ -35,7 +35,7 @@ set_offline_env()
 
 TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_single", "teacher_macro_f1_voted",
               "student_accuracy", "student_macro_f1", "student_accuracy_on_teacher_subset",
-              "student_macro_f1_on_teacher_subset", "student_items_per_s", "teacher_items_per_s", "speed_ratio",
+              "student_macro_f1_on_teacher_subset", "teacher_ece", "student_ece", "student_ece_on_teacher_subset", "student_items_per_s", "teacher_items_per_s", "speed_ratio",
               "promoted", "gate_reason", "model_name", "model_version", "mlflow_run_id"]
 # the cost and carbon figures of --summary-json; each has a *_method key next to it
 COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
@@ -63,17 +63,25 @@ def _pct(x: Any) -> str:
 
 def final_table(s: dict[str, Any]) -> str:
     n_sub = s.get("teacher_subset_items")
+    agg = s.get("aggregation", "majority")
+    agg_name = "voted" if agg == "majority" else "mean probability"
     lines = [
-        "| model | gold items | accuracy | macro-F1 | items/s |",
-        "|---|---|---|---|---|",
+        "| model | gold items | accuracy | macro-F1 | ECE | items/s |",
+        "|---|---|---|---|---|---|",
         f"| teacher, 1 sample | {n_sub} (seeded subset) | {_pct(s.get('teacher_accuracy_single'))} | "
-        f"{_pct(s.get('teacher_macro_f1_single'))} | {s.get('teacher_items_per_s') or 0:.2f} |",
-        f"| teacher, voted (k={s.get('samples_per_item')}) | {n_sub} (same subset) | "
-        f"{_pct(s.get('teacher_accuracy_voted'))} | {_pct(s.get('teacher_macro_f1_voted'))} | |",
+        f"{_pct(s.get('teacher_macro_f1_single'))} | | {s.get('teacher_items_per_s') or 0:.2f} |",
+        f"| teacher, {agg_name} (k={s.get('samples_per_item')}) | {n_sub} (same subset) | "
+        f"{_pct(s.get('teacher_accuracy_voted'))} | {_pct(s.get('teacher_macro_f1_voted'))} | {_ece(s.get('teacher_ece'))} | |",
         f"| student | {n_sub} (same subset) | {_pct(s.get('student_accuracy_on_teacher_subset'))} | "
-        f"{_pct(s.get('student_macro_f1_on_teacher_subset'))} | {s.get('student_items_per_s') or 0:.1f} |",
+        f"{_pct(s.get('student_macro_f1_on_teacher_subset'))} | {_ece(s.get('student_ece_on_teacher_subset'))} | "
+        f"{s.get('student_items_per_s') or 0:.1f} |",
         f"| student | {s.get('gold_items')} (all gold) | {_pct(s.get('student_accuracy'))} | "
-        f"{_pct(s.get('student_macro_f1'))} | |",
+        f"{_pct(s.get('student_macro_f1'))} | {_ece(s.get('student_ece'))} | |",
+        "",
+        f"Teacher labels: {agg} over k={s.get('samples_per_item')} samples ({s.get('variation')}), probabilities from "
+        f"{s.get('probability_source')} ({s.get('probability_source_method')}). Student trained on "
+        f"{s.get('train_items')} of them: {_label_type(s)}, class balance '{s.get('class_balance')}'. "
+        "ECE: expected calibration error of the confidence on gold (10 bins; lower is better).",
         "",
         "| class (gold subset) | gold | teacher predicted | student predicted | teacher recall | student recall | inherited blind spot |",
         "|---|---|---|---|---|---|---|",
@@ -89,6 +97,18 @@ def final_table(s: dict[str, Any]) -> str:
         "Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("stage_seconds", {}).items()),
     ]
     return "\n".join(lines)
+
+
+def _ece(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _label_type(s: dict[str, Any]) -> str:
+    w = s.get("soft_label_weight") or 0.0
+    if not w:
+        return "hard labels"
+    kind = "soft labels" if w >= 1 else f"hard/soft mix (soft weight {w:g})"
+    return f"{kind} at temperature {s.get('distill_temperature', 1):g}"
 
 
 @flow(name="distill", log_prints=True)
@@ -167,13 +187,14 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
         ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
                            labels, voted_gold, tr["model_dir"], cfg.student.precision, cfg.student.max_length,
                            str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
-                           ann.get("teacher_items_per_s"), cfg.energy)
+                           ann.get("teacher_items_per_s"), cfg.energy, cfg.vote.aggregation.value)
         stage_s["evaluate"] = time.monotonic() - t0
         with mlflow.start_run(run_name="evaluate", nested=True):
             mlflow.log_metrics(_numeric(ev))
             for p in ev["plots"]:
                 mlflow.log_artifact(p, "plots")
             mlflow.log_dict({k: v for k, v in ev.items() if k != "plots"}, "evaluation.json")
+            mlflow.log_dict({"reliability": ev.get("reliability", [])}, "calibration.json")
         costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
                  (k in COST_KEYS or k.endswith("_method") or k in ("teacher_requests_billed", "teacher_attempts",
                                                                    "teacher_usd_failed_attempts", "teacher_prices",
@@ -198,9 +219,13 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
             "run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": parent.info.run_id,
             "mlflow_tracking_uri": uri, **{k: ann.get(k) for k in ("items", "votes", "invalid_votes", "abstained",
                                                                   "requests_sent", "requests_cached", "tokens_in",
-                                                                  "tokens_out")},
+                                                                  "tokens_out", "requests_deduplicated", "variation",
+                                                                  "aggregation", "probability_source",
+                                                                  "probability_source_method", "samples_with_logprobs",
+                                                                  "mean_label_entropy")},
             **{k: v for k, v in ev.items() if k not in ("plots",)}, **reg,
-            "train_items": tr["train_items"], "use_votes": tr["use_votes"], "soft_labels": tr["soft_labels"], **costs,
+            **{k: tr[k] for k in ("train_items", "use_votes", "soft_labels", "soft_label_weight", "distill_temperature",
+                                  "class_balance", "train_label_counts", "val_macro_f1")}, **costs,
             "stage_seconds": {**ann.get("stage_seconds", {}), **{k: round(v, 2) for k, v in stage_s.items()}},
         }
         mlflow.log_metrics(_numeric({k: summary.get(k) for k in TABLE_KEYS}))

@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from distill.config import DistillConfig, SampleVariation, TeacherMode
+from distill.config import DistillConfig, SampleVariation, TeacherConfig, TeacherMode
 from tasks.budget import SpendMeter
 from tasks.cache import ResponseCache, request_key
+from tasks.label_probs import LabelMatcher, label_distribution
 from tasks.pricing import TeacherPrice
 from tasks.prompting import PromptTemplate, prompt_hash
 from tasks.ratelimit import RateLimiter, estimate_tokens
@@ -47,29 +48,72 @@ class PlannedSample:
 class ShardPlan:
     requests: list[TeacherRequest]
     samples: list[PlannedSample]
+    deduplicated: int = 0  # sample requests answered by an identical request of this shard
+
+    @property
+    def answers(self) -> int:
+        """Distinct answers the requests return (what the progress bar counts to)."""
+        return sum(len(r.keys) for r in self.requests)
 
 
-def sampling_params(cfg: DistillConfig, sample_index: int) -> dict[str, Any]:
+def sampling_params(cfg: DistillConfig, sample_index: int, mode: TeacherMode = TeacherMode.completion) -> dict[str, Any]:
+    """Everything but the prompt that shapes sample ``sample_index``'s answer (part of its cache key)."""
     t = cfg.teacher
-    temperature = t.temperature
-    return {
-        "temperature": temperature,
+    sp: dict[str, Any] = {
+        "temperature": t.temperature,
         "top_p": t.top_p,
         "max_tokens": t.max_tokens,
         "stop": list(t.stop),
         "seed": t.seed + (sample_index if t.variation == SampleVariation.temperature else 0),
     }
+    if t.logprobs:
+        if mode == TeacherMode.chat:
+            sp.update({"logprobs": True, "top_logprobs": t.top_logprobs})
+        else:
+            sp["logprobs"] = t.top_logprobs
+    return sp
 
 
-def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate) -> ShardPlan:
-    """Build the requests (and the per-sample bookkeeping) for one shard of texts."""
+def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
+    """What names the server behind endpoint ``endpoint`` in cache keys, stable across runs.
+
+    A remote endpoint is its base URL; the local teacher, whose port changes every run, is
+    its GGUF file (name and size). So two members that serve the same model name from two
+    servers never share answers, and the local teacher's answers survive restarts.
+    """
+    url = teacher.base_url if endpoint == 0 else (teacher.members[endpoint - 1].base_url or teacher.base_url)
+    own_url = endpoint > 0 and teacher.members[endpoint - 1].base_url is not None
+    if teacher.local and not own_url:
+        from tasks.local_teacher import default_gguf
+
+        gguf = Path(teacher.gguf_path) if teacher.gguf_path else default_gguf()
+        size = gguf.stat().st_size if gguf.exists() else 0
+        return f"local:{gguf.name}:{size}"
+    return url or ""
+
+
+def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
+               endpoints: Optional[list[str]] = None) -> ShardPlan:
+    """Build the requests (and the per-sample bookkeeping) for one shard of texts.
+
+    A request identical to one already planned (same endpoint, model, rendered prompt and
+    sampling: a repeated text, say) is not planned again: its samples point at the first
+    one's answer, and ``deduplicated`` counts them. ``endpoints`` are the endpoints'
+    identities (:func:`endpoint_identity`); computed from ``cfg`` when not given.
+    """
     t = cfg.teacher
     k = t.samples
     vary = t.variation == SampleVariation.prompt_variants
+    if vary:
+        template.check_variants(k)
     mixed = t.variation == SampleVariation.teachers
     use_n = t.supports_n and t.variation == SampleVariation.temperature and k > 1
+    if endpoints is None:
+        endpoints = [endpoint_identity(t, e) for e in range(1 + len(t.members))]
     reqs: list[TeacherRequest] = []
     samples: list[PlannedSample] = []
+    planned: set[str] = set()
+    dedup = 0
     for i in [0] if use_n else range(k):
         # sample i: which teacher (endpoint index, model, mode) asks it
         if mixed:
@@ -80,37 +124,50 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate) -
             endpoint, model, mode = 0, t.model, t.mode
         chat = mode == TeacherMode.chat
         path = "/chat/completions" if chat else "/completions"
+        ep = endpoints[endpoint]
         for idx, text in enumerate(texts):
             rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
             ph = prompt_hash(rendered)
             if use_n:
-                base = sampling_params(cfg, 0)
-                keys = [request_key(model, rendered, {**base, "n": k}, j) for j in range(k)]
+                base = sampling_params(cfg, 0, mode)
+                keys = [request_key(model, rendered, {**base, "n": k}, j, ep) for j in range(k)]
                 payload = {"model": model, **base, "n": k}
                 for j, key in enumerate(keys):
                     samples.append(PlannedSample(idx, j, key, ph))
             else:
-                sp = sampling_params(cfg, i)
-                keys = [request_key(model, rendered, sp, i)]
+                sp = sampling_params(cfg, i, mode)
+                keys = [request_key(model, rendered, sp, endpoint=ep)]
                 payload = {"model": model, **sp}
                 samples.append(PlannedSample(idx, i, keys[0], ph))
+            if keys[0] in planned:
+                dedup += 1
+                continue
+            planned.add(keys[0])
             payload["messages" if chat else "prompt"] = rendered
             chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
             reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint,
                                        est_out=t.max_tokens * len(keys)))
-    return ShardPlan(reqs, samples)
+    return ShardPlan(reqs, samples, dedup)
 
 
 def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: PromptTemplate,
              k: int) -> pd.DataFrame:
-    """One row per item with its k answers, parsed votes, per-sample status and errors."""
+    """One row per item with its k answers, parsed votes, label distributions, per-sample status and errors.
+
+    ``sample_probs[j]`` is sample j's label distribution read from its log-probabilities
+    (in ``template.labels`` order), None where the answer had none; ``sample_label_mass[j]``
+    is the probability the teacher put on the label set at all.
+    """
     n = len(items)
+    matcher = LabelMatcher(template.labels, template.aliases)
     answers: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     votes: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     status: list[list[str]] = [["failed"] * k for _ in range(n)]
     errors: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     hashes: list[list[str]] = [[""] * k for _ in range(n)]
     cached: list[list[bool]] = [[False] * k for _ in range(n)]
+    probs: list[list[Optional[list[float]]]] = [[None] * k for _ in range(n)]
+    mass: list[list[Optional[float]]] = [[None] * k for _ in range(n)]
     for s in plan.samples:
         o = outcomes.get(s.key)
         i, j = s.item_index, s.sample_index
@@ -130,6 +187,9 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
         status[i][j] = "ok" if lab is not None else "invalid"
         if lab is None:
             errors[i][j] = f"answer not in label set {template.labels}"
+        dist = label_distribution(o.logprobs, matcher) if o.logprobs is not None else None
+        if dist is not None:
+            probs[i][j], mass[i][j] = dist.probs, dist.mass
     out = items.reset_index(drop=True).copy()
     out["answers"] = answers
     out["votes"] = votes
@@ -137,6 +197,8 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
     out["sample_errors"] = errors
     out["prompt_hashes"] = hashes
     out["cached"] = cached
+    out["sample_probs"] = probs
+    out["sample_label_mass"] = mass
     return out
 
 
@@ -227,7 +289,7 @@ def annotate_shard(
     plan = plan_shard(items["text"].tolist(), cfg, template)
     cache = ResponseCache(cfg.client.cache_path)
     c = cfg.client
-    progress = Progress(len(plan.samples), f"teacher {Path(in_path).parent.name}/{Path(in_path).stem}", logger,
+    progress = Progress(plan.answers, f"teacher {Path(in_path).parent.name}/{Path(in_path).stem}", logger,
                         enabled=show_progress, samples_per_item=cfg.teacher.samples)
     t0 = time.monotonic()
 
@@ -317,6 +379,7 @@ def annotate_shard(
         "answer_tokens_out": sum(o.completion_tokens or 0 for o in used),
         "answers_usage_estimated": sum(1 for o in used if o.usage_source == "estimated"),
         "answers_usd": answers_usd, "fresh_answers_usd": fresh_usd,
+        "requests_deduplicated": plan.deduplicated,
     }
     return ShardResult(str(out), len(df), st, budget_exhausted=exhausted)
 

@@ -3,9 +3,11 @@
 Why: a run killed at any point and started again must re-send nothing that had already
 succeeded, and no spend may go uncounted. Each successful answer is committed the moment
 it arrives (WAL + synchronous=NORMAL survives a killed process), keyed by a hash of what
-changes the request: model, rendered prompt, sampling parameters and sample index. The
-parse function is not in the key, so re-parsing cached answers is free. Errors are never
-cached. Every attempt, failed ones included, is written to the ledger with its status,
+changes the answer: the endpoint, model, rendered prompt and sampling parameters (and,
+for an ``n``-choice request, the choice's index). Nothing else is in the key: two samples
+or two items that make the very same request share one answer, and the parser, the label
+set and the aggregation are not in it, so re-parsing and re-aggregating cached answers
+(their raw log-probabilities are stored with them) is free. Errors are never cached. Every attempt, failed ones included, is written to the ledger with its status,
 latency and the token usage it returned, so the bill can be reconciled.
 API keys never reach this file: only request bodies are stored, never headers.
 """
@@ -25,9 +27,13 @@ try:  # orjson ships with prefect; it is several times faster than json for the 
 
     def _dumps(obj: Any) -> str:
         return orjson.dumps(obj).decode()
+
+    _loads = orjson.loads
 except ImportError:  # pragma: no cover
     def _dumps(obj: Any) -> str:
         return json.dumps(obj, ensure_ascii=False)
+
+    _loads = json.loads
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -38,7 +44,8 @@ CREATE TABLE IF NOT EXISTS responses (
   prompt_tokens INTEGER,
   completion_tokens INTEGER,
   created REAL NOT NULL,
-  usage_source TEXT
+  usage_source TEXT,
+  logprobs TEXT
 );
 CREATE TABLE IF NOT EXISTS attempts (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,15 +65,23 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id);
 """
 # columns added after the first release; older cache files get them on open
-MIGRATIONS = {"responses": [("usage_source", "TEXT")], "attempts": [("model", "TEXT"), ("usage_source", "TEXT")]}
+MIGRATIONS = {"responses": [("usage_source", "TEXT"), ("logprobs", "TEXT")], "attempts": [("model", "TEXT"), ("usage_source", "TEXT")]}
 
 
-def request_key(model: str, prompt: Any, sampling: dict[str, Any], sample_index: int) -> str:
-    """Hash of everything that changes the teacher's answer (never the parser, never secrets)."""
-    blob = json.dumps(
-        {"model": model, "prompt": prompt, "sampling": sampling, "sample_index": sample_index},
-        sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-    )
+def request_key(model: str, prompt: Any, sampling: dict[str, Any], choice: Optional[int] = None,
+                endpoint: str = "") -> str:
+    """Hash of everything that changes the teacher's answer (never the parser, never secrets).
+
+    ``choice`` is the index of one of the ``n`` choices of a single request; a request for
+    one answer has none, so identical requests have identical keys and are sent once.
+    ``endpoint`` names the server behind the model (see ``annotate.endpoint_identity``).
+    """
+    doc: dict[str, Any] = {"model": model, "prompt": prompt, "sampling": sampling}
+    if choice is not None:
+        doc["choice"] = choice
+    if endpoint:
+        doc["endpoint"] = endpoint
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -77,6 +92,7 @@ class CachedAnswer:
     prompt_tokens: Optional[int]
     completion_tokens: Optional[int]
     usage_source: Optional[str] = None  # "reported" by the server, "counted" or "estimated" by distill
+    logprobs: Any = None  # the choice's raw ``logprobs`` object, as the server sent it
 
 
 class ResponseCache:
@@ -101,20 +117,16 @@ class ResponseCache:
         self._att: list[tuple] = []
 
     def get(self, key: str) -> Optional[CachedAnswer]:
-        row = self.db.execute(
-            "SELECT text, finish_reason, prompt_tokens, completion_tokens, usage_source FROM responses WHERE key=?", (key,)
-        ).fetchone()
-        return CachedAnswer(*row) if row else None
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: list[str]) -> dict[str, CachedAnswer]:
         out: dict[str, CachedAnswer] = {}
         for i in range(0, len(keys), 500):
             part = keys[i : i + 500]
-            q = "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source FROM responses WHERE key IN (%s)" % (
-                ",".join("?" * len(part))
-            )
-            for k, *rest in self.db.execute(q, part):
-                out[k] = CachedAnswer(*rest)
+            q = ("SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source, logprobs FROM responses"
+                 " WHERE key IN (%s)" % ",".join("?" * len(part)))
+            for k, text, fr, pt, ct, src, lp in self.db.execute(q, part):
+                out[k] = CachedAnswer(text, fr, pt, ct, src, _loads(lp) if lp else None)
         return out
 
     def put_success(
@@ -132,7 +144,7 @@ class ResponseCache:
         req_json = _dumps(request)
         first = entries[0][1]
         self._resp.extend((k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now,
-                           a.usage_source) for k, a in entries)
+                           a.usage_source, _dumps(a.logprobs) if a.logprobs is not None else None) for k, a in entries)
         self._att.append((run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
                           first.completion_tokens, None, now, request.get("model"), first.usage_source))
         if self.autoflush:
@@ -161,7 +173,7 @@ class ResponseCache:
             if resp:
                 self.db.executemany(
                     "INSERT OR REPLACE INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,"
-                    "created,usage_source) VALUES (?,?,?,?,?,?,?,?)", resp)
+                    "created,usage_source,logprobs) VALUES (?,?,?,?,?,?,?,?,?)", resp)
             if att:
                 self.db.executemany(
                     "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"

@@ -98,8 +98,13 @@ def read_state(state_dir: Path = STATE_DIR) -> Optional[ServerState]:
 def start_server(
     gguf: Optional[str] = None, n_ctx: int = 2048, n_threads: int = 2, alias: str = "teacher",
     startup_timeout_s: float = 120.0, state_dir: Path = STATE_DIR, write_state: bool = True,
+    extra_args: tuple[str, ...] = (),
 ) -> ServerState:
-    """Start llama_cpp.server on a free loopback port and wait until /v1/models answers."""
+    """Start llama_cpp.server on a free loopback port and wait until /v1/models answers.
+
+    ``extra_args`` go to ``llama_cpp.server`` as they are (bench/teacher_throughput.py
+    tries ``--cache true`` with them).
+    """
     model = Path(gguf) if gguf else default_gguf()
     if not model.exists():
         raise TeacherServerError(f"teacher.gguf_path: file not found: {model}")
@@ -109,7 +114,8 @@ def start_server(
     port = free_port()
     log_path = state_dir / f"teacher-{port}.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads)]
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
+           *extra_args]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     st = ServerState(proc.pid, port, str(model), alias, str(log_path), time.time())

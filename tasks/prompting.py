@@ -10,6 +10,8 @@ with its raw text, never mapped to a label by guesswork.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ import jinja2
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_VARIANTS = 32  # teacher.samples is at most 32
+_CANDIDATES = 3000  # orders considered per subset size when there are more (n >= 7 examples)
 
 DEFAULT_COMPLETION_TEMPLATE = """{{ instruction }}
 
@@ -64,15 +68,43 @@ class PromptTemplate:
                 raise PromptError(f"{self.source}: alias {alias!r} maps to {target!r}, which is not in labels")
             norm[normalise_answer(alias)] = target
         self._lookup = norm
+        self._variant_cache: list[tuple[int, ...]] = []
+        self._variants_done = False
 
     # -- rendering -----------------------------------------------------------------
+    def variant_count(self, limit: int = MAX_VARIANTS) -> int:
+        """How many pairwise distinct few-shot variants this template can give (counted up to ``limit``)."""
+        return len(self._variants(limit))
+
+    def check_variants(self, k: int) -> None:
+        """Refuse, before anything is sent, a k this template cannot give k distinct variants for."""
+        n = self.variant_count(max(k, 1))
+        if n < k:
+            raise PromptError(
+                f"{self.source or self.name}: teacher.samples={k} with variation 'prompt_variants' needs {k} distinct "
+                f"prompts, but this template's {len(self.examples)} few-shot example(s) give only {n} distinct variant(s) "
+                f"(orders of all examples, then orders of subsets; a zero-shot prompt is not a variant). Lower "
+                f"teacher.samples to {n}, add examples to the template, or use variation 'temperature' or 'teachers'."
+            )
+
     def examples_for(self, sample_index: int, vary: bool) -> list[Example]:
-        """Few-shot examples for sample i: the file's order for i=0, a seeded reorder otherwise."""
-        if not vary or sample_index == 0 or len(self.examples) < 2:
+        """Few-shot examples for sample i: the file's order for i=0; with ``vary``, variant i.
+
+        Variant i does not depend on k (k=1's sample is k=3's sample 0, k=3's samples are
+        k=5's first three), so changing k reuses every cached answer it can.
+        """
+        if not vary or sample_index == 0:
             return list(self.examples)
-        ex = list(self.examples)
-        random.Random(f"{self.name}:{sample_index}").shuffle(ex)
-        return ex
+        variants = self._variants(sample_index + 1)
+        if sample_index >= len(variants):
+            self.check_variants(sample_index + 1)
+        return [self.examples[j] for j in variants[sample_index]]
+
+    def _variants(self, k: int) -> list[tuple[int, ...]]:
+        if not self._variants_done:  # prefix-stable, so computed once for the most k can be
+            self._variant_cache = distinct_variants(self.examples, MAX_VARIANTS, self.name)
+            self._variants_done = True
+        return self._variant_cache[:k]
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._jinja.render(
@@ -171,3 +203,68 @@ def load_prompt(path: str) -> PromptTemplate:
         )
     except jinja2.TemplateSyntaxError as e:
         raise PromptError(f"{p}: completion_template: {e}") from None
+
+
+def distinct_variants(examples: list[Example], k: int, seed: str) -> list[tuple[int, ...]]:
+    """Up to ``k`` example orders (index tuples) whose rendered few-shot blocks are pairwise distinct.
+
+    Why this order: variant 0 is the file's order (the one tuned on dev). Then every other
+    order of all the examples, each picked to differ most from those already picked (most
+    positions changed, then a different example last, since small models lean towards the
+    last example's label); only when the orders run out, orders of subsets one example
+    smaller, preferring subsets that keep every label. Identical examples make orders that
+    render the same, so variants are told apart by content, never by index. Deterministic:
+    ties are broken by a rank seeded with ``seed``.
+    """
+    n = len(examples)
+    content = lambda order: tuple((examples[i].text, examples[i].label) for i in order)  # noqa: E731
+    rng = random.Random(f"{seed}:variants")
+    chosen: list[tuple[int, ...]] = [tuple(range(n))]
+    seen = {content(chosen[0])}
+    all_labels = {e.label for e in examples}
+    for size in range(n, 0, -1):
+        if len(chosen) >= k:
+            break
+        subsets = sorted(itertools.combinations(range(n), size),
+                         key=lambda s: -len({examples[i].label for i in s} & all_labels))
+        pool: list[tuple[int, ...]] = []
+        for sub in subsets:
+            pool.extend(_orders(sub, rng))
+            if len(pool) >= _CANDIDATES:
+                break
+        cands = []
+        for order in pool:
+            c = content(order)
+            if c not in seen:
+                seen.add(c)
+                cands.append(order)
+        # each candidate's distance to its closest chosen order and how many chosen end on its last label,
+        # updated as orders are chosen (so picking is linear in the candidates, not quadratic)
+        near = {o: min(_dist(o, c) for c in chosen) for o in cands}
+        same_last = {o: sum(examples[c[-1]].label == examples[o[-1]].label for c in chosen) for o in cands}
+        rank = {o: rng.random() for o in cands}
+        while cands and len(chosen) < k:
+            best = max(cands, key=lambda o: (near[o], -same_last[o], rank[o]))
+            chosen.append(best)
+            cands.remove(best)
+            for o in cands:
+                near[o] = min(near[o], _dist(o, best))
+                same_last[o] += examples[best[-1]].label == examples[o[-1]].label
+    return chosen
+
+
+def _orders(subset: tuple[int, ...], rng: random.Random) -> list[tuple[int, ...]]:
+    """All orders of ``subset``, or a seeded sample of them when there are too many."""
+    if math.factorial(len(subset)) <= _CANDIDATES:
+        return list(itertools.permutations(subset))
+    out = set()
+    items = list(subset)
+    while len(out) < _CANDIDATES:
+        rng.shuffle(items)
+        out.add(tuple(items))
+    return sorted(out)
+
+
+def _dist(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Positions at which two orders differ (a length difference counts per missing position)."""
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))

@@ -8,7 +8,7 @@ the abstentions counted as misses (coverage is reported beside it).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, f1_score
@@ -22,26 +22,30 @@ def _iter_frames(paths: list[str], columns: list[str]):
 
 
 def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
-    """Counts over voted shards: items, votes, invalid/failed votes, abstentions, agreement histogram."""
-    cols = ["votes", "sample_status", "label", "confidence", "abstain_reason", "low_agreement"]
+    """Counts over voted shards: items, votes, invalid/failed votes, abstentions, agreement, probability sources."""
+    cols = ["votes", "sample_status", "label", "confidence", "abstain_reason", "low_agreement", "sample_probs",
+            "entropy"]
     s: dict[str, Any] = {"items": 0, "votes": 0, "valid_votes": 0, "invalid_votes": 0, "failed_votes": 0,
                          "abstained": 0, "abstained_tie": 0, "abstained_no_valid": 0, "failed_items": 0,
-                         "low_agreement": 0}
+                         "low_agreement": 0, "samples_with_logprobs": 0}
     hist: Counter = Counter()
     dist: Counter = Counter()
+    entropies: list[float] = []
     for df in _iter_frames(voted_paths, cols):
         s["items"] += len(df)
-        for st in df["sample_status"]:
+        for st, probs in zip(df["sample_status"], df["sample_probs"]):
             s["votes"] += len(st)
-            for x in st:
+            for x, p in zip(st, probs):
                 if x == "ok":
                     s["valid_votes"] += 1
+                    s["samples_with_logprobs"] += p is not None
                 elif x == "invalid":
                     s["invalid_votes"] += 1
                 else:
                     s["failed_votes"] += 1
-        for lab, conf, reason, low in zip(df["label"], df["confidence"], df["abstain_reason"], df["low_agreement"]):
-            hist[f"{round(conf * k)}/{k}"] += 1
+        for lab, conf, reason, low, ent in zip(df["label"], df["confidence"], df["abstain_reason"], df["low_agreement"],
+                                               df["entropy"]):
+            hist[_bin(conf, k)] += 1
             if _missing(lab):
                 s["abstained"] += 1
                 if not _missing(reason) and reason.startswith("tie"):
@@ -52,12 +56,29 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
                     s["failed_items"] += 1
             else:
                 dist[lab] += 1
+                if not _missing(ent):
+                    entropies.append(float(ent))
             if low:
                 s["low_agreement"] += 1
     s["invalid_rate"] = s["invalid_votes"] / s["votes"] if s["votes"] else 0.0
     s["agreement_histogram"] = dict(sorted(hist.items()))
     s["teacher_label_distribution"] = dict(sorted(dist.items()))
+    s["mean_label_entropy"] = sum(entropies) / len(entropies) if entropies else None
+    n_lp, n_ok = s["samples_with_logprobs"], s["valid_votes"]
+    s["probability_source"] = ("logprobs" if n_ok and n_lp == n_ok else "vote shares" if n_lp == 0 else "mixed")
+    s["probability_source_method"] = (
+        f"{n_lp:,} of {n_ok:,} valid samples carried the teacher's log-probabilities"
+        + ("" if n_lp == n_ok else "; the others count as one-hot votes (the endpoint returned none)"))
     return s
+
+
+def _bin(conf: float, k: int) -> str:
+    """Histogram bin of a confidence: 'j/k' for vote shares, a tenth (e.g. '0.8-0.9') for probabilities."""
+    j = conf * k
+    if abs(j - round(j)) < 1e-9:
+        return f"{round(j)}/{k}"
+    lo = min(9, int(conf * 10))
+    return f"{lo / 10:.1f}-{(lo + 1) / 10:.1f}"
 
 
 def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
@@ -65,7 +86,7 @@ def gold_scores(voted_paths: list[str], labels: list[str]) -> dict[str, Any]:
     gold, voted, single, conf = [], [], [], []
     for df in _iter_frames(voted_paths, ["label_gold", "label", "votes", "confidence", "n_votes"]):
         gold += df["label_gold"].tolist()
-        conf += [f"{round(c * n)}/{n}" for c, n in zip(df["confidence"], df["n_votes"])]
+        conf += [_bin(c, n) for c, n in zip(df["confidence"], df["n_votes"])]
         voted += or_no_label(df["label"].tolist())
         single += or_no_label([v[0] for v in df["votes"]])
     if not gold:
@@ -127,7 +148,3 @@ def terminal_summary(summary: dict[str, Any]) -> str:
         if k in summary:
             out.append(f"  {k:<{width}}  {_fmt(summary[k])}")
     return "\n".join(out)
-
-
-def pick(d: dict[str, Any], *keys: str) -> dict[str, Optional[Any]]:
-    return {k: d.get(k) for k in keys}

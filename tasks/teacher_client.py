@@ -63,6 +63,8 @@ class Outcome:
     completion_tokens: Optional[int] = None
     usage_source: Optional[str] = None
     budget_stop: bool = False  # not sent because the budget was exhausted
+    logprobs: Any = None  # the choice's raw log-probabilities, when the endpoint returned them
+    finish_reason: Optional[str] = None
 
 
 @dataclass
@@ -158,7 +160,9 @@ def _extract(data: Any, n: int) -> tuple[list[CachedAnswer], Optional[int], Opti
             text = ch["message"]["content"]
         else:
             raise ServerError("choice has neither text nor message.content")
-        out.append(CachedAnswer(text, ch.get("finish_reason"), pt if i == 0 else None, ct if i == 0 else None))
+        lp = ch.get("logprobs") if isinstance(ch.get("logprobs"), dict) else None
+        out.append(CachedAnswer(text, ch.get("finish_reason"), pt if i == 0 else None, ct if i == 0 else None,
+                                logprobs=lp))
     return out, pt, ct
 
 
@@ -235,7 +239,8 @@ class TeacherClient:
                 for k in r.keys:
                     h = hits[k]
                     results[k] = Outcome(h.text, cached=True, prompt_tokens=h.prompt_tokens,
-                                         completion_tokens=h.completion_tokens, usage_source=h.usage_source)
+                                         completion_tokens=h.completion_tokens, usage_source=h.usage_source,
+                                         logprobs=h.logprobs, finish_reason=h.finish_reason)
                 self.stats.requests_cached += len(r.keys)
             else:
                 todo.append(r)
@@ -316,7 +321,8 @@ class TeacherClient:
                         self.stats.requests_ok += 1
                         self.stats.bump("ok")
                         return {k: Outcome(a.text, cached=False, attempts=attempt, prompt_tokens=a.prompt_tokens,
-                                           completion_tokens=a.completion_tokens, usage_source=source)
+                                           completion_tokens=a.completion_tokens, usage_source=source,
+                                           logprobs=a.logprobs, finish_reason=a.finish_reason)
                                 for k, a in zip(req.keys, answers)}
                     # an error status: read usage anyway (some servers bill failed calls) and price it
                     try:

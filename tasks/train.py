@@ -1,13 +1,17 @@
-"""Train the student classifier on the teacher's votes.
+"""Train the student classifier on the teacher's aggregated labels and label distributions.
 
-Why these choices: the votes carry more than a label. Abstained items (ties, no valid
+Why these choices: the teacher gives more than a label. Abstained items (ties, no valid
 vote) are excluded, never guessed. ``use_votes`` picks between dropping items below
-``min_agreement`` (``filter``) and keeping all voted items with a loss weight equal to
-their vote share (``weight``); ``soft_labels`` trains on the vote distribution instead of
-the winning label. A validation split carved from the teacher-labelled data drives early
-stopping, so no human label is ever used for training or model selection. The device
-is picked by itself: CUDA with bf16 (or fp16) when present, else CPU, which is what the
-tests and the demo run.
+``min_agreement`` (``filter``) and keeping all of them with a loss weight equal to their
+confidence (``weight``). ``soft_label_weight`` mixes the hard label's cross-entropy with
+a soft term on the teacher's label distribution (its mean log-probabilities, or vote
+shares), softened by ``distill_temperature`` and scaled by T^2 as in Hinton et al.
+(2015). A skewed teacher must not teach one class only: ``class_balance`` weighs the loss
+by inverse class frequency (or draws batches class-balanced), and the checkpoint kept is
+the one with the best macro-F1 on a validation split of teacher-labelled items (accuracy
+or loss would happily keep a model that answers the majority class). No human label is
+used for training or model selection. The device is picked by itself: CUDA with bf16 (or
+fp16) when present, else CPU, which is what the tests and the demo run.
 """
 
 from __future__ import annotations
@@ -37,28 +41,45 @@ class TrainData:
 
 
 def build_train_data(voted_paths: list[str], labels: list[str], use_votes: str, min_agreement: float) -> TrainData:
-    """Turn voted shards into training rows; see the module docstring for the rules."""
+    """Turn voted shards into training rows; see the module docstring for the rules.
+
+    The soft target is the shard's ``label_dist`` (written by the aggregation); shards
+    without one (older runs) fall back to the share of valid votes.
+    """
     idx = {lab: i for i, lab in enumerate(labels)}
     texts, ys, ws, soft = [], [], [], []
     abst = low = 0
     for p in voted_paths:
-        df = pq.read_table(p, columns=["text", "votes", "label", "confidence"]).to_pandas()
-        for text, votes, lab, conf in zip(df["text"], df["votes"], df["label"], df["confidence"]):
+        cols = ["text", "votes", "label", "confidence"]
+        has_dist = "label_dist" in pq.read_schema(p).names
+        df = pq.read_table(p, columns=cols + (["label_dist"] if has_dist else [])).to_pandas()
+        dists = df["label_dist"] if has_dist else [None] * len(df)
+        for text, votes, lab, conf, ld in zip(df["text"], df["votes"], df["label"], df["confidence"], dists):
             if _missing(lab):
                 abst += 1
                 continue
             if use_votes == "filter" and conf < min_agreement:
                 low += 1
                 continue
-            dist = np.zeros(len(labels))
-            for v in votes:
-                if not _missing(v) and v in idx:
-                    dist[idx[v]] += 1
+            if ld is not None and len(ld) == len(labels):
+                dist = np.asarray(ld, dtype=float)
+            else:
+                dist = np.zeros(len(labels))
+                for v in votes:
+                    if not _missing(v) and v in idx:
+                        dist[idx[v]] += 1
             texts.append(text)
             ys.append(idx[lab])
             ws.append(float(conf) if use_votes == "weight" else 1.0)
             soft.append((dist / dist.sum()).tolist())
     return TrainData(texts, ys, ws, soft, abst, low)
+
+
+def class_weights(labels: list[int], n_classes: int) -> list[float]:
+    """Inverse-frequency weights, n / (C * n_c), as sklearn's 'balanced'; a class with no item gets 0."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=n_classes)
+    present = int((counts > 0).sum()) or 1
+    return [float(len(labels) / (present * c)) if c else 0.0 for c in counts]
 
 
 def pick_device() -> dict[str, Any]:
@@ -83,6 +104,30 @@ def soft_cross_entropy(logits: Any, targets: Any, weights: Optional[Any] = None)
     per = -(targets.float() * logp).sum(dim=-1)
     if weights is None:
         return per.mean()
+    w = weights.float()
+    return (per * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def distill_loss(logits: Any, hard: Any, soft: Any, weights: Any, soft_weight: float, temperature: float) -> Any:
+    """(1 - w) * CE(hard label) + w * T^2 * CE(teacher distribution at T, student at T), weighted per example.
+
+    The teacher's distribution is softened as p^(1/T) renormalised (the same as softening
+    the logits it came from); the T^2 factor keeps the soft term's gradients on the scale
+    of the hard term's as T grows (Hinton et al., 2015).
+    """
+    import torch
+
+    logits = logits.float()
+    per = torch.zeros(logits.shape[0], device=logits.device)
+    if soft_weight < 1.0:
+        per = per + (1.0 - soft_weight) * torch.nn.functional.cross_entropy(logits, hard, reduction="none")
+    if soft_weight > 0.0:
+        t = float(temperature)
+        p = soft.float().clamp_min(0)
+        if t != 1.0:
+            p = p.clamp_min(1e-12) ** (1.0 / t) * (p > 0)
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        per = per + soft_weight * t * t * -(p * torch.log_softmax(logits / t, dim=-1)).sum(dim=-1)
     w = weights.float()
     return (per * w).sum() / w.sum().clamp_min(1e-12)
 
@@ -144,9 +189,12 @@ def _make_trainer_class():  # type: ignore[no-untyped-def]
     from transformers import Trainer
 
     class VoteTrainer(Trainer):
-        """A Trainer whose loss uses the vote: weighted and/or soft-label cross-entropy."""
+        """A Trainer whose loss uses what the teacher gave: hard label, distribution, confidence, class balance."""
 
-        soft_labels = False
+        soft_weight = 0.0
+        temperature = 1.0
+        class_weight: Optional[list[float]] = None  # per class, multiplies each example's weight ('loss')
+        sample_weight: Optional[list[float]] = None  # per training example, for a class-balanced sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             import torch
@@ -155,12 +203,32 @@ def _make_trainer_class():  # type: ignore[no-untyped-def]
             weights = inputs.pop("weights")
             soft = inputs.pop("soft")
             outputs = model(**inputs)
-            logits = outputs.logits
-            targets = soft if self.soft_labels else torch.nn.functional.one_hot(labels, logits.shape[-1])
-            loss = soft_cross_entropy(logits, targets, weights)
+            if self.class_weight is not None and model.training:
+                weights = weights * torch.tensor(self.class_weight, device=weights.device)[labels]
+            loss = distill_loss(outputs.logits, labels, soft, weights, self.soft_weight, self.temperature)
             return (loss, outputs) if return_outputs else loss
 
+        def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
+            if self.sample_weight is None:
+                return super()._get_train_sampler(train_dataset)
+            import torch
+
+            gen = torch.Generator().manual_seed(int(self.args.seed))
+            return torch.utils.data.WeightedRandomSampler(self.sample_weight, len(self.sample_weight), replacement=True,
+                                                          generator=gen)
+
     return VoteTrainer
+
+
+def macro_f1_metric(eval_pred: Any) -> dict[str, float]:
+    """Macro-F1 and accuracy of the student against the held-out teacher labels (for model selection)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    pred = np.asarray(logits).argmax(-1)
+    return {"macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(labels, pred))}
 
 
 def train_student(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
@@ -191,18 +259,25 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
         warmup_steps=max(1, int(0.1 * steps_per_epoch * student.epochs)),
         eval_strategy="steps" if va_idx else "no", save_strategy="steps" if va_idx else "no",
         eval_steps=steps_per_epoch // 2 or 1, save_steps=steps_per_epoch // 2 or 1, save_total_limit=1,
-        load_best_model_at_end=bool(va_idx), metric_for_best_model="eval_loss", greater_is_better=False,
+        load_best_model_at_end=bool(va_idx), metric_for_best_model="macro_f1", greater_is_better=True,
         logging_steps=max(1, steps_per_epoch // 4), report_to="none", seed=student.seed, data_seed=student.seed,
         use_cpu=dev["use_cpu"], bf16=dev["bf16"], fp16=dev["fp16"], remove_unused_columns=False,
         disable_tqdm=not show_progress, dataloader_num_workers=0,
     )
     Trainer = _make_trainer_class()
-    Trainer.soft_labels = student.soft_labels
+    Trainer.soft_weight = student.soft_label_weight
+    Trainer.temperature = student.distill_temperature
+    train_labels = [data.labels[i] for i in tr_idx]
+    cw = class_weights(train_labels, len(labels))
+    balance = student.class_balance.value
+    Trainer.class_weight = cw if balance == "loss" else None
+    Trainer.sample_weight = [cw[y] for y in train_labels] if balance == "sampling" else None
     trainer = Trainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_pandas(frame(data, tr_idx)),
         eval_dataset=datasets.Dataset.from_pandas(frame(data, va_idx)) if va_idx else None,
         data_collator=_Collator(tok, student.max_length), processing_class=tok,
         callbacks=[EarlyStoppingCallback(student.early_stopping_patience)] if va_idx else [],
+        compute_metrics=macro_f1_metric if va_idx else None,
     )
     result = trainer.train()
     val = trainer.evaluate() if va_idx else {}
@@ -217,8 +292,12 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
         "model_dir": str(model_dir), "base_model": path, "device": dev["device"], "bf16": dev["bf16"],
         "fp16": dev["fp16"], "n_gpu": dev["n_gpu"], "train_items": len(tr_idx), "val_items": len(va_idx),
         "excluded_abstained": data.excluded_abstained, "excluded_low_agreement": data.excluded_low_agreement,
-        "use_votes": student.use_votes.value, "soft_labels": student.soft_labels,
+        "use_votes": student.use_votes.value, "soft_labels": student.soft_label_weight > 0,
+        "soft_label_weight": student.soft_label_weight, "distill_temperature": student.distill_temperature,
+        "class_balance": balance, "train_label_counts": {labels[i]: int(c) for i, c in
+                                                         enumerate(np.bincount(train_labels, minlength=len(labels)))},
         "train_loss": float(result.training_loss), "val_loss": float(val.get("eval_loss", float("nan"))),
+        "val_macro_f1": float(val.get("eval_macro_f1", float("nan"))),
         "epochs_run": float(trainer.state.epoch or 0), "global_steps": int(trainer.state.global_step),
         "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
         "torch_threads": torch.get_num_threads(),

@@ -14,8 +14,13 @@ Faults are chosen by markers in the item text, per attempt of the same request b
   [nousage]  every attempt: a normal answer without a ``usage`` object
   [billed500] first attempt: 500 whose body reports usage (a failed call the provider bills)
   [billedbad] first attempt: 200 with usage but no choices (an unusable answer the provider bills)
+  [nologprobs] every attempt: no ``logprobs`` even when asked for them
+  [unsure]   the answer's probability is 0.6 instead of 0.9
 Otherwise it answers "positive" if the text contains "good", else "negative" (the model
-named "contrarian" answers the opposite, to test votes across teachers).
+named "contrarian" answers the opposite, to test votes across teachers). Asked for
+``logprobs`` (completions: an int; chat: ``logprobs: true`` + ``top_logprobs``), it returns
+them in the OpenAI format of that endpoint: the answer at probability 0.9 (0.6 with
+[unsure]), the other label at the rest less 0.02, and a newline at 0.02.
 
 It counts what it received and what it delivered (a response the client hung up on is
 not delivered), so tests can check the client's request and token totals against it.
@@ -147,11 +152,14 @@ class FakeOpenAI:
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
         ans = self._answer(text, str(payload.get("model", "")))
-        if "messages" in payload:
-            choices = [{"index": i, "message": {"role": "assistant", "content": ans.strip()}, "finish_reason": "stop"}
-                       for i in range(n)]
+        chat = "messages" in payload
+        want_lp = bool(payload.get("logprobs")) and "[nologprobs]" not in text
+        lp = fake_logprobs(ans, chat, 0.6 if "[unsure]" in text else 0.9) if want_lp else None
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": ans.strip()}, "finish_reason": "stop",
+                        "logprobs": lp} for i in range(n)]
         else:
-            choices = [{"index": i, "text": ans, "finish_reason": "stop"} for i in range(n)]
+            choices = [{"index": i, "text": ans, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
         body_json: dict[str, Any] = {"id": "x", "object": "text_completion", "choices": choices}
         if "[nousage]" not in text:
             body_json["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
@@ -234,6 +242,20 @@ class FakeOpenAI:
             self.delivered_ok.clear()
             self.statuses.clear()
             self.tokens_in = self.tokens_out = 0
+
+
+def fake_logprobs(answer: str, chat: bool, p: float) -> dict[str, Any]:
+    """Log-probabilities of a one-token answer in the endpoint's OpenAI format (see the module docstring)."""
+    import math
+
+    other = {" positive": " negative", " negative": " positive"}.get(answer, " positive")
+    if chat:
+        answer, other = answer.strip(), other.strip()
+    top = {answer: math.log(p), other: math.log(1 - p - 0.02), "\n": math.log(0.02)}
+    if chat:
+        return {"content": [{"token": answer, "logprob": top[answer], "bytes": list(answer.encode()),
+                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()]}]}
+    return {"tokens": [answer], "token_logprobs": [top[answer]], "top_logprobs": [top], "text_offset": [0]}
 
 
 def lean_app(latency_s: float, answer: str) -> web.Application:

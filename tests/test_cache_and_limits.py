@@ -13,14 +13,35 @@ SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 3, "stop": ["\n"], "seed":
 
 
 def test_cache_key_covers_what_changes_the_request():
-    k = request_key("m", "prompt", SP, 0)
-    assert k == request_key("m", "prompt", dict(reversed(list(SP.items()))), 0)  # order-free
-    assert k != request_key("m2", "prompt", SP, 0)
-    assert k != request_key("m", "prompt!", SP, 0)
-    assert k != request_key("m", "prompt", {**SP, "temperature": 0.7}, 0)
-    assert k != request_key("m", "prompt", {**SP, "seed": 1}, 0)
-    assert k != request_key("m", "prompt", SP, 1)
+    k = request_key("m", "prompt", SP)
+    assert k == request_key("m", "prompt", dict(reversed(list(SP.items()))))  # order-free
+    assert k != request_key("m2", "prompt", SP)
+    assert k != request_key("m", "prompt!", SP)
+    assert k != request_key("m", "prompt", {**SP, "temperature": 0.7})
+    assert k != request_key("m", "prompt", {**SP, "seed": 1})
+    assert k != request_key("m", "prompt", {**SP, "logprobs": 5})
+    assert k != request_key("m", "prompt", SP, endpoint="https://other.example/v1")  # another server
+    # the choices of one n-request differ from each other and from a one-answer request
+    assert len({k, request_key("m", "prompt", SP, 0), request_key("m", "prompt", SP, 1)}) == 3
     assert len(k) == 64
+
+
+def test_cache_keeps_raw_logprobs_and_migrates_old_files(tmp_path):
+    import sqlite3
+
+    old = tmp_path / "old.sqlite"  # a cache file from before log-probabilities were stored
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, text TEXT NOT NULL, "
+               "finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL NOT NULL)")
+    db.execute("INSERT INTO responses VALUES ('old', '{}', ' negative', 'stop', 5, 1, 0)")
+    db.commit()
+    db.close()
+    c = ResponseCache(old)
+    lp = {"tokens": [" positive"], "token_logprobs": [-0.1], "top_logprobs": [{" positive": -0.1, " negative": -2.4}]}
+    c.put_success([("new", CachedAnswer(" positive", "stop", 10, 1, logprobs=lp))], {"prompt": "p"}, "run", 1, 200, 0.1)
+    c.close()
+    c = ResponseCache(old)
+    assert c.get("new").logprobs == lp and c.get("old").logprobs is None and c.get("old").text == " negative"
 
 
 def test_cache_roundtrip_and_wal(tmp_path):

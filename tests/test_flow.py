@@ -75,6 +75,34 @@ def test_flow_on_fake_teacher_writes_votes_summary_and_artifact(tmp_path, fake_t
     assert s2["teacher_items_per_s"] == s["teacher_items_per_s"] and "earlier run" in s2["teacher_speed_source"]
 
 
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(tmp_path, fake_teacher, binary_prompt,
+                                                                               prefect_api, mode):
+    """Repeated texts and k prompt variants: the server never receives the same body twice."""
+    texts = ["good plot", "bad plot", "good cast [unsure]", "bad cast [nologprobs]"]
+    pool = pd.DataFrame({"ticket_id": [f"p{i}" for i in range(12)], "body": [texts[i % 4] for i in range(12)]})
+    pool.to_csv(tmp_path / "pool.csv", index=False)
+    gold = pd.DataFrame({"ticket_id": ["g0", "g1"], "body": ["good gold", "bad gold"], "label": ["positive", "negative"]})
+    gold.to_json(tmp_path / "gold.jsonl", orient="records", lines=True)
+    cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url, mode=mode)  # shards of 8 items: 8 + 4
+    s = annotate_flow(cfg, show_progress=False)
+    assert len(fake_teacher.received) == len(set(fake_teacher.received)) == (4 + 2) * 3
+    # repeats within a shard share one request; the second shard's repeats are answered from the cache
+    assert s["requests_deduplicated"] == (8 - 4) * 3 and s["requests_cached"] == 4 * 3
+    assert s["requests_sent"] == (4 + 2) * 3
+    # k=3 distinct prompts per item: three different bodies for the same text
+    assert len({b for b in fake_teacher.received if "good plot" in b}) == 3
+    assert s["aggregation"] == "mean_probability" and s["probability_source"] == "mixed"
+    assert s["samples_with_logprobs"] == s["valid_votes"] - 3 * 3  # the [nologprobs] text, 3 items x 3 samples
+    df = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "runs" / "flow" / "votes" / "pool").glob("*.parquet")))
+    unsure = df[df["text"] == "good cast [unsure]"].iloc[0]
+    assert unsure["label"] == "positive" and unsure["confidence"] == pytest.approx(0.6 / 0.98)
+    assert list(unsure["label_dist"]) == pytest.approx([0.6 / 0.98, 0.38 / 0.98])
+    plain = df[df["text"] == "bad cast [nologprobs]"].iloc[0]
+    assert plain["prob_source"] == "votes" and plain["confidence"] == 1.0
+    assert df.groupby("text")["label"].nunique().max() == 1  # repeated texts share their answers
+
+
 def test_cli_summary_json_and_clear_errors(tmp_path, fake_teacher, binary_prompt, prefect_api, capsys):
     write_data(tmp_path)
     cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url)

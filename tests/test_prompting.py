@@ -1,6 +1,7 @@
 import pytest
 
 from tasks.prompting import PromptError, load_prompt
+from tests.conftest import REPO
 
 
 def test_parse_is_strict(binary_prompt):
@@ -54,3 +55,47 @@ def test_template_errors_name_the_field(tmp_path, body, needle):
     with pytest.raises(PromptError) as e:
         load_prompt(str(p))
     assert needle in str(e.value) and "bad.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (REPO / "prompts").glob("*.yaml")))
+@pytest.mark.parametrize("mode", ["completion", "chat"])
+def test_every_shipped_template_gives_k_pairwise_distinct_prompts_or_refuses(template, mode):
+    t = load_prompt(str(REPO / "prompts" / template))
+    for k in range(2, 9):
+        if t.variant_count() < k:
+            with pytest.raises(PromptError, match=f"give only {t.variant_count()} distinct"):
+                t.check_variants(k)
+            continue
+        t.check_variants(k)
+        render = t.render_chat if mode == "chat" else t.render_completion
+        prompts = [repr(render("the same item", i, vary=True)) for i in range(k)]
+        assert len(set(prompts)) == k, f"{template}: k={k} gives only {len(set(prompts))} distinct prompts"
+        assert prompts[0] == repr(render("the same item", 0, vary=False))  # sample 0 is the file's order
+
+
+def test_variants_run_out_into_subsets_then_refuse_with_the_count(tmp_path):
+    p = tmp_path / "two.yaml"
+    p.write_text("name: two\nlabels: [a, b]\ninstruction: x\nexamples:\n  - {text: one, label: a}\n"
+                 "  - {text: two, label: b}\n")
+    t = load_prompt(str(p))
+    assert t.variant_count() == 4  # two orders of both examples, then each example alone
+    assert len({t.render_completion("z", i, vary=True) for i in range(4)}) == 4
+    with pytest.raises(PromptError) as e:
+        t.check_variants(5)
+    assert "give only 4 distinct" in str(e.value) and "two.yaml" in str(e.value) and "teacher.samples" in str(e.value)
+    # identical examples render identically, so they are not counted twice
+    p.write_text("name: same\nlabels: [a, b]\ninstruction: x\nexamples:\n  - {text: one, label: a}\n"
+                 "  - {text: one, label: a}\n")
+    assert load_prompt(str(p)).variant_count() == 2
+    p.write_text("name: none\nlabels: [a, b]\ninstruction: x\n")
+    with pytest.raises(PromptError, match="give only 1 distinct"):
+        load_prompt(str(p)).check_variants(2)
+
+
+def test_variants_do_not_depend_on_k(binary_prompt):
+    """k=1's sample is k=3's sample 0 and k=3's samples are k=5's first three: changing k reuses the cache."""
+    t = load_prompt(str(binary_prompt))
+    first = [t.render_completion("x", i, vary=True) for i in range(3)]
+    t2 = load_prompt(str(binary_prompt))
+    t2.check_variants(5)
+    assert [t2.render_completion("x", i, vary=True) for i in range(3)] == first

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 from distill.config import StudentConfig  # noqa: E402
 from tasks.inference import StudentPredictor  # noqa: E402
-from tasks.train import build_train_data, soft_cross_entropy, split_train_val, train_student  # noqa: E402
+from tasks.train import (build_train_data, class_weights, distill_loss, soft_cross_entropy,  # noqa: E402
+                         split_train_val, train_student)
 
 
 def test_soft_ce_equals_hard_ce_for_one_hot_and_is_zero_for_certain_match():
@@ -38,6 +39,58 @@ def voted_file(tmp_path, rows):
     p = tmp_path / "v.parquet"
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), p)
     return str(p)
+
+
+def test_distill_loss_mixes_hard_and_soft_terms():
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.1]])
+    hard = torch.tensor([0, 1])
+    soft = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
+    w = torch.ones(2)
+    ce = torch.nn.functional.cross_entropy(logits, hard)
+    assert distill_loss(logits, hard, soft, w, 0.0, 1.0).item() == pytest.approx(ce.item())
+    soft_ce = soft_cross_entropy(logits, soft)
+    assert distill_loss(logits, hard, soft, w, 1.0, 1.0).item() == pytest.approx(soft_ce.item())
+    assert distill_loss(logits, hard, soft, w, 0.25, 1.0).item() == pytest.approx(0.75 * ce.item() + 0.25 * soft_ce.item())
+    # at temperature T both sides are softened and the term is scaled by T^2
+    t = 3.0
+    p = soft ** (1 / t)
+    p = p / p.sum(-1, keepdim=True)
+    expect = t * t * soft_cross_entropy(logits / t, p)
+    assert distill_loss(logits, hard, soft, w, 1.0, t).item() == pytest.approx(expect.item(), rel=1e-5)
+    # one-hot soft targets at T=1 are the hard loss
+    one_hot = torch.nn.functional.one_hot(hard, 2)
+    assert distill_loss(logits, hard, one_hot, w, 1.0, 1.0).item() == pytest.approx(ce.item())
+
+
+def test_class_weights_are_inverse_frequency():
+    assert class_weights([0, 0, 0, 1], 2) == pytest.approx([4 / 6, 4 / 2])
+    assert class_weights([0, 0], 3) == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_training_uses_the_aggregations_distribution_as_soft_target(tmp_path):
+    df = pd.DataFrame({"text": ["a", "b"], "votes": [["pos", "pos", "neg"], ["neg", None, None]],
+                       "label": ["pos", "neg"], "confidence": [0.7, 0.3], "label_dist": [[0.7, 0.3], [0.1, 0.9]]})
+    p = tmp_path / "v.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), p)
+    d = build_train_data([str(p)], ["pos", "neg"], "weight", 0.6)
+    assert d.soft == [pytest.approx([0.7, 0.3]), pytest.approx([0.1, 0.9])] and d.weights == pytest.approx([0.7, 0.3])
+
+
+@pytest.mark.parametrize("balance", ["loss", "sampling"])
+def test_skewed_teacher_labels_do_not_collapse_the_student_to_the_majority_class(tmp_path, balance):
+    """75/25 teacher labels: the minority class must still be predicted (it is learnable here)."""
+    pos = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
+    neg = ["awful mess", "hated it", "terrible acting", "a bore", "dreadful film", "dull and pointless"]
+    majority = [(f"{t} {i}", ["negative"], "negative", 1.0) for i in range(6) for t in neg]   # 36 items
+    minority = [(f"{t} {i}", ["positive"], "positive", 1.0) for i in range(2) for t in pos]   # 12 items
+    p = voted_file(tmp_path, majority + minority)
+    cfg = StudentConfig(epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, val_fraction=0.25,
+                        early_stopping_patience=20, class_balance=balance)
+    r = train_student([p], ["positive", "negative"], str(tmp_path / "out"), cfg, 0.6, show_progress=False)
+    assert r["train_label_counts"]["negative"] > 2 * r["train_label_counts"]["positive"]
+    assert r["class_balance"] == balance and r["val_macro_f1"] > 0.5
+    pred, _ = StudentPredictor(r["model_dir"]).predict(["superb and moving", "a joy", "loved it", "awful mess"])
+    assert pred.count("positive") >= 2 and pred[-1] == "negative"
 
 
 def test_vote_rules_for_training(tmp_path):
@@ -67,8 +120,8 @@ def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     rows = [(t, ["positive"] * 3, "positive", 1.0) for t in pos] + [(t, ["negative"] * 3, "negative", 1.0) for t in neg]
     p = voted_file(tmp_path, rows * 3)
     labels = ["positive", "negative"]
-    cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, soft_labels=soft,
-                        val_fraction=0.2, early_stopping_patience=20)
+    cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, soft_label_weight=1.0 if soft else 0.0,
+                        distill_temperature=2.0 if soft else 1.0, val_fraction=0.2, early_stopping_patience=20)
     probe = pos[:3] + neg[:3]
     r = train_student([p], labels, str(tmp_path / "out"), cfg, 0.6, show_progress=False)
     assert r["device"] == "cpu" and r["train_items"] + r["val_items"] == 36

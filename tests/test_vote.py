@@ -1,3 +1,4 @@
+import pytest
 from tasks.vote import majority_vote, vote_frame
 import pandas as pd
 
@@ -47,3 +48,42 @@ def test_vote_frame_keeps_every_row():
     assert list(out["id"]) == ["a", "b", "c"]
     assert list(out["label"]) == ["x", None, None]
     assert out["abstain_reason"].tolist()[1:] == ["no valid votes", "tie between x and y"]
+
+
+def test_mean_probability_averages_distributions_and_counts_failures_against_confidence():
+    from tasks.vote import mean_probability
+
+    labels = ["positive", "negative"]
+    r = mean_probability(["positive", "negative", "positive"], [[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]], labels)
+    assert r.label == "positive" and r.confidence == pytest.approx(2.0 / 3) and r.prob_source == "logprobs"
+    assert r.label_dist == pytest.approx([2.0 / 3, 1.0 / 3]) and r.entropy > 0
+    # an invalid and a failed sample contribute nothing: confidence is over all k
+    r = mean_probability(["negative", None, None], [[0.2, 0.8], [0.9, 0.1], None], labels, 0.6, [False, False, True])
+    assert r.label == "negative" and r.confidence == pytest.approx(0.8 / 3) and r.low_agreement
+    assert r.label_dist == pytest.approx([0.2, 0.8])
+    # without log-probabilities a sample is a one-hot vote: the result is the vote share
+    r = mean_probability(["negative", "negative", "positive"], [None, None, None], labels)
+    assert r.confidence == pytest.approx(2 / 3) and r.prob_source == "votes"
+    r = mean_probability(["negative", "positive"], [[0.1, 0.9], None], labels)
+    assert r.prob_source == "mixed" and r.label == "positive" and r.confidence == pytest.approx(1.1 / 2)
+
+
+def test_mean_probability_ties_and_empty_items_abstain_with_reasons():
+    from tasks.vote import mean_probability
+
+    labels = ["positive", "negative"]
+    r = mean_probability(["positive", "negative"], [[0.5, 0.5], [0.5, 0.5]], labels)
+    assert r.label is None and r.abstain_reason == "tie between negative and positive"
+    assert mean_probability([None, None], [None, None], labels, failed=[True, True]).abstain_reason == "all requests failed"
+    assert mean_probability([None, None], [[0.9, 0.1], None], labels).abstain_reason == "no valid votes"
+
+
+def test_vote_frame_writes_the_distribution_for_either_aggregation():
+    df = pd.DataFrame({
+        "votes": [["x", "x", "y"]], "sample_status": [["ok"] * 3],
+        "sample_probs": [[[0.6, 0.4], [0.55, 0.45], [0.1, 0.9]]],
+    })
+    maj = vote_frame(df, 0.6, ["x", "y"], "majority").iloc[0]
+    assert maj["label"] == "x" and maj["label_dist"] == pytest.approx([2 / 3, 1 / 3]) and maj["prob_source"] == "votes"
+    mp = vote_frame(df, 0.6, ["x", "y"], "mean_probability").iloc[0]
+    assert mp["label"] == "y" and mp["confidence"] == pytest.approx(1.75 / 3)  # the probabilities overrule the count
