@@ -2,28 +2,33 @@
 
 The same requests (dev items of the demo data, k prompt variants each, exactly as a run
 renders them) go to the real llama.cpp server (SmolLM2-135M via llama-cpp-python) under
-each setting, one after another in one process, in rounds, so every setting sees the same
-machine load; each setting's best round is reported:
+each setting. This machine's speed drifts by 2x within minutes, so the settings are run
+side by side: every setting has its own server(s), started up front, and the requests
+are sent in small chunks, round-robin over the settings (round r sends chunk r of every
+setting, in a rotated order), so a slow spell hits all settings alike. A setting's
+requests/s is its requests over the sum of its chunks' times.
 
 - default: one server, 2 threads, requests sample-major (all items' variant 0, then
   variant 1, ...) so consecutive prompts share their few-shot prefix, which llama.cpp
-  keeps in its KV cache; log-probabilities on (what a run does)
-- item_major: the same server, requests item by item (the k variants of one item in a
-  row), so consecutive prompts differ from the first example on: no shared prefix
+  keeps in its KV cache; log-probabilities on, max_tokens from the config
+- item_major: requests item by item (the k variants of one item in a row), so
+  consecutive prompts differ from the first example on: no shared prefix
 - item_major_state_cache: item-major with llama-cpp-python's prompt-state cache
   (``--cache true``), which restores a saved prefix instead of recomputing it
-- no_logprobs: the default without log-probabilities (what they cost)
-- max_tokens_1: the default with max_tokens 1 (one generated token: llama-cpp-python
-  sorts the whole vocabulary once per generated token when log-probabilities are asked,
-  so the stop token's own step is not free)
+- no_logprobs: without log-probabilities (what they cost)
+- no_logprobs_lean: without them and with the server's ``--logits_all false`` (it then
+  skips the output layer for prompt tokens, which log-probabilities need)
+- max_tokens_1: one generated token (llama-cpp-python sorts the whole vocabulary in
+  Python once per generated token when log-probabilities are asked, so the stop token's
+  own step is not free)
 - threads_1: one server with 1 thread
 - two_servers: 2 servers of 1 thread each (2 sequences decoded in parallel; the client
-  alternates requests between them)
+  alternates requests between them); two_servers_max_tokens_1 adds max_tokens 1
 
 Each setting's answers are compared with the default's: a faster setting only counts if
 it gives the same answers.
 
-    .venv/bin/python bench/teacher_throughput.py [--items 60] [--samples 3] [--rounds 2]
+    .venv/bin/python bench/teacher_throughput.py [--items 40] [--samples 3] [--chunk 20]
 
 Last line: one JSON object with every figure.
 """
@@ -45,14 +50,16 @@ from distill.runtime import set_offline_env  # noqa: E402
 set_offline_env()
 
 SETTINGS = {
-    "default": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True, "extra": ()},
-    "item_major": {"servers": 1, "threads": 2, "order": "item", "logprobs": True, "extra": ()},
+    "default": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True},
+    "item_major": {"servers": 1, "threads": 2, "order": "item", "logprobs": True},
     "item_major_state_cache": {"servers": 1, "threads": 2, "order": "item", "logprobs": True,
                                "extra": ("--cache", "true")},
-    "no_logprobs": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False, "extra": ()},
-    "max_tokens_1": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True, "extra": (), "max_tokens": 1},
-    "threads_1": {"servers": 1, "threads": 1, "order": "sample", "logprobs": True, "extra": ()},
-    "two_servers": {"servers": 2, "threads": 1, "order": "sample", "logprobs": True, "extra": ()},
+    "no_logprobs": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False},
+    "no_logprobs_lean": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False, "logits_all": False},
+    "max_tokens_1": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True, "max_tokens": 1},
+    "threads_1": {"servers": 1, "threads": 1, "order": "sample", "logprobs": True},
+    "two_servers": {"servers": 2, "threads": 1, "order": "sample", "logprobs": True},
+    "two_servers_max_tokens_1": {"servers": 2, "threads": 1, "order": "sample", "logprobs": True, "max_tokens": 1},
 }
 
 
@@ -106,48 +113,59 @@ async def send(urls: list[str], reqs, per_url_concurrency: int) -> tuple[float, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--items", type=int, default=60)
+    ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--only", nargs="*", help="setting names to run (default first, always)")
+    ap.add_argument("--chunk", type=int, default=20, help="requests per setting per round")
+    ap.add_argument("--only", nargs="*", help="setting names to run (default always)")
     a = ap.parse_args()
     from tasks import local_teacher as lt
 
     names = [n for n in SETTINGS if not a.only or n in a.only or n == "default"]
-    best: dict[str, float] = {}
-    answers: dict[str, dict] = {}
-    n_req = 0
-    for rnd in range(a.rounds):
-        for name in (names if rnd % 2 == 0 else [names[0]] + names[:0:-1]):
-            st = SETTINGS[name]
-            reqs, ident = build_requests(a.config, a.items, a.samples, st["logprobs"], st["order"], st.get("max_tokens"))
-            n_req = len(reqs)
-            servers = [lt.start_server(None, 2048, st["threads"], "teacher", 120, write_state=False,
-                                       extra_args=tuple(st["extra"])) for _ in range(st["servers"])]
-            try:
-                # warm-up: the model's first request pays for loading pages and building graphs
-                asyncio.run(send([s.base_url for s in servers], reqs[:2 * st["servers"]], 1))
-                el, texts = asyncio.run(send([s.base_url for s in servers], reqs, 2 if st["servers"] == 1 else 1))
-            finally:
-                for s in servers:
-                    lt._kill(s.pid)
-            rps = n_req / el
-            best[name] = max(best.get(name, 0.0), rps)
-            answers[name] = {ident[k]: v for k, v in texts.items()}
-            print(f"round {rnd + 1} {name:<24} {rps:6.2f} req/s ({n_req} requests in {el:.1f} s)", flush=True)
+    plans = {n: build_requests(a.config, a.items, a.samples, SETTINGS[n]["logprobs"], SETTINGS[n]["order"],
+                               SETTINGS[n].get("max_tokens")) for n in names}
+    servers: dict[str, list] = {}
+    try:
+        for n in names:
+            st = SETTINGS[n]
+            servers[n] = [lt.start_server(None, 2048, st["threads"], "teacher", 120, write_state=False,
+                                          extra_args=tuple(st.get("extra", ())), logits_all=st.get("logits_all", True))
+                          for _ in range(st["servers"])]
+            urls = [s.base_url for s in servers[n]]
+            asyncio.run(send(urls, plans[n][0][:len(urls)], 1))  # warm-up: first requests load pages, build graphs
+        n_req = len(plans["default"][0])
+        spent = {n: 0.0 for n in names}
+        texts: dict[str, dict] = {n: {} for n in names}
+        rounds = -(-n_req // a.chunk)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                urls = [s.base_url for s in servers[n]]
+                chunk = plans[n][0][r * a.chunk:(r + 1) * a.chunk]
+                el, got = asyncio.run(send(urls, chunk, 2 if len(urls) == 1 else 1))
+                spent[n] += el
+                texts[n].update(got)
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {(r + 1) * a.chunk / spent[n]:.2f}" for n in names),
+                  flush=True)
+    finally:
+        for group in servers.values():
+            for s in group:
+                lt._kill(s.pid)
+    answers = {n: {plans[n][1][k]: v for k, v in texts[n].items()} for n in names}
     base = answers["default"]
     result = {}
-    print(f"\n{'setting':<24} {'req/s (best)':>12} {'vs default':>10} {'same answers':>13}")
-    for name in names:
-        same = sum(answers[name].get(k) == v for k, v in base.items()) / len(base)
-        result[name] = {"requests_per_s": round(best[name], 3), "vs_default": round(best[name] / best["default"], 3),
-                        "same_answers": round(same, 4), **{k: v for k, v in SETTINGS[name].items() if k != "extra"},
-                        "extra_args": list(SETTINGS[name]["extra"])}
-        print(f"{name:<24} {best[name]:12.2f} {best[name] / best['default']:9.2f}x {100 * same:12.1f}%")
+    print(f"\n{'setting':<26} {'req/s':>7} {'vs default':>10} {'same answers':>13}")
+    for n in names:
+        rps = n_req / spent[n]
+        same = sum(answers[n].get(k) == v for k, v in base.items()) / len(base)
+        result[n] = {"requests_per_s": round(rps, 3), "vs_default": round(spent["default"] / spent[n], 3),
+                     "same_answers": round(same, 4), "seconds": round(spent[n], 1),
+                     **{k: v for k, v in SETTINGS[n].items() if k != "extra"},
+                     "extra_args": list(SETTINGS[n].get("extra", ()))}
+        print(f"{n:<26} {rps:7.2f} {result[n]['vs_default']:9.2f}x {100 * same:12.1f}%")
     same_fast = [n for n in names if result[n]["same_answers"] == 1.0]
     fastest = max(same_fast, key=lambda n: result[n]["requests_per_s"])
     print(f"\nfastest setting with the default's answers: {fastest}")
-    print(json.dumps({"requests": n_req, "items": a.items, "samples": a.samples, "rounds": a.rounds,
+    print(json.dumps({"requests": n_req, "items": a.items, "samples": a.samples, "chunk": a.chunk,
                       "settings": result, "fastest_same_answers": fastest}))
 
 

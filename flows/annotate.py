@@ -97,7 +97,7 @@ def input_fingerprint(cfg: DistillConfig, template: PromptTemplate) -> str:
 def teacher_endpoint(cfg: DistillConfig) -> Iterator[str]:
     t = cfg.teacher
     if t.local:
-        with local_teacher(t.gguf_path, t.n_ctx, t.n_threads, t.model, t.startup_timeout_s) as url:
+        with local_teacher(t.gguf_path, t.n_ctx, t.n_threads, t.model, t.startup_timeout_s, logprobs=t.logprobs) as url:
             yield url
     else:
         assert t.base_url

@@ -24,13 +24,14 @@ def _iter_frames(paths: list[str], columns: list[str]):
 def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
     """Counts over voted shards: items, votes, invalid/failed votes, abstentions, agreement, probability sources."""
     cols = ["votes", "sample_status", "label", "confidence", "abstain_reason", "low_agreement", "sample_probs",
-            "entropy"]
+            "entropy", "prob_source"]
     s: dict[str, Any] = {"items": 0, "votes": 0, "valid_votes": 0, "invalid_votes": 0, "failed_votes": 0,
                          "abstained": 0, "abstained_tie": 0, "abstained_no_valid": 0, "failed_items": 0,
                          "low_agreement": 0, "samples_with_logprobs": 0}
     hist: Counter = Counter()
     dist: Counter = Counter()
     entropies: list[float] = []
+    sources: Counter = Counter()
     for df in _iter_frames(voted_paths, cols):
         s["items"] += len(df)
         for st, probs in zip(df["sample_status"], df["sample_probs"]):
@@ -43,8 +44,8 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
                     s["invalid_votes"] += 1
                 else:
                     s["failed_votes"] += 1
-        for lab, conf, reason, low, ent in zip(df["label"], df["confidence"], df["abstain_reason"], df["low_agreement"],
-                                               df["entropy"]):
+        for lab, conf, reason, low, ent, src in zip(df["label"], df["confidence"], df["abstain_reason"],
+                                                    df["low_agreement"], df["entropy"], df["prob_source"]):
             hist[_bin(conf, k)] += 1
             if _missing(lab):
                 s["abstained"] += 1
@@ -56,6 +57,7 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
                     s["failed_items"] += 1
             else:
                 dist[lab] += 1
+                sources[src] += 1
                 if not _missing(ent):
                     entropies.append(float(ent))
             if low:
@@ -64,11 +66,14 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
     s["agreement_histogram"] = dict(sorted(hist.items()))
     s["teacher_label_distribution"] = dict(sorted(dist.items()))
     s["mean_label_entropy"] = sum(entropies) / len(entropies) if entropies else None
+    # what the aggregation used: items whose distribution came from log-probabilities, from votes, or both
     n_lp, n_ok = s["samples_with_logprobs"], s["valid_votes"]
-    s["probability_source"] = ("logprobs" if n_ok and n_lp == n_ok else "vote shares" if n_lp == 0 else "mixed")
+    used = {k: v for k, v in sources.items() if v}
+    s["probability_source"] = ("logprobs" if set(used) == {"logprobs"} else
+                               "vote shares" if set(used) <= {"votes"} else "mixed")
     s["probability_source_method"] = (
-        f"{n_lp:,} of {n_ok:,} valid samples carried the teacher's log-probabilities"
-        + ("" if n_lp == n_ok else "; the others count as one-hot votes (the endpoint returned none)"))
+        f"{n_lp:,} of {n_ok:,} valid samples carried the teacher's log-probabilities; item distributions from "
+        + ", ".join(f"{'vote shares' if k == 'votes' else k} {v:,}" for k, v in sorted(used.items())))
     return s
 
 

@@ -101,6 +101,11 @@ def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(t
     plain = df[df["text"] == "bad cast [nologprobs]"].iloc[0]
     assert plain["prob_source"] == "votes" and plain["confidence"] == 1.0
     assert df.groupby("text")["label"].nunique().max() == 1  # repeated texts share their answers
+    # the aggregation is not in the cache key: switching it re-aggregates cached answers, sends nothing
+    fake_teacher.reset_counts()
+    s2 = annotate_flow(cfg.model_copy(update={"vote": cfg.vote.model_copy(update={"aggregation": "majority"})}),
+                       show_progress=False)
+    assert s2["requests_sent"] == 0 and s2["aggregation"] == "majority" and s2["probability_source"] == "vote shares"
 
 
 def test_cli_summary_json_and_clear_errors(tmp_path, fake_teacher, binary_prompt, prefect_api, capsys):
