@@ -8,6 +8,9 @@ Mappings (documented in the README):
 - movie (binary): mean > +0.5 -> positive, mean < -0.5 -> negative; |mean| <= 0.5 dropped
   as ambiguous (10,605 -> about 9,900 items).
 - nyt (3-class): mean < -0.5 -> negative, mean > +0.5 -> positive, otherwise neutral.
+- amazon and tweets (binary, as movie): product-review snippets and tweets, for checking
+  that the demo's recipe holds on binary data it was not tuned on (point the demo config
+  at them; they are never used to choose a prompt or a default).
 Each gets a seeded stratified split into three parts:
 - gold (1,000 items): human labels for the final evaluation only;
 - dev (300 items): human labels for choosing prompts and vote strategies (never gold);
@@ -32,6 +35,8 @@ VADER_VERSION = "3.3.2"
 CORPORA = {
     "movie": {"file": "movieReviewSnippets_GroundTruth.txt", "classes": 2, "gold_size": 1000, "dev_size": 300},
     "nyt": {"file": "nytEditorialSnippets_GroundTruth.txt", "classes": 3, "gold_size": 1000, "dev_size": 300},
+    "amazon": {"file": "amazonReviewSnippets_GroundTruth.txt", "classes": 2, "gold_size": 1000, "dev_size": 300},
+    "tweets": {"file": "tweets_GroundTruth.txt", "classes": 2, "gold_size": 1000, "dev_size": 300},
 }
 SEED = 13
 AMBIGUOUS = 0.5

@@ -103,8 +103,14 @@ def read_gold(gold_path: str, text_column: str, id_column: str, label_column: st
 def evaluate(
     gold: pd.DataFrame, teacher_gold_votes: list[str], predictor: Any, labels: list[str], out_dir: str,
     batch_size: int, k: int, teacher_items_per_s: Optional[float], energy: Any = None, aggregation: str = "majority",
+    majority_label: Optional[str] = None,
 ) -> dict[str, Any]:
-    """All gold metrics, plots and speed figures; returns a flat-ish dict (plots as paths)."""
+    """All gold metrics, plots and speed figures; returns a flat-ish dict (plots as paths).
+
+    ``majority_label`` is the teacher's most frequent label in the student's training
+    data: a student that answers it for everything (the collapse class balancing
+    prevents) scores ``majority_baseline_macro_f1``, the floor any useful student beats.
+    """
     from tasks.inference import measure_speed
 
     out = Path(out_dir)
@@ -121,6 +127,9 @@ def evaluate(
         "plots": [plot_confusion(g, s_pred, labels, "student on gold", out / "confusion_student.png")],
         "student_ece": s_rel.ece,
     }
+    if majority_label is not None:
+        res["majority_baseline_label"] = majority_label
+        res["majority_baseline_macro_f1"] = scores(g, [majority_label] * len(g), labels)["macro_f1"]
     curves = [s_rel]
     by_id = dict(zip(gold["id"], zip(s_pred, s_conf)))
     tv = pd.concat([pq.read_table(p).to_pandas() for p in teacher_gold_votes], ignore_index=True) if teacher_gold_votes else None
@@ -149,6 +158,8 @@ def evaluate(
             "teacher_per_class_voted": t_voted["per_class"],
             "teacher_ece": t_rel.ece, "teacher_ece_items": t_rel.items, "teacher_ece_left_out": t_rel.left_out,
             "student_ece_on_teacher_subset": s_rel_sub.ece,
+            **({"majority_baseline_macro_f1_on_teacher_subset":
+                scores(tg, [majority_label] * len(tg), labels)["macro_f1"]} if majority_label is not None else {}),
             "coverage_curve": curve,
             "blind_spots": blind_spots(tg, voted, s_sub, labels),
         })
@@ -188,13 +199,14 @@ def blind_spots(gold: list[str], teacher: list[str], student: list[str], labels:
 def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str],
                   teacher_gold_votes: list[str], model_dir: str, precision: str, max_length: int,
                   out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float],
-                  energy: Any = None, aggregation: str = "majority") -> dict[str, Any]:
+                  energy: Any = None, aggregation: str = "majority", majority_label: Optional[str] = None,
+                  ) -> dict[str, Any]:
     from tasks.inference import StudentPredictor
 
     gold = read_gold(gold_path, text_column, id_column, label_column, labels)
     pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)
     res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s, energy,
-                   aggregation)
+                   aggregation, majority_label)
     res["student_precision"] = pred.precision
     return res
 

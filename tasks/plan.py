@@ -18,7 +18,7 @@ from distill.config import DistillConfig, SampleVariation, TeacherMode
 from tasks.annotate import plan_shard
 from tasks.cache import ResponseCache
 from tasks.pricing import TeacherPrice, busy_cost
-from tasks.prompting import PromptTemplate
+from tasks.prompting import PromptError, PromptTemplate
 from tasks.tokens import CHARS_PER_TOKEN, TokenCounter
 
 
@@ -45,10 +45,27 @@ def _label_tokens(counter: TokenCounter, labels: list[str], chat: bool, max_toke
     return min(float(max_tokens), sum(per) / len(per))
 
 
+def check_max_tokens(template: PromptTemplate, max_tokens: int, counter: TokenCounter) -> None:
+    """Refuse a ``teacher.max_tokens`` that cannot hold some label, when the teacher's tokenizer can tell.
+
+    A label is written either right after the prompt's output prefix or after a space, so
+    each label must fit in max_tokens in at least one of the two forms; otherwise every
+    answer naming it would be cut short and parsed as invalid, after being paid for.
+    """
+    if not counter.exact:
+        return
+    for lab in template.labels:
+        need = min(counter.count(lab), counter.count(" " + lab))
+        if need > max_tokens:
+            raise PromptError(f"teacher.max_tokens={max_tokens} cannot hold the label {lab!r} ({need} tokens with "
+                              f"{counter.method}): raise teacher.max_tokens to at least {need}")
+
+
 def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[str], prices: list[TeacherPrice],
               counter: TokenCounter, sample_prompts: int = 2000) -> dict[str, Any]:
     """Estimate requests, tokens, USD and time for annotating ``shard_paths`` with ``cfg``."""
     t = cfg.teacher
+    check_max_tokens(template, t.max_tokens, counter)
     cache = ResponseCache(cfg.client.cache_path)
     eps: dict[int, _Endpoint] = {}
     items = 0

@@ -11,9 +11,12 @@ keep their label and are flagged for the trainer to weigh.
 teacher's log-probabilities (tasks/label_probs.py), or a one-hot vote where the endpoint
 gave none; invalid and failed samples contribute nothing; the k contributions are
 averaged, the label is the argmax and the confidence its probability. Either way the
-item keeps ``label_dist`` (the distribution over the label set, normalised over its valid
-samples: what soft-label training learns from), its entropy, and where the
-probabilities came from (``logprobs``, ``votes`` or ``mixed``).
+item keeps ``label_dist``, the teacher's distribution over the label set (its mean
+log-probabilities over the valid samples, one-hot votes where a sample had none): what
+soft-label training learns from, whichever rule picked the label. So majority can keep
+the teacher's own greedy answers as labels while the student still learns how sure the
+teacher was. Beside it: its entropy, and where the probabilities came from
+(``logprobs``, ``votes`` or ``mixed``).
 """
 
 from __future__ import annotations
@@ -109,14 +112,12 @@ def _entropy(dist: Sequence[float]) -> float:
     return float(-sum(p * math.log(p) for p in dist if p > 0))
 
 
-def _with_shares(r: VoteResult, votes: Sequence[Optional[str]], labels: list[str]) -> VoteResult:
-    """A majority result with its vote shares as the label distribution."""
-    valid = [v for v in votes if v is not None]
-    if not valid:
+def _with_distribution(r: VoteResult, dist: VoteResult) -> VoteResult:
+    """A majority result carrying the teacher's label distribution (from :func:`mean_probability`)."""
+    if dist.label_dist is None:
         return r
-    dist = [sum(v == lab for v in valid) / len(valid) for lab in labels]
-    return VoteResult(r.label, r.confidence, r.n_valid_votes, r.n_votes, r.abstain_reason, r.low_agreement, dist,
-                      _entropy(dist), "votes")
+    return VoteResult(r.label, r.confidence, r.n_valid_votes, r.n_votes, r.abstain_reason, r.low_agreement,
+                      dist.label_dist, dist.entropy, dist.prob_source)
 
 
 VOTE_COLUMNS = ["label", "confidence", "n_valid_votes", "n_votes", "abstain_reason", "low_agreement", "label_dist",
@@ -131,11 +132,9 @@ def vote_frame(ann: pd.DataFrame, min_agreement: float, labels: Optional[list[st
     res = []
     for v, st, p in zip(ann["votes"], ann["sample_status"], probs):
         failed = [s == "failed" for s in st]
-        if aggregation == "mean_probability":
-            res.append(mean_probability(list(v), [None if q is None else list(q) for q in p], labels, min_agreement,
-                                        failed))
-        else:
-            res.append(_with_shares(majority_vote(list(v), min_agreement, failed), list(v), labels))
+        mp = mean_probability(list(v), [None if q is None else list(q) for q in p], labels, min_agreement, failed)
+        res.append(mp if aggregation == "mean_probability"
+                   else _with_distribution(majority_vote(list(v), min_agreement, failed), mp))
     out = ann.copy()
     for c in VOTE_COLUMNS:  # object dtype: keep None as None (pandas would turn it into NaN)
         out[c] = pd.Series([getattr(r, c) for r in res], index=out.index, dtype=object)

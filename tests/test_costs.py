@@ -327,6 +327,21 @@ def test_plan_is_within_10_percent_of_the_run(tmp_path, binary_prompt, how, caps
         srv.stop()
 
 
+def test_plan_refuses_a_max_tokens_that_cannot_hold_a_label(tmp_path):
+    from tasks.plan import check_max_tokens
+    from tasks.prompting import PromptError
+    from tasks.tokens import hf_counter
+
+    p = tmp_path / "p.yaml"
+    p.write_text("name: x\nlabels: [fine, not fine at all]\ninstruction: i\n")
+    t = load_prompt(str(p))
+    counter = hf_counter(_minilm_dir())
+    with pytest.raises(PromptError, match="cannot hold the label 'not fine at all' \\(4 tokens"):
+        check_max_tokens(t, 2, counter)
+    check_max_tokens(t, 4, counter)
+    check_max_tokens(t, 1, heuristic_counter())  # no tokenizer of the teacher's: nothing to hold it against
+
+
 # --------------------------------------------------------------------------- energy and the projection
 
 

@@ -84,6 +84,10 @@ def test_vote_frame_writes_the_distribution_for_either_aggregation():
         "sample_probs": [[[0.6, 0.4], [0.55, 0.45], [0.1, 0.9]]],
     })
     maj = vote_frame(df, 0.6, ["x", "y"], "majority").iloc[0]
-    assert maj["label"] == "x" and maj["label_dist"] == pytest.approx([2 / 3, 1 / 3]) and maj["prob_source"] == "votes"
+    # majority keeps the most votes as the label and the teacher's probabilities as the distribution
+    assert maj["label"] == "x" and maj["confidence"] == pytest.approx(2 / 3)
+    assert list(maj["label_dist"]) == pytest.approx([1.25 / 3, 1.75 / 3]) and maj["prob_source"] == "logprobs"
+    no_lp = vote_frame(df.drop(columns=["sample_probs"]), 0.6, ["x", "y"], "majority").iloc[0]
+    assert list(no_lp["label_dist"]) == pytest.approx([2 / 3, 1 / 3]) and no_lp["prob_source"] == "votes"
     mp = vote_frame(df, 0.6, ["x", "y"], "mean_probability").iloc[0]
     assert mp["label"] == "y" and mp["confidence"] == pytest.approx(1.75 / 3)  # the probabilities overrule the count
