@@ -6,6 +6,9 @@
     distill plan CONFIG [--set k=v]... [--json PATH]   requests, tokens, $ and time, before any request
     distill predict --model models:/NAME@champion FILE [--output OUT]
     distill teacher start|stop|status       a long-lived local teacher for repeated runs
+    distill up [--prefect-port P] [--mlflow-port M]   local Prefect + MLflow servers (loopback, persistent)
+    distill down | distill status           stop them / say what runs
+    distill serve [CONFIG] [--on-demand-config C]   serve the nightly and on-demand deployments
 """
 
 from __future__ import annotations
@@ -153,6 +156,60 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from distill import servers
+
+    got = servers.up(args.workdir, args.prefect_port, args.mlflow_port, args.prefect_database_url,
+                     args.mlflow_backend_uri, args.mlflow_artifacts)
+    p, m = got["prefect"], got["mlflow"]
+    print(f"Prefect UI   {p.ui}   (API {p.url}, pid {p.pid}, log {p.log})")
+    print(f"MLflow UI    {m.ui}   (tracking and registry {m.url}, pid {m.pid}, log {m.log})")
+    print(f"written to {servers.state_dir(args.workdir) / 'servers.json'}: every distill command here uses these "
+          f"servers; elsewhere `set -a; . {servers.state_dir(args.workdir) / 'servers.env'}; set +a`")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from distill import servers
+
+    stopped = servers.down(args.workdir)
+    print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from distill import servers
+
+    st = servers.status(args.workdir)
+    if not st:
+        print("no servers started here (distill up starts them)")
+        return 1
+    for name, s in st.items():
+        print(f"{name:<8} {'healthy' if s['healthy'] else 'DOWN' if not s['alive'] else 'UNHEALTHY'}  {s['ui']}  "
+              f"(pid {s['pid']}, log {s['log']})")
+    return 0 if all(s["healthy"] for s in st.values()) else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from distill.config import load_config
+    from distill.servers import ServerError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ServerError("distill serve needs a Prefect server to register its deployments with: run `distill up` "
+                          "here first, or set PREFECT_API_URL")
+    from flows.deployments import distill_deployments, serve_deployments
+
+    nightly = load_config(args.config, args.set)
+    on_demand = load_config(args.on_demand_config) if args.on_demand_config else None
+    deps = distill_deployments(nightly, on_demand)
+    print(f"serving {', '.join('distill/' + d.name for d in deps)} on {os.environ['PREFECT_API_URL']} "
+          f"(nightly: {nightly.schedule.cron} {nightly.schedule.timezone}); Ctrl-C or SIGTERM stops (and pauses them)")
+    serve_deployments(deps, args.limit)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a cheap student.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,6 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="take gguf_path, n_ctx, n_threads and model alias from this config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.set_defaults(func=cmd_teacher)
+
+    u = sub.add_parser("up", help="start a Prefect server and an MLflow tracking server on loopback, persistent here")
+    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--prefect-database-url", help="Prefect's database (default: sqlite under .distill/servers; "
+                                                  "or $DISTILL_PREFECT_DATABASE_URL), e.g. postgresql+asyncpg://...")
+    u.add_argument("--mlflow-backend-uri", help="MLflow's backend store (default: sqlite under .distill/servers; "
+                                                "or $DISTILL_MLFLOW_BACKEND_URI), e.g. postgresql://...")
+    u.add_argument("--mlflow-artifacts", help="where MLflow stores artifacts (default .distill/servers/mlflow/artifacts)")
+    u.set_defaults(func=cmd_up)
+    dn = sub.add_parser("down", help="stop the servers `distill up` started")
+    dn.set_defaults(func=cmd_down)
+    stt = sub.add_parser("status", help="which servers run, and are they healthy")
+    stt.set_defaults(func=cmd_status)
+    sv = sub.add_parser("serve", help="serve the nightly and on-demand deployments on the Prefect server")
+    sv.add_argument("config", nargs="?", default="configs/demo.yaml", help="the nightly run's config (and its schedule)")
+    sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sv.add_argument("--on-demand-config", help="defaults of the on-demand form (default: the nightly config)")
+    sv.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
+    sv.set_defaults(func=cmd_serve)
+    for sp in (u, dn, stt):
+        sp.add_argument("--workdir", default=".", help="the project folder whose .distill/ holds the servers' state")
     return p
 
 
@@ -212,10 +291,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tasks.budget import BudgetExhausted
     from tasks.pricing import PricingError
 
+    from distill.servers import ServerError, use_servers
+
     args = build_parser().parse_args(argv)
+    if args.command not in ("up", "down", "status"):
+        use_servers()  # the servers of `distill up`, when they run (explicit env vars win)
     try:
         return args.func(args)
-    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError, PricingError) as e:
+    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError, PricingError, ServerError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except BudgetExhausted as e:

@@ -233,12 +233,12 @@ class StudentConfig(_Strict):
         description="'filter': drop items below vote.min_agreement; 'weight': keep all voted items, loss weighted by vote share.",
     )
     soft_label_weight: float = Field(
-        default=0.0, ge=0.0, le=1.0,
+        default=1.0, ge=0.0, le=1.0,
         description=("Hard/soft mix of the loss: 0 trains on the teacher's aggregated label only, 1 on its label "
                      "distribution only (mean log-probabilities, or vote shares where there are none), in between both."),
     )
     distill_temperature: float = Field(
-        default=1.0, ge=1.0, le=20.0,
+        default=2.0, ge=1.0, le=20.0,
         description=("Temperature T of the soft-label term: teacher distribution and student logits are both softened "
                      "by T and the term is scaled by T^2 (Hinton et al.); 1 leaves them as they are."),
     )
@@ -369,6 +369,31 @@ class ReferenceDeployment(_Strict):
     )
 
 
+class ScheduleConfig(_Strict):
+    """When the nightly deployment runs (``distill serve``); on-demand runs ignore it."""
+
+    cron: str = Field(default="0 2 * * *", description="Cron expression of the nightly run (minute hour day month weekday).")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron expression is read in, e.g. Europe/Berlin.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) not in (5, 6):
+            raise ValueError(f"{v!r} is not a cron expression: expected 5 fields, e.g. '0 2 * * *'")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. UTC, Europe/Berlin, America/New_York)") from None
+        return v
+
+
 class DistillConfig(_Strict):
     """A distill run: data, teacher, prompt, client limits, vote rule and where outputs go."""
 
@@ -388,6 +413,7 @@ class DistillConfig(_Strict):
     reference: ReferenceDeployment = Field(
         default_factory=ReferenceDeployment, description="A reference deployment for the per-1M-items projection."
     )
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the nightly deployment runs.")
 
     @property
     def run_dir(self) -> Path:

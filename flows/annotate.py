@@ -5,8 +5,6 @@ subflow of the full distillation flow. Tasks are coarse: one per stage and one p
 of a few thousand items, never one per item. Data moves between them as Parquet files.
 """
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import json

@@ -7,8 +7,6 @@ Training and inference run under codecarbon's offline tracker; the run ends with
 teacher's bill and the per-1M-items projection for teacher and student (tasks/costs.py).
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import math
@@ -21,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from distill.config import DistillConfig
+from distill.links import mlflow_model_version_url, mlflow_run_url, prefect_flow_run_url, publish_links
 from distill.runtime import run_logger, set_offline_env
 from flows.annotate import annotate_flow
 from tasks.budget import BudgetExhausted
@@ -35,8 +34,9 @@ set_offline_env()
 
 TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_single", "teacher_macro_f1_voted",
               "student_accuracy", "student_macro_f1", "student_accuracy_on_teacher_subset",
-              "student_macro_f1_on_teacher_subset", "teacher_ece", "student_ece", "student_ece_on_teacher_subset", "student_items_per_s", "teacher_items_per_s", "speed_ratio",
-              "promoted", "gate_reason", "model_name", "model_version", "mlflow_run_id"]
+              "student_macro_f1_on_teacher_subset", "teacher_ece", "student_ece", "student_ece_on_teacher_subset",
+              "majority_baseline_macro_f1", "majority_baseline_macro_f1_on_teacher_subset", "student_items_per_s",
+              "teacher_items_per_s", "speed_ratio", "promoted", "gate_reason", "model_name", "model_version", "mlflow_run_id"]
 # the cost and carbon figures of --summary-json; each has a *_method key next to it
 COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
              "teacher_usd_per_1m", "teacher_hours_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m",
@@ -77,6 +77,8 @@ def final_table(s: dict[str, Any]) -> str:
         f"{s.get('student_items_per_s') or 0:.1f} |",
         f"| student | {s.get('gold_items')} (all gold) | {_pct(s.get('student_accuracy'))} | "
         f"{_pct(s.get('student_macro_f1'))} | {_ece(s.get('student_ece'))} | |",
+        f"| always '{s.get('majority_baseline_label')}' (the teacher's majority label) | {n_sub} (same subset) | | "
+        f"{_pct(s.get('majority_baseline_macro_f1_on_teacher_subset'))} | | |",
         "",
         f"Teacher labels: {agg} over k={s.get('samples_per_item')} samples ({s.get('variation')}), probabilities from "
         f"{s.get('probability_source')} ({s.get('probability_source_method')}). Student trained on "
@@ -136,8 +138,11 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
     except Exception:
         fr_id, fr_name = "", ""
     run_dir = cfg.run_dir
-    with mlflow.start_run(run_name=cfg.run_name, tags={"prefect.flow_run_id": fr_id, "prefect.flow_run_name": fr_name,
-                                                       "distill.run_name": cfg.run_name}) as parent:
+    run_tags = {"prefect.flow_run_id": fr_id, "prefect.flow_run_name": fr_name, "distill.run_name": cfg.run_name}
+    if prefect_flow_run_url(fr_id):
+        run_tags["prefect.flow_run_url"] = prefect_flow_run_url(fr_id)
+    with mlflow.start_run(run_name=cfg.run_name, tags=run_tags) as parent:
+        publish_links({"mlflow-run": mlflow_run_url(uri, parent.info.experiment_id, parent.info.run_id)})
         mlflow.log_params({k: str(v)[:500] for k, v in cfg.public_params().items()})
         mlflow.log_text(Path(template.source).read_text(), "prompt/template.yaml")
         mlflow.set_tag("prompt_hash", template.template_hash())
@@ -187,7 +192,8 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
         ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
                            labels, voted_gold, tr["model_dir"], cfg.student.precision, cfg.student.max_length,
                            str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
-                           ann.get("teacher_items_per_s"), cfg.energy, cfg.vote.aggregation.value)
+                           ann.get("teacher_items_per_s"), cfg.energy, cfg.vote.aggregation.value,
+                           max(tr["train_label_counts"], key=tr["train_label_counts"].get))
         stage_s["evaluate"] = time.monotonic() - t0
         with mlflow.start_run(run_name="evaluate", nested=True):
             mlflow.log_metrics(_numeric(ev))
@@ -235,6 +241,7 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
         mlflow.log_text(table, "summary.md")
         (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     with contextlib.suppress(Exception):
+        publish_links({"mlflow-model-version": mlflow_model_version_url(uri, reg["model_name"], reg["model_version"])})
         create_markdown_artifact(markdown="# distill run\n\n" + table, key="distill-summary",
                                  description="teacher vs student on human gold, speed and the gate decision")
     logger.info("distill run finished:\n%s", table)

@@ -1,0 +1,246 @@
+"""Local Prefect and MLflow servers for scheduled and UI-triggered runs: ``distill up|down|status``.
+
+Why: nightly runs, runs triggered from the Prefect UI and the champion's registry need
+long-lived servers, and starting them by hand has traps: ``prefect server start --port``
+alone leaves the UI calling port 4200, analytics try the network, a default MLflow
+file store refuses to start, and a flow that cannot find the servers quietly falls back
+to an ephemeral Prefect API and a local ``mlflow.db``. ``distill up`` starts both on
+loopback only, persistent under the project's working directory (sqlite databases and
+an artifact folder in ``.distill/servers``, or the database URIs given), waits until
+both answer their health checks, and writes where they are to ``.distill/servers.json``
+and a sourceable ``.distill/servers.env``; every ``distill`` command (and a deployment
+served by ``distill serve``) then finds them by itself. ``distill down`` stops them and
+``distill status`` says what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+HOST = "127.0.0.1"  # loopback only: these servers have no authentication
+
+
+class ServerError(RuntimeError):
+    """A server would not start or is not where its state file says."""
+
+
+@dataclass
+class Server:
+    name: str  # "prefect" or "mlflow"
+    pid: int
+    url: str  # what clients use: the Prefect API URL, the MLflow tracking URI
+    ui: str  # what a person opens in a browser
+    log: str
+    health: str  # the URL that answers when the server is up
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        return _get(self.health, timeout) is not None
+
+
+def state_dir(workdir: str | Path = ".") -> Path:
+    return Path(workdir).resolve() / ".distill"
+
+
+def _get(url: str, timeout: float = 2.0) -> Optional[bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read() if r.status == 200 else None
+    except Exception:
+        return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (prefect, mlflow), next to the running Python."""
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else name
+
+
+def prefect_env(home: Path, port: int, database_url: Optional[str] = None) -> dict[str, str]:
+    """What a Prefect server on ``port`` needs so that its UI, its API and its clients agree."""
+    api = f"http://{HOST}:{port}/api"
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": api,  # the UI's own calls: without it they go to port 4200
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+    }
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+def read_state(workdir: str | Path = ".") -> dict[str, Server]:
+    p = state_dir(workdir) / "servers.json"
+    if not p.exists():
+        return {}
+    try:
+        return {k: Server(**v) for k, v in json.loads(p.read_text()).items()}
+    except (ValueError, TypeError):
+        return {}
+
+
+def _write_state(workdir: str | Path, servers: dict[str, Server]) -> None:
+    d = state_dir(workdir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "servers.json").write_text(json.dumps({k: asdict(v) for k, v in servers.items()}, indent=2))
+    lines = ["# written by `distill up`; `set -a; . .distill/servers.env; set +a` points a shell at the servers"]
+    if "prefect" in servers:
+        lines.append(f"PREFECT_API_URL={servers['prefect'].url}")
+    if "mlflow" in servers:
+        lines.append(f"MLFLOW_TRACKING_URI={servers['mlflow'].url}")
+    (d / "servers.env").write_text("\n".join(lines) + "\n")
+
+
+def _start(name: str, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env}, start_new_session=True)
+
+
+def _wait(server: Server, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"{server.name} server exited with code {proc.returncode}; log {server.log}:\n"
+                              + _tail(Path(server.log)))
+        if server.healthy(1.0):
+            return
+        time.sleep(0.5)
+    _stop_pid(proc.pid)
+    raise ServerError(f"{server.name} server not healthy after {timeout:.0f}s at {server.health}; log {server.log}:\n"
+                      + _tail(Path(server.log)))
+
+
+def _tail(p: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(p.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def up(workdir: str | Path = ".", prefect_port: int = 4200, mlflow_port: int = 5000,
+       prefect_database_url: Optional[str] = None, mlflow_backend_uri: Optional[str] = None,
+       mlflow_artifacts: Optional[str] = None, timeout_s: float = 120.0) -> dict[str, Server]:
+    """Start the Prefect server and the MLflow tracking server (with its registry); reuse healthy ones.
+
+    ``prefect_database_url`` (else $DISTILL_PREFECT_DATABASE_URL, else sqlite in
+    ``.distill/servers/prefect``) and ``mlflow_backend_uri`` (else
+    $DISTILL_MLFLOW_BACKEND_URI, else sqlite in ``.distill/servers/mlflow``) pick each
+    server's database; ``mlflow_artifacts`` the folder or URI its artifacts go to.
+    """
+    base = state_dir(workdir) / "servers"
+    servers = {k: v for k, v in read_state(workdir).items() if _alive(v.pid) and v.healthy()}
+    if "prefect" not in servers:
+        if not _port_free(prefect_port):
+            raise ServerError(f"port {prefect_port} on {HOST} is in use: choose another with --prefect-port")
+        home = base / "prefect"
+        env = prefect_env(home, prefect_port, prefect_database_url or os.environ.get("DISTILL_PREFECT_DATABASE_URL"))
+        log = base / "prefect.log"
+        proc = _start("prefect", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+                      env, log)
+        srv = Server("prefect", proc.pid, env["PREFECT_API_URL"], f"http://{HOST}:{prefect_port}", str(log),
+                     env["PREFECT_API_URL"] + "/health")
+        _wait(srv, proc, timeout_s)
+        servers["prefect"] = srv
+        _write_state(workdir, servers)
+    if "mlflow" not in servers:
+        if not _port_free(mlflow_port):
+            raise ServerError(f"port {mlflow_port} on {HOST} is in use: choose another with --mlflow-port")
+        mdir = base / "mlflow"
+        mdir.mkdir(parents=True, exist_ok=True)
+        backend = mlflow_backend_uri or os.environ.get("DISTILL_MLFLOW_BACKEND_URI") or f"sqlite:///{mdir / 'mlflow.db'}"
+        artifacts = mlflow_artifacts or str(mdir / "artifacts")
+        log = base / "mlflow.log"
+        proc = _start("mlflow", [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
+                                 "--backend-store-uri", backend, "--artifacts-destination", artifacts],
+                      {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}, log)
+        url = f"http://{HOST}:{mlflow_port}"
+        srv = Server("mlflow", proc.pid, url, url, str(log), url + "/health")
+        _wait(srv, proc, timeout_s)
+        servers["mlflow"] = srv
+        _write_state(workdir, servers)
+    return servers
+
+
+def _stop_pid(pid: int, grace_s: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _alive(pid):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        if not _alive(pid):
+            return
+
+
+def down(workdir: str | Path = ".") -> list[str]:
+    """Stop the servers ``distill up`` started here; returns the names of those that were running."""
+    stopped = []
+    for name, srv in read_state(workdir).items():
+        if _alive(srv.pid):
+            _stop_pid(srv.pid)
+            stopped.append(name)
+    for f in ("servers.json", "servers.env"):
+        (state_dir(workdir) / f).unlink(missing_ok=True)
+    return stopped
+
+
+def status(workdir: str | Path = ".") -> dict[str, dict]:
+    """Each recorded server: its URLs, pid, and whether it is alive and healthy now."""
+    return {name: {**asdict(srv), "alive": _alive(srv.pid), "healthy": _alive(srv.pid) and srv.healthy()}
+            for name, srv in read_state(workdir).items()}
+
+
+def use_servers(workdir: str | Path = ".") -> dict[str, str]:
+    """Point this process at the servers of ``distill up`` when they are healthy; explicit env vars win.
+
+    Sets ``PREFECT_API_URL`` and ``MLFLOW_TRACKING_URI`` (only those not set already) and
+    returns what it set. Called by every ``distill`` command before any flow runs.
+    """
+    done: dict[str, str] = {}
+    for name, var in (("prefect", "PREFECT_API_URL"), ("mlflow", "MLFLOW_TRACKING_URI")):
+        srv = read_state(workdir).get(name)
+        if srv is not None and not os.environ.get(var) and _alive(srv.pid) and srv.healthy(1.0):
+            os.environ[var] = done[var] = srv.url
+    return done
