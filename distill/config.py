@@ -369,6 +369,35 @@ class ReferenceDeployment(_Strict):
     )
 
 
+class SelectionStrategy(str, Enum):
+    all = "all"
+    random = "random"
+    uncertainty = "uncertainty"
+
+
+class SelectionConfig(_Strict):
+    """Which pool items a run asks the teacher about (the nightly run over a growing source)."""
+
+    strategy: SelectionStrategy = Field(
+        default=SelectionStrategy.all,
+        description=("'all': every pool item (items labelled before are answered from the cache, so a grown source "
+                     "costs only its new items); 'uncertainty': at most max_new_items items this run has not labelled "
+                     "before, those the current champion is least sure of; 'random': as many, drawn at random."),
+    )
+    max_new_items: Optional[int] = Field(
+        default=None, ge=1,
+        description="Tonight's teacher budget in items for 'uncertainty' and 'random' (required for them).",
+    )
+    champion_alias: str = Field(default="champion", description="Alias of the registered model whose confidence ranks items.")
+    seed: int = Field(default=0, description="Seed for 'random' (and for ties).")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SelectionConfig":
+        if self.strategy != SelectionStrategy.all and self.max_new_items is None:
+            raise ValueError(f"selection.max_new_items is required with selection.strategy '{self.strategy.value}'")
+        return self
+
+
 class ScheduleConfig(_Strict):
     """When the nightly deployment runs (``distill serve``); on-demand runs ignore it."""
 
@@ -414,6 +443,8 @@ class DistillConfig(_Strict):
         default_factory=ReferenceDeployment, description="A reference deployment for the per-1M-items projection."
     )
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the nightly deployment runs.")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig,
+                                       description="Which pool items are labelled: all, or tonight's budget by uncertainty.")
 
     @property
     def run_dir(self) -> Path:

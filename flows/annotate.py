@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
-from distill.config import DistillConfig, SampleVariation
+from distill.config import DistillConfig, SampleVariation, SelectionConfig, TrackingConfig
 from distill.runtime import resolve_api_key, run_logger, set_offline_env
 from tasks.annotate import annotate_shard, choices_per_request
 from tasks.budget import BudgetExhausted
@@ -30,6 +30,7 @@ from tasks.local_teacher import local_teacher
 from tasks.plan import make_plan, plan_text
 from tasks.pricing import TeacherPrice, resolve_prices
 from tasks.prompting import PromptTemplate, load_prompt
+from tasks.select import Selection, commit_selection, select_items
 from tasks.report import gold_scores, markdown_summary, vote_stats
 from tasks.tokens import counter_for
 from tasks.vote import vote_task
@@ -73,8 +74,12 @@ def report_task(summary: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return summary
 
 
-def input_fingerprint(cfg: DistillConfig, template: PromptTemplate) -> str:
-    """Hash of what makes existing annotation parts valid; a change invalidates them (the cache stays)."""
+def input_fingerprint(cfg: DistillConfig, template: PromptTemplate, selected_shards: list[str] | None = None) -> str:
+    """Hash of what makes existing annotation parts valid; a change invalidates them (the cache stays).
+
+    With a selection, the chosen items change night by night in the same files, so their
+    ids are part of the hash.
+    """
     def stat(path: str | None) -> list[int] | None:
         if not path or not Path(path).exists():
             return None
@@ -83,12 +88,37 @@ def input_fingerprint(cfg: DistillConfig, template: PromptTemplate) -> str:
 
     blob = json.dumps(
         {"data": cfg.data.model_dump(mode="json"), "prompt": template.template_hash(),
+         "selected": _ids_hash(selected_shards) if selected_shards is not None else None,
          "files": [stat(cfg.data.pool_path), stat(cfg.data.gold_path)],
          "teacher": cfg.teacher.model_dump(mode="json", exclude={"startup_timeout_s", "n_threads",
                                                                  "tokenizer"})},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _ids_hash(shards: list[str]) -> str:
+    import pyarrow.parquet as pq
+
+    h = hashlib.sha256()
+    for p in shards:
+        for i in pq.read_table(p, columns=["id"]).column("id").to_pylist():
+            h.update(str(i).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@task(name="select-items")
+def select_task(pool_shards: list[str], run_dir: str, selection: SelectionConfig, tracking: TrackingConfig,
+                chunk_rows: int) -> Selection:
+    """Tonight's items (tasks/select.py); the champion is looked up in the configured registry."""
+    if selection.strategy.value != "all":
+        import mlflow
+
+        from tasks.registry import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(tracking.tracking_uri))
+    return select_items(pool_shards, Path(run_dir), selection.strategy.value, selection.max_new_items,
+                        selection.seed, f"models:/{tracking.model_name}@{selection.champion_alias}", chunk_rows)
 
 
 @contextlib.contextmanager
@@ -108,6 +138,21 @@ def _current_run_id() -> str:
         return str(ctx.flow_run.id)  # type: ignore[union-attr]
     except Exception:
         return uuid.uuid4().hex
+
+
+def reuse_summary(pool_results: list[dict[str, Any]], usd_per_item: float | None) -> dict[str, Any]:
+    """New vs reused pool items and what reusing cached answers saved (what asking again would cost).
+
+    An item is reused when all its answers came from the cache or from a finished part of
+    an earlier run (a nightly run over a source that grew annotates only what is new).
+    """
+    reused = sum(int(r.get("items", 0) or 0) if r.get("skipped") else int(r.get("items_reused", 0) or 0)
+                 for r in pool_results)
+    total = sum(int(r.get("items", 0) or 0) for r in pool_results)
+    return {"items_new": total - reused, "items_reused": reused,
+            "reuse_saved_usd": reused * usd_per_item if usd_per_item is not None else None,
+            "reuse_saved_usd_method": (f"{reused:,} reused items x teacher_usd_per_item (what labelling one item costs, "
+                                       "see its method)") if usd_per_item is not None else "teacher cost per item unknown"}
 
 
 def _sum(results: list[dict[str, Any]], key: str) -> int:
@@ -131,13 +176,6 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         logger.info("teacher price: %s", p.describe())
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    fp = input_fingerprint(cfg, template)
-    manifest = run_dir / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fp:
-        logger.info("config or prompt changed since the last run in %s: re-annotating (from cache where possible)", run_dir)
-        for sub in ("annotations", "votes"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-    manifest.write_text(json.dumps({"fingerprint": fp, "prompt_hash": template.template_hash()}))
 
     t0 = time.monotonic()
     inputs = load_task(cfg, template.labels, str(run_dir / "input"))
@@ -146,6 +184,20 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     logger.info("loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
                 "%d rows with invalid UTF-8)", pr["items"], pr["empty_text"], pr["duplicate_ids"],
                 pr["duplicate_texts"], pr["invalid_utf8"])
+    sel = select_task(inputs["pool_shards"], str(run_dir), cfg.selection, cfg.tracking, cfg.data.chunk_rows)
+    inputs["pool_shards"] = sel.pool_shards
+    if cfg.selection.strategy.value != "all":
+        logger.info("selection: %d items labelled before, %d chosen tonight, %d deferred (%s)", sel.labelled_before,
+                    sel.selected, sel.deferred, sel.method)
+
+    fp = input_fingerprint(cfg, template, sel.pool_shards if cfg.selection.strategy.value != "all" else None)
+    manifest = run_dir / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fp:
+        logger.info("config, prompt or items changed since the last run in %s: re-annotating (from cache where "
+                    "possible)", run_dir)
+        for sub in ("annotations", "votes"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    manifest.write_text(json.dumps({"fingerprint": fp, "prompt_hash": template.template_hash()}))
     plan = plan_task(cfg, inputs["gold_shards"] + inputs["pool_shards"], prices)
     ptext = plan_text(plan)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
@@ -209,6 +261,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
                                      description="the run reached budget.max_usd")
         raise BudgetExhausted(msg, partial)
 
+    commit_selection(run_dir)  # tonight's items are annotated: they join the run's ledger
     t0 = time.monotonic()
     voted = {
         split: vote_task([r["path"] for r in shard_results[split]], str(run_dir / "votes" / split),
@@ -249,6 +302,8 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     items_total = sum(int(r.get("items", 0) or 0) for r in all_results if not r.get("skipped"))
     summary.update(teacher_costs(cfg, prices, all_results, ledger, teacher_energy, items_total,
                                  summary["teacher_items_per_s"], previous, per_request))
+    summary.update(reuse_summary(shard_results["pool"], summary.get("teacher_usd_per_item")))
+    summary.update(sel.summary())
     summary.update({"plan_requests": plan["requests_to_send"], "plan_tokens": plan["tokens_in"] + plan["tokens_out"],
                     "plan_usd": plan["usd"], "plan_seconds": plan["seconds"], "budget_max_usd": max_usd})
     if voted["gold"]:

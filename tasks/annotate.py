@@ -380,6 +380,8 @@ def annotate_shard(
         "answers_usage_estimated": sum(1 for o in used if o.usage_source == "estimated"),
         "answers_usd": answers_usd, "fresh_answers_usd": fresh_usd,
         "requests_deduplicated": plan.deduplicated,
+        # items every answer of which came from the cache (an earlier run paid for them)
+        "items_reused": int(sum(all(c) for c in df["cached"])),
     }
     return ShardResult(str(out), len(df), st, budget_exhausted=exhausted)
 

@@ -103,10 +103,38 @@ def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(t
     assert df.groupby("text")["label"].nunique().max() == 1  # repeated texts share their answers
     # the aggregation is not in the cache key: switching it re-aggregates cached answers, sends nothing
     fake_teacher.reset_counts()
-    s2 = annotate_flow(cfg.model_copy(update={"vote": cfg.vote.model_copy(update={"aggregation": "majority"})}),
+    s2 = annotate_flow(type(cfg).model_validate({**cfg.model_dump(), "vote": {"aggregation": "majority"}}),
                        show_progress=False)
     assert s2["requests_sent"] == 0 and s2["aggregation"] == "majority"
     assert s2["probability_source"] == s["probability_source"]  # the soft targets still come from the log-probabilities
+
+
+def test_a_grown_source_annotates_only_its_new_items_and_says_what_reuse_saved(tmp_path, fake_teacher, binary_prompt,
+                                                                              prefect_api):
+    """The nightly case: yesterday's items come from the cache, only today's are sent."""
+    write_data(tmp_path, n_pool=20)
+    cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
+    first = annotate_flow(cfg, show_progress=False)
+    assert first["items_new"] == 19 and first["items_reused"] == 0  # one empty text set aside
+    write_data(tmp_path, n_pool=30)  # the source grew by 10 items
+    fake_teacher.reset_counts()
+    s = annotate_flow(cfg, show_progress=False)
+    assert s["items_new"] == 10 and s["items_reused"] == 19 and s["items"] == 29
+    assert len(fake_teacher.received) == 10 * 3  # only the new items were asked (gold is cached too)
+    per_item = s["teacher_usd_per_item"]
+    assert per_item > 0 and s["reuse_saved_usd"] == pytest.approx(19 * per_item)
+
+
+def test_a_budgeted_night_asks_only_about_its_new_choice(tmp_path, fake_teacher, binary_prompt, prefect_api):
+    write_data(tmp_path, n_pool=30)
+    cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "selection": {"strategy": "random", "max_new_items": 8}})
+    first = annotate_flow(cfg, show_progress=False)
+    assert first["items"] == 8 and first["items_selected"] == 8 and first["items_deferred"] == 21
+    fake_teacher.reset_counts()
+    second = annotate_flow(cfg, show_progress=False)  # the next night: 8 more, yesterday's 8 from the cache
+    assert second["items"] == 16 and second["items_labelled_before"] == 8 and second["items_reused"] == 8
+    assert second["items_new"] == 8 and len(fake_teacher.received) == 8 * 3
 
 
 def test_cli_summary_json_and_clear_errors(tmp_path, fake_teacher, binary_prompt, prefect_api, capsys):
