@@ -4,11 +4,11 @@
     distill annotate CONFIG [--set k=v]... [--summary-json PATH] [--no-progress]
     distill run CONFIG [--set k=v]... [--summary-json PATH] [--dry-run]   the whole DAG, ending in the gate
     distill plan CONFIG [--set k=v]... [--json PATH]   requests, tokens, $ and time, before any request
-    distill predict --model models:/NAME@champion FILE [--output OUT]
+    distill predict FILE [--model models:/NAME@champion] [--output OUT] [--config predict.yaml]
     distill teacher start|stop|status       a long-lived local teacher for repeated runs
     distill up [--prefect-port P] [--mlflow-port M]   local Prefect + MLflow servers (loopback, persistent)
     distill down | distill status           stop them / say what runs
-    distill serve [CONFIG] [--on-demand-config C]   serve the nightly and on-demand deployments
+    distill serve [CONFIG] [--on-demand-config C] [--predict-config P]   serve the deployments
 """
 
 from __future__ import annotations
@@ -90,31 +90,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import mlflow
+    """The batch-predict flow on a file: every item labelled, written as Parquet (or CSV), logged to MLflow."""
+    from distill.config import ConfigError, PredictConfig, config_from_dict, read_yaml
+
+    raw: dict = read_yaml(Path(args.config), ConfigError, "predict config") if args.config else {}
+    out = args.output or str(Path(args.file).with_suffix(".predictions.parquet"))
+    raw.update({"input_path": args.file, "output_path": out})
+    for key, val in (("model_uri", args.model), ("text_column", args.text_column), ("id_column", args.id_column),
+                     ("shard_rows", args.batch_rows), ("tracking_uri", args.tracking_uri)):
+        if val is not None:
+            raw[key] = val
+    cfg = config_from_dict(raw, source=args.config or "distill predict", model=PredictConfig)
+    from flows.batch_predict import batch_predict_flow
+
+    s = batch_predict_flow(cfg)
+    d = s["data"]
+    print(f"labelled {s['items']:,} items -> {s['output_path']} with {s['model_uri']} (version {s['model_version']}); "
+          f"{d['empty_text']} empty texts and {d['duplicate_ids']} repeated ids set aside")
+    if s["items_per_s"]:
+        print(f"{s['items_per_s']:.1f} items/s, ${s['usd']:.6f} ({s['usd_method']}), "
+              f"{s['kwh'] if s['kwh'] is not None else 'n/a'} kWh; MLflow run {s['mlflow_run_id']}")
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from tasks.data import DataReport, iter_items
-    from tasks.registry import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(args.tracking_uri))
-    model = mlflow.pyfunc.load_model(args.model)
-    out_path = Path(args.output or Path(args.file).with_suffix(".predictions.parquet"))
-    report = DataReport(path=args.file)
-    parts = []
-    with tqdm(desc="predict", unit="item") as bar:
-        for chunk in iter_items(args.file, args.text_column, args.id_column, args.batch_rows, report=report):
-            pred = model.predict(pd.DataFrame({"text": chunk["text"]}))
-            parts.append(pd.DataFrame({"id": chunk["id"].values, "label": pred["label"].values,
-                                       "score": pred["score"].values}))
-            bar.update(len(chunk))
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "label", "score"])
-    if out_path.suffix == ".csv":
-        df.to_csv(out_path, index=False)
-    else:
-        df.to_parquet(out_path, index=False)
-    print(f"labelled {len(df)} items -> {out_path} ({report.empty_text} empty texts and {report.duplicate_ids} "
-          f"repeated ids set aside)")
+    df = pd.read_csv(out) if out.endswith(".csv") else pd.read_parquet(out)
     print(df["label"].value_counts().to_string())
     return 0
 
@@ -204,7 +202,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     nightly = load_config(args.config, args.set)
     on_demand = load_config(args.on_demand_config) if args.on_demand_config else None
     deps = distill_deployments(nightly, on_demand)
-    print(f"serving {', '.join('distill/' + d.name for d in deps)} on {os.environ['PREFECT_API_URL']} "
+    if args.predict_config:
+        from distill.config import ConfigError, PredictConfig, config_from_dict, read_yaml
+        from flows.deployments import batch_deployment
+
+        raw = read_yaml(Path(args.predict_config), ConfigError, "predict config")
+        deps.append(batch_deployment(config_from_dict(raw, source=args.predict_config, model=PredictConfig)))
+    print(f"serving {', '.join(d.flow_name + '/' + d.name for d in deps)} on {os.environ['PREFECT_API_URL']} "
           f"(nightly: {nightly.schedule.cron} {nightly.schedule.timezone}); Ctrl-C or SIGTERM stops (and pauses them)")
     serve_deployments(deps, args.limit)
     return 0
@@ -237,13 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", help="also write the plan as JSON to this path")
     pl.set_defaults(func=cmd_plan)
 
-    pr = sub.add_parser("predict", help="label a file with a registered student")
-    pr.add_argument("--model", required=True, help="e.g. models:/distill-student@champion")
+    pr = sub.add_parser("predict", help="label a file with a registered student (the batch-predict flow)")
     pr.add_argument("file", help=".csv, .jsonl, .parquet or a saved datasets folder")
-    pr.add_argument("--text-column", default="text")
-    pr.add_argument("--id-column", default="id")
+    pr.add_argument("--model", help="default models:/distill-student@champion")
+    pr.add_argument("--config", help="a PredictConfig YAML (runtime, pricing, energy, ...); the flags win over it")
+    pr.add_argument("--text-column")
+    pr.add_argument("--id-column")
     pr.add_argument("--output", help="output .parquet or .csv (default: FILE.predictions.parquet)")
-    pr.add_argument("--batch-rows", type=int, default=2000)
+    pr.add_argument("--batch-rows", type=int, help="items per shard")
     pr.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     pr.set_defaults(func=cmd_predict)
 
@@ -276,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sv.add_argument("--on-demand-config", help="defaults of the on-demand form (default: the nightly config)")
     sv.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
+    sv.add_argument("--predict-config", help="also serve the champion's scheduled batch job with this PredictConfig YAML")
     sv.set_defaults(func=cmd_serve)
     for sp in (u, dn, stt):
         sp.add_argument("--workdir", default=".", help="the project folder whose .distill/ holds the servers' state")

@@ -423,6 +423,25 @@ class ScheduleConfig(_Strict):
         return v
 
 
+class TaskRunnerKind(str, Enum):
+    local = "local"
+    dask = "dask"
+
+
+class RuntimeConfig(_Strict):
+    """Where shards run: one after another in this process (default), or on a Dask cluster via prefect-dask."""
+
+    task_runner: TaskRunnerKind = Field(
+        default=TaskRunnerKind.local,
+        description=("'local': shards one after another in the flow's process; 'dask': shards at once on a Dask "
+                     "cluster (prefect-dask's DaskTaskRunner): dask_address, or a local cluster of dask_workers."),
+    )
+    dask_address: Optional[str] = Field(
+        default=None, description="Scheduler address of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (None: start a local one)."
+    )
+    dask_workers: int = Field(default=2, ge=1, le=1024, description="Workers of the local Dask cluster (one thread each).")
+
+
 class DistillConfig(_Strict):
     """A distill run: data, teacher, prompt, client limits, vote rule and where outputs go."""
 
@@ -445,6 +464,8 @@ class DistillConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the nightly deployment runs.")
     selection: SelectionConfig = Field(default_factory=SelectionConfig,
                                        description="Which pool items are labelled: all, or tonight's budget by uncertainty.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
+                                   description="Where annotation shards run: in this process, or on a Dask cluster.")
 
     @property
     def run_dir(self) -> Path:
@@ -510,12 +531,38 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Distill
     return config_from_dict(raw, source=str(path))
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> DistillConfig:
+def config_from_dict(raw: dict[str, Any], source: str = "config", model: type[BaseModel] | None = None) -> Any:
+    """Validate ``raw`` as ``model`` (default DistillConfig); errors name the source and the dotted field."""
     try:
-        return DistillConfig.model_validate(raw)
+        return (model or DistillConfig).model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None
+
+
+class PredictConfig(_Strict):
+    """A batch job with the champion: label a data set in shards, write Parquet, log speed, cost and CO2e.
+
+    The parameter of the ``batch-predict`` flow (its Prefect form) and of ``distill predict``.
+    """
+
+    input_path: str = Field(description="File or folder of items to label: .csv, .jsonl, .parquet or a saved `datasets` folder.")
+    output_path: str = Field(description="Parquet file written with id, label and score per item (.csv also works).")
+    text_column: str = Field(default="text", description="Column holding the text to label.")
+    id_column: str = Field(default="id", description="Column holding a unique id per item.")
+    model_uri: str = Field(default="models:/distill-student@champion",
+                           description="The model to label with, e.g. models:/NAME@champion (resolved when the job starts).")
+    tracking_uri: Optional[str] = Field(
+        default=None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db here.")
+    experiment: str = Field(default="distill-batch", min_length=1, description="MLflow experiment the job's run is logged to.")
+    shard_rows: int = Field(default=20_000, ge=1, le=10_000_000, description="Items per shard (one Prefect task each).")
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass of the student.")
+    work_dir: str = Field(default="runs/batch-predict", description="Folder for the job's input and output shards.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
+                                   description="Where the shards run: in this process, or on a Dask cluster.")
+    pricing: PricingConfig = Field(default_factory=PricingConfig, description="What this machine costs per hour.")
+    energy: EnergyConfig = Field(default_factory=EnergyConfig, description="Energy measurement and CO2 estimates.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the scheduled batch deployment runs.")

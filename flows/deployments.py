@@ -5,6 +5,8 @@
 - ``distill/on-demand``: the same flow without a schedule, for runs triggered from the
   Prefect UI (its form shows every config field with its description, filled with the
   demo config) or with ``prefect deployment run 'distill/on-demand' -p config='{...}'``.
+- ``batch-predict/scheduled`` (with a predict config): the champion labels a data set on
+  its own schedule, the batch job that replaces per-call API spend.
 
 Why ``prefect.serve(flow.to_deployment(...))`` rather than ``flow.serve``: served this way
 each run starts a fresh ``python -m prefect.engine`` that imports the flow from its
@@ -17,7 +19,8 @@ from typing import Any, Optional
 
 from prefect.schedules import Cron
 
-from distill.config import DistillConfig
+from distill.config import DistillConfig, PredictConfig
+from flows.batch_predict import batch_predict_flow
 from flows.distill import distill_flow
 
 NIGHTLY = "nightly"
@@ -40,6 +43,15 @@ def distill_deployments(nightly: DistillConfig, on_demand: Optional[DistillConfi
             description="Distil on demand: edit the config in the form (every field is described) and run.",
         ),
     ]
+
+
+def batch_deployment(predict: PredictConfig) -> Any:
+    """The champion's scheduled batch job (cron and time zone from the predict config's schedule)."""
+    return batch_predict_flow.to_deployment(
+        name="scheduled", schedules=[Cron(predict.schedule.cron, timezone=predict.schedule.timezone)],
+        parameters={"config": predict.model_dump(mode="json")}, tags=["distill", "batch"],
+        description=f"Label {predict.input_path} with {predict.model_uri} into {predict.output_path}.",
+    )
 
 
 def serve_deployments(deployments: list[Any], limit: Optional[int] = None) -> None:
