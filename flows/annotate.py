@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
@@ -27,7 +27,8 @@ from tasks.carbon import measure_energy
 from tasks.costs import teacher_costs
 from tasks.load import load_task
 from tasks.local_teacher import local_teacher
-from tasks.plan import make_plan, plan_text
+from tasks.plan import budget_shares, make_plan, plan_text
+from tasks.runners import task_runner_for, workers
 from tasks.pricing import TeacherPrice, resolve_prices
 from tasks.prompting import PromptTemplate, load_prompt
 from tasks.select import Selection, commit_selection, select_items
@@ -56,6 +57,28 @@ def annotate_shard_task(in_path: str, out_path: str, cfg: DistillConfig, base_ur
                          budget_left_usd=budget_left_usd, counter=counter_for(t), prompt_ratio=prompt_ratio)
     return {"path": res.path, "items": res.items, "skipped": res.skipped, "budget_exhausted": res.budget_exhausted,
             **res.stats}
+
+
+@flow(name="annotate-shards")
+def annotate_shards_flow(jobs: list[tuple[str, str, str, str]], cfg: DistillConfig, base_url: str, run_id: str,
+                         prices: list[TeacherPrice], shares: dict[str, float | None]) -> list[dict[str, Any]]:
+    """All shards at once on the task runner this subflow is given (Dask), keeping one process's guarantees.
+
+    The budget cap is split across the shards from the plan (``shares``: they sum to the
+    cap, so together they cannot cross it); each worker's rate limits are the configured
+    ones divided by the workers, so together they keep to them; all workers share the
+    response cache file (sqlite in WAL mode, on storage they all reach), so nothing is
+    paid twice and a rerun after a crash resumes as in-process.
+    """
+    w = workers(cfg.runtime)
+    c = cfg.client
+    per_worker = cfg.model_copy(update={"client": c.model_copy(update={
+        "requests_per_minute": c.requests_per_minute / w if c.requests_per_minute else None,
+        "tokens_per_minute": c.tokens_per_minute / w if c.tokens_per_minute else None})})
+    futures = annotate_shard_task.map(
+        [j[1] for j in jobs], [j[2] for j in jobs], unmapped(per_worker), unmapped(base_url), unmapped(run_id),
+        [j[3] for j in jobs], unmapped(False), unmapped(prices), [shares.get(j[1]) for j in jobs], unmapped(None))
+    return [f.result() for f in futures]
 
 
 @task(name="plan")
@@ -220,18 +243,23 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
                         e.measure_power_secs) as teacher_energy, teacher_endpoint(cfg) as base_url:
         logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, cfg.teacher.model,
                     cfg.teacher.samples, cfg.teacher.variation.value)
-        for split in ("gold", "pool"):
-            for p in inputs[f"{split}_shards"]:
-                if exhausted:
-                    break
-                out = run_dir / "annotations" / split / Path(p).name
-                name = f"{split}-{Path(p).stem}"
-                left = None if max_usd is None else max(0.0, max_usd - spent)
-                r = annotate_shard_task(p, str(out), cfg, base_url, run_id, name, show_progress, prices, left, ratio)
-                spent += float(r.get("spent_usd", 0.0) or 0.0)
-                ratio = r.get("prompt_ratio") or ratio
-                exhausted = exhausted or bool(r.get("budget_exhausted"))
+        jobs = [(split, p, str(run_dir / "annotations" / split / Path(p).name), f"{split}-{Path(p).stem}")
+                for split in ("gold", "pool") for p in inputs[f"{split}_shards"]]
+        if cfg.runtime.task_runner.value == "dask":
+            results = annotate_shards_flow.with_options(task_runner=task_runner_for(cfg.runtime))(
+                jobs, cfg, base_url, run_id, prices, budget_shares(max_usd, plan["shard_requests"]))
+            for (split, *_), r in zip(jobs, results):
                 shard_results[split].append(r)
+            exhausted = any(r.get("budget_exhausted") for r in results)
+        for split, p, out, name in [] if cfg.runtime.task_runner.value == "dask" else jobs:
+            if exhausted:
+                break
+            left = None if max_usd is None else max(0.0, max_usd - spent)
+            r = annotate_shard_task(p, out, cfg, base_url, run_id, name, show_progress, prices, left, ratio)
+            spent += float(r.get("spent_usd", 0.0) or 0.0)
+            ratio = r.get("prompt_ratio") or ratio  # the next shard starts from what this one learned
+            exhausted = exhausted or bool(r.get("budget_exhausted"))
+            shard_results[split].append(r)
     annotate_s = time.monotonic() - t0
     all_results = shard_results["pool"] + shard_results["gold"]
     cache = ResponseCache(cfg.client.cache_path)

@@ -69,18 +69,21 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
     cache = ResponseCache(cfg.client.cache_path)
     eps: dict[int, _Endpoint] = {}
     items = 0
+    per_shard: dict[str, int] = {}  # requests to send per shard: what a budget split across parallel shards follows
     try:
         for path in shard_paths:
             texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
             items += len(texts)
             plan = plan_shard(texts, cfg, template)
             hits = cache.get_many([k for r in plan.requests for k in r.keys])
+            per_shard[path] = 0
             for r in plan.requests:
                 e = eps.setdefault(r.endpoint, _Endpoint())
                 e.requests_total += 1
                 if all(k in hits for k in r.keys):
                     e.requests_cached += 1
                     continue
+                per_shard[path] += 1
                 e.to_send += 1
                 e.choices += len(r.keys)
                 c = _prompt_chars(r.payload)
@@ -180,6 +183,7 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
         "usd_per_1m_items": _per_1m(rows, items),
         "budget_max_usd": cfg.budget.max_usd,
         "endpoints": rows,
+        "shard_requests": per_shard,
     }
     out["over_budget"] = cfg.budget.max_usd is not None and usd > cfg.budget.max_usd
     if len(rows) == 1:
@@ -255,3 +259,17 @@ def plan_run(cfg: DistillConfig) -> dict[str, Any]:
     prices = resolve_prices(cfg)
     inputs = prepare_inputs(cfg, template.labels, Path(cfg.run_dir) / "input")
     return make_plan(cfg, template, inputs["gold_shards"] + inputs["pool_shards"], prices, counter_for(cfg.teacher))
+
+
+def budget_shares(max_usd: Optional[float], shard_requests: dict[str, int]) -> dict[str, Optional[float]]:
+    """Split a run's cap across shards that run at once, in proportion to each one's planned requests.
+
+    The shares sum to the cap, so shards spending in parallel can never cross it together;
+    a shard that needs more than its share stops at it (its part is written as partial and
+    a rerun continues from the cache), and what another shard leaves unused is not lent
+    out. Shards with nothing to send get nothing.
+    """
+    if max_usd is None:
+        return {p: None for p in shard_requests}
+    total = sum(shard_requests.values())
+    return {p: (max_usd * n / total if total else 0.0) for p, n in shard_requests.items()}
