@@ -29,7 +29,7 @@ export HF_DATASETS_OFFLINE := 1
 # llama-cpp-python builds from source; a portable build (no -march=native)
 export CMAKE_ARGS := -DGGML_NATIVE=OFF
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench screenshots clean
 
 setup: $(STAMP) data/movie/info.json
 
@@ -55,6 +55,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/teacher_client.py
+
+# the README's Prefect and MLflow screenshots, against real servers (needs Debian's chromium)
+screenshots: setup
+	$(BIN)/python docs/refresh_screenshots.py
 
 clean:
 	rm -rf runs .distill

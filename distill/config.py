@@ -560,7 +560,8 @@ class PredictConfig(_Strict):
     experiment: str = Field(default="distill-batch", min_length=1, description="MLflow experiment the job's run is logged to.")
     shard_rows: int = Field(default=20_000, ge=1, le=10_000_000, description="Items per shard (one Prefect task each).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass of the student.")
-    work_dir: str = Field(default="runs/batch-predict", description="Folder for the job's input and output shards.")
+    work_dir: str = Field(default="runs/batch-predict",
+                          description="Folder for the job's shards (a subfolder per input file and model version).")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
                                    description="Where the shards run: in this process, or on a Dask cluster.")
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="What this machine costs per hour.")

@@ -8,6 +8,7 @@ to an MLflow run of its own. ``distill predict`` runs it; ``distill serve --pred
 serves it on a schedule beside the nightly distillation.
 """
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,13 +25,27 @@ from tasks.registry import tracking_uri as resolve_tracking_uri
 from tasks.runners import task_runner_for
 
 
+def job_dir(cfg: PredictConfig, model_uri: str) -> Path:
+    """The job's folder under ``work_dir``, named by what makes its labelled shards valid.
+
+    The input file (path, size, modification time), its columns, the shard size and the
+    resolved model version: a rerun of the same job reuses the shards it already wrote,
+    and a job on another file or with another model never does.
+    """
+    src = Path(cfg.input_path)
+    st = src.stat() if src.exists() else None
+    blob = json.dumps([str(src.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None,
+                       cfg.text_column, cfg.id_column, cfg.shard_rows, model_uri])
+    return Path(cfg.work_dir) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 @task(name="load-items")
-def load_items_task(cfg: PredictConfig) -> tuple[list[str], dict[str, Any]]:
+def load_items_task(cfg: PredictConfig, folder: str) -> tuple[list[str], dict[str, Any]]:
     """Validated items as Parquet shards; the report counts what was set aside and why."""
     report = DataReport(path=cfg.input_path)
     rejected: list[dict] = []
     chunks = iter_items(cfg.input_path, cfg.text_column, cfg.id_column, cfg.shard_rows, report=report, rejected=rejected)
-    shards = write_shards(chunks, Path(cfg.work_dir) / "input", cfg.shard_rows)
+    shards = write_shards(chunks, Path(folder) / "input", cfg.shard_rows)
     return [str(p) for p in shards], {**report.to_dict(), "rejected": rejected[:20]}
 
 
@@ -60,14 +75,15 @@ def batch_predict_flow(config: PredictConfig) -> dict[str, Any]:
     uri = resolve_tracking_uri(cfg.tracking_uri)
     mlflow.set_tracking_uri(uri)
     model_uri, version = resolve_model(cfg.model_uri)  # one model for every shard, even if the alias moves
-    shards, report = load_items_task(cfg)
+    folder = job_dir(cfg, model_uri)
+    shards, report = load_items_task(cfg, str(folder))
     logger.info("labelling %d items in %d shards with %s (from %s)", report["items"], len(shards), model_uri,
                 cfg.model_uri)
     e = cfg.energy
     t0 = time.monotonic()
     with measure_energy("batch-predict", e.country_iso_code, e.measure, e.cpu_power_w, e.measure_power_secs) as energy:
         parts = label_shards_flow.with_options(task_runner=task_runner_for(cfg.runtime))(
-            model_uri, uri, shards, str(Path(cfg.work_dir) / "output"), cfg.batch_size)
+            model_uri, uri, shards, str(folder / "output"), cfg.batch_size)
     wall = time.monotonic() - t0
     items = merge_predictions([p.path for p in parts], cfg.output_path)
     labelled = sum(p.items for p in parts if not p.reused)

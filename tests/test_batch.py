@@ -64,7 +64,9 @@ def items(tmp_path, n=50):
 
 
 def predict_cfg(tmp_path, uri, runtime=None, out="labels.parquet") -> PredictConfig:
-    return PredictConfig(input_path=str(items(tmp_path)), output_path=str(tmp_path / out), text_column="body",
+    src = tmp_path / "tickets.csv"
+    return PredictConfig(input_path=str(src if src.exists() else items(tmp_path)), output_path=str(tmp_path / out),
+                         text_column="body",
                          id_column="ticket", model_uri="models:/batch-m@champion", tracking_uri=uri, shard_rows=16,
                          work_dir=str(tmp_path / f"work-{out}"), energy={"measure": False},
                          runtime=runtime or {"task_runner": "local"})
@@ -85,9 +87,13 @@ def test_batch_predict_labels_every_item_in_shards_and_logs_the_job(tmp_path, ch
     assert s["items_per_s"] > 0 and s["usd"] > 0 and s["usd_per_1m_items"] > 0
     run = mlflow.MlflowClient(tracking_uri=champion).get_run(s["mlflow_run_id"])
     assert run.data.metrics["items_per_s"] == pytest.approx(s["items_per_s"]) and run.data.params["model_version"] == "1"
-    # a rerun finds every shard written and labels nothing again
+    # a rerun finds every shard written and labels nothing again; another input file is another job
     again = batch_predict_flow(predict_cfg(tmp_path, champion))
     assert again["shards_reused"] == 4 and again["items_labelled_now"] == 0 and again["items"] == 49
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"ticket": ["x1"], "body": ["loved it"]}).to_csv(other, index=False)
+    s3 = batch_predict_flow(predict_cfg(tmp_path, champion).model_copy(update={"input_path": str(other)}))
+    assert s3["items"] == 1 and s3["shards_reused"] == 0 and pd.read_parquet(s3["output_path"])["id"].tolist() == ["x1"]
 
 
 def test_dask_cluster_gives_the_same_labels_as_in_process(tmp_path, champion, prefect_api):
