@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--soft", nargs="*", default=["student.soft_label_weight=1.0", "student.distill_temperature=2.0"],
                     help="the overrides that make a run 'soft'")
     ap.add_argument("--png", default="bench/results/label_budget_gap.png")
+    ap.add_argument("--only", nargs="*", help="grid rows to run (k1_hard k1_soft k3_hard k3_soft); no curves")
     a = ap.parse_args()
     tracking = f"sqlite:///{tempfile.mkdtemp(prefix='label-budget-')}/mlflow.db"
     r = a.requests
@@ -108,7 +109,10 @@ def main() -> None:
              "soft": ["vote.aggregation=mean_probability", *a.soft]}
     grid = {f"k{k}_{kind}": [f"teacher.samples={k}", f"data.pool_limit={r // k}", *sets]
             for k in (1, 3) for kind, sets in kinds.items()}
-    results = {name: run(a.config, name, sets, tracking) for name, sets in grid.items()}
+    results = {name: run(a.config, name, sets, tracking) for name, sets in grid.items() if not a.only or name in a.only}
+    if a.only:
+        print(json.dumps({"requests": r, "grid": results}))
+        return
     curves: dict[str, dict[int, dict]] = {"hard": {}, "soft": {}}
     for kind, sets in kinds.items():
         for n in a.curve:
