@@ -206,6 +206,7 @@ class UseVotes(str, Enum):
 
 class ClassBalance(str, Enum):
     none = "none"
+    logit_adjust = "logit_adjust"
     loss = "loss"
     sampling = "sampling"
 
@@ -244,8 +245,10 @@ class StudentConfig(_Strict):
     )
     class_balance: ClassBalance = Field(
         default=ClassBalance.loss,
-        description=("Keep a skewed teacher from teaching one class only: 'loss' weighs each class by the inverse of its "
-                     "share of the teacher's labels, 'sampling' draws batches class-balanced, 'none' trains as labelled."),
+        description=("Keep a skewed teacher from teaching one class only: 'logit_adjust' trains on the logits plus the log "
+                     "of the teacher's class distribution (Menon et al. 2021; works for soft targets too), 'loss' weighs "
+                     "each class by the inverse of its share of the teacher's labels, 'sampling' draws batches "
+                     "class-balanced, 'none' trains as labelled."),
     )
     seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
     precision: str = Field(

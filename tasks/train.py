@@ -6,8 +6,9 @@ vote) are excluded, never guessed. ``use_votes`` picks between dropping items be
 confidence (``weight``). ``soft_label_weight`` mixes the hard label's cross-entropy with
 a soft term on the teacher's label distribution (its mean log-probabilities, or vote
 shares), softened by ``distill_temperature`` and scaled by T^2 as in Hinton et al.
-(2015). A skewed teacher must not teach one class only: ``class_balance`` weighs the loss
-by inverse class frequency (or draws batches class-balanced), and the checkpoint kept is
+(2015). A skewed teacher must not teach one class only: ``class_balance`` takes the
+teacher's class lean out of the loss (``logit_adjust``, for hard and soft targets), or
+weighs it by inverse class frequency, or draws batches class-balanced; the checkpoint kept is
 the one with the best macro-F1 on a validation split of teacher-labelled items (accuracy
 or loss would happily keep a model that answers the majority class). No human label is
 used for training or model selection. The device is picked by itself: CUDA with bf16 (or
@@ -74,6 +75,22 @@ def build_train_data(voted_paths: list[str], labels: list[str], use_votes: str, 
     return TrainData(texts, ys, ws, soft, abst, low)
 
 
+def target_log_prior(data: TrainData, rows: list[int], soft_weight: float) -> list[float]:
+    """Log of the mean training target per class: the class lean the logit-adjusted loss takes out.
+
+    The target of a row is what the loss pulls towards: (1 - w) x its one-hot label + w x
+    the teacher's distribution. A class no target touches gets a tiny floor, not log 0.
+    """
+    n = len(data.soft[0]) if data.soft else 0
+    mean = np.zeros(n)
+    for i in rows:
+        onehot = np.zeros(n)
+        onehot[data.labels[i]] = 1.0
+        mean += (1.0 - soft_weight) * onehot + soft_weight * np.asarray(data.soft[i])
+    mean = np.maximum(mean / max(1, len(rows)), 1e-6)
+    return np.log(mean / mean.sum()).tolist()
+
+
 def class_weights(labels: list[int], n_classes: int) -> list[float]:
     """Inverse-frequency weights, n / (C * n_c), as sklearn's 'balanced'; a class with no item gets 0."""
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=n_classes)
@@ -107,16 +124,23 @@ def soft_cross_entropy(logits: Any, targets: Any, weights: Optional[Any] = None)
     return (per * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def distill_loss(logits: Any, hard: Any, soft: Any, weights: Any, soft_weight: float, temperature: float) -> Any:
+def distill_loss(logits: Any, hard: Any, soft: Any, weights: Any, soft_weight: float, temperature: float,
+                 log_prior: Optional[Any] = None) -> Any:
     """(1 - w) * CE(hard label) + w * T^2 * CE(teacher distribution at T, student at T), weighted per example.
 
     The teacher's distribution is softened as p^(1/T) renormalised (the same as softening
     the logits it came from); the T^2 factor keeps the soft term's gradients on the scale
-    of the hard term's as T grows (Hinton et al., 2015).
+    of the hard term's as T grows (Hinton et al., 2015). With ``log_prior`` (the log of
+    the teacher's class distribution over the training targets) the loss is taken on
+    ``logits + log_prior``: the logit-adjusted loss of Menon et al. (2021), so the raw
+    logits the student predicts with learn the teacher's evidence without its class
+    lean, for hard and soft targets alike.
     """
     import torch
 
     logits = logits.float()
+    if log_prior is not None:
+        logits = logits + log_prior.to(logits.device)
     per = torch.zeros(logits.shape[0], device=logits.device)
     if soft_weight < 1.0:
         per = per + (1.0 - soft_weight) * torch.nn.functional.cross_entropy(logits, hard, reduction="none")
@@ -195,6 +219,7 @@ def _make_trainer_class():  # type: ignore[no-untyped-def]
         soft_weight = 0.0
         temperature = 1.0
         class_weight: Optional[list[float]] = None  # per class, multiplies each example's weight ('loss')
+        log_prior: Optional[list[float]] = None  # per class, added to the logits in training ('logit_adjust')
         sample_weight: Optional[list[float]] = None  # per training example, for a class-balanced sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
@@ -206,7 +231,8 @@ def _make_trainer_class():  # type: ignore[no-untyped-def]
             outputs = model(**inputs)
             if self.class_weight is not None and model.training:
                 weights = weights * torch.tensor(self.class_weight, device=weights.device)[labels]
-            loss = distill_loss(outputs.logits, labels, soft, weights, self.soft_weight, self.temperature)
+            prior = torch.tensor(self.log_prior) if self.log_prior is not None and model.training else None
+            loss = distill_loss(outputs.logits, labels, soft, weights, self.soft_weight, self.temperature, prior)
             return (loss, outputs) if return_outputs else loss
 
         def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
@@ -280,6 +306,7 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
     balance = student.class_balance.value
     Trainer.class_weight = cw if balance == "loss" else None
     Trainer.sample_weight = [cw[y] for y in train_labels] if balance == "sampling" else None
+    Trainer.log_prior = target_log_prior(data, tr_idx, student.soft_label_weight) if balance == "logit_adjust" else None
     trainer = Trainer(
         model=model, args=args, train_dataset=rows(data, tr_idx), eval_dataset=rows(data, va_idx) if va_idx else None,
         data_collator=_Collator(tok, student.max_length), processing_class=tok,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 from distill.config import StudentConfig  # noqa: E402
 from tasks.inference import StudentPredictor  # noqa: E402
-from tasks.train import (build_train_data, class_weights, distill_loss, soft_cross_entropy,  # noqa: E402
-                         split_train_val, train_student)
+from tasks.train import (TrainData, build_train_data, class_weights, distill_loss, soft_cross_entropy,  # noqa: E402
+                         split_train_val, target_log_prior, train_student)
 
 
 def test_soft_ce_equals_hard_ce_for_one_hot_and_is_zero_for_certain_match():
@@ -62,6 +63,27 @@ def test_distill_loss_mixes_hard_and_soft_terms():
     assert distill_loss(logits, hard, one_hot, w, 1.0, 1.0).item() == pytest.approx(ce.item())
 
 
+def test_logit_adjusted_loss_is_the_loss_on_shifted_logits_and_its_prior_is_the_mean_target():
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.1]])
+    hard = torch.tensor([0, 1])
+    soft = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
+    w = torch.ones(2)
+    prior = torch.log(torch.tensor([0.75, 0.25]))
+    for sw in (0.0, 0.5, 1.0):
+        plain = distill_loss(logits + prior, hard, soft, w, sw, 2.0)
+        assert distill_loss(logits, hard, soft, w, sw, 2.0, prior).item() == pytest.approx(plain.item())
+    # a skewed prior makes predicting the majority class cheaper in training, so its raw logit learns less
+    majority_only = torch.tensor([[1.0, 1.0]])
+    assert (distill_loss(majority_only, torch.tensor([0]), soft[:1], w[:1], 0.0, 1.0, prior)
+            < distill_loss(majority_only, torch.tensor([0]), soft[:1], w[:1], 0.0, 1.0))
+    data = TrainData(["a", "b", "c"], [0, 0, 1], [1.0] * 3, [[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], 0, 0)
+    hard_prior = target_log_prior(data, [0, 1, 2], 0.0)
+    assert np.exp(hard_prior) == pytest.approx([2 / 3, 1 / 3])
+    soft_prior = target_log_prior(data, [0, 1, 2], 1.0)
+    assert np.exp(soft_prior) == pytest.approx([1.7 / 3, 1.3 / 3])
+    assert np.exp(target_log_prior(data, [2], 0.0))[0] == pytest.approx(1e-6, rel=1e-3)  # floor, not log 0
+
+
 def test_class_weights_are_inverse_frequency():
     assert class_weights([0, 0, 0, 1], 2) == pytest.approx([4 / 6, 4 / 2])
     assert class_weights([0, 0], 3) == pytest.approx([1.0, 0.0, 0.0])
@@ -76,7 +98,7 @@ def test_training_uses_the_aggregations_distribution_as_soft_target(tmp_path):
     assert d.soft == [pytest.approx([0.7, 0.3]), pytest.approx([0.1, 0.9])] and d.weights == pytest.approx([0.7, 0.3])
 
 
-@pytest.mark.parametrize("balance", ["loss", "sampling"])
+@pytest.mark.parametrize("balance", ["loss", "sampling", "logit_adjust"])
 def test_skewed_teacher_labels_do_not_collapse_the_student_to_the_majority_class(tmp_path, balance):
     """75/25 teacher labels: the minority class must still be predicted (it is learnable here)."""
     pos = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
