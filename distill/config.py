@@ -244,7 +244,7 @@ class StudentConfig(_Strict):
                      "by T and the term is scaled by T^2 (Hinton et al.); 1 leaves them as they are."),
     )
     class_balance: ClassBalance = Field(
-        default=ClassBalance.loss,
+        default=ClassBalance.logit_adjust,
         description=("Keep a skewed teacher from teaching one class only: 'logit_adjust' trains on the logits plus the log "
                      "of the teacher's class distribution (Menon et al. 2021; works for soft targets too), 'loss' weighs "
                      "each class by the inverse of its share of the teacher's labels, 'sampling' draws batches "

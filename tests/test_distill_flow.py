@@ -64,7 +64,7 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert "Teacher labels: mean_probability over k=3" in printed and "class balance 'loss'" in printed
     # calibration of teacher and student on gold, from the teacher's log-probabilities
     assert 0 <= s["teacher_ece"] <= 1 and 0 <= s["student_ece"] <= 1 and s["probability_source"] == "logprobs"
-    assert s["aggregation"] == "mean_probability" and s["class_balance"] == "loss" and s["val_macro_f1"] > 0.5
+    assert s["aggregation"] == "mean_probability" and s["class_balance"] == "logit_adjust" and s["val_macro_f1"] > 0.5
     assert "per 1M items" in printed and "teacher / student" in printed
     for k in ("teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_usd_per_1m", "teacher_usd_per_1m",
               "cost_ratio_per_1m", "co2_ratio_per_1m"):
