@@ -86,6 +86,11 @@ class DataConfig(_Strict):
     )
 
 
+class LabelForms(str, Enum):
+    answer_form = "answer_form"
+    any_form = "any_form"
+
+
 class TeacherConfig(_Strict):
     local: bool = Field(
         default=True,
@@ -130,6 +135,12 @@ class TeacherConfig(_Strict):
         description=("Ask for the log-probabilities of the answer's tokens (completions: `logprobs`; chat: `logprobs` + "
                      "`top_logprobs`) and derive each label's probability from them. Turn off for an endpoint that "
                      "rejects the parameter; without them aggregation falls back to vote shares."),
+    )
+    label_forms: LabelForms = Field(
+        default=LabelForms.answer_form,
+        description=("Which spellings of a label its probability sums: 'answer_form' those that begin as the answer "
+                     "did (same leading space or quote, any case), 'any_form' every spelling. Off-format spellings "
+                     "can lean one way (README, 'Label probabilities'); nothing is re-sent when this changes."),
     )
     top_logprobs: int = Field(
         default=5, ge=1, le=20,

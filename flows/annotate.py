@@ -349,10 +349,5 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     return summary
 
 
-def run_annotation(cfg: DistillConfig, show_progress: bool = True) -> dict[str, Any]:
-    """Call the flow from Python; returns the summary dict."""
-    return annotate_flow(cfg, show_progress=show_progress)
-
-
-__all__ = ["annotate_flow", "run_annotation"]
+__all__ = ["annotate_flow"]
 

@@ -69,12 +69,12 @@ def final_table(s: dict[str, Any]) -> str:
         "| model | gold items | accuracy | macro-F1 | ECE | items/s |",
         "|---|---|---|---|---|---|",
         f"| teacher, 1 sample | {n_sub} (seeded subset) | {_pct(s.get('teacher_accuracy_single'))} | "
-        f"{_pct(s.get('teacher_macro_f1_single'))} | | {s.get('teacher_items_per_s') or 0:.2f} |",
+        f"{_pct(s.get('teacher_macro_f1_single'))} | | {_num(s.get('teacher_items_per_s'), '.2f')} |",
         f"| teacher, {agg_name} (k={s.get('samples_per_item')}) | {n_sub} (same subset) | "
         f"{_pct(s.get('teacher_accuracy_voted'))} | {_pct(s.get('teacher_macro_f1_voted'))} | {_ece(s.get('teacher_ece'))} | |",
         f"| student | {n_sub} (same subset) | {_pct(s.get('student_accuracy_on_teacher_subset'))} | "
         f"{_pct(s.get('student_macro_f1_on_teacher_subset'))} | {_ece(s.get('student_ece_on_teacher_subset'))} | "
-        f"{s.get('student_items_per_s') or 0:.1f} |",
+        f"{_num(s.get('student_items_per_s'), '.1f')} |",
         f"| student | {s.get('gold_items')} (all gold) | {_pct(s.get('student_accuracy'))} | "
         f"{_pct(s.get('student_macro_f1'))} | {_ece(s.get('student_ece'))} | |",
         f"| always '{s.get('majority_baseline_label')}' (the teacher's majority label) | {n_sub} (same subset) | | "
@@ -91,7 +91,7 @@ def final_table(s: dict[str, Any]) -> str:
           f"{_pct(b['teacher_recall'])} | {_pct(b['student_recall'])} | {'yes' if b['inherited_blind_spot'] else 'no'} |"
           for b in s.get("blind_spots", [])],
         "",
-        f"Student is {s.get('speed_ratio') or 0:.0f}x the teacher's items/s on this machine "
+        f"Student is {_num(s.get('speed_ratio'), '.0f')}x the teacher's items/s on this machine "
         f"(student precision {s.get('student_precision')}, batch {s.get('student_batch_size')}; "
         f"p50/p95 single-item latency {s.get('student_latency_p50_ms') or 0:.1f}/{s.get('student_latency_p95_ms') or 0:.1f} ms).",
         f"Gate: {'PROMOTED to champion' if s.get('promoted') else 'not promoted'} - {s.get('gate_reason')}",
@@ -99,6 +99,11 @@ def final_table(s: dict[str, Any]) -> str:
         "Stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("stage_seconds", {}).items()),
     ]
     return "\n".join(lines)
+
+
+def _num(x: Any, fmt: str) -> str:
+    """A figure, or 'n/a' when it was not measured (say, every answer came from the cache of another run)."""
+    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
 
 
 def _ece(x: Any) -> str:

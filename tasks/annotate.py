@@ -151,7 +151,7 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
 
 
 def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: PromptTemplate,
-             k: int) -> pd.DataFrame:
+             k: int, label_forms: str = "answer_form") -> pd.DataFrame:
     """One row per item with its k answers, parsed votes, label distributions, per-sample status and errors.
 
     ``sample_probs[j]`` is sample j's label distribution read from its log-probabilities
@@ -187,7 +187,7 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
         status[i][j] = "ok" if lab is not None else "invalid"
         if lab is None:
             errors[i][j] = f"answer not in label set {template.labels}"
-        dist = label_distribution(o.logprobs, matcher) if o.logprobs is not None else None
+        dist = label_distribution(o.logprobs, matcher, label_forms) if o.logprobs is not None else None
         if dist is not None:
             probs[i][j], mass[i][j] = dist.probs, dist.mass
     out = items.reset_index(drop=True).copy()
@@ -345,7 +345,7 @@ def annotate_shard(
     finally:
         progress.close()
         cache.close()
-    df = assemble(items, plan, outcomes, template, cfg.teacher.samples)
+    df = assemble(items, plan, outcomes, template, cfg.teacher.samples, cfg.teacher.label_forms.value)
     exhausted = stats.not_sent_budget > 0
     if exhausted:
         out = out.with_name(out.stem + ".partial.parquet")

@@ -18,6 +18,15 @@ tokens where they part are scored as continuations, not guessed from the first t
 Alternatives that have not begun any label (whitespace, a quote) are left out. The
 result is renormalised over the label set; ``mass`` (the probability the teacher put on
 the label set at all) is kept beside it.
+
+Which spellings count (``forms``): ``answer_form`` (default) counts an alternative only if
+it begins the way the generated answer began (the same leading space, quote or nothing;
+case aside), ``any_form`` counts every spelling (a leading space, quotes, case aside). Why:
+SmolLM2 after "Sentiment:" puts 7% of its mass on an off-format " negative" (two spaces)
+but 1.6% on " positive"; summing every spelling moved 16 of 300 demo gold items from
+the greedy "positive" to "negative" and cost the teacher 1.4 points of accuracy
+(78.7% vs 80.1% on the 282 cached items); counting only the answer's own form matches
+the greedy answer's 80.1% and keeps the probabilities.
 """
 
 from __future__ import annotations
@@ -79,6 +88,16 @@ def _norm(text: str) -> str:
     return _LEAD.sub("", text).lower()
 
 
+def _in_form(text: str, lead: str) -> Optional[str]:
+    """``text`` lower-cased after the answer's own leading characters; "" if not begun; None if spelled otherwise."""
+    if len(text) <= len(lead):
+        return "" if lead.startswith(text) else None
+    if not text.startswith(lead):
+        return None
+    rest = text[len(lead):]
+    return None if _LEAD.match(rest) else rest.lower()
+
+
 class LabelMatcher:
     """The label set and its aliases as lower-case surfaces, for matching partial answers."""
 
@@ -103,11 +122,19 @@ class LabelMatcher:
         return {i for s, i in self.surfaces if len(s) > len(c) and s.startswith(c)}
 
 
-def label_distribution(lp: Any, matcher: LabelMatcher) -> Optional[LabelDistribution]:
+FORMS = ("answer_form", "any_form")
+
+
+def label_distribution(lp: Any, matcher: LabelMatcher, forms: str = "answer_form") -> Optional[LabelDistribution]:
     """The label distribution of one answer from its raw ``logprobs`` (see the module docstring)."""
+    if forms not in FORMS:
+        raise ValueError(f"forms must be one of {FORMS}, not {forms!r}")
     steps = steps_from_logprobs(lp)
     if not steps:
         return None
+    m = _LEAD.match("".join(s.token for s in steps))
+    lead = m.group(0) if m else ""
+    norm = _norm if forms == "any_form" else (lambda text: _in_form(text, lead))
     n = len(matcher.labels)
     mass = [0.0] * n
     ambiguous = False
@@ -127,14 +154,14 @@ def label_distribution(lp: Any, matcher: LabelMatcher) -> Optional[LabelDistribu
         for alt, alt_lp in step.top.items():  # branches the answer did not take
             if alt == step.token:
                 continue
-            c = _norm(prefix + alt)
+            c = norm(prefix + alt)
             if not c:
-                continue  # has not begun any label
+                continue  # has not begun any label, or is spelled unlike the answer
             done, more = matcher.completes(c), matcher.continues(c)
             give(({done} | more) if done is not None else more, math.exp(logp + alt_lp))
         prefix += step.token
         logp += step.logprob
-        c = _norm(prefix)
+        c = norm(prefix)
         if not c:
             continue
         done, more = matcher.completes(c), matcher.continues(c)
@@ -146,7 +173,7 @@ def label_distribution(lp: Any, matcher: LabelMatcher) -> Optional[LabelDistribu
             committed = True  # the answer left the label set: its own path gives no label
             break
     if not committed:  # the answer ended inside a label, or on one a longer label extends
-        c = _norm(prefix)
+        c = norm(prefix)
         if c:
             done, more = matcher.completes(c), matcher.continues(c)
             give({done} if done is not None else more, math.exp(logp))

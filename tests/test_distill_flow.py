@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,6 +14,7 @@ from distill.cli import main as cli_main  # noqa: E402
 from distill.config import config_from_dict  # noqa: E402
 from tests.fake_openai import FAKE_PRICES
 
+REPO_TESTS = Path(__file__).parent
 KEYS = {"teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "student_accuracy",
         "student_macro_f1", "student_items_per_s", "teacher_items_per_s", "speed_ratio", "promoted", "model_name",
         "model_version", "mlflow_run_id"}
@@ -56,12 +58,16 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert cli_main(["run", str(p), "--no-progress", "--summary-json", str(out)]) == 0
     s = json.loads(out.read_text())
     assert KEYS <= set(s)
+    # the --summary-json keys are an interface (scripts read them): pinned, so a refactor cannot drop or rename one
+    pinned = set(json.loads((REPO_TESTS / "summary_keys.json").read_text()))
+    assert not pinned - set(s), f"summary keys gone: {sorted(pinned - set(s))}"
+    assert not set(s) - pinned, f"new summary keys: add them to tests/summary_keys.json: {sorted(set(s) - pinned)}"
     assert s["student_accuracy"] >= 0.9 and s["promoted"] is True and s["model_version"] == "1"
     # the fake teacher answers at once, so its speed says nothing: only that the ratio is computed from both
     assert s["speed_ratio"] == pytest.approx(s["student_items_per_s"] / s["teacher_items_per_s"])
     printed = capsys.readouterr().out
     assert "teacher, mean probability (k=3)" in printed and "PROMOTED" in printed and "| ECE |" in printed
-    assert "Teacher labels: mean_probability over k=3" in printed and "class balance 'loss'" in printed
+    assert "Teacher labels: mean_probability over k=3" in printed and "class balance 'logit_adjust'" in printed
     # calibration of teacher and student on gold, from the teacher's log-probabilities
     assert 0 <= s["teacher_ece"] <= 1 and 0 <= s["student_ece"] <= 1 and s["probability_source"] == "logprobs"
     assert s["aggregation"] == "mean_probability" and s["class_balance"] == "logit_adjust" and s["val_macro_f1"] > 0.5

@@ -49,8 +49,24 @@ def test_an_untaken_branch_that_starts_one_label_goes_to_it_several_labels_split
 def test_aliases_count_for_their_label_and_case_and_quotes_do_not_matter():
     m = LabelMatcher(["positive", "negative"], {"pos": "positive", "neg": "negative"})
     lp = completion((' "Pos', L(0.5), {' "Pos': L(0.5), " positive": L(0.2), " NEG": L(0.3)}), ('"', L(1.0), {}))
-    d = label_distribution(lp, m)
+    d = label_distribution(lp, m, "any_form")
     assert d.probs == pytest.approx([0.7, 0.3])
+
+
+def test_answer_form_counts_only_spellings_that_begin_as_the_answer_did():
+    """SmolLM2's case: 'positive' greedy, an off-format ' negative' (extra space) must not tip the label."""
+    m = LabelMatcher(["positive", "negative"], {"pos": "positive", "neg": "negative"})
+    lp = completion(("positive", L(0.44), {"positive": L(0.44), "negative": L(0.41), " negative": L(0.10),
+                                           " positive": L(0.02), "Neg": L(0.03)}))
+    any_form = label_distribution(lp, m, "any_form").probs
+    assert any_form[0] < 0.5  # every spelling: the off-format mass flips the greedy answer
+    d = label_distribution(lp, m)  # answer_form is the default
+    assert d.probs == pytest.approx([0.44 / 0.88, 0.44 / 0.88]) and d.mass == pytest.approx(0.88)
+    # an answer that began with a space and a quote counts only alternatives that begin so too
+    lp = completion((' "', L(0.9), {' "': L(0.9), " negative": L(0.1)}), ("positive", L(0.8), {"negative": L(0.2)}))
+    assert label_distribution(lp, m).probs == pytest.approx([0.72 / 0.9, 0.18 / 0.9])
+    with pytest.raises(ValueError, match="forms"):
+        label_distribution(lp, m, "every")
 
 
 def test_an_answer_off_the_label_set_keeps_only_the_labels_mass_and_whitespace_is_left_out():
