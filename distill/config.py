@@ -245,12 +245,12 @@ class StudentConfig(_Strict):
         description="'filter': drop items below vote.min_agreement; 'weight': keep all voted items, loss weighted by vote share.",
     )
     soft_label_weight: float = Field(
-        default=1.0, ge=0.0, le=1.0,
+        default=0.5, ge=0.0, le=1.0,
         description=("Hard/soft mix of the loss: 0 trains on the teacher's aggregated label only, 1 on its label "
                      "distribution only (mean log-probabilities, or vote shares where there are none), in between both."),
     )
     distill_temperature: float = Field(
-        default=2.0, ge=1.0, le=20.0,
+        default=1.0, ge=1.0, le=20.0,
         description=("Temperature T of the soft-label term: teacher distribution and student logits are both softened "
                      "by T and the term is scaled by T^2 (Hinton et al.); 1 leaves them as they are."),
     )
