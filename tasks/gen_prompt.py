@@ -1,0 +1,169 @@
+"""Generation prompt templates (task: generate): instruction, few-shot examples, a length limit.
+
+Why a template of its own: a labelling prompt ends in one of a closed label set and is
+parsed strictly against it; a generation prompt ends in free text, so "parsing" means
+taking the answer's first line and judging its length, and the length limit belongs to
+the prompt (it is what the instruction asks for). The k samples differ by few-shot order,
+with the same distinct-variant rule as labelling (:func:`tasks.prompting.distinct_variants`).
+
+The teacher sees the few-shot prefix; the student never does: :meth:`GenerationTemplate.student_instruction`
+is the zero-shot instruction it is trained and served on (shorter inputs are part of its speed).
+Long documents are cut to ``max_input_words`` words for both, counted, so a request never
+overflows the teacher's context and fails until its attempts run out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import jinja2
+import yaml
+
+from tasks.prompting import MAX_VARIANTS, Example, PromptError, distinct_variants, one_line, resolve_prompt_path
+
+DEFAULT_GENERATION_TEMPLATE = """{{ instruction }}
+
+{% for ex in examples %}{{ input_prefix }}{{ ex.text }}
+{{ output_prefix }} {{ ex.label }}
+
+{% endfor %}{{ input_prefix }}{{ text }}
+{{ output_prefix }}"""
+
+
+def cut_words(text: str, max_words: Optional[int]) -> tuple[str, bool]:
+    """The first ``max_words`` words of ``text`` on one line, and whether anything was cut."""
+    words = one_line(text).split(" ")
+    if max_words is None or len(words) <= max_words:
+        return " ".join(words), False
+    return " ".join(words[:max_words]), True
+
+
+@dataclass
+class GenerationTemplate:
+    """A writing prompt: instruction, few-shot (input, output) examples, limits on input and output length."""
+
+    name: str
+    instruction: str
+    examples: list[Example]  # ``label`` holds the example's output text
+    max_words: int
+    max_input_words: Optional[int] = 300
+    student_instruction_text: str = ""
+    input_prefix: str = "Article: "
+    output_prefix: str = "Summary:"
+    completion_template: str = DEFAULT_GENERATION_TEMPLATE
+    source: str = ""
+    labels: list[str] = field(default_factory=list)  # none: the answer is free text
+    task: str = "generate"
+
+    def __post_init__(self) -> None:
+        self._jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+            self.completion_template)
+        self._variants: list[tuple[int, ...]] | None = None
+
+    # -- rendering -----------------------------------------------------------------
+    def variant_count(self, limit: int = MAX_VARIANTS) -> int:
+        return len(self._orders()[:limit])
+
+    def check_variants(self, k: int) -> None:
+        n = self.variant_count(max(k, 1))
+        if n < k:
+            raise PromptError(f"{self.source or self.name}: teacher.samples={k} with variation 'prompt_variants' needs {k} "
+                              f"distinct prompts, but this template's {len(self.examples)} example(s) give only {n}")
+
+    def _orders(self) -> list[tuple[int, ...]]:
+        if self._variants is None:
+            self._variants = distinct_variants(self.examples, MAX_VARIANTS, self.name)
+        return self._variants
+
+    def examples_for(self, sample_index: int, vary: bool) -> list[Example]:
+        if not vary or sample_index == 0:
+            return list(self.examples)
+        orders = self._orders()
+        if sample_index >= len(orders):
+            self.check_variants(sample_index + 1)
+        return [self.examples[j] for j in orders[sample_index]]
+
+    def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
+        return self._jinja.render(
+            instruction=self.instruction.strip(), examples=self.examples_for(sample_index, vary),
+            text=cut_words(text, self.max_input_words)[0], input_prefix=self.input_prefix,
+            output_prefix=self.output_prefix)
+
+    def render_chat(self, text: str, sample_index: int = 0, vary: bool = False) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.instruction.strip()}]
+        for ex in self.examples_for(sample_index, vary):
+            msgs.append({"role": "user", "content": cut_words(ex.text, self.max_input_words)[0]})
+            msgs.append({"role": "assistant", "content": ex.label})
+        msgs.append({"role": "user", "content": cut_words(text, self.max_input_words)[0]})
+        return msgs
+
+    def student_instruction(self, text: str) -> str:
+        """The student's zero-shot input: the instruction and the (cut) document, no examples."""
+        return f"{(self.student_instruction_text or self.instruction).strip()}\n\n{cut_words(text, self.max_input_words)[0]}"
+
+    # -- parsing -------------------------------------------------------------------
+    def parse(self, answer: Optional[str]) -> Optional[str]:
+        """The answer's first non-empty line, stripped; None for no answer or an empty one.
+
+        Length is judged by the aggregation (an over-length sample is invalid and counted there).
+        """
+        if answer is None:
+            return None
+        for line in answer.strip().splitlines():
+            if line.strip():
+                return line.strip()
+        return None
+
+    def template_hash(self) -> str:
+        blob = yaml.safe_dump({"instruction": self.instruction, "examples": [(e.text, e.label) for e in self.examples],
+                               "max_words": self.max_words, "max_input_words": self.max_input_words,
+                               "student": self.student_instruction_text, "input_prefix": self.input_prefix,
+                               "output_prefix": self.output_prefix, "template": self.completion_template},
+                              sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+GENERATION_FIELDS = {"name", "task", "instruction", "student_instruction", "examples", "max_words", "max_input_words",
+                     "input_prefix", "output_prefix", "completion_template"}
+
+
+def generation_template_from(raw: dict[str, Any], p: Path) -> GenerationTemplate:
+    """Validate a ``task: generate`` template mapping; errors name the file and the field."""
+    unknown = set(raw) - GENERATION_FIELDS
+    if unknown:
+        raise PromptError(f"{p}: unknown field(s) {sorted(unknown)}; allowed: {sorted(GENERATION_FIELDS)}")
+    for req in ("name", "instruction", "max_words"):
+        if not raw.get(req):
+            raise PromptError(f"{p}: field '{req}' is required")
+    if not isinstance(raw["max_words"], int) or raw["max_words"] < 1:
+        raise PromptError(f"{p}: field 'max_words' must be a positive integer")
+    examples = []
+    for i, ex in enumerate(raw.get("examples") or []):
+        if not isinstance(ex, dict) or set(ex) != {"text", "output"}:
+            raise PromptError(f"{p}: examples[{i}] must have exactly 'text' and 'output'")
+        out = str(ex["output"]).strip()
+        if not out or len(out.split()) > raw["max_words"]:
+            raise PromptError(f"{p}: examples[{i}].output must be 1 to max_words={raw['max_words']} words")
+        examples.append(Example(text=str(ex["text"]), label=out))
+    kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template", "max_input_words")
+                              if k in raw}
+    try:
+        return GenerationTemplate(name=raw["name"], instruction=raw["instruction"], examples=examples,
+                                  max_words=raw["max_words"], student_instruction_text=raw.get("student_instruction", ""),
+                                  source=str(p), **kwargs)
+    except jinja2.TemplateSyntaxError as e:
+        raise PromptError(f"{p}: completion_template: {e}") from None
+
+
+def load_generation_prompt(path: str) -> GenerationTemplate:
+    p = resolve_prompt_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise PromptError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict) or raw.get("task") != "generate":
+        raise PromptError(f"{p}: not a generation template (it needs 'task: generate')")
+    return generation_template_from(raw, p)
