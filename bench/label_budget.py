@@ -102,11 +102,24 @@ def main() -> None:
                     help="the overrides that make a run 'soft'")
     ap.add_argument("--png", default="bench/results/label_budget_gap.png")
     ap.add_argument("--only", nargs="*", help="grid rows to run (k1_hard k1_soft k3_hard k3_soft); no curves")
+    ap.add_argument("--curve-only", nargs="*", choices=["hard", "soft", "default"],
+                    help="skip the grid; curves for these label kinds only ('default': the config's own recipe)")
     a = ap.parse_args()
     tracking = f"sqlite:///{tempfile.mkdtemp(prefix='label-budget-')}/mlflow.db"
     r = a.requests
     kinds = {"hard": ["vote.aggregation=majority", "student.soft_label_weight=0.0"],
-             "soft": ["vote.aggregation=mean_probability", *a.soft]}
+             "soft": ["vote.aggregation=mean_probability", *a.soft], "default": []}
+    if a.curve_only:
+        curves_only = {kind: {n: run(a.config, f"{kind}_{n}", ["teacher.samples=1", f"data.pool_limit={n}", *kinds[kind]],
+                                     tracking) for n in a.curve} for kind in a.curve_only}
+        plot(curves_only, REPO / a.png)
+        print(f"gap curve: {a.png}")
+        print(json.dumps({"curves": {kind: {str(n): {k: c[n][k] for k in ("train_items", "gap_on_subset",
+                                                                           "student_macro_f1_on_teacher_subset",
+                                                                           "student_macro_f1", "teacher_best_macro_f1")}
+                                            for n in c} for kind, c in curves_only.items()}, "png": a.png}))
+        return
+    kinds.pop("default")
     grid = {f"k{k}_{kind}": [f"teacher.samples={k}", f"data.pool_limit={r // k}", *sets]
             for k in (1, 3) for kind, sets in kinds.items()}
     results = {name: run(a.config, name, sets, tracking) for name, sets in grid.items() if not a.only or name in a.only}

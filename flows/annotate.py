@@ -32,9 +32,9 @@ from tasks.runners import task_runner_for, workers
 from tasks.pricing import TeacherPrice, resolve_prices
 from tasks.prompting import PromptTemplate, load_prompt
 from tasks.select import Selection, commit_selection, select_items
-from tasks.report import gold_scores, markdown_summary, vote_stats
+from tasks.report import markdown_summary
+from tasks.task_types import aggregate_task, check_template_suits, task_kind
 from tasks.tokens import counter_for
-from tasks.vote import vote_task
 
 set_offline_env()
 
@@ -192,6 +192,8 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     cfg = config
     logger = run_logger()
     template = load_prompt(cfg.prompt)
+    check_template_suits(cfg.task, template, cfg.prompt)
+    kind = task_kind(cfg.task)
     if cfg.teacher.variation == SampleVariation.prompt_variants:
         template.check_variants(cfg.teacher.samples)  # k distinct prompts, or a clear refusal before any request
     prices = resolve_prices(cfg)  # an unpriced teacher fails here, before any request
@@ -201,7 +203,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     run_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.monotonic()
-    inputs = load_task(cfg, template.labels, str(run_dir / "input"))
+    inputs = load_task(cfg, template.labels or None, str(run_dir / "input"))
     load_s = time.monotonic() - t0
     pr = inputs["pool_report"]
     logger.info("loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
@@ -291,18 +293,16 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
 
     commit_selection(run_dir)  # tonight's items are annotated: they join the run's ledger
     t0 = time.monotonic()
-    voted = {
-        split: vote_task([r["path"] for r in shard_results[split]], str(run_dir / "votes" / split),
-                         cfg.vote.min_agreement, template.labels, cfg.vote.aggregation.value, name=split)
-        for split in ("pool", "gold")
-    }
+    voted = {split: aggregate_task([r["path"] for r in shard_results[split]], str(run_dir / "votes" / split), cfg,
+                                   name=split)
+             for split in ("pool", "gold")}
     vote_s = time.monotonic() - t0
 
     k = cfg.teacher.samples
     summary: dict[str, Any] = {"run_name": cfg.run_name, "teacher_model": cfg.teacher.model,
                                "samples_per_item": k, "variation": cfg.teacher.variation.value,
                                "aggregation": cfg.vote.aggregation.value, "prompt_hash": template.template_hash()}
-    summary.update(vote_stats(voted["pool"], k))
+    summary.update(kind.aggregate_summary(voted["pool"], k))
     per_request = choices_per_request(cfg)
     sent_wall = sum(r.get("wall_s", 0.0) for r in all_results if r.get("requests_sent"))
     ok = _sum(all_results, "requests_ok")
@@ -335,8 +335,8 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     summary.update({"plan_requests": plan["requests_to_send"], "plan_tokens": plan["tokens_in"] + plan["tokens_out"],
                     "plan_usd": plan["usd"], "plan_seconds": plan["seconds"], "budget_max_usd": max_usd})
     if voted["gold"]:
-        summary.update(gold_scores(voted["gold"], template.labels))
-        g = vote_stats(voted["gold"], k)
+        summary.update(kind.teacher_gold_scores(voted["gold"], template))
+        g = kind.aggregate_summary(voted["gold"], k)
         summary["gold_invalid_votes"] = g["invalid_votes"]
         summary["gold_abstained"] = g["abstained"]
     summary["stage_seconds"] = {"load": round(load_s, 2), "annotate": round(annotate_s, 2), "vote": round(vote_s, 2)}

@@ -18,10 +18,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
-from distill.config import DistillConfig
+from distill.config import DistillConfig, TaskType
 from distill.links import mlflow_model_version_url, mlflow_run_url, prefect_flow_run_url, publish_links
 from distill.runtime import run_logger, set_offline_env
 from flows.annotate import annotate_flow
+from flows.generate import generate_stages, generate_table
 from tasks.budget import BudgetExhausted
 from tasks.carbon import measure_energy
 from tasks.costs import cost_chart, cost_table, projection
@@ -37,6 +38,16 @@ TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macr
               "student_macro_f1_on_teacher_subset", "teacher_ece", "student_ece", "student_ece_on_teacher_subset",
               "majority_baseline_macro_f1", "majority_baseline_macro_f1_on_teacher_subset", "student_items_per_s",
               "teacher_items_per_s", "speed_ratio", "promoted", "gate_reason", "model_name", "model_version", "mlflow_run_id"]
+GENERATE_ANN_KEYS = ("items", "votes", "invalid_votes", "abstained", "mean_agreement", "requests_sent", "requests_cached",
+                     "tokens_in", "tokens_out", "requests_deduplicated", "variation", "aggregation", "items_new",
+                     "items_reused", "gold_items_scored", "teacher_items_per_s", "teacher_bertscore_f1_single",
+                     "teacher_rougeL_single", "teacher_bertscore_f1_single_by_sample", "teacher_bertscore_f1_medoid",
+                     "teacher_bertscore_precision_medoid", "teacher_bertscore_recall_medoid", "teacher_rouge1_medoid",
+                     "teacher_rouge2_medoid", "teacher_rougeL_medoid", "teacher_share_empty_medoid",
+                     "teacher_mean_words_medoid", "reference_mean_words", "bertscore_model", "bertscore_num_layers")
+GENERATE_TABLE_KEYS = ["teacher_bertscore_f1_single", "teacher_bertscore_f1_medoid", "teacher_rougeL_single",
+                       "teacher_rougeL_medoid", "student_bertscore_f1", "student_rougeL", "student_items_per_s",
+                       "teacher_items_per_s", "speed_ratio", "promoted"]
 # the cost and carbon figures of --summary-json; each has a *_method key next to it
 COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
              "teacher_usd_per_1m", "teacher_hours_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m",
@@ -176,76 +187,22 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
                 mlflow.log_input(mlflow.data.from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"),
                                  context="training")
 
-        voted_pool = sorted(str(p) for p in Path(ann["votes_dir"]).glob("*.parquet"))
-        voted_gold = sorted(str(p) for p in (run_dir / "votes" / "gold").glob("*.parquet"))
-        t0 = time.monotonic()
-        en = cfg.energy
-        with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
-                            en.measure_power_secs) as train_energy:
-            tr = train_task(voted_pool, labels, str(run_dir / "student"), cfg.student, cfg.vote.min_agreement,
-                            show_progress)
-        stage_s["train"] = time.monotonic() - t0
-        tr.update(train_energy.as_dict("student_train"))
-        tr["student_train_usd"] = cfg.pricing.hardware_usd_per_hour * train_energy.duration_s / 3600
-        tr["student_train_usd_method"] = (f"measured {train_energy.duration_s:.0f} s x ${cfg.pricing.hardware_usd_per_hour:g}/h "
-                                          f"({cfg.pricing.hardware_name})")
-        with mlflow.start_run(run_name="train", nested=True):
-            mlflow.log_params({k: str(v) for k, v in tr.items() if not isinstance(v, (int, float)) or isinstance(v, bool)})
-            mlflow.log_metrics(_numeric(tr))
-
-        t0 = time.monotonic()
-        ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
-                           labels, voted_gold, tr["model_dir"], cfg.student.precision, cfg.student.max_length,
-                           str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
-                           ann.get("teacher_items_per_s"), cfg.energy, cfg.vote.aggregation.value,
-                           max(tr["train_label_counts"], key=tr["train_label_counts"].get))
-        stage_s["evaluate"] = time.monotonic() - t0
-        with mlflow.start_run(run_name="evaluate", nested=True):
-            mlflow.log_metrics(_numeric(ev))
-            for p in ev["plots"]:
-                mlflow.log_artifact(p, "plots")
-            mlflow.log_dict({k: v for k, v in ev.items() if k != "plots"}, "evaluation.json")
-            mlflow.log_dict({"reliability": ev.get("reliability", [])}, "calibration.json")
-        costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
-                 (k in COST_KEYS or k.endswith("_method") or k in ("teacher_requests_billed", "teacher_attempts",
-                                                                   "teacher_usd_failed_attempts", "teacher_prices",
-                                                                   "teacher_usd_per_mtok_equivalent"))}
-        costs.update({k: v for k, v in tr.items() if k.startswith("student_train_")})
-        costs.update(projection(cfg, ann, ev.get("student_items_per_s"), ev.get("student_kwh_per_item"),
-                                ev.get("student_kwh_per_item_method", "not measured")))
-        ev["plots"].append(cost_chart(costs, run_dir / "evaluation" / "cost_per_1m.png"))
-        for p in ev["plots"]:
-            mlflow.log_artifact(p, "plots")
-        mlflow.log_metrics(_numeric({k: costs.get(k) for k in COST_KEYS}))
-        mlflow.log_dict(costs, "costs.json")
-
-        t0 = time.monotonic()
-        info = log_student_model(tr["model_dir"], cfg.student.precision, cfg.student.max_length,
-                                 pd.read_parquet(voted_pool[0], columns=["text"])["text"].tolist()[:3])
-        reg = register_task(info.model_uri, cfg.tracking.model_name, ev["student_macro_f1"], cfg.data.gold_path,
-                            cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column, labels,
-                            cfg.gate.min_macro_f1, cfg.gate.min_improvement, parent.info.run_id)
-        stage_s["register"] = time.monotonic() - t0
-        summary: dict[str, Any] = {
-            "run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": parent.info.run_id,
-            "mlflow_tracking_uri": uri, **{k: ann.get(k) for k in ("items", "votes", "invalid_votes", "abstained",
-                                                                  "requests_sent", "requests_cached", "tokens_in",
-                                                                  "tokens_out", "requests_deduplicated", "variation",
-                                                                  "aggregation", "probability_source",
-                                                                  "probability_source_method", "samples_with_logprobs",
-                                                                  "mean_label_entropy", "items_new", "items_reused",
-                                                                  "reuse_saved_usd", "reuse_saved_usd_method")},
-            **{k: v for k, v in ev.items() if k not in ("plots",)}, **reg,
-            **{k: tr[k] for k in ("train_items", "use_votes", "soft_labels", "soft_label_weight", "distill_temperature",
-                                  "class_balance", "train_label_counts", "val_macro_f1")}, **costs,
-            "stage_seconds": {**ann.get("stage_seconds", {}), **{k: round(v, 2) for k, v in stage_s.items()}},
-        }
-        mlflow.log_metrics(_numeric({k: summary.get(k) for k in TABLE_KEYS}))
-        mlflow.set_tags({"gate_decision": "promoted" if reg["promoted"] else "rejected",
-                         "model_version": reg["model_version"]})
-        table = final_table(summary) + "\n\n" + cost_table(summary)
-        mlflow.log_text(table, "summary.md")
-        (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if cfg.task == TaskType.generate:  # the generate task's train, evaluate and register (flows/generate.py)
+            gen = generate_stages(cfg, ann, parent.info.run_id, show_progress, stage_s)
+            summary = {"run_name": cfg.run_name, "task": cfg.task.value, "samples_per_item": cfg.teacher.samples,
+                       "mlflow_run_id": parent.info.run_id, "mlflow_tracking_uri": uri,
+                       **{k: v for k, v in ann.items() if k in GENERATE_ANN_KEYS or k.startswith("samples_invalid_")},
+                       **gen,
+                       "stage_seconds": {**ann.get("stage_seconds", {}), **{k: round(v, 2) for k, v in stage_s.items()}}}
+            reg = {k: summary[k] for k in ("model_name", "model_version", "promoted")}
+            mlflow.log_metrics(_numeric({k: summary.get(k) for k in GENERATE_TABLE_KEYS}))
+            mlflow.set_tags({"gate_decision": "promoted" if reg["promoted"] else "rejected", "task": "generate",
+                             "model_version": reg["model_version"]})
+            table = generate_table(summary) + "\n\n" + cost_table(summary)
+            mlflow.log_text(table, "summary.md")
+            (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        else:
+            summary, reg, table = _classify_stages(cfg, ann, labels, parent, uri, stage_s, show_progress)
     with contextlib.suppress(Exception):
         publish_links({"mlflow-model-version": mlflow_model_version_url(uri, reg["model_name"], reg["model_version"])})
         create_markdown_artifact(markdown="# distill run\n\n" + table, key="distill-summary",
@@ -253,3 +210,83 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
     logger.info("distill run finished:\n%s", table)
     summary["table"] = table
     return summary
+
+
+def _classify_stages(cfg: DistillConfig, ann: dict[str, Any], labels: list[str], parent: Any, uri: str,
+                     stage_s: dict[str, float], show_progress: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The classify task's train, evaluate and register, inside the flow's MLflow parent run."""
+    import mlflow
+    import pandas as pd
+
+    run_dir = cfg.run_dir
+    voted_pool = sorted(str(p) for p in Path(ann["votes_dir"]).glob("*.parquet"))
+    voted_gold = sorted(str(p) for p in (run_dir / "votes" / "gold").glob("*.parquet"))
+    t0 = time.monotonic()
+    en = cfg.energy
+    with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
+                        en.measure_power_secs) as train_energy:
+        tr = train_task(voted_pool, labels, str(run_dir / "student"), cfg.student, cfg.vote.min_agreement,
+                        show_progress)
+    stage_s["train"] = time.monotonic() - t0
+    tr.update(train_energy.as_dict("student_train"))
+    tr["student_train_usd"] = cfg.pricing.hardware_usd_per_hour * train_energy.duration_s / 3600
+    tr["student_train_usd_method"] = (f"measured {train_energy.duration_s:.0f} s x ${cfg.pricing.hardware_usd_per_hour:g}/h "
+                                      f"({cfg.pricing.hardware_name})")
+    with mlflow.start_run(run_name="train", nested=True):
+        mlflow.log_params({k: str(v) for k, v in tr.items() if not isinstance(v, (int, float)) or isinstance(v, bool)})
+        mlflow.log_metrics(_numeric(tr))
+
+    t0 = time.monotonic()
+    ev = evaluate_task(cfg.data.gold_path, cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column,
+                       labels, voted_gold, tr["model_dir"], cfg.student.precision, cfg.student.max_length,
+                       str(run_dir / "evaluation"), cfg.student.eval_batch_size, cfg.teacher.samples,
+                       ann.get("teacher_items_per_s"), cfg.energy, cfg.vote.aggregation.value,
+                       max(tr["train_label_counts"], key=tr["train_label_counts"].get))
+    stage_s["evaluate"] = time.monotonic() - t0
+    with mlflow.start_run(run_name="evaluate", nested=True):
+        mlflow.log_metrics(_numeric(ev))
+        for p in ev["plots"]:
+            mlflow.log_artifact(p, "plots")
+        mlflow.log_dict({k: v for k, v in ev.items() if k != "plots"}, "evaluation.json")
+        mlflow.log_dict({"reliability": ev.get("reliability", [])}, "calibration.json")
+    costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
+             (k in COST_KEYS or k.endswith("_method") or k in ("teacher_requests_billed", "teacher_attempts",
+                                                               "teacher_usd_failed_attempts", "teacher_prices",
+                                                               "teacher_usd_per_mtok_equivalent"))}
+    costs.update({k: v for k, v in tr.items() if k.startswith("student_train_")})
+    costs.update(projection(cfg, ann, ev.get("student_items_per_s"), ev.get("student_kwh_per_item"),
+                            ev.get("student_kwh_per_item_method", "not measured")))
+    ev["plots"].append(cost_chart(costs, run_dir / "evaluation" / "cost_per_1m.png"))
+    for p in ev["plots"]:
+        mlflow.log_artifact(p, "plots")
+    mlflow.log_metrics(_numeric({k: costs.get(k) for k in COST_KEYS}))
+    mlflow.log_dict(costs, "costs.json")
+
+    t0 = time.monotonic()
+    info = log_student_model(tr["model_dir"], cfg.student.precision, cfg.student.max_length,
+                             pd.read_parquet(voted_pool[0], columns=["text"])["text"].tolist()[:3])
+    reg = register_task(info.model_uri, cfg.tracking.model_name, ev["student_macro_f1"], cfg.data.gold_path,
+                        cfg.data.text_column, cfg.data.id_column, cfg.data.gold_label_column, labels,
+                        cfg.gate.min_macro_f1, cfg.gate.min_improvement, parent.info.run_id)
+    stage_s["register"] = time.monotonic() - t0
+    summary: dict[str, Any] = {
+        "run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": parent.info.run_id,
+        "mlflow_tracking_uri": uri, **{k: ann.get(k) for k in ("items", "votes", "invalid_votes", "abstained",
+                                                              "requests_sent", "requests_cached", "tokens_in",
+                                                              "tokens_out", "requests_deduplicated", "variation",
+                                                              "aggregation", "probability_source",
+                                                              "probability_source_method", "samples_with_logprobs",
+                                                              "mean_label_entropy", "items_new", "items_reused",
+                                                              "reuse_saved_usd", "reuse_saved_usd_method")},
+        **{k: v for k, v in ev.items() if k not in ("plots",)}, **reg,
+        **{k: tr[k] for k in ("train_items", "use_votes", "soft_labels", "soft_label_weight", "distill_temperature",
+                              "class_balance", "train_label_counts", "val_macro_f1")}, **costs,
+        "stage_seconds": {**ann.get("stage_seconds", {}), **{k: round(v, 2) for k, v in stage_s.items()}},
+    }
+    mlflow.log_metrics(_numeric({k: summary.get(k) for k in TABLE_KEYS}))
+    mlflow.set_tags({"gate_decision": "promoted" if reg["promoted"] else "rejected",
+                     "model_version": reg["model_version"]})
+    table = final_table(summary) + "\n\n" + cost_table(summary)
+    mlflow.log_text(table, "summary.md")
+    (run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary, reg, table

@@ -159,7 +159,7 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
     is the probability the teacher put on the label set at all.
     """
     n = len(items)
-    matcher = LabelMatcher(template.labels, template.aliases)
+    matcher = LabelMatcher(template.labels, template.aliases) if template.labels else None  # None: free text
     answers: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     votes: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     status: list[list[str]] = [["failed"] * k for _ in range(n)]
@@ -168,6 +168,7 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
     cached: list[list[bool]] = [[False] * k for _ in range(n)]
     probs: list[list[Optional[list[float]]]] = [[None] * k for _ in range(n)]
     mass: list[list[Optional[float]]] = [[None] * k for _ in range(n)]
+    finish: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     for s in plan.samples:
         o = outcomes.get(s.key)
         i, j = s.item_index, s.sample_index
@@ -182,12 +183,13 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
             errors[i][j] = o.error
             continue
         answers[i][j] = o.text
+        finish[i][j] = o.finish_reason
         lab = template.parse(o.text)
         votes[i][j] = lab
         status[i][j] = "ok" if lab is not None else "invalid"
         if lab is None:
-            errors[i][j] = f"answer not in label set {template.labels}"
-        dist = label_distribution(o.logprobs, matcher, label_forms) if o.logprobs is not None else None
+            errors[i][j] = f"answer not in label set {template.labels}" if template.labels else "empty answer"
+        dist = label_distribution(o.logprobs, matcher, label_forms) if o.logprobs is not None and matcher else None
         if dist is not None:
             probs[i][j], mass[i][j] = dist.probs, dist.mass
     out = items.reset_index(drop=True).copy()
@@ -199,6 +201,7 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
     out["cached"] = cached
     out["sample_probs"] = probs
     out["sample_label_mass"] = mass
+    out["finish_reasons"] = finish
     return out
 
 

@@ -52,7 +52,7 @@ def _model(model_uri: str, tracking_uri: str) -> Any:
 
 
 def predict_shard(model_uri: str, tracking_uri: str, in_path: str, out_path: str, batch_size: int) -> ShardPrediction:
-    """Label one shard into ``out_path`` (id, label, score); a no-op if that part already exists."""
+    """Run the model over one shard into ``out_path`` (id + its output columns); a no-op if that part already exists."""
     out = Path(out_path)
     if out.exists():
         return ShardPrediction(str(out), pq.ParquetFile(out).metadata.num_rows, 0.0, reused=True)
@@ -63,7 +63,12 @@ def predict_shard(model_uri: str, tracking_uri: str, in_path: str, out_path: str
              for i in range(0, len(df), batch_size * 16)]
     pred = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"label": [], "score": []})
     seconds = time.perf_counter() - t0
-    res = pd.DataFrame({"id": df["id"].values, "label": pred["label"].values, "score": pred["score"].astype(float).values})
+    if len(pred) != len(df):
+        raise ValueError(f"{model_uri} returned {len(pred)} rows for the {len(df)} items of {in_path}: no row may be lost")
+    # a classifier returns label and score, a generator text and finish_reason: every column is kept, after the id
+    res = pd.DataFrame({"id": df["id"].values, **{c: pred[c].values for c in pred.columns}})
+    if "score" in res:
+        res["score"] = res["score"].astype(float)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pandas(res, preserve_index=False), tmp)

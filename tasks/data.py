@@ -195,7 +195,11 @@ def iter_items(
                 report.duplicate_texts += 1
             seen_texts.add(ht)
             if label_column:
-                lab = str(df.iat[i, 2]).strip()
+                raw_lab = df.iat[i, 2]
+                lab = "" if raw_lab is None or (isinstance(raw_lab, float) and raw_lab != raw_lab) else str(raw_lab).strip()
+                if not lab:
+                    raise DataError(f"{path}: row {row_no} (id {rid!r}): column '{label_column}' is empty; every gold "
+                                    f"item needs its human label or reference")
                 if labels is not None and lab not in labels:
                     raise DataError(
                         f"{path}: row {row_no} (id {rid!r}): label {lab!r} in column '{label_column}' "

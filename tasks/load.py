@@ -29,7 +29,7 @@ def _write_rejected(rows: list[dict], path: Path) -> Optional[str]:
     return str(path)
 
 
-def prepare_inputs(cfg: DistillConfig, labels: list[str], out_dir: Path) -> dict[str, Any]:
+def prepare_inputs(cfg: DistillConfig, labels: Optional[list[str]], out_dir: Path) -> dict[str, Any]:
     """Write pool shards (and the seeded gold subset for scoring the teacher) under ``out_dir``."""
     d = cfg.data
     pool_report = DataReport(path=d.pool_path)
@@ -62,5 +62,5 @@ def prepare_inputs(cfg: DistillConfig, labels: list[str], out_dir: Path) -> dict
 
 
 @task(name="load-data")
-def load_task(cfg: DistillConfig, labels: list[str], out_dir: str) -> dict[str, Any]:
+def load_task(cfg: DistillConfig, labels: Optional[list[str]], out_dir: str) -> dict[str, Any]:
     return prepare_inputs(cfg, labels, Path(out_dir))

@@ -121,8 +121,13 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
             per_answer = float(h["completion_tokens"])
             tout_how = f"mean of {h['usage_n']:,} earlier answers of {model}"
         else:
-            per_answer = _label_tokens(counter, template.labels, chat, t.max_tokens)
-            tout_how = f"mean label length + 1 stop token, capped at max_tokens ({counter.method})"
+            if template.labels:
+                per_answer = _label_tokens(counter, template.labels, chat, t.max_tokens)
+                tout_how = f"mean label length + 1 stop token, capped at max_tokens ({counter.method})"
+            else:  # free text: as long as the template's example outputs
+                per_answer = _label_tokens(counter, [e.label for e in template.examples] or ["x" * 4 * t.max_tokens],
+                                           chat, t.max_tokens)
+                tout_how = f"mean length of the template's example outputs + 1 stop token, capped at max_tokens ({counter.method})"
         tout = round(e.choices * per_answer)
         # time at the configured limits
         per_req_tokens = (tin + tout) / e.to_send if e.to_send else 0.0
@@ -257,7 +262,7 @@ def plan_run(cfg: DistillConfig) -> dict[str, Any]:
 
     template = load_prompt(cfg.prompt)
     prices = resolve_prices(cfg)
-    inputs = prepare_inputs(cfg, template.labels, Path(cfg.run_dir) / "input")
+    inputs = prepare_inputs(cfg, template.labels or None, Path(cfg.run_dir) / "input")
     return make_plan(cfg, template, inputs["gold_shards"] + inputs["pool_shards"], prices, counter_for(cfg.teacher))
 
 

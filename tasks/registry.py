@@ -48,16 +48,17 @@ class GateDecision:
     champion_macro_f1: Optional[float] = None
 
 
-def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float) -> tuple[bool, str]:
-    """The gate rule as a pure function (see the module docstring)."""
+def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float,
+           metric: str = "macro-F1") -> tuple[bool, str]:
+    """The gate rule as a pure function (see the module docstring); ``metric`` names the figure in the reason."""
     if challenger_f1 < floor:
-        return False, f"macro-F1 {challenger_f1:.4f} is below the floor {floor:.4f}"
+        return False, f"{metric} {challenger_f1:.4f} is below the floor {floor:.4f}"
     if champion_f1 is None:
-        return True, f"first model: macro-F1 {challenger_f1:.4f} clears the floor {floor:.4f}"
+        return True, f"first model: {metric} {challenger_f1:.4f} clears the floor {floor:.4f}"
     diff = challenger_f1 - champion_f1
     if diff > 0 and diff >= margin:
-        return True, f"macro-F1 {challenger_f1:.4f} beats the champion's {champion_f1:.4f} by {diff:+.4f} (margin {margin:.4f})"
-    return False, (f"macro-F1 {challenger_f1:.4f} does not beat the champion's {champion_f1:.4f} by more than zero "
+        return True, f"{metric} {challenger_f1:.4f} beats the champion's {champion_f1:.4f} by {diff:+.4f} (margin {margin:.4f})"
+    return False, (f"{metric} {challenger_f1:.4f} does not beat the champion's {champion_f1:.4f} by more than zero "
                    f"and at least the margin {margin:.4f} ({diff:+.4f})")
 
 
@@ -132,3 +133,44 @@ def register_task(model_uri: str, model_name: str, challenger_f1: float, gold_pa
     return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
                              labels, floor, margin, run_id)
 
+
+
+def register_generator_and_gate(model_uri: str, model_name: str, score: float, metric: str, documents: list[str],
+                                references: list[str], floor: float, margin: float, run_id: str) -> dict[str, Any]:
+    """The generate task's gate: re-measure the champion generator on the same gold items with the same metric.
+
+    A champion of another task type under the same name is not comparable: refused with a
+    message that names the model, rather than compared on a metric it does not have.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from tasks.text_metrics import bertscore, rouge
+
+    client = mlflow.MlflowClient()
+    champ_version, champ_score = None, None
+    try:
+        v = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        v = None
+    if v is not None:
+        if (v.tags or {}).get("task", "classify") != "generate":
+            raise ValueError(f"registered model {model_name!r}: its champion (version {v.version}) is a classifier; "
+                             f"give the generator its own tracking.model_name")
+        champ = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+        preds = champ.predict(pd.DataFrame({"text": documents}))["text"].tolist()
+        champ_version = str(v.version)
+        champ_score = bertscore(preds, references).f1 if metric == "bertscore_f1" else rouge(preds, references).rougeL
+    mv = mlflow.register_model(model_uri, model_name)
+    promote, reason = decide(score, champ_score, floor, margin, metric=metric)
+    client.set_registered_model_alias(model_name, "challenger", mv.version)
+    tags = {"task": "generate", f"gold_{metric}": f"{score:.6f}", "gate_decision": "promoted" if promote else "rejected",
+            "gate_reason": reason, "source_run_id": run_id, "compared_with_version": champ_version or "",
+            f"champion_{metric}_now": "" if champ_score is None else f"{champ_score:.6f}"}
+    for k, val in tags.items():
+        client.set_model_version_tag(model_name, mv.version, k, val)
+    if promote:
+        client.set_registered_model_alias(model_name, "champion", mv.version)
+    return {"model_name": model_name, "model_version": str(mv.version), "promoted": promote, "gate_reason": reason,
+            "gate_metric": metric, "previous_champion_version": champ_version, "previous_champion_score": champ_score}

@@ -1,0 +1,103 @@
+"""The task-type seam: what differs between labelling (``classify``) and writing (``generate``).
+
+Why a seam: the pipeline (load, plan, annotate, aggregate, train, evaluate, register) is
+the same for both; what a teacher answer means, how k samples become one, what the
+student is and how it is judged differ. As distilabel's ``TextClassification`` and
+``TextGeneration`` share one ``Task``, both task types here answer the same questions, and
+the flows ask them instead of testing ``cfg.task`` in every module:
+
+- ``aggregate``: k parsed samples per item -> one answer and its agreement (vote or medoid);
+- ``aggregate_summary``: the counts the run report shows for that aggregation;
+- ``teacher_gold_scores``: the teacher, single sample and aggregated, on human gold;
+- ``primary_metric``: the gold figure the gate decides on.
+
+Rendering and parsing live with the template (``PromptTemplate`` / ``GenerationTemplate``,
+chosen by the template file's ``task:``); training, evaluation and the pyfunc are each
+task type's own modules (tasks/train.py, tasks/evaluate.py, tasks/mlflow_model.py for
+``classify``; tasks/generate_task.py, tasks/lora_student.py, tasks/generator_model.py for
+``generate``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prefect import task
+
+from distill.config import DistillConfig, TaskType
+
+
+class TaskKind(Protocol):
+    name: str
+    primary_metric: str
+
+    def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]: ...
+
+    def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]: ...
+
+    def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]: ...
+
+
+class Classify:
+    """Labels from a closed set: majority vote or mean probability; macro-F1 decides."""
+
+    name = "classify"
+    primary_metric = "macro_f1"
+
+    def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
+        from tasks.vote import vote_shards
+
+        return vote_shards(ann_paths, out_dir, cfg.vote.min_agreement, template.labels, cfg.vote.aggregation.value)
+
+    def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]:
+        from tasks.report import vote_stats
+
+        return vote_stats(voted_paths, k)
+
+    def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]:
+        from tasks.report import gold_scores
+
+        return gold_scores(voted_gold, template.labels)
+
+
+class Generate:
+    """Free text: the medoid of the k samples; BERTScore F1 against human references decides."""
+
+    name = "generate"
+    primary_metric = "bertscore_f1"
+
+    def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
+        from tasks.generate_task import medoid_shards
+
+        return medoid_shards(ann_paths, out_dir, cfg.teacher.samples, cfg.vote.similarity.value, template.max_words)
+
+    def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]:
+        from tasks.generate_task import medoid_summary
+
+        return medoid_summary(voted_paths, k)
+
+    def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]:
+        from tasks.generate_task import teacher_gold_scores
+
+        return teacher_gold_scores(voted_gold, template.max_words)
+
+
+def task_kind(task_type: TaskType | str) -> TaskKind:
+    """The task type's implementation."""
+    return Generate() if TaskType(task_type) == TaskType.generate else Classify()
+
+
+def check_template_suits(task_type: TaskType, template: Any, source: str) -> None:
+    """A classify config with a writing prompt (or the reverse) is refused before anything is loaded or sent."""
+    is_gen = getattr(template, "task", "classify") == "generate"
+    if is_gen != (task_type == TaskType.generate):
+        raise ValueError(f"prompt {source}: a {'generation' if is_gen else 'labelling'} template does not suit "
+                         f"task '{task_type.value}' (set task: {'generate' if is_gen else 'classify'} or pick another prompt)")
+
+
+@task(name="aggregate", task_run_name="aggregate-{name}")
+def aggregate_task(ann_paths: list[str], out_dir: str, cfg: DistillConfig, name: str = "pool") -> list[str]:
+    """Thin Prefect task over the task type's aggregation (vote or medoid); it reads the template itself."""
+    from tasks.prompting import load_prompt
+
+    return task_kind(cfg.task).aggregate(ann_paths, out_dir, cfg, load_prompt(cfg.prompt))
