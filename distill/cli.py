@@ -83,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ann.exists():
         print("\n== annotation and vote ==")
         print(terminal_summary(json.loads(ann.read_text())))
-    print("\n== distill run: teacher vs student on human gold ==")
+    if not str(summary["table"]).lstrip().startswith("=="):  # the generate table carries its own heading
+        print("\n== distill run: teacher vs student on human gold ==")
     print(summary["table"])
     _write_summary_json(args.summary_json, {k: v for k, v in summary.items() if k != "table"})
     return 0
@@ -113,7 +114,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     df = pd.read_csv(out) if out.endswith(".csv") else pd.read_parquet(out)
-    print(df["label"].value_counts().to_string())
+    if "label" in df:  # a classifier: how many of each label
+        print(df["label"].value_counts().to_string())
+    elif "text" in df:  # a generator: a few of its texts
+        print("\n".join(f"  {t}" for t in df["text"].head(3)))
     return 0
 
 

@@ -198,14 +198,24 @@ class ResponseCache:
         return [{"model": m, "ok": bool(ok), "usage_source": src, "attempts": n, "tokens_in": pt, "tokens_out": ct,
                  "latency_s": lat} for m, ok, src, n, pt, ct, lat in rows]
 
-    def model_history(self, model: str) -> dict[str, Any]:
+    def model_history(self, model: str, max_tokens: int | None = None) -> dict[str, Any]:
         """What earlier runs measured for ``model``: mean latency, prompt tokens per character, completion tokens.
 
-        The plan uses it to calibrate its estimates once a model has answered before.
+        The plan uses it to calibrate its estimates once a model has answered before. With
+        ``max_tokens`` only requests sent with that cap count: one-word labels and 60-token
+        summaries from the same model differ twentyfold in answer length and latency, and a plan
+        for one must not be calibrated on the other.
         """
         self.flush()
-        lat = self.db.execute(
-            "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
+        cap = "" if max_tokens is None else " AND json_extract(r.request,'$.max_tokens')=?"
+        args: tuple[Any, ...] = (model,) if max_tokens is None else (model, max_tokens)
+        if max_tokens is None:
+            lat = self.db.execute(
+                "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
+        else:
+            lat = self.db.execute(
+                "SELECT COUNT(*), AVG(a.latency_s) FROM attempts a JOIN responses r ON r.key=a.key"
+                " WHERE a.model=? AND a.status='ok'" + cap, args).fetchone()
         # per answer: with `n`, usage sits on a request's first choice and the others carry none,
         # so completion tokens are summed over all of the model's answers and divided by their number
         tok = self.db.execute(
@@ -213,8 +223,8 @@ class ResponseCache:
             " SUM(CASE WHEN prompt_tokens IS NOT NULL THEN COALESCE(LENGTH(json_extract(request,'$.prompt')),"
             "   (SELECT SUM(LENGTH(json_extract(m.value,'$.content'))) FROM json_each(request,'$.messages') AS m)) END),"
             " SUM(completion_tokens) * 1.0 / COUNT(*), SUM(prompt_tokens IS NOT NULL)"
-            " FROM responses WHERE json_extract(request,'$.model')=? AND COALESCE(usage_source,'reported') != 'estimated'",
-            (model,)).fetchone()
+            " FROM responses r WHERE json_extract(request,'$.model')=? AND COALESCE(usage_source,'reported') != 'estimated'"
+            + cap, args).fetchone()
         return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[4] or 0,
                 "tokens_per_char": (tok[1] / tok[2]) if tok[4] and tok[2] else None,
                 "completion_tokens": tok[3] if tok[4] else None}

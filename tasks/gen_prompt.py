@@ -15,6 +15,7 @@ overflows the teacher's context and fails until its attempts run out.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +42,38 @@ def cut_words(text: str, max_words: Optional[int]) -> tuple[str, bool]:
     return " ".join(words[:max_words]), True
 
 
+# a sentence ends at . ! or ? (and any closing quote or bracket) followed by space and a capital,
+# a digit or an opening quote: "1.5m" and "U.S" inside a sentence do not end it
+_SENTENCE_END = re.compile(r"(?<=[.!?])([\"'\u2019\u201d)\]]*)\s+(?=[A-Z0-9\"'\u2018\u201c(])")
+
+
+def first_sentences(text: str, n: Optional[int]) -> str:
+    """The first ``n`` sentences of ``text`` (all of it when ``n`` is None or it has no more)."""
+    if n is None:
+        return text
+    cut, start = None, 0
+    for count, m in enumerate(_SENTENCE_END.finditer(text), start=1):
+        if count == n:
+            cut = m.start() + len(m.group(1))
+            break
+    return text if cut is None else text[start:cut].strip()
+
+
+def effective_finish_reason(answer: Optional[str], parsed: Optional[str], finish_reason: Optional[str]) -> Optional[str]:
+    """``length`` only when the cut reached the text that was kept.
+
+    An answer cut at ``max_tokens`` whose kept part (first line, first sentences) ended before
+    the cut is complete: the truncation fell in what :meth:`GenerationTemplate.parse` dropped.
+    Such a sample counts as ``stop``; one whose kept part runs to the cut stays ``length``
+    (invalid, counted as truncated).
+    """
+    if finish_reason != "length" or not answer or not parsed:
+        return finish_reason
+    a = answer.strip()
+    at = a.find(parsed)
+    return "stop" if at >= 0 and at + len(parsed) < len(a) else finish_reason
+
+
 @dataclass
 class GenerationTemplate:
     """A writing prompt: instruction, few-shot (input, output) examples, limits on input and output length."""
@@ -50,6 +83,7 @@ class GenerationTemplate:
     examples: list[Example]  # ``label`` holds the example's output text
     max_words: int
     max_input_words: Optional[int] = 300
+    max_sentences: Optional[int] = None  # keep the answer's first N sentences (None: its whole first line)
     student_instruction_text: str = ""
     input_prefix: str = "Article: "
     output_prefix: str = "Summary:"
@@ -106,20 +140,25 @@ class GenerationTemplate:
 
     # -- parsing -------------------------------------------------------------------
     def parse(self, answer: Optional[str]) -> Optional[str]:
-        """The answer's first non-empty line, stripped; None for no answer or an empty one.
+        """The answer's first non-empty line, stripped (its first ``max_sentences`` sentences when
+        set); None for no answer or an empty one.
 
-        Length is judged by the aggregation (an over-length sample is invalid and counted there).
+        Why sentences: a small teacher asked for "a one-sentence summary" often writes one and
+        goes on; the sentence it was asked for is complete, and what follows is dropped, not
+        held against it. Length is judged by the aggregation (an over-length sample is invalid
+        and counted there).
         """
         if answer is None:
             return None
         for line in answer.strip().splitlines():
             if line.strip():
-                return line.strip()
+                return first_sentences(line.strip(), self.max_sentences)
         return None
 
     def template_hash(self) -> str:
         blob = yaml.safe_dump({"instruction": self.instruction, "examples": [(e.text, e.label) for e in self.examples],
                                "max_words": self.max_words, "max_input_words": self.max_input_words,
+                               **({"max_sentences": self.max_sentences} if self.max_sentences else {}),
                                "student": self.student_instruction_text, "input_prefix": self.input_prefix,
                                "output_prefix": self.output_prefix, "template": self.completion_template},
                               sort_keys=True)
@@ -127,6 +166,7 @@ class GenerationTemplate:
 
 
 GENERATION_FIELDS = {"name", "task", "instruction", "student_instruction", "examples", "max_words", "max_input_words",
+                     "max_sentences",
                      "input_prefix", "output_prefix", "completion_template"}
 
 
@@ -138,8 +178,9 @@ def generation_template_from(raw: dict[str, Any], p: Path) -> GenerationTemplate
     for req in ("name", "instruction", "max_words"):
         if not raw.get(req):
             raise PromptError(f"{p}: field '{req}' is required")
-    if not isinstance(raw["max_words"], int) or raw["max_words"] < 1:
-        raise PromptError(f"{p}: field 'max_words' must be a positive integer")
+    for fld in ("max_words", "max_sentences"):
+        if fld in raw and (not isinstance(raw[fld], int) or isinstance(raw[fld], bool) or raw[fld] < 1):
+            raise PromptError(f"{p}: field '{fld}' must be a positive integer")
     examples = []
     for i, ex in enumerate(raw.get("examples") or []):
         if not isinstance(ex, dict) or set(ex) != {"text", "output"}:
@@ -148,7 +189,8 @@ def generation_template_from(raw: dict[str, Any], p: Path) -> GenerationTemplate
         if not out or len(out.split()) > raw["max_words"]:
             raise PromptError(f"{p}: examples[{i}].output must be 1 to max_words={raw['max_words']} words")
         examples.append(Example(text=str(ex["text"]), label=out))
-    kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template", "max_input_words")
+    kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template", "max_input_words",
+                                                  "max_sentences")
                               if k in raw}
     try:
         return GenerationTemplate(name=raw["name"], instruction=raw["instruction"], examples=examples,

@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.gen_prompt import GenerationTemplate
-from tasks.medoid import medoid_frame, medoid_stats, word_count
+from tasks.gen_prompt import GenerationTemplate, effective_finish_reason
+from tasks.medoid import medoid_frame, medoid_stats, sample_invalid_reason, word_count
 from tasks.text_metrics import bertscore, output_shares, rouge
 
 
@@ -37,6 +37,15 @@ def _frames(paths: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _effective_finishes(ann: pd.DataFrame, k: int) -> list[list[Optional[str]]]:
+    """Each sample's finish reason as it bears on the kept text (see ``effective_finish_reason``)."""
+    if "finish_reasons" not in ann:
+        return [[None] * k for _ in range(len(ann))]
+    answers = ann["answers"] if "answers" in ann else [[None] * k] * len(ann)
+    return [[effective_finish_reason(a, v, fr) for a, v, fr in zip(ans, vs, frs)]
+            for ans, vs, frs in zip(answers, ann["votes"], ann["finish_reasons"])]
+
+
 # -- aggregate ---------------------------------------------------------------------------------------------
 def medoid_shards(ann_paths: list[str], out_dir: str, k: int, similarity: str, max_words: Optional[int]) -> list[str]:
     """Aggregate each annotation shard's k texts per item into its medoid; every item is kept (abstentions too).
@@ -50,13 +59,15 @@ def medoid_shards(ann_paths: list[str], out_dir: str, k: int, similarity: str, m
     outs = []
     for p in ann_paths:
         ann = pq.read_table(p).to_pandas()
-        fins = ann["finish_reasons"] if "finish_reasons" in ann else [[None] * k] * len(ann)
+        fins = _effective_finishes(ann, k)
         long = [{"item_id": i, "sample": j, "text": v, "finish_reason": fr}
                 for i, (vs, frs) in enumerate(zip(ann["votes"], fins)) for j, (v, fr) in enumerate(zip(vs, frs))]
         med = medoid_frame(pd.DataFrame(long, columns=["item_id", "sample", "text", "finish_reason"]), k=k,
                            method=similarity, max_words=max_words)
         med = med.set_index("item_id").reindex(range(len(ann)))
         out = ann.copy()
+        out["sample_valid"] = [[sample_invalid_reason(v, fr, max_words) is None for v, fr in zip(vs, frs)]
+                               for vs, frs in zip(ann["votes"], fins)]
         for src, dst in (("text", "label"), ("agreement", "confidence"), ("medoid_sample", "medoid_sample"),
                          ("n_valid", "n_valid_votes"), ("invalid_reasons", "invalid_reasons"),
                          ("abstain_reason", "abstain_reason")):
@@ -85,15 +96,21 @@ def _texts(xs: Any) -> list[str]:
 
 
 def teacher_gold_scores(voted_gold: list[str], max_words: Optional[int]) -> dict[str, Any]:
-    """The teacher on the human references: each single sample (mean over the k) and the medoid."""
+    """The teacher on the human references: each single sample (mean over the k) and the medoid.
+
+    A single sample is held to the medoid's rules: one that is invalid (empty, truncated, over
+    length) scores as an empty text, as an abstaining medoid does. Scoring the raw text instead
+    would credit one sample for answers the aggregation is not allowed to use.
+    """
     df = _frames(voted_gold)
     if df.empty:
         return {}
     refs = _texts(df["label_gold"])
     k = len(df["votes"].iloc[0])
+    valid = df["sample_valid"] if "sample_valid" in df else [[True] * k] * len(df)
     singles_b, singles_r = [], []
     for j in range(k):
-        preds = _texts(v[j] if j < len(v) else None for v in df["votes"])
+        preds = _texts(v[j] if j < len(v) and ok[j] else None for v, ok in zip(df["votes"], valid))
         singles_b.append(bertscore(preds, refs).f1)
         singles_r.append(rouge(preds, refs).rougeL)
     med = _texts(df["label"])
@@ -205,8 +222,10 @@ def evaluate_generator(voted_gold: list[str], template: GenerationTemplate, adap
         items_per_s=len(preds) / wall if wall > 0 else 0.0,
         tokens_per_s=sum(o.new_tokens for o in outs) / wall if wall > 0 else 0.0,
         mean_words=sum(word_count(p) for p in preds) / max(1, len(preds)), batch_size=student.eval_batch_size,
-        examples=[{"id": str(i), "reference": ref, "teacher": str(t or ""), "student": p}
-                  for i, ref, t, p in list(zip(df["id"], refs, df["label"], preds))[:5]],
+        examples=[{"id": str(i), "reference": ref, "student": p,
+                   "teacher": t or f"(abstained: {why or 'no valid sample'})"}
+                  for i, ref, t, why, p in list(zip(df["id"], refs, _texts(df["label"]),
+                                                    _texts(df.get("abstain_reason", [None] * len(df))), preds))[:5]],
     )
     od = Path(out_dir)
     od.mkdir(parents=True, exist_ok=True)

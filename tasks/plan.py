@@ -93,7 +93,7 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
                     e.sample_chars += c
                     e.sample_tokens += counter.count_prompt(r.payload)
         models = [t.model] + [m.model for m in t.members]
-        history = {i: cache.model_history(models[i]) for i in eps}
+        history = {i: cache.model_history(models[i], t.max_tokens) for i in eps}
     finally:
         cache.close()
 
@@ -119,7 +119,7 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
         # completion tokens
         if h["completion_tokens"] is not None:
             per_answer = float(h["completion_tokens"])
-            tout_how = f"mean of {h['usage_n']:,} earlier answers of {model}"
+            tout_how = f"mean of {h['usage_n']:,} earlier answers of {model} at max_tokens={t.max_tokens}"
         else:
             if template.labels:
                 per_answer = _label_tokens(counter, template.labels, chat, t.max_tokens)
@@ -134,7 +134,8 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
         local = t.local and (i == 0 or t.members[i - 1].base_url is None)
         if h["latency_s"]:
             rps = cfg.client.concurrency / h["latency_s"]
-            time_how = f"measured mean latency {h['latency_s']:.2f} s over {h['latency_n']:,} earlier requests, concurrency {cfg.client.concurrency}"
+            time_how = (f"measured mean latency {h['latency_s']:.2f} s over {h['latency_n']:,} earlier requests"
+                        f" at max_tokens={t.max_tokens}, concurrency {cfg.client.concurrency}")
         elif local:
             lat = (tin / e.to_send if e.to_send else 0.0) / cfg.pricing.assumed_local_tokens_per_s
             rps = 1.0 / lat if lat else float("inf")

@@ -411,3 +411,19 @@ def test_distill_run_stopped_by_budget_exits_3_and_tags_mlflow(tmp_path, binary_
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["distill"], filter_string="tags.stopped = 'budget'")
     assert len(runs) == 1 and runs["metrics.teacher_usd"].iloc[0] == pytest.approx(s["teacher_usd"])
+
+
+def test_history_is_scoped_to_the_answer_cap(tmp_path):
+    """A summary plan must not be calibrated on one-word label answers of the same model."""
+    from tasks.cache import CachedAnswer, ResponseCache
+
+    c = ResponseCache(tmp_path / "c.sqlite")
+    c.put_success([("lab", CachedAnswer("pos", "stop", 100, 1, "reported"))],
+                  {"model": "m", "prompt": "x" * 400, "max_tokens": 4}, "r", 1, 200, 0.2)
+    c.put_success([("sum", CachedAnswer("a summary", "stop", 100, 40, "reported"))],
+                  {"model": "m", "prompt": "x" * 400, "max_tokens": 60}, "r", 1, 200, 3.0)
+    labels, summaries, both = c.model_history("m", 4), c.model_history("m", 60), c.model_history("m")
+    assert labels["completion_tokens"] == pytest.approx(1.0) and labels["latency_s"] == pytest.approx(0.2)
+    assert summaries["completion_tokens"] == pytest.approx(40.0) and summaries["latency_s"] == pytest.approx(3.0)
+    assert both["completion_tokens"] == pytest.approx(20.5) and both["latency_n"] == 2
+    assert c.model_history("m", 128)["completion_tokens"] is None

@@ -187,3 +187,29 @@ def test_medoid_frame_embedding_encodes_once(minilm):
     # the same value as item by item, up to float32 noise from batching other texts alongside
     assert out.iloc[0]["agreement"] == pytest.approx(
         select_medoid(RESTAURANT, method="embedding", embedder=minilm).agreement, abs=1e-5)
+
+
+def test_shards_keep_a_sentence_cut_after_and_score_invalid_singles_as_empty(tmp_path) -> None:
+    """The medoid and the single-sample figure apply the same validity rules to the same samples."""
+    import pandas as pd
+
+    from tasks.generate_task import medoid_shards, teacher_gold_scores
+
+    ref = "The council approved a new bridge over the river."
+    ann = pd.DataFrame({
+        "id": ["a"], "text": ["doc"], "label_gold": [ref],
+        "answers": [[" The council approved a new bridge. It will open in the spring and the",
+                     " The council approved a new bridge over the river", " The council approved a bridge."]],
+        "votes": [["The council approved a new bridge.", "The council approved a new bridge over the river",
+                   "The council approved a bridge."]],
+        "finish_reasons": [["length", "length", "stop"]],
+    })
+    src = tmp_path / "ann.parquet"
+    ann.to_parquet(src)
+    [out] = medoid_shards([str(src)], str(tmp_path / "votes"), k=3, similarity="rougeL", max_words=40)
+    voted = pd.read_parquet(out)
+    assert list(voted["sample_valid"].iloc[0]) == [True, False, True]  # sample 1 was cut inside its sentence
+    assert voted["n_valid_votes"].iloc[0] == 2
+    scores = teacher_gold_scores([out], max_words=40)
+    by_sample = scores["teacher_bertscore_f1_single_by_sample"]
+    assert by_sample[1] == 0.0 and by_sample[0] > 0.5 and by_sample[2] > 0.5
