@@ -125,8 +125,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tasks.demo_data import prepare_demo_data
 
     for info in prepare_demo_data(args.data_dir):
-        print(f"{info['corpus']}: pool {info['pool']}, dev {info['dev']}, gold {info['gold']}, "
-              f"gold labels {info['labels']}")
+        what = (f"gold labels {info['labels']}" if "labels" in info  # a labelled corpus
+                else f"human references ({info.get('repaired_mojibake_fields', 0)} repaired fields)")  # a generation corpus (XSum)
+        print(f"{info['corpus']}: pool {info['pool']}, dev {info['dev']}, gold {info['gold']}, {what}")
     return 0
 
 

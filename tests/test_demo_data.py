@@ -31,3 +31,14 @@ def test_mojibake_is_repaired_per_sequence_and_correct_text_is_left_alone() -> N
 
     assert repair_mojibake("a Â£5m deal at the cafÃ©") == ("a £5m deal at the café", 2)
     assert repair_mojibake("Zürich, naïve, £5m") == ("Zürich, naïve, £5m", 0)
+
+
+def test_data_fetch_reports_every_corpus_of_the_setup(capsys) -> None:
+    """`distill data fetch` is the set-up's own step (make's data target): it must print the
+    generation corpus too (it crashed on XSum's info, which has no label counts)."""
+    from distill.cli import main as cli_main
+
+    assert cli_main(["data", "fetch", "--data-dir", "data"]) == 0
+    out = capsys.readouterr().out
+    assert "movie: pool" in out and "gold labels" in out
+    assert "xsum: pool 599, dev 100, gold 300, human references (88 repaired fields)" in out
