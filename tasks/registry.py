@@ -71,17 +71,17 @@ def log_student_model(model_dir: str, precision: str, max_length: int, example_t
     from mlflow.models import infer_signature
 
     from tasks.mlflow_model import StudentPyfunc
+    from tasks.model_code import CLASSIFIER_CODE, model_code
 
     example = pd.DataFrame({"text": example_texts[:3] or ["an example"]})
     out_example = pd.DataFrame({"label": ["x"] * len(example), "score": [0.5] * len(example)})
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
             f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"]
-    return mlflow.pyfunc.log_model(
-        name="student", python_model=StudentPyfunc(precision=precision, max_length=max_length),
-        artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
-        input_example=example, pip_requirements=reqs,
-        code_paths=[str(REPO / "tasks")],  # the model loads without distill installed
-    )
+    with model_code(CLASSIFIER_CODE) as code:  # the model loads without distill installed
+        return mlflow.pyfunc.log_model(
+            name="student", python_model=StudentPyfunc(precision=precision, max_length=max_length),
+            artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
+            input_example=example, pip_requirements=reqs, code_paths=[code])
 
 
 def champion_macro_f1(model_name: str, gold_texts: list[str], gold_labels: list[str], labels: list[str]) -> tuple[Optional[str], Optional[float]]:

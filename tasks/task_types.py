@@ -9,22 +9,26 @@ the flows ask them instead of testing ``cfg.task`` in every module:
 - ``aggregate``: k parsed samples per item -> one answer and its agreement (vote or medoid);
 - ``aggregate_summary``: the counts the run report shows for that aggregation;
 - ``teacher_gold_scores``: the teacher, single sample and aggregated, on human gold;
-- ``primary_metric``: the gold figure the gate decides on.
+- ``train`` / ``evaluate`` / ``register``: the student's stages, each a typed result;
+- ``primary_metric``: the gold figure the gate decides on;
+- ``summary`` / ``table`` / ``table_keys``: the run report's part that is the task type's own.
 
 Rendering and parsing live with the template (``PromptTemplate`` / ``GenerationTemplate``,
-chosen by the template file's ``task:``); training, evaluation and the pyfunc are each
-task type's own modules (tasks/train.py, tasks/evaluate.py, tasks/mlflow_model.py for
-``classify``; tasks/generate_task.py, tasks/lora_student.py, tasks/generator_model.py for
-``generate``).
+chosen by the template file's ``task:``); the stages are tasks/classify_stages.py and
+tasks/generate_stages.py, over each task type's own modules (tasks/train.py,
+tasks/evaluate.py, tasks/mlflow_model.py for ``classify``; tasks/generate_task.py,
+tasks/lora_student.py, tasks/generator_model.py for ``generate``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Any, Optional, Protocol
 
 from prefect import task
 
 from distill.config import DistillConfig, TaskType
+from tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
 
 class TaskKind(Protocol):
@@ -37,11 +41,60 @@ class TaskKind(Protocol):
 
     def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]: ...
 
+    def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained: ...
 
-class Classify:
+    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
+                 teacher_items_per_s: Optional[float]) -> Evaluation: ...
+
+    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
+                 run_id: str) -> Registration: ...
+
+    def summary(self, ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
+                costs: dict[str, Any]) -> dict[str, Any]: ...
+
+    def table(self, summary: dict[str, Any]) -> str: ...
+
+    @property
+    def table_keys(self) -> list[str]: ...
+
+
+class _Stages:
+    """The student's stages and report, delegated to the task type's stages module (imported when used)."""
+
+    stages_module = ""
+
+    def _m(self) -> ModuleType:
+        import importlib
+
+        return importlib.import_module(self.stages_module)
+
+    def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
+        return self._m().train_stage(cfg, agg, show_progress)
+
+    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
+                 teacher_items_per_s: Optional[float]) -> Evaluation:
+        return self._m().evaluate_stage(cfg, agg, model, teacher_items_per_s)
+
+    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str) -> Registration:
+        return self._m().register_stage(cfg, agg, model, ev, run_id)
+
+    def summary(self, ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
+                costs: dict[str, Any]) -> dict[str, Any]:
+        return self._m().summary(ann, model, ev, reg, costs)
+
+    def table(self, summary: dict[str, Any]) -> str:
+        return self._m().table(summary)
+
+    @property
+    def table_keys(self) -> list[str]:
+        return list(self._m().TABLE_KEYS)
+
+
+class Classify(_Stages):
     """Labels from a closed set: majority vote or mean probability; macro-F1 decides."""
 
     name = "classify"
+    stages_module = "tasks.classify_stages"
     primary_metric = "macro_f1"
 
     def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
@@ -60,10 +113,11 @@ class Classify:
         return gold_scores(voted_gold, template.labels)
 
 
-class Generate:
+class Generate(_Stages):
     """Free text: the medoid of the k samples; BERTScore F1 against human references decides."""
 
     name = "generate"
+    stages_module = "tasks.generate_stages"
     primary_metric = "bertscore_f1"
 
     def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:

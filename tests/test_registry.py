@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,3 +81,10 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     assert list(out.columns) == ["label", "score"]
     assert set(out["label"]) <= set(LABELS) and out["label"].tolist()[:2] == ["positive", "negative"]
     assert ((out["score"] > 0) & (out["score"] <= 1)).all()
+
+    # only what loading and predicting imports travels with the model, not the whole tasks/ folder
+    from tasks.model_code import CLASSIFIER_CODE
+
+    local = mlflow.artifacts.download_artifacts("models:/m@champion")
+    shipped = sorted(p.name for p in (Path(local) / "code" / "tasks").iterdir() if p.suffix == ".py")
+    assert shipped == sorted(CLASSIFIER_CODE)

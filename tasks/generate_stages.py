@@ -1,24 +1,37 @@
-"""The ``generate`` task's stages after aggregation: train a LoRA student, evaluate it, register it.
+"""The ``generate`` task type's train, evaluate and register stages, its summary and its table.
 
-Called from :func:`flows.distill.distill_flow` once the annotate subflow has produced the
-teacher's medoids (pool and gold subset). Each stage is a thin Prefect task over a plain
-function in tasks/generate_task.py, logs into a nested MLflow run, and the summary keeps
-the cost and carbon keys of the classify path, so the same cost table renders.
+A LoRA (QLoRA with CUDA) causal-LM student trained on the teacher's medoids, judged by
+ROUGE and BERTScore against human references, registered as a pyfunc that writes text.
+Each stage is a plain function over a thin Prefect task in tasks/generate_task.py's terms
+and returns a typed result (tasks/stage_results.py); the summary keeps the cost and
+carbon keys of the classify path, so the same cost table renders.
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from prefect import task
 
 from distill.config import DistillConfig
 from tasks.carbon import measure_energy
-from tasks.costs import cost_chart, projection
+from tasks.classify_stages import train_energy_figures
+from tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
 GATE_FIGURES = {"bertscore_f1": "BERTScore F1", "rougeL": "ROUGE-L"}
+TABLE_KEYS = ["teacher_bertscore_f1_single", "teacher_bertscore_f1_medoid", "teacher_rougeL_single",
+              "teacher_rougeL_medoid", "student_bertscore_f1", "student_rougeL", "student_items_per_s",
+              "teacher_items_per_s", "speed_ratio", "promoted"]
+ANNOTATION_KEYS = ("items", "votes", "invalid_votes", "abstained", "mean_agreement", "requests_sent", "requests_cached",
+                   "tokens_in", "tokens_out", "requests_deduplicated", "variation", "aggregation", "items_new",
+                   "items_reused", "gold_items_scored", "teacher_items_per_s", "teacher_bertscore_f1_single",
+                   "teacher_rougeL_single", "teacher_bertscore_f1_single_by_sample", "teacher_bertscore_f1_medoid",
+                   "teacher_bertscore_precision_medoid", "teacher_bertscore_recall_medoid", "teacher_rouge1_medoid",
+                   "teacher_rouge2_medoid", "teacher_rougeL_medoid", "teacher_share_empty_medoid",
+                   "teacher_mean_words_medoid", "reference_mean_words", "bertscore_model", "bertscore_num_layers")
+TRAIN_KEYS = ("train_items", "val_items", "excluded_abstained", "global_steps", "train_loss_first", "train_loss",
+              "val_loss_before", "val_loss", "quantize_4bit", "student_dtype", "precision_reason", "trainable_params",
+              "lora_r", "base_model")
 
 
 @task(name="train-generator")
@@ -60,82 +73,58 @@ def register_generator_task(model_uri: str, cfg: DistillConfig, score: float, me
                                        df["label_gold"].tolist(), cfg.gate.min_score, cfg.gate.min_improvement, run_id)
 
 
-def generate_stages(cfg: DistillConfig, ann: dict[str, Any], run_id: str, show_progress: bool,
-                    stage_s: dict[str, float]) -> dict[str, Any]:
-    """Train, evaluate and register the generator student; returns the summary's student, gate and cost parts."""
-    import mlflow
+def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
+    """LoRA-tune the generator on the pool's medoids (instruction -> text, loss on the answer tokens)."""
+    if not agg.gold_paths:
+        raise ValueError("task generate needs gold references to judge the student: data.gold_path gave no items")
+    en = cfg.energy
+    with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
+                        en.measure_power_secs) as energy:
+        tr = train_generator_task(agg.pool_paths, cfg, str(cfg.run_dir / "student"), show_progress)
+    tr.update(train_energy_figures(energy, cfg))
+    return Trained(tr["model_dir"], tr, tr.get("merged_dir"))
+
+
+def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]) -> Evaluation:
+    """ROUGE and BERTScore of the student's texts against the human references, and its speed."""
+    ev = evaluate_generator_task(agg.gold_paths, cfg, model.model_dir, model.figures["base_model_dir"],
+                                 str(cfg.run_dir / "evaluation"))
+    ev["speed_ratio"] = ev["student_items_per_s"] / teacher_items_per_s if teacher_items_per_s else None
+    gen = cfg.run_dir / "evaluation" / "generations.parquet"
+    metric = "bertscore_f1" if cfg.gate.metric in ("auto", "bertscore_f1") else "rougeL"
+    return Evaluation(ev, metric, documents={"evaluation.json": ev},
+                      tables={"generations.json": str(gen)} if gen.exists() else {})
+
+
+def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str) -> Registration:
+    """Log the generator pyfunc (adapter + base, or merged), register it, gate on the configured metric."""
     import pandas as pd
 
-    from flows.distill import COST_KEYS, _numeric
     from tasks.generator_model import log_generator_model
     from tasks.prompting import load_prompt
 
-    run_dir = cfg.run_dir
-    voted_pool = sorted(str(p) for p in Path(ann["votes_dir"]).glob("*.parquet"))
-    voted_gold = sorted(str(p) for p in (run_dir / "votes" / "gold").glob("*.parquet"))
-    if not voted_gold:
-        raise ValueError("task generate needs gold references to judge the student: data.gold_path gave no items")
-    en = cfg.energy
-    t0 = time.monotonic()
-    with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
-                        en.measure_power_secs) as train_energy:
-        tr = train_generator_task(voted_pool, cfg, str(run_dir / "student"), show_progress)
-    stage_s["train"] = time.monotonic() - t0
-    tr.update(train_energy.as_dict("student_train"))
-    tr["student_train_usd"] = cfg.pricing.hardware_usd_per_hour * train_energy.duration_s / 3600
-    tr["student_train_usd_method"] = (f"measured {train_energy.duration_s:.0f} s x ${cfg.pricing.hardware_usd_per_hour:g}/h "
-                                      f"({cfg.pricing.hardware_name})")
-    with mlflow.start_run(run_name="train", nested=True):
-        mlflow.log_params({k: str(v)[:500] for k, v in tr.items() if not isinstance(v, (int, float)) or isinstance(v, bool)})
-        mlflow.log_metrics(_numeric(tr))
+    info = log_generator_model(model.model_dir, model.merged_dir, load_prompt(cfg.prompt), cfg.student,
+                               pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2])
+    reg = register_generator_task(info.model_uri, cfg, ev.score, ev.primary_metric, agg.gold_paths, run_id)
+    return Registration.from_gate(reg)
 
-    t0 = time.monotonic()
-    ev = evaluate_generator_task(voted_gold, cfg, tr["model_dir"], tr["base_model_dir"], str(run_dir / "evaluation"))
-    stage_s["evaluate"] = time.monotonic() - t0
-    t_ips = ann.get("teacher_items_per_s")
-    ev["speed_ratio"] = ev["student_items_per_s"] / t_ips if t_ips else None
-    with mlflow.start_run(run_name="evaluate", nested=True):
-        mlflow.log_metrics(_numeric({k: v for k, v in ev.items() if k != "student_examples"}))
-        mlflow.log_dict(ev, "evaluation.json")
-        gen = run_dir / "evaluation" / "generations.parquet"
-        if gen.exists():
-            mlflow.log_table(pd.read_parquet(gen), "generations.json")
 
-    costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
-             (k in COST_KEYS or k.endswith("_method") or k in ("teacher_requests_billed", "teacher_attempts",
-                                                               "teacher_usd_failed_attempts", "teacher_prices",
-                                                               "teacher_usd_per_mtok_equivalent"))}
-    costs.update({k: v for k, v in tr.items() if k.startswith("student_train_")})
-    costs.update(projection(cfg, ann, ev.get("student_items_per_s"), ev.get("student_kwh_per_item"),
-                            ev.get("student_kwh_per_item_method", "not measured")))
-    with __import__("contextlib").suppress(Exception):
-        mlflow.log_artifact(cost_chart(costs, run_dir / "evaluation" / "cost_per_1m.png"), "plots")
-    mlflow.log_metrics(_numeric({k: costs.get(k) for k in COST_KEYS}))
-    mlflow.log_dict(costs, "costs.json")
-
-    t0 = time.monotonic()
-    template = load_prompt(cfg.prompt)
-    metric = "bertscore_f1" if cfg.gate.metric in ("auto", "bertscore_f1") else "rougeL"
-    score = ev[f"student_{metric}"]
-    info = log_generator_model(tr["model_dir"], tr.get("merged_dir"), template, cfg.student,
-                               pd.read_parquet(voted_pool[0], columns=["text"])["text"].tolist()[:2])
-    reg = register_generator_task(info.model_uri, cfg, score, metric, voted_gold, run_id)
-    stage_s["register"] = time.monotonic() - t0
+def summary(ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration, costs: dict[str, Any]) -> dict[str, Any]:
+    """The generate run's figures for ``--summary-json``: teacher single/medoid and student, speed, gate, cost."""
     # the teacher's output tokens per second while it was busy answering (tokens per request x requests/s)
     rps, ok = ann.get("teacher_requests_per_s"), ann.get("requests_ok") or 0
     teacher_tps = (ann.get("tokens_out") or 0) / ok * rps if rps and ok else None
-    return {**{k: v for k, v in ev.items()}, **reg, **costs,
-            **{k: tr[k] for k in ("train_items", "val_items", "excluded_abstained", "global_steps", "train_loss_first",
-                                  "train_loss", "val_loss_before", "val_loss", "quantize_4bit", "student_dtype",
-                                  "precision_reason", "trainable_params", "lora_r", "base_model")},
-            "teacher_tokens_per_s": teacher_tps, "student_precision": tr["student_dtype"]}
+    return {"task": "generate",
+            **{k: v for k, v in ann.items() if k in ANNOTATION_KEYS or k.startswith("samples_invalid_")},
+            **ev.figures, **reg.summary(), **costs, **{k: model.figures[k] for k in TRAIN_KEYS},
+            "teacher_tokens_per_s": teacher_tps, "student_precision": model.figures["student_dtype"]}
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def generate_table(s: dict[str, Any]) -> str:
+def table(s: dict[str, Any]) -> str:
     """Teacher (single samples, medoid) against the student on the human references, speed and the gate."""
     n = s.get("gold_items_scored")
     rows = [
@@ -173,4 +162,3 @@ def generate_table(s: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["generate_stages", "generate_table"]

@@ -1,0 +1,217 @@
+"""Stage timing and the MLflow runs around a flow's stages, so the flow body stays the DAG.
+
+``StageClock.stage(name, fn, ...)`` calls one stage and times it. ``DistillRun`` adds what a
+``distill`` run keeps in MLflow: one parent run per flow run, tagged with the Prefect
+flow run (and linked back), the config, prompt and parameters; each stage's typed result
+logged by its ``metrics()`` into a nested run (``annotate`` for the teacher's stages,
+``train``, ``evaluate``); a budget stop recorded before it propagates; and at the end the
+report (tasks/run_report.py and the task type's table) logged, written and published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+from distill.config import DistillConfig
+from distill.links import mlflow_model_version_url, mlflow_run_url, prefect_flow_run_url, publish_links
+from distill.runtime import run_logger
+from tasks.budget import BudgetExhausted
+from tasks.stage_results import Aggregation, Annotation, Evaluation, Loaded, Plan, Registration, Trained, numeric
+
+T = TypeVar("T")
+
+# the cost and carbon figures of --summary-json; each has a *_method key next to it
+COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
+             "teacher_usd_per_1m", "teacher_hours_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m",
+             "student_usd_per_1m", "student_hours_per_1m", "student_kwh_per_1m", "student_kgco2_per_1m",
+             "cost_ratio_per_1m", "time_ratio_per_1m", "co2_ratio_per_1m",
+             "ref_teacher_usd_per_1m", "ref_teacher_hours_per_1m", "ref_teacher_kwh_per_1m", "ref_teacher_kgco2_per_1m",
+             "ref_student_usd_per_1m", "ref_student_hours_per_1m", "ref_student_kwh_per_1m", "ref_student_kgco2_per_1m",
+             "ref_cost_ratio_per_1m", "ref_time_ratio_per_1m", "ref_co2_ratio_per_1m"]
+TEACHER_COST_EXTRAS = ("teacher_requests_billed", "teacher_attempts", "teacher_usd_failed_attempts", "teacher_prices",
+                       "teacher_usd_per_mtok_equivalent")
+
+
+class StageClock:
+    """Calls a flow's stages and keeps how long each took (the summary's ``stage_seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.monotonic()
+
+    @property
+    def wall_s(self) -> float:
+        return time.monotonic() - self._start
+
+    def stage(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        t0 = time.monotonic()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = time.monotonic() - t0
+        return result
+
+
+def _flow_run() -> tuple[str, str]:
+    from prefect.context import get_run_context
+
+    try:
+        ctx = get_run_context()
+        return str(ctx.flow_run.id), str(ctx.flow_run.name)  # type: ignore[union-attr]
+    except Exception:
+        return "", ""
+
+
+class DistillRun(StageClock):
+    """The MLflow side of one ``distill`` flow run: parent run, nested stage runs, the report at the end."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.run_id = ""
+        self.tracking_uri = ""
+        self._children: dict[str, str] = {}
+        self._logged: dict[str, set[str]] = {}  # metric keys already logged per nested run
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "DistillRun":
+        import mlflow
+
+        from tasks.prompting import load_prompt
+        from tasks.registry import setup_tracking
+
+        cfg = self.cfg
+        template = load_prompt(cfg.prompt)
+        self.tracking_uri = setup_tracking(cfg.tracking.tracking_uri, cfg.tracking.experiment)
+        fr_id, fr_name = _flow_run()
+        tags = {"prefect.flow_run_id": fr_id, "prefect.flow_run_name": fr_name, "distill.run_name": cfg.run_name}
+        if prefect_flow_run_url(fr_id):
+            tags["prefect.flow_run_url"] = prefect_flow_run_url(fr_id)
+        parent = self._stack.enter_context(mlflow.start_run(run_name=cfg.run_name, tags=tags))
+        self.run_id = parent.info.run_id
+        publish_links({"mlflow-run": mlflow_run_url(self.tracking_uri, parent.info.experiment_id, self.run_id)})
+        mlflow.log_params({k: str(v)[:500] for k, v in cfg.public_params().items()})
+        mlflow.log_text(Path(template.source).read_text(), "prompt/template.yaml")
+        mlflow.set_tag("prompt_hash", template.template_hash())
+        mlflow.log_dict(json.loads(cfg.model_dump_json()), "config.json")
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        import mlflow
+
+        if isinstance(exc, BudgetExhausted):
+            mlflow.log_metrics(numeric({k: exc.summary.get(k) for k in ("teacher_usd", "requests_sent", "not_sent_budget",
+                                                                        "budget_max_usd")}))
+            mlflow.set_tags({"stopped": "budget", "stop_message": str(exc)[:5000]})
+        self._stack.__exit__(exc_type, exc, tb)
+
+    @contextlib.contextmanager
+    def child(self, name: str) -> Any:
+        """The nested MLflow run ``name`` (created on first use, resumed after), as the active run."""
+        import mlflow
+
+        if name in self._children:
+            with mlflow.start_run(run_id=self._children[name], nested=True) as r:
+                yield r
+        else:
+            with mlflow.start_run(run_name=name, nested=True) as r:
+                self._children[name] = r.info.run_id
+                yield r
+
+    def stage(self, name: str, fn: Callable[..., T], *args: Any, child: Optional[str] = None, **kwargs: Any) -> T:
+        """Run one stage, time it, and log its result's metrics (and training params, evaluation artifacts)."""
+        import mlflow
+
+        result = super().stage(name, fn, *args, **kwargs)
+        with self.child(child) if child else contextlib.nullcontext():
+            if hasattr(result, "metrics"):
+                m = result.metrics()  # type: ignore[union-attr]
+                mlflow.log_metrics(m)
+                self._logged.setdefault(child or "", set()).update(m)
+            if isinstance(result, Trained):
+                mlflow.log_params(result.params())
+            if isinstance(result, Evaluation):
+                self._log_evaluation(result)
+        return result
+
+    @staticmethod
+    def _log_evaluation(ev: Evaluation) -> None:
+        import mlflow
+        import pandas as pd
+
+        for p in ev.plots:
+            mlflow.log_artifact(p, "plots")
+        for artifact, doc in ev.documents.items():
+            mlflow.log_dict(doc, artifact)
+        for artifact, path in ev.tables.items():
+            mlflow.log_table(pd.read_parquet(path), artifact)
+
+    def teacher_report(self, loaded: Loaded, plan: Plan, ann: Annotation, agg: Aggregation) -> dict[str, Any]:
+        """The annotation summary, written to the run folder (the next run reads it) and logged with its data sets."""
+        import mlflow
+        import pandas as pd
+
+        from flows.annotate import report_task
+        from tasks.run_report import annotation_summary
+
+        cfg = self.cfg
+        summary = report_task(annotation_summary(cfg, loaded, plan, ann, agg, self), str(cfg.run_dir))
+        with self.child("annotate"):
+            done = self._logged.get("annotate", set())
+            mlflow.log_metrics({k: v for k, v in numeric(summary).items() if k not in done})
+            mlflow.log_dict(summary, "annotation_summary.json")
+            with contextlib.suppress(Exception):
+                if cfg.data.gold_path and cfg.data.gold_path.endswith(".parquet"):
+                    gold_df = pd.read_parquet(cfg.data.gold_path)
+                    mlflow.log_input(mlflow.data.from_pandas(gold_df, source=cfg.data.gold_path, name="gold"),
+                                     context="evaluation")
+                votes_df = pd.concat([pd.read_parquet(p, columns=["id", "text", "label", "confidence"])
+                                      for p in agg.pool_paths])
+                mlflow.log_input(mlflow.data.from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"),
+                                 context="training")
+        return summary
+
+    def report(self, kind: Any, ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration) -> dict[str, Any]:
+        """Costs per 1M items, the summary and its table: logged to MLflow, written, published and returned."""
+        import mlflow
+
+        from tasks.costs import cost_chart, cost_table, projection
+
+        cfg = self.cfg
+        costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
+                 (k in COST_KEYS or k.endswith("_method") or k in TEACHER_COST_EXTRAS)}
+        costs.update({k: v for k, v in model.figures.items() if k.startswith("student_train_")})
+        f = ev.figures
+        costs.update(projection(cfg, ann, f.get("student_items_per_s"), f.get("student_kwh_per_item"),
+                                f.get("student_kwh_per_item_method", "not measured")))
+        with contextlib.suppress(Exception):
+            mlflow.log_artifact(cost_chart(costs, cfg.run_dir / "evaluation" / "cost_per_1m.png"), "plots")
+        for p in ev.plots:
+            mlflow.log_artifact(p, "plots")
+        mlflow.log_metrics(numeric({k: costs.get(k) for k in COST_KEYS}))
+        mlflow.log_dict(costs, "costs.json")
+        summary: dict[str, Any] = {
+            "run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": self.run_id,
+            "mlflow_tracking_uri": self.tracking_uri, **kind.summary(ann, model, ev, reg, costs),
+            "stage_seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+        mlflow.log_metrics(numeric({k: summary.get(k) for k in kind.table_keys}))
+        mlflow.set_tags({"gate_decision": "promoted" if reg.promoted else "rejected", "task": kind.name,
+                         "model_version": reg.model_version})
+        table = kind.table(summary) + "\n\n" + cost_table(summary)
+        mlflow.log_text(table, "summary.md")
+        (cfg.run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self._publish(reg, table)
+        summary["table"] = table
+        return summary
+
+    def _publish(self, reg: Registration, table: str) -> None:
+        from prefect.artifacts import create_markdown_artifact
+
+        with contextlib.suppress(Exception):
+            publish_links({"mlflow-model-version": mlflow_model_version_url(self.tracking_uri, reg.model_name,
+                                                                            reg.model_version)})
+            create_markdown_artifact(markdown="# distill run\n\n" + table, key="distill-summary",
+                                     description="teacher vs student on human gold, speed and the gate decision")
+        run_logger().info("distill run finished:\n%s", table)
