@@ -196,13 +196,17 @@ def test_end_to_end_on_the_real_local_teacher(tmp_path, prefect_api):
 
 
 def llama_servers() -> set[int]:
+    """llama.cpp servers started by this test process: other runs on a shared machine start and stop their own."""
+    import os
     from pathlib import Path
     out = set()
     for d in Path("/proc").iterdir():
         try:
             if d.name.isdigit() and b"llama_cpp.server" in (d / "cmdline").read_bytes():
-                out.add(int(d.name))
-        except OSError:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == os.getpid():
+                    out.add(int(d.name))
+        except (OSError, ValueError, IndexError):
             pass
     return out
 
