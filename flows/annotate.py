@@ -19,24 +19,24 @@ from prefect.context import get_run_context
 
 from distill.config import DistillConfig, SampleVariation, SelectionConfig, TrackingConfig
 from distill.runtime import resolve_api_key, run_logger, set_offline_env
-from tasks.annotate import annotate_shard, choices_per_request
-from tasks.budget import BudgetExhausted
-from tasks.cache import ResponseCache
-from tasks.carbon import measure_energy
-from tasks.costs import teacher_costs
-from tasks.load import load_task
-from tasks.local_teacher import local_teacher
-from flows.stages import StageClock
-from tasks.plan import budget_shares, make_plan, plan_text
-from tasks.runners import task_runner_for, workers
-from tasks.pricing import TeacherPrice, resolve_prices
-from tasks.prompting import PromptTemplate, load_prompt
-from tasks.select import Selection, commit_selection, select_items
-from tasks.report import markdown_summary
-from tasks.run_report import annotation_figures, annotation_summary, budget_stop_summary
-from tasks.stage_results import Aggregation, Annotation, Loaded, Plan
-from tasks.task_types import aggregate_task, check_template_suits, task_kind
-from tasks.tokens import counter_for
+from distill.tasks.annotate import annotate_shard, choices_per_request
+from distill.tasks.budget import BudgetExhausted
+from distill.tasks.cache import ResponseCache
+from distill.tasks.carbon import measure_energy
+from distill.tasks.costs import teacher_costs
+from distill.tasks.load import load_task
+from distill.tasks.local_teacher import local_teacher
+from distill.flows.stages import StageClock
+from distill.tasks.plan import budget_shares, make_plan, plan_text
+from distill.tasks.runners import task_runner_for, workers
+from distill.tasks.pricing import TeacherPrice, resolve_prices
+from distill.tasks.prompting import PromptTemplate, load_prompt
+from distill.tasks.select import Selection, commit_selection, select_items
+from distill.tasks.report import markdown_summary
+from distill.tasks.run_report import annotation_figures, annotation_summary, budget_stop_summary
+from distill.tasks.stage_results import Aggregation, Annotation, Loaded, Plan
+from distill.tasks.task_types import aggregate_task, check_template_suits, task_kind
+from distill.tasks.tokens import counter_for
 
 set_offline_env()
 
@@ -139,7 +139,7 @@ def select_task(pool_shards: list[str], run_dir: str, selection: SelectionConfig
     if selection.strategy.value != "all":
         import mlflow
 
-        from tasks.registry import tracking_uri
+        from distill.tasks.registry import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri(tracking.tracking_uri))
     return select_items(pool_shards, Path(run_dir), selection.strategy.value, selection.max_new_items,

@@ -18,11 +18,11 @@ from prefect import flow, task
 
 from distill.config import PredictConfig
 from distill.runtime import run_logger
-from tasks.batch_predict import ShardPrediction, merge_predictions, predict_shard, resolve_model
-from tasks.carbon import grid_intensity, measure_energy
-from tasks.data import DataReport, iter_items, write_shards
-from tasks.registry import tracking_uri as resolve_tracking_uri
-from tasks.runners import task_runner_for
+from distill.tasks.batch_predict import ShardPrediction, merge_predictions, predict_shard, resolve_model
+from distill.tasks.carbon import grid_intensity, measure_energy
+from distill.tasks.data import DataReport, iter_items, write_shards
+from distill.tasks.registry import tracking_uri as resolve_tracking_uri
+from distill.tasks.runners import task_runner_for
 
 
 def job_dir(cfg: PredictConfig, model_uri: str) -> Path:

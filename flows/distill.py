@@ -16,9 +16,9 @@ from prefect import flow
 
 from distill.config import DistillConfig
 from distill.runtime import set_offline_env
-from flows.annotate import aggregate_answers, annotate_flow, annotate_items, load_inputs, plan_annotation
-from flows.stages import DistillRun
-from tasks.task_types import task_kind
+from distill.flows.annotate import aggregate_answers, annotate_flow, annotate_items, load_inputs, plan_annotation
+from distill.flows.stages import DistillRun
+from distill.tasks.task_types import task_kind
 
 set_offline_env()
 

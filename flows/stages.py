@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional, TypeVar
 from distill.config import DistillConfig
 from distill.links import mlflow_model_version_url, mlflow_run_url, prefect_flow_run_url, publish_links
 from distill.runtime import run_logger
-from tasks.budget import BudgetExhausted
-from tasks.stage_results import Aggregation, Annotation, Evaluation, Loaded, Plan, Registration, Trained, numeric
+from distill.tasks.budget import BudgetExhausted
+from distill.tasks.stage_results import Aggregation, Annotation, Evaluation, Loaded, Plan, Registration, Trained, numeric
 
 T = TypeVar("T")
 
@@ -79,8 +79,8 @@ class DistillRun(StageClock):
     def __enter__(self) -> "DistillRun":
         import mlflow
 
-        from tasks.prompting import load_prompt
-        from tasks.registry import setup_tracking
+        from distill.tasks.prompting import load_prompt
+        from distill.tasks.registry import setup_tracking
 
         cfg = self.cfg
         template = load_prompt(cfg.prompt)
@@ -153,8 +153,8 @@ class DistillRun(StageClock):
         import mlflow
         import pandas as pd
 
-        from flows.annotate import report_task
-        from tasks.run_report import annotation_summary
+        from distill.flows.annotate import report_task
+        from distill.tasks.run_report import annotation_summary
 
         cfg = self.cfg
         summary = report_task(annotation_summary(cfg, loaded, plan, ann, agg, self), str(cfg.run_dir))
@@ -177,7 +177,7 @@ class DistillRun(StageClock):
         """Costs per 1M items, the summary and its table: logged to MLflow, written, published and returned."""
         import mlflow
 
-        from tasks.costs import cost_chart, cost_table, projection
+        from distill.tasks.costs import cost_chart, cost_table, projection
 
         cfg = self.cfg
         costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and

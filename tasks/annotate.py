@@ -24,14 +24,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from distill.config import DistillConfig, SampleVariation, TeacherConfig, TeacherMode
-from tasks.budget import SpendMeter
-from tasks.cache import ResponseCache, request_key
-from tasks.label_probs import LabelMatcher, label_distribution
-from tasks.pricing import TeacherPrice
-from tasks.prompting import PromptTemplate, prompt_hash
-from tasks.ratelimit import RateLimiter, estimate_tokens
-from tasks.teacher_client import ClientStats, Outcome, TeacherClient, TeacherRequest
-from tasks.tokens import TokenCounter
+from distill.tasks.budget import SpendMeter
+from distill.tasks.cache import ResponseCache, request_key
+from distill.tasks.label_probs import LabelMatcher, label_distribution
+from distill.tasks.pricing import TeacherPrice
+from distill.tasks.prompting import PromptTemplate, prompt_hash
+from distill.tasks.ratelimit import RateLimiter, estimate_tokens
+from distill.tasks.teacher_client import ClientStats, Outcome, TeacherClient, TeacherRequest
+from distill.tasks.tokens import TokenCounter
 
 log = logging.getLogger("distill.annotate")
 
@@ -84,7 +84,7 @@ def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
     url = teacher.base_url if endpoint == 0 else (teacher.members[endpoint - 1].base_url or teacher.base_url)
     own_url = endpoint > 0 and teacher.members[endpoint - 1].base_url is not None
     if teacher.local and not own_url:
-        from tasks.local_teacher import default_gguf
+        from distill.tasks.local_teacher import default_gguf
 
         gguf = Path(teacher.gguf_path) if teacher.gguf_path else default_gguf()
         size = gguf.stat().st_size if gguf.exists() else 0

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from tasks.pricing import TeacherPrice
+from distill.tasks.pricing import TeacherPrice
 
 
 class BudgetExhausted(RuntimeError):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from distill.config import DistillConfig
-from tasks.carbon import measure_energy
-from tasks.stage_results import Aggregation, Evaluation, Registration, Trained
+from distill.tasks.carbon import measure_energy
+from distill.tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
 # the figures of the final table that also go to the MLflow parent run as metrics
 TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_single", "teacher_macro_f1_voted",
@@ -31,8 +31,8 @@ TRAIN_KEYS = ("train_items", "use_votes", "soft_labels", "soft_label_weight", "d
 
 def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
     """Fine-tune the classifier student on the aggregated pool, measuring its energy and cost."""
-    from tasks.prompting import load_prompt
-    from tasks.train import train_task
+    from distill.tasks.prompting import load_prompt
+    from distill.tasks.train import train_task
 
     en = cfg.energy
     with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
@@ -54,8 +54,8 @@ def train_energy_figures(energy: Any, cfg: DistillConfig) -> dict[str, Any]:
 
 def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]) -> Evaluation:
     """Student (all gold and the teacher's subset) and teacher on human gold, calibration and speed."""
-    from tasks.evaluate import evaluate_task
-    from tasks.prompting import load_prompt
+    from distill.tasks.evaluate import evaluate_task
+    from distill.tasks.prompting import load_prompt
 
     d, st = cfg.data, cfg.student
     counts = model.figures["train_label_counts"]
@@ -72,8 +72,8 @@ def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Eva
     """Log the student as an MLflow pyfunc, register it and let the gate decide on gold macro-F1."""
     import pandas as pd
 
-    from tasks.prompting import load_prompt
-    from tasks.registry import log_student_model, register_task
+    from distill.tasks.prompting import load_prompt
+    from distill.tasks.registry import log_student_model, register_task
 
     d, st = cfg.data, cfg.student
     info = log_student_model(model.model_dir, st.precision, st.max_length,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from distill.config import DistillConfig
-from tasks.carbon import EnergyReading, grid_intensity, remote_teacher_energy
-from tasks.pricing import TeacherPrice
+from distill.tasks.carbon import EnergyReading, grid_intensity, remote_teacher_energy
+from distill.tasks.pricing import TeacherPrice
 
 M = 1_000_000
 

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from tasks.calibration import plot_reliability, reliability
-from tasks.vote import NO_LABEL, or_no_label as _clean
+from distill.tasks.calibration import plot_reliability, reliability
+from distill.tasks.vote import NO_LABEL, or_no_label as _clean
 
 
 def scores(gold: list[str], pred: list[str], labels: list[str]) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def plot_coverage(curve: list[dict[str, float]], path: Path) -> str:
 
 
 def read_gold(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str]) -> pd.DataFrame:
-    from tasks.data import iter_items
+    from distill.tasks.data import iter_items
 
     frames = list(iter_items(gold_path, text_column, id_column, 100_000, label_column=label_column, labels=labels))
     return pd.concat(frames, ignore_index=True)
@@ -111,7 +111,7 @@ def evaluate(
     data: a student that answers it for everything (the collapse class balancing
     prevents) scores ``majority_baseline_macro_f1``, the floor any useful student beats.
     """
-    from tasks.inference import measure_speed
+    from distill.tasks.inference import measure_speed
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column
                   out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float],
                   energy: Any = None, aggregation: str = "majority", majority_label: Optional[str] = None,
                   ) -> dict[str, Any]:
-    from tasks.inference import StudentPredictor
+    from distill.tasks.inference import StudentPredictor
 
     gold = read_gold(gold_path, text_column, id_column, label_column, labels)
     pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)

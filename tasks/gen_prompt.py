@@ -23,7 +23,7 @@ from typing import Any, Optional
 import jinja2
 import yaml
 
-from tasks.prompting import MAX_VARIANTS, Example, PromptError, distinct_variants, one_line, resolve_prompt_path
+from distill.tasks.prompting import MAX_VARIANTS, Example, PromptError, distinct_variants, one_line, resolve_prompt_path
 
 DEFAULT_GENERATION_TEMPLATE = """{{ instruction }}
 

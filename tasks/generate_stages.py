@@ -14,9 +14,9 @@ from typing import Any, Optional
 from prefect import task
 
 from distill.config import DistillConfig
-from tasks.carbon import measure_energy
-from tasks.classify_stages import train_energy_figures
-from tasks.stage_results import Aggregation, Evaluation, Registration, Trained
+from distill.tasks.carbon import measure_energy
+from distill.tasks.classify_stages import train_energy_figures
+from distill.tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
 GATE_FIGURES = {"bertscore_f1": "BERTScore F1", "rougeL": "ROUGE-L"}
 TABLE_KEYS = ["teacher_bertscore_f1_single", "teacher_bertscore_f1_medoid", "teacher_rougeL_single",
@@ -36,8 +36,8 @@ TRAIN_KEYS = ("train_items", "val_items", "excluded_abstained", "global_steps", 
 
 @task(name="train-generator")
 def train_generator_task(voted_pool: list[str], cfg: DistillConfig, out_dir: str, show_progress: bool) -> dict[str, Any]:
-    from tasks.generate_task import train_generator
-    from tasks.prompting import load_prompt
+    from distill.tasks.generate_task import train_generator
+    from distill.tasks.prompting import load_prompt
 
     return train_generator(voted_pool, load_prompt(cfg.prompt), out_dir, cfg.student, show_progress)  # type: ignore[arg-type]
 
@@ -45,8 +45,8 @@ def train_generator_task(voted_pool: list[str], cfg: DistillConfig, out_dir: str
 @task(name="evaluate-generator")
 def evaluate_generator_task(voted_gold: list[str], cfg: DistillConfig, adapter_dir: str, base_dir: str,
                             out_dir: str) -> dict[str, Any]:
-    from tasks.generate_task import evaluate_generator
-    from tasks.prompting import load_prompt
+    from distill.tasks.generate_task import evaluate_generator
+    from distill.tasks.prompting import load_prompt
 
     en = cfg.energy
     with measure_energy("student-generate", en.country_iso_code, en.measure, en.cpu_power_w,
@@ -66,7 +66,7 @@ def register_generator_task(model_uri: str, cfg: DistillConfig, score: float, me
                             run_id: str) -> dict[str, Any]:
     import pandas as pd
 
-    from tasks.registry import register_generator_and_gate
+    from distill.tasks.registry import register_generator_and_gate
 
     df = pd.concat([pd.read_parquet(p, columns=["text", "label_gold"]) for p in voted_gold])
     return register_generator_and_gate(model_uri, cfg.tracking.model_name, score, metric, df["text"].tolist(),
@@ -100,8 +100,8 @@ def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Eva
     """Log the generator pyfunc (adapter + base, or merged), register it, gate on the configured metric."""
     import pandas as pd
 
-    from tasks.generator_model import log_generator_model
-    from tasks.prompting import load_prompt
+    from distill.tasks.generator_model import log_generator_model
+    from distill.tasks.prompting import load_prompt
 
     info = log_generator_model(model.model_dir, model.merged_dir, load_prompt(cfg.prompt), cfg.student,
                                pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2])

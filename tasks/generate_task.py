@@ -20,9 +20,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.gen_prompt import GenerationTemplate, effective_finish_reason
-from tasks.medoid import medoid_frame, medoid_stats, sample_invalid_reason, word_count
-from tasks.text_metrics import bertscore, output_shares, rouge
+from distill.tasks.gen_prompt import GenerationTemplate, effective_finish_reason
+from distill.tasks.medoid import medoid_frame, medoid_stats, sample_invalid_reason, word_count
+from distill.tasks.text_metrics import bertscore, output_shares, rouge
 
 
 def _write(df: pd.DataFrame, dst: Path) -> str:
@@ -141,7 +141,7 @@ def training_pairs(voted_pool: list[str], template: GenerationTemplate) -> tuple
 
 def lora_params(student: Any) -> Any:
     """The config's GeneratorStudentConfig as tasks.lora_student's parameters."""
-    from tasks.lora_student import LoraParams
+    from distill.tasks.lora_student import LoraParams
 
     return LoraParams(base_model=student.base_model, r=student.lora_r, alpha=student.lora_alpha,
                       dropout=student.lora_dropout, target_modules=tuple(student.target_modules),
@@ -154,7 +154,7 @@ def lora_params(student: Any) -> Any:
 def train_generator(voted_pool: list[str], template: GenerationTemplate, out_dir: str, student: Any,
                     show_progress: bool = True) -> dict[str, Any]:
     """LoRA-tune the student on the teacher's medoids; the summary keys the report and MLflow read."""
-    from tasks.lora_student import train_lora
+    from distill.tasks.lora_student import train_lora
 
     instructions, targets, abstained = training_pairs(voted_pool, template)
     if len(targets) < 4:
@@ -200,7 +200,7 @@ class GeneratorEval:
 def evaluate_generator(voted_gold: list[str], template: GenerationTemplate, adapter_dir: str, base_dir: str,
                        student: Any, out_dir: str) -> GeneratorEval:
     """Generate for every gold-subset item, score against the references, time it (after a warm-up)."""
-    from tasks.lora_student import generate, load_generator
+    from distill.tasks.lora_student import generate, load_generator
 
     df = _frames(voted_gold)
     refs = _texts(df["label_gold"])

@@ -32,7 +32,7 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         self.max_source_tokens = max_source_tokens
 
     def load_context(self, context):  # type: ignore[no-untyped-def]  (MLflow reads hints as a schema)
-        from tasks.lora_student import base_model_dir, load_generator
+        from distill.tasks.lora_student import base_model_dir, load_generator
 
         arts = context.artifacts
         if "merged_dir" in arts:
@@ -46,8 +46,8 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  (no hints: MLflow would read them as a schema)
         import pandas as pd
 
-        from tasks.gen_prompt import cut_words
-        from tasks.lora_student import generate
+        from distill.tasks.gen_prompt import cut_words
+        from distill.tasks.lora_student import generate
 
         if "text" not in model_input:
             raise ValueError(f"input needs a 'text' column; it has {list(model_input.columns)}")
@@ -66,7 +66,7 @@ def log_generator_model(adapter_dir: str, merged_dir: Optional[str], template: A
     import transformers
     from mlflow.models import infer_signature
 
-    from tasks.model_code import GENERATOR_CODE, model_code  # not shipped: only needed to log the model
+    from distill.tasks.model_code import GENERATOR_CODE, model_code  # not shipped: only needed to log the model
 
     example = pd.DataFrame({"text": [t[:500] for t in example_texts[:2]] or ["An example article."]})
     out_example = pd.DataFrame({"text": ["a summary"] * len(example), "finish_reason": ["stop"] * len(example)})

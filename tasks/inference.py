@@ -100,7 +100,7 @@ def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, sin
     tracker and repeat until ``min_energy_s`` have passed, so a fast student still gives a
     reading longer than a couple of the tracker's samples.
     """
-    from tasks.carbon import measure_energy
+    from distill.tasks.carbon import measure_energy
 
     pred.predict(texts[: min(len(texts), batch_size * 2)], batch_size)  # warm-up
     measure = energy is not None and energy.measure

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from distill.config import DistillConfig
-from tasks.data import DataReport, iter_items, write_shards
+from distill.tasks.data import DataReport, iter_items, write_shards
 
 
 def _write_rejected(rows: list[dict], path: Path) -> Optional[str]:

@@ -27,7 +27,7 @@ class StudentPyfunc(_Base):  # type: ignore[misc,valid-type]
         self.batch_size = batch_size
 
     def load_context(self, context):  # type: ignore[no-untyped-def]
-        from tasks.inference import StudentPredictor
+        from distill.tasks.inference import StudentPredictor
 
         self.predictor = StudentPredictor(context.artifacts["model_dir"], precision=self.precision,
                                           max_length=self.max_length)

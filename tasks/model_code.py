@@ -3,8 +3,8 @@
 Why minimal: a model shipped with the whole ``tasks/`` folder carries the teacher client,
 the trainer and everything else into every registry entry and every serving image; a
 loader needs only the pyfunc class and its inference path. The files are copied into a
-temporary ``tasks/`` package, so the model loads with ``tasks.<module>`` imports and
-without distill installed.
+temporary ``distill/tasks/`` package (the pyfunc class is pickled by its module path,
+``distill.tasks.<module>``), so the model loads without distill installed.
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ GENERATOR_CODE = ["__init__.py", "generator_model.py", "lora_student.py", "gen_p
 
 @contextlib.contextmanager
 def model_code(files: list[str]) -> Iterator[str]:
-    """A temporary ``tasks`` package holding just ``files``; yields its path for ``code_paths``."""
+    """A temporary ``distill`` package holding just ``tasks/<files>``; yields its path for ``code_paths``."""
+    import distill
+
     root = Path(tempfile.mkdtemp(prefix="distill-code-"))
-    code = root / "tasks"
-    code.mkdir()
+    code = root / "distill" / "tasks"
+    code.mkdir(parents=True)
     try:
+        shutil.copy2(Path(distill.__file__), root / "distill" / "__init__.py")  # empty: nothing else comes along
         for f in files:
             shutil.copy2(TASKS_DIR / f, code / f)
-        yield str(code)
+        yield str(root / "distill")
     finally:
         shutil.rmtree(root, ignore_errors=True)

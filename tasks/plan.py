@@ -15,11 +15,11 @@ from typing import Any, Optional
 import pyarrow.parquet as pq
 
 from distill.config import DistillConfig, SampleVariation, TeacherMode
-from tasks.annotate import plan_shard
-from tasks.cache import ResponseCache
-from tasks.pricing import TeacherPrice, busy_cost
-from tasks.prompting import PromptError, PromptTemplate
-from tasks.tokens import CHARS_PER_TOKEN, TokenCounter
+from distill.tasks.annotate import plan_shard
+from distill.tasks.cache import ResponseCache
+from distill.tasks.pricing import TeacherPrice, busy_cost
+from distill.tasks.prompting import PromptError, PromptTemplate
+from distill.tasks.tokens import CHARS_PER_TOKEN, TokenCounter
 
 
 @dataclass
@@ -256,10 +256,10 @@ def plan_run(cfg: DistillConfig) -> dict[str, Any]:
     """The plan of a whole run from its config, without Prefect: what ``distill plan`` prints."""
     from pathlib import Path
 
-    from tasks.load import prepare_inputs
-    from tasks.pricing import resolve_prices
-    from tasks.prompting import load_prompt
-    from tasks.tokens import counter_for
+    from distill.tasks.load import prepare_inputs
+    from distill.tasks.pricing import resolve_prices
+    from distill.tasks.prompting import load_prompt
+    from distill.tasks.tokens import counter_for
 
     template = load_prompt(cfg.prompt)
     prices = resolve_prices(cfg)

@@ -177,7 +177,7 @@ def load_prompt(path: str) -> PromptTemplate:
     if not isinstance(raw, dict):
         raise PromptError(f"{p}: top level must be a mapping")
     if raw.get("task") == "generate":  # a writing prompt (task: generate): free text, a length limit, no labels
-        from tasks.gen_prompt import generation_template_from
+        from distill.tasks.gen_prompt import generation_template_from
 
         return generation_template_from(raw, p)  # type: ignore[return-value]
     allowed = {"name", "labels", "instruction", "examples", "input_prefix", "output_prefix", "aliases", "completion_template"}

@@ -70,8 +70,8 @@ def log_student_model(model_dir: str, precision: str, max_length: int, example_t
     import transformers
     from mlflow.models import infer_signature
 
-    from tasks.mlflow_model import StudentPyfunc
-    from tasks.model_code import CLASSIFIER_CODE, model_code
+    from distill.tasks.mlflow_model import StudentPyfunc
+    from distill.tasks.model_code import CLASSIFIER_CODE, model_code
 
     example = pd.DataFrame({"text": example_texts[:3] or ["an example"]})
     out_example = pd.DataFrame({"label": ["x"] * len(example), "score": [0.5] * len(example)})
@@ -127,7 +127,7 @@ def register_task(model_uri: str, model_name: str, challenger_f1: float, gold_pa
                   id_column: str, label_column: str, labels: list[str], floor: float, margin: float,
                   run_id: str) -> dict[str, Any]:
     """Reads the gold file itself: big lists never travel as Prefect parameters."""
-    from tasks.evaluate import read_gold
+    from distill.tasks.evaluate import read_gold
 
     gold = read_gold(gold_path, text_column, id_column, label_column, labels)
     return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
@@ -146,7 +146,7 @@ def register_generator_and_gate(model_uri: str, model_name: str, score: float, m
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from tasks.text_metrics import bertscore, rouge
+    from distill.tasks.text_metrics import bertscore, rouge
 
     client = mlflow.MlflowClient()
     champ_version, champ_score = None, None

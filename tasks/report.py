@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, f1_score
 
-from tasks.vote import NO_LABEL, is_missing as _missing, or_no_label
+from distill.tasks.vote import NO_LABEL, is_missing as _missing, or_no_label
 
 
 def _iter_frames(paths: list[str], columns: list[str]):

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 from distill.config import DistillConfig
-from tasks.annotate import choices_per_request
-from tasks.costs import teacher_costs
-from tasks.stage_results import Aggregation, Annotation, Loaded, Plan
+from distill.tasks.annotate import choices_per_request
+from distill.tasks.costs import teacher_costs
+from distill.tasks.stage_results import Aggregation, Annotation, Loaded, Plan
 
 
 class Clock(Protocol):

@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.data import write_shards
+from distill.tasks.data import write_shards
 
 
 @dataclass

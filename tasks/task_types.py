@@ -28,7 +28,7 @@ from typing import Any, Optional, Protocol
 from prefect import task
 
 from distill.config import DistillConfig, TaskType
-from tasks.stage_results import Aggregation, Evaluation, Registration, Trained
+from distill.tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
 
 class TaskKind(Protocol):
@@ -94,21 +94,21 @@ class Classify(_Stages):
     """Labels from a closed set: majority vote or mean probability; macro-F1 decides."""
 
     name = "classify"
-    stages_module = "tasks.classify_stages"
+    stages_module = "distill.tasks.classify_stages"
     primary_metric = "macro_f1"
 
     def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
-        from tasks.vote import vote_shards
+        from distill.tasks.vote import vote_shards
 
         return vote_shards(ann_paths, out_dir, cfg.vote.min_agreement, template.labels, cfg.vote.aggregation.value)
 
     def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]:
-        from tasks.report import vote_stats
+        from distill.tasks.report import vote_stats
 
         return vote_stats(voted_paths, k)
 
     def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]:
-        from tasks.report import gold_scores
+        from distill.tasks.report import gold_scores
 
         return gold_scores(voted_gold, template.labels)
 
@@ -117,21 +117,21 @@ class Generate(_Stages):
     """Free text: the medoid of the k samples; BERTScore F1 against human references decides."""
 
     name = "generate"
-    stages_module = "tasks.generate_stages"
+    stages_module = "distill.tasks.generate_stages"
     primary_metric = "bertscore_f1"
 
     def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
-        from tasks.generate_task import medoid_shards
+        from distill.tasks.generate_task import medoid_shards
 
         return medoid_shards(ann_paths, out_dir, cfg.teacher.samples, cfg.vote.similarity.value, template.max_words)
 
     def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]:
-        from tasks.generate_task import medoid_summary
+        from distill.tasks.generate_task import medoid_summary
 
         return medoid_summary(voted_paths, k)
 
     def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]:
-        from tasks.generate_task import teacher_gold_scores
+        from distill.tasks.generate_task import teacher_gold_scores
 
         return teacher_gold_scores(voted_gold, template.max_words)
 
@@ -152,6 +152,6 @@ def check_template_suits(task_type: TaskType, template: Any, source: str) -> Non
 @task(name="aggregate", task_run_name="aggregate-{name}")
 def aggregate_task(ann_paths: list[str], out_dir: str, cfg: DistillConfig, name: str = "pool") -> list[str]:
     """Thin Prefect task over the task type's aggregation (vote or medoid); it reads the template itself."""
-    from tasks.prompting import load_prompt
+    from distill.tasks.prompting import load_prompt
 
     return task_kind(cfg.task).aggregate(ann_paths, out_dir, cfg, load_prompt(cfg.prompt))

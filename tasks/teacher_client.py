@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import aiohttp
 
-from tasks.budget import SpendMeter
-from tasks.cache import CachedAnswer, ResponseCache
-from tasks.ratelimit import RateLimiter
-from tasks.tokens import TokenCounter, heuristic_counter
+from distill.tasks.budget import SpendMeter
+from distill.tasks.cache import CachedAnswer, ResponseCache
+from distill.tasks.ratelimit import RateLimiter
+from distill.tasks.tokens import TokenCounter, heuristic_counter
 
 try:  # orjson ships with prefect; fall back to the stdlib
     import orjson

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from tasks.medoid import word_count
+from distill.tasks.medoid import word_count
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def counter_for(teacher: Any) -> TokenCounter:
     if getattr(teacher, "tokenizer", None):
         return hf_counter(teacher.tokenizer)
     if teacher.local:
-        from tasks.local_teacher import default_gguf
+        from distill.tasks.local_teacher import default_gguf
 
         return llama_counter(str(teacher.gguf_path or default_gguf()))
     return heuristic_counter()

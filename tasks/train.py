@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.vote import is_missing as _missing
+from distill.tasks.vote import is_missing as _missing
 
 
 @dataclass
@@ -351,7 +351,7 @@ def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]]
     if n_gpu < 2 or "LOCAL_RANK" in env:
         return None
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_gpu),
-            "-m", "tasks.train", args_file]
+            "-m", "distill.tasks.train", args_file]
 
 
 def train_on_all_gpus(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from distill.config import config_from_dict
-from tasks.annotate import annotate_shard
-from tasks.cache import ResponseCache
-from tasks.prompting import load_prompt
+from distill.tasks.annotate import annotate_shard
+from distill.tasks.cache import ResponseCache
+from distill.tasks.prompting import load_prompt
 from tests.fake_openai import FAKE_PRICES
 
 SECRET = "sk-test-DO-NOT-LEAK-123"

@@ -4,7 +4,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data import DataError, DataReport, iter_items, write_shards
+from distill.tasks.data import DataError, DataReport, iter_items, write_shards
 
 
 def collect(path, **kw):

@@ -23,7 +23,7 @@ def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads
     import mlflow
 
     from distill.config import load_config
-    from flows.distill import distill_flow
+    from distill.flows.distill import distill_flow
     from tests.conftest import REPO
 
     monkeypatch.chdir(REPO)  # the student base is converted once into REPO/.distill/models and reused
@@ -50,7 +50,7 @@ def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads
     assert out["finish_reason"].iloc[0] in {"stop", "length"}
     mv = mlflow.MlflowClient().get_model_version_by_alias("gen-student", "champion")
     assert mv.tags["task"] == "generate"
-    code = Path(mlflow.artifacts.download_artifacts(f"models:/gen-student@champion")) / "code" / "tasks"
+    code = Path(mlflow.artifacts.download_artifacts("models:/gen-student@champion")) / "code" / "distill" / "tasks"
     assert sorted(p.name for p in code.glob("*.py")) == sorted(
         ["__init__.py", "gen_prompt.py", "generator_model.py", "lora_student.py", "prompting.py"])
     # distill predict runs the champion generator over a file, every row kept

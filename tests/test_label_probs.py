@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.label_probs import LabelMatcher, label_distribution, steps_from_logprobs
+from distill.tasks.label_probs import LabelMatcher, label_distribution, steps_from_logprobs
 from tests.fake_openai import fake_logprobs
 
 L = math.log

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.prompting import PromptError, load_prompt
+from distill.tasks.prompting import PromptError, load_prompt
 from tests.conftest import REPO
 
 

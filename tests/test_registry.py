@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("mlflow")
 
 from distill.config import StudentConfig  # noqa: E402
-from tasks.registry import decide, log_student_model, register_and_gate, setup_tracking  # noqa: E402
-from tasks.train import train_student  # noqa: E402
+from distill.tasks.registry import decide, log_student_model, register_and_gate, setup_tracking  # noqa: E402
+from distill.tasks.train import train_student  # noqa: E402
 
 LABELS = ["positive", "negative"]
 POS = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
@@ -83,8 +83,8 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     assert ((out["score"] > 0) & (out["score"] <= 1)).all()
 
     # only what loading and predicting imports travels with the model, not the whole tasks/ folder
-    from tasks.model_code import CLASSIFIER_CODE
+    from distill.tasks.model_code import CLASSIFIER_CODE
 
     local = mlflow.artifacts.download_artifacts("models:/m@champion")
-    shipped = sorted(p.name for p in (Path(local) / "code" / "tasks").iterdir() if p.suffix == ".py")
+    shipped = sorted(p.name for p in (Path(local) / "code" / "distill" / "tasks").iterdir() if p.suffix == ".py")
     assert shipped == sorted(CLASSIFIER_CODE)
