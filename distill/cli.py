@@ -83,9 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ann.exists():
         print("\n== annotation and vote ==")
         print(terminal_summary(json.loads(ann.read_text())))
-    if not str(summary["table"]).lstrip().startswith("=="):  # the generate table carries its own heading
-        print("\n== distill run: teacher vs student on human gold ==")
-    print(summary["table"])
+    print("\n" + summary["table"])  # each task type's table opens with its own heading
     _write_summary_json(args.summary_json, {k: v for k, v in summary.items() if k != "table"})
     return 0
 

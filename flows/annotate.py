@@ -222,7 +222,7 @@ def dry_run_result(cfg: DistillConfig, plan: Plan) -> dict[str, Any]:
 def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress: bool = True) -> Annotation:
     """Ask the teacher k samples per item, shard by shard (or all shards on Dask), within the budget.
 
-    At the cap the run stops with :class:`BudgetExhausted` (its text from tasks/report.py);
+    At the cap the run stops with :class:`BudgetExhausted` (its text from tasks/run_report.py);
     what was paid for stays in the cache, so a rerun continues without paying again.
     """
     logger = run_logger()
@@ -240,7 +240,7 @@ def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress
         logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, cfg.teacher.model,
                     cfg.teacher.samples, cfg.teacher.variation.value)
         jobs = [(split, p, str(run_dir / "annotations" / split / Path(p).name), f"{split}-{Path(p).stem}")
-                for split in ("gold", "pool") for p in getattr(loaded, f"{split}_shards")]
+                for split in ("gold", "pool") for p in loaded.shards(split)]
         if cfg.runtime.task_runner.value == "dask":
             results = annotate_shards_flow.with_options(task_runner=task_runner_for(cfg.runtime))(
                 jobs, cfg, base_url, run_id, loaded.prices, budget_shares(max_usd, plan.figures["shard_requests"]))
@@ -267,7 +267,7 @@ def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress
     if exhausted:
         costs = teacher_costs(cfg, loaded.prices, all_results, ledger, teacher_energy, 0, None, previous,
                               choices_per_request(cfg))
-        not_started = sum(len(getattr(loaded, f"{sp}_shards")) - len(shard_results[sp]) for sp in ("gold", "pool"))
+        not_started = sum(len(loaded.shards(sp)) - len(shard_results[sp]) for sp in ("gold", "pool"))
         partial = budget_stop_summary(cfg, plan.figures["usd"], all_results, costs, not_started)
         (run_dir / "budget_stop.json").write_text(json.dumps(partial, indent=2, default=str))
         logger.error(partial["message"])

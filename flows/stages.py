@@ -24,16 +24,6 @@ from distill.tasks.stage_results import Aggregation, Annotation, Evaluation, Loa
 
 T = TypeVar("T")
 
-# the cost and carbon figures of --summary-json; each has a *_method key next to it
-COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
-             "teacher_usd_per_1m", "teacher_hours_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m",
-             "student_usd_per_1m", "student_hours_per_1m", "student_kwh_per_1m", "student_kgco2_per_1m",
-             "cost_ratio_per_1m", "time_ratio_per_1m", "co2_ratio_per_1m",
-             "ref_teacher_usd_per_1m", "ref_teacher_hours_per_1m", "ref_teacher_kwh_per_1m", "ref_teacher_kgco2_per_1m",
-             "ref_student_usd_per_1m", "ref_student_hours_per_1m", "ref_student_kwh_per_1m", "ref_student_kgco2_per_1m",
-             "ref_cost_ratio_per_1m", "ref_time_ratio_per_1m", "ref_co2_ratio_per_1m"]
-TEACHER_COST_EXTRAS = ("teacher_requests_billed", "teacher_attempts", "teacher_usd_failed_attempts", "teacher_prices",
-                       "teacher_usd_per_mtok_equivalent")
 
 
 class StageClock:
@@ -177,25 +167,18 @@ class DistillRun(StageClock):
         """Costs per 1M items, the summary and its table: logged to MLflow, written, published and returned."""
         import mlflow
 
-        from distill.tasks.costs import cost_chart, cost_table, projection
+        from distill.tasks.costs import cost_chart, cost_table
+        from distill.tasks.run_report import COST_KEYS, distill_summary, run_costs
 
         cfg = self.cfg
-        costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
-                 (k in COST_KEYS or k.endswith("_method") or k in TEACHER_COST_EXTRAS)}
-        costs.update({k: v for k, v in model.figures.items() if k.startswith("student_train_")})
-        f = ev.figures
-        costs.update(projection(cfg, ann, f.get("student_items_per_s"), f.get("student_kwh_per_item"),
-                                f.get("student_kwh_per_item_method", "not measured")))
+        costs = run_costs(cfg, ann, model, ev)
         with contextlib.suppress(Exception):
             mlflow.log_artifact(cost_chart(costs, cfg.run_dir / "evaluation" / "cost_per_1m.png"), "plots")
         for p in ev.plots:
             mlflow.log_artifact(p, "plots")
         mlflow.log_metrics(numeric({k: costs.get(k) for k in COST_KEYS}))
         mlflow.log_dict(costs, "costs.json")
-        summary: dict[str, Any] = {
-            "run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": self.run_id,
-            "mlflow_tracking_uri": self.tracking_uri, **kind.summary(ann, model, ev, reg, costs),
-            "stage_seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+        summary = distill_summary(cfg, kind.summary(ann, model, ev, reg, costs), self.run_id, self.tracking_uri, self)
         mlflow.log_metrics(numeric({k: summary.get(k) for k in kind.table_keys}))
         mlflow.set_tags({"gate_decision": "promoted" if reg.promoted else "rejected", "task": kind.name,
                          "model_version": reg.model_version})

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from distill.config import DistillConfig
-from distill.tasks.carbon import measure_energy
+from distill.tasks.costs import training_cost
 from distill.tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
+PRIMARY_METRIC = "macro_f1"  # the gold figure the gate decides on
 # the figures of the final table that also go to the MLflow parent run as metrics
 TABLE_KEYS = ["teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_single", "teacher_macro_f1_voted",
               "student_accuracy", "student_macro_f1", "student_accuracy_on_teacher_subset",
@@ -34,22 +35,11 @@ def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Tr
     from distill.tasks.prompting import load_prompt
     from distill.tasks.train import train_task
 
-    en = cfg.energy
-    with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
-                        en.measure_power_secs) as energy:
+    with training_cost(cfg.energy, cfg.pricing) as cost:
         tr = train_task(agg.pool_paths, load_prompt(cfg.prompt).labels, str(cfg.run_dir / "student"), cfg.student,
                         cfg.vote.min_agreement, show_progress)
-    tr.update(train_energy_figures(energy, cfg))
+    tr.update(cost)
     return Trained(tr["model_dir"], tr)
-
-
-def train_energy_figures(energy: Any, cfg: DistillConfig) -> dict[str, Any]:
-    """The training's kWh, gCO2e and dollars (measured seconds at the configured hardware rate)."""
-    p = cfg.pricing
-    return {**energy.as_dict("student_train"),
-            "student_train_usd": p.hardware_usd_per_hour * energy.duration_s / 3600,
-            "student_train_usd_method": f"measured {energy.duration_s:.0f} s x ${p.hardware_usd_per_hour:g}/h "
-                                        f"({p.hardware_name})"}
 
 
 def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]) -> Evaluation:
@@ -64,7 +54,7 @@ def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher
                        st.eval_batch_size, cfg.teacher.samples, teacher_items_per_s, cfg.energy,
                        cfg.vote.aggregation.value, max(counts, key=counts.get))
     plots = ev.pop("plots")
-    return Evaluation(ev, "macro_f1", plots, documents={
+    return Evaluation(ev, PRIMARY_METRIC, plots, documents={
         "evaluation.json": ev, "calibration.json": {"reliability": ev.get("reliability", [])}})
 
 
@@ -117,6 +107,7 @@ def table(s: dict[str, Any]) -> str:
     agg = s.get("aggregation", "majority")
     agg_name = "voted" if agg == "majority" else "mean probability"
     lines = [
+        "== distill run: teacher vs student on human gold ==",
         "| model | gold items | accuracy | macro-F1 | ECE | items/s |",
         "|---|---|---|---|---|---|",
         f"| teacher, 1 sample | {n_sub} (seeded subset) | {_pct(s.get('teacher_accuracy_single'))} | "

@@ -9,14 +9,32 @@ from a configured assumption, or carried over from an earlier run.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from distill.config import DistillConfig
-from distill.tasks.carbon import EnergyReading, grid_intensity, remote_teacher_energy
+from distill.config import DistillConfig, EnergyConfig, PricingConfig
+from distill.tasks.carbon import EnergyReading, grid_intensity, measure_energy, remote_teacher_energy
 from distill.tasks.pricing import TeacherPrice
 
 M = 1_000_000
+
+
+@contextlib.contextmanager
+def training_cost(energy: EnergyConfig, pricing: PricingConfig) -> Iterator[dict[str, Any]]:
+    """Measure the ``with`` block as the student's training; the yielded dict is filled when it ends.
+
+    kWh and gCO2e come from codecarbon, dollars from the measured seconds at the configured
+    hardware rate, each with its ``*_method``.
+    """
+    figures: dict[str, Any] = {}
+    with measure_energy("student-train", energy.country_iso_code, energy.measure, energy.cpu_power_w,
+                        energy.measure_power_secs) as reading:
+        yield figures
+    figures.update(reading.as_dict("student_train"))
+    figures["student_train_usd"] = pricing.hardware_usd_per_hour * reading.duration_s / 3600
+    figures["student_train_usd_method"] = (f"measured {reading.duration_s:.0f} s x ${pricing.hardware_usd_per_hour:g}/h "
+                                           f"({pricing.hardware_name})")
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:

@@ -51,12 +51,10 @@ def first_sentences(text: str, n: Optional[int]) -> str:
     """The first ``n`` sentences of ``text`` (all of it when ``n`` is None or it has no more)."""
     if n is None:
         return text
-    cut, start = None, 0
     for count, m in enumerate(_SENTENCE_END.finditer(text), start=1):
         if count == n:
-            cut = m.start() + len(m.group(1))
-            break
-    return text if cut is None else text[start:cut].strip()
+            return text[:m.start() + len(m.group(1))].strip()
+    return text
 
 
 def effective_finish_reason(answer: Optional[str], parsed: Optional[str], finish_reason: Optional[str]) -> Optional[str]:

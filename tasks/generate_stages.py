@@ -15,9 +15,10 @@ from prefect import task
 
 from distill.config import DistillConfig
 from distill.tasks.carbon import measure_energy
-from distill.tasks.classify_stages import train_energy_figures
+from distill.tasks.costs import training_cost
 from distill.tasks.stage_results import Aggregation, Evaluation, Registration, Trained
 
+PRIMARY_METRIC = "bertscore_f1"  # the gate's default figure; gate.metric may choose rougeL
 GATE_FIGURES = {"bertscore_f1": "BERTScore F1", "rougeL": "ROUGE-L"}
 TABLE_KEYS = ["teacher_bertscore_f1_single", "teacher_bertscore_f1_medoid", "teacher_rougeL_single",
               "teacher_rougeL_medoid", "student_bertscore_f1", "student_rougeL", "student_items_per_s",
@@ -77,11 +78,9 @@ def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Tr
     """LoRA-tune the generator on the pool's medoids (instruction -> text, loss on the answer tokens)."""
     if not agg.gold_paths:
         raise ValueError("task generate needs gold references to judge the student: data.gold_path gave no items")
-    en = cfg.energy
-    with measure_energy("student-train", en.country_iso_code, en.measure, en.cpu_power_w,
-                        en.measure_power_secs) as energy:
+    with training_cost(cfg.energy, cfg.pricing) as cost:
         tr = train_generator_task(agg.pool_paths, cfg, str(cfg.run_dir / "student"), show_progress)
-    tr.update(train_energy_figures(energy, cfg))
+    tr.update(cost)
     return Trained(tr["model_dir"], tr, tr.get("merged_dir"))
 
 
@@ -91,7 +90,7 @@ def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher
                                  str(cfg.run_dir / "evaluation"))
     ev["speed_ratio"] = ev["student_items_per_s"] / teacher_items_per_s if teacher_items_per_s else None
     gen = cfg.run_dir / "evaluation" / "generations.parquet"
-    metric = "bertscore_f1" if cfg.gate.metric in ("auto", "bertscore_f1") else "rougeL"
+    metric = PRIMARY_METRIC if cfg.gate.metric in ("auto", PRIMARY_METRIC) else "rougeL"
     return Evaluation(ev, metric, documents={"evaluation.json": ev},
                       tables={"generations.json": str(gen)} if gen.exists() else {})
 

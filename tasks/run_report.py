@@ -12,8 +12,19 @@ from typing import Any, Optional, Protocol
 
 from distill.config import DistillConfig
 from distill.tasks.annotate import choices_per_request
-from distill.tasks.costs import teacher_costs
-from distill.tasks.stage_results import Aggregation, Annotation, Loaded, Plan
+from distill.tasks.costs import projection, teacher_costs
+from distill.tasks.stage_results import Aggregation, Annotation, Evaluation, Loaded, Plan, Trained
+
+# the cost and carbon figures of --summary-json; each has a *_method key next to it
+COST_KEYS = ["teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_train_gco2", "student_train_usd",
+             "teacher_usd_per_1m", "teacher_hours_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m",
+             "student_usd_per_1m", "student_hours_per_1m", "student_kwh_per_1m", "student_kgco2_per_1m",
+             "cost_ratio_per_1m", "time_ratio_per_1m", "co2_ratio_per_1m",
+             "ref_teacher_usd_per_1m", "ref_teacher_hours_per_1m", "ref_teacher_kwh_per_1m", "ref_teacher_kgco2_per_1m",
+             "ref_student_usd_per_1m", "ref_student_hours_per_1m", "ref_student_kwh_per_1m", "ref_student_kgco2_per_1m",
+             "ref_cost_ratio_per_1m", "ref_time_ratio_per_1m", "ref_co2_ratio_per_1m"]
+TEACHER_COST_EXTRAS = ("teacher_requests_billed", "teacher_attempts", "teacher_usd_failed_attempts", "teacher_prices",
+                       "teacher_usd_per_mtok_equivalent")
 
 
 class Clock(Protocol):
@@ -118,3 +129,22 @@ def annotation_summary(cfg: DistillConfig, loaded: Loaded, plan: Plan, ann: Anno
     s["data_gold"] = loaded.gold_report
     s["pool_rejected_file"] = loaded.pool_rejected
     return s
+
+
+def run_costs(cfg: DistillConfig, ann: dict[str, Any], model: Trained, ev: Evaluation) -> dict[str, Any]:
+    """The run's bill (teacher, student training) and the per-1M-items projection of teacher and student."""
+    costs = {k: v for k, v in ann.items() if k.startswith("teacher_") and
+             (k in COST_KEYS or k.endswith("_method") or k in TEACHER_COST_EXTRAS)}
+    costs.update({k: v for k, v in model.figures.items() if k.startswith("student_train_")})
+    f = ev.figures
+    costs.update(projection(cfg, ann, f.get("student_items_per_s"), f.get("student_kwh_per_item"),
+                            f.get("student_kwh_per_item_method", "not measured")))
+    return costs
+
+
+def distill_summary(cfg: DistillConfig, task_figures: dict[str, Any], mlflow_run_id: str, tracking_uri: str,
+                    clock: Clock) -> dict[str, Any]:
+    """The ``--summary-json`` of a distill run: the task type's figures between the run's identity and its timings."""
+    return {"run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": mlflow_run_id,
+            "mlflow_tracking_uri": tracking_uri, **task_figures,
+            "stage_seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}

@@ -16,15 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-def numeric(figures: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def numeric(figures: dict[str, Any]) -> dict[str, float]:
     """The figures MLflow can log as metrics: numbers and booleans, never None or NaN."""
-    out: dict[str, float] = {}
-    for k, v in figures.items():
-        if isinstance(v, bool):
-            out[prefix + k] = float(v)
-        elif isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-            out[prefix + k] = float(v)
-    return out
+    return {k: float(v) for k, v in figures.items()
+            if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and math.isnan(v))}
 
 
 @dataclass
@@ -39,6 +34,10 @@ class Loaded:
     gold_report: Optional[dict[str, Any]]
     pool_rejected: Optional[str]
     selection: Any  # tasks.select.Selection
+
+    def shards(self, split: str) -> list[str]:
+        """The input shards of ``split`` ("pool" or "gold")."""
+        return {"pool": self.pool_shards, "gold": self.gold_shards}[split]
 
     def metrics(self) -> dict[str, float]:
         return numeric({"pool_items_loaded": self.pool_report.get("items"),

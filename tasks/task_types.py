@@ -89,13 +89,16 @@ class _Stages:
     def table_keys(self) -> list[str]:
         return list(self._m().TABLE_KEYS)
 
+    @property
+    def primary_metric(self) -> str:
+        return str(self._m().PRIMARY_METRIC)
+
 
 class Classify(_Stages):
     """Labels from a closed set: majority vote or mean probability; macro-F1 decides."""
 
     name = "classify"
     stages_module = "distill.tasks.classify_stages"
-    primary_metric = "macro_f1"
 
     def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
         from distill.tasks.vote import vote_shards
@@ -118,7 +121,6 @@ class Generate(_Stages):
 
     name = "generate"
     stages_module = "distill.tasks.generate_stages"
-    primary_metric = "bertscore_f1"
 
     def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
         from distill.tasks.generate_task import medoid_shards
