@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from distill.tasks.report import terminal_summary
 
     cfg = _load(args)
-    summary = distill_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run)
+    summary = distill_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run, fresh=args.fresh)
     if args.dry_run:
         return _print_plan(summary, args)
     ann = cfg.run_dir / "annotation_summary.json"
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--summary-json")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--dry-run", action="store_true", help="only the priced plan, through the flow; nothing is sent")
+    r.add_argument("--fresh", action="store_true",
+                   help="recompute every stage, even those an earlier run finished with the same inputs")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="requests, tokens, $ and time of a run, before any request (no Prefect needed)")
@@ -299,6 +301,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from distill.runtime import SecretError
     from distill.tasks.budget import BudgetExhausted
     from distill.tasks.pricing import PricingError
+    from distill.tasks.checkpoints import RunBusy
+    from distill.tasks.preflight import PreflightError
 
     from distill.servers import ServerError, use_servers
 
@@ -307,7 +311,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         use_servers()  # the servers of `distill up`, when they run (explicit env vars win)
     try:
         return args.func(args)
-    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError, PricingError, ServerError) as e:
+    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError, PricingError, ServerError, RunBusy,
+            PreflightError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except BudgetExhausted as e:

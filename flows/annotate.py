@@ -11,23 +11,26 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from distill.config import DistillConfig, SampleVariation, SelectionConfig, TrackingConfig
+from distill.faults import failpoint
 from distill.runtime import resolve_api_key, run_logger, set_offline_env
 from distill.tasks.annotate import annotate_shard, choices_per_request
 from distill.tasks.budget import BudgetExhausted
 from distill.tasks.cache import ResponseCache
 from distill.tasks.carbon import measure_energy
+from distill.tasks.checkpoints import run_lock
 from distill.tasks.costs import teacher_costs
 from distill.tasks.load import load_task
 from distill.tasks.local_teacher import local_teacher
 from distill.flows.stages import StageClock
 from distill.tasks.plan import budget_shares, make_plan, plan_text
+from distill.tasks.preflight import PreflightError, check_outputs, check_probe, probe_item
 from distill.tasks.runners import task_runner_for, workers
 from distill.tasks.pricing import TeacherPrice, resolve_prices
 from distill.tasks.prompting import PromptTemplate, load_prompt
@@ -199,7 +202,7 @@ def load_inputs(cfg: DistillConfig) -> Loaded:
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     manifest.write_text(json.dumps({"fingerprint": fp, "prompt_hash": template.template_hash()}))
     return Loaded(template, prices, sel.pool_shards, inputs["gold_shards"], inputs["pool_report"],
-                  inputs["gold_report"], inputs["pool_rejected"], sel)
+                  inputs["gold_report"], inputs["pool_rejected"], sel, fp)
 
 
 def plan_annotation(cfg: DistillConfig, loaded: Loaded) -> Plan:
@@ -217,6 +220,37 @@ def dry_run_result(cfg: DistillConfig, plan: Plan) -> dict[str, Any]:
         create_markdown_artifact(markdown="# distill plan (dry run: nothing sent)\n\n" + plan.text, key="distill-plan",
                                  description="priced plan of the annotation, before any request")
     return {"dry_run": True, "plan": plan.figures, "plan_text": plan.text, "run_name": cfg.run_name}
+
+
+def preflight(cfg: DistillConfig, loaded: Loaded) -> dict[str, Any]:
+    """Before any request: the run and cache folders writable and disk for the student (the tracking
+    store was written when the run opened); the teacher's probe follows once its endpoint is up."""
+    figures = check_outputs(cfg)
+    run_logger().info("preflight: outputs writable, %.0f MB free (student needs about %s MB)", figures["disk_free_mb"],
+                      "?" if figures["student_mb_needed"] is None else f"{figures['student_mb_needed']:.0f}")
+    return figures
+
+
+def probe_teacher(cfg: DistillConfig, loaded: Loaded, base_url: str, run_id: str) -> Optional[dict[str, Any]]:
+    """One real item's requests through the run's client, cache and price meter, before any other request.
+
+    Its answers stay in the cache (annotation takes them from there) and its spend is counted
+    with the run's: the result joins the shard results as a shard of no items.
+    """
+    probe_dir = cfg.run_dir / "preflight"
+    src = probe_item(cfg, loaded.gold_shards + loaded.pool_shards, probe_dir)
+    if src is None:
+        return None
+    out = probe_dir / "probe.parquet"
+    out.unlink(missing_ok=True)
+    r = annotate_shard_task(str(src), str(out), cfg, base_url, run_id, "preflight-probe", False, loaded.prices,
+                            cfg.budget.max_usd, None)
+    problem = check_probe(r["path"], base_url, cfg.teacher.model)
+    if problem:
+        raise PreflightError(problem)
+    run_logger().info("preflight: the teacher answered a probe (%d requests sent, %d from the cache)",
+                      r.get("requests_sent", 0), r.get("requests_cached", 0))
+    return {**r, "items": 0, "items_reused": 0, "probe": True}
 
 
 def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress: bool = True) -> Annotation:
@@ -239,6 +273,10 @@ def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress
                         e.measure_power_secs) as teacher_energy, teacher_endpoint(cfg) as base_url:
         logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, cfg.teacher.model,
                     cfg.teacher.samples, cfg.teacher.variation.value)
+        probe = probe_teacher(cfg, loaded, base_url, run_id)
+        if probe is not None:
+            shard_results["gold" if loaded.gold_shards else "pool"].append(probe)
+            spent += float(probe.get("spent_usd", 0.0) or 0.0)
         jobs = [(split, p, str(run_dir / "annotations" / split / Path(p).name), f"{split}-{Path(p).stem}")
                 for split in ("gold", "pool") for p in loaded.shards(split)]
         if cfg.runtime.task_runner.value == "dask":
@@ -256,6 +294,7 @@ def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress
             ratio = r.get("prompt_ratio") or ratio  # the next shard starts from what this one learned
             exhausted = exhausted or bool(r.get("budget_exhausted"))
             shard_results[split].append(r)
+            failpoint("annotate:shard")  # the fault tests: killed between two shards
     all_results = shard_results["pool"] + shard_results["gold"]
     cache = ResponseCache(cfg.client.cache_path)
     try:
@@ -304,10 +343,16 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     ``dry_run``: stop after the priced plan; nothing is sent and no teacher is started.
     """
     cfg, clock = config, StageClock()
+    with run_lock(cfg.run_dir, "annotate"):
+        return _annotate(cfg, clock, show_progress, dry_run)
+
+
+def _annotate(cfg: DistillConfig, clock: StageClock, show_progress: bool, dry_run: bool) -> dict[str, Any]:
     loaded = clock.stage("load", load_inputs, cfg)
     plan = clock.stage("plan", plan_annotation, cfg, loaded)
     if dry_run:
         return dry_run_result(cfg, plan)
+    clock.stage("preflight", preflight, cfg, loaded)
     ann = clock.stage("annotate", annotate_items, cfg, loaded, plan, show_progress)
     agg = clock.stage("aggregate", aggregate_answers, cfg, ann)
     return report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock), str(cfg.run_dir))

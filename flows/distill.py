@@ -1,4 +1,4 @@
-"""The ``distill`` flow: load -> plan -> annotate -> aggregate -> train -> evaluate -> register.
+"""The ``distill`` flow: load -> plan -> preflight -> annotate -> aggregate -> train -> evaluate -> register.
 
 The body is the DAG, one line per stage; each stage returns a typed result
 (tasks/stage_results.py). What differs between labelling and writing (aggregation, the
@@ -16,7 +16,8 @@ from prefect import flow
 
 from distill.config import DistillConfig
 from distill.runtime import set_offline_env
-from distill.flows.annotate import aggregate_answers, annotate_flow, annotate_items, load_inputs, plan_annotation
+from distill.flows.annotate import (aggregate_answers, annotate_flow, annotate_items, load_inputs, plan_annotation,
+                                   preflight)
 from distill.flows.stages import DistillRun
 from distill.tasks.task_types import task_kind
 
@@ -24,19 +25,23 @@ set_offline_env()
 
 
 @flow(name="distill", log_prints=True)
-def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False) -> dict[str, Any]:
+def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False,
+                 fresh: bool = False) -> dict[str, Any]:
     """Distil the teacher into a student and register it if it passes the quality gate.
 
     ``dry_run``: only the priced plan of the annotation; nothing is sent, trained or logged.
+    ``fresh``: recompute every stage, even those an earlier run finished with the same inputs
+    (the response cache still answers what was paid for).
     """
     cfg, task = config, task_kind(config.task)
     if not cfg.data.gold_path:
         raise ValueError("data.gold_path is required for the distill flow: the student is judged on human gold")
     if dry_run:
         return annotate_flow(cfg, show_progress=show_progress, dry_run=True)
-    with DistillRun(cfg) as run:
+    with DistillRun(cfg, fresh) as run:
         loaded = run.stage("load", load_inputs, cfg, child="annotate")
         plan = run.stage("plan", plan_annotation, cfg, loaded, child="annotate")
+        run.stage("preflight", preflight, cfg, loaded)
         ann = run.stage("annotate", annotate_items, cfg, loaded, plan, show_progress, child="annotate")
         agg = run.stage("aggregate", aggregate_answers, cfg, ann, child="annotate")
         teacher = run.teacher_report(loaded, plan, ann, agg)

@@ -6,6 +6,11 @@ flow run (and linked back), the config, prompt and parameters; each stage's type
 logged by its ``metrics()`` into a nested run (``annotate`` for the teacher's stages,
 ``train``, ``evaluate``); a budget stop recorded before it propagates; and at the end the
 report (tasks/run_report.py and the task type's table) logged, written and published.
+
+Resume: a stage that finished in an earlier run with the same inputs (tasks/checkpoints.py)
+is not run again; its recorded result is logged into this run as if it had just run, and
+the summary lists it under ``stages_reused``. Registration is made idempotent in the
+registry itself (tasks/registry.py). The run folder is locked for the run's duration.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from distill.config import DistillConfig
+from distill.faults import failpoint
 from distill.links import mlflow_model_version_url, mlflow_run_url, prefect_flow_run_url, publish_links
 from distill.runtime import run_logger
 from distill.tasks.budget import BudgetExhausted
+from distill.tasks.checkpoints import STAGE_SECTIONS, StageCheckpoints, run_lock
+from distill.tasks.preflight import PreflightError
 from distill.tasks.stage_results import Aggregation, Annotation, Evaluation, Loaded, Plan, Registration, Trained, numeric
 
 T = TypeVar("T")
@@ -57,9 +65,11 @@ def _flow_run() -> tuple[str, str]:
 class DistillRun(StageClock):
     """The MLflow side of one ``distill`` flow run: parent run, nested stage runs, the report at the end."""
 
-    def __init__(self, cfg: DistillConfig) -> None:
+    def __init__(self, cfg: DistillConfig, fresh: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.fresh = fresh
+        self.checkpoints: Optional[StageCheckpoints] = None
         self.run_id = ""
         self.tracking_uri = ""
         self._children: dict[str, str] = {}
@@ -67,13 +77,28 @@ class DistillRun(StageClock):
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "DistillRun":
-        import mlflow
-
         from distill.tasks.prompting import load_prompt
-        from distill.tasks.registry import setup_tracking
+        from distill.tasks.registry import tracking_uri
 
         cfg = self.cfg
         template = load_prompt(cfg.prompt)
+        self._stack.enter_context(run_lock(cfg.run_dir))  # before anything is written into the folder
+        self.checkpoints = StageCheckpoints(cfg.run_dir, enabled=not self.fresh)
+        try:  # preflight of the tracking store: the run, its params and an artifact are written before any spend
+            self._open_tracking(template)
+        except Exception as e:
+            self._stack.close()
+            raise PreflightError(f"MLflow tracking store {self.tracking_uri or tracking_uri(cfg.tracking.tracking_uri)} "
+                                 f"is not reachable or not writable ({type(e).__name__}: {str(e)[:300]}); "
+                                 "nothing was sent to the teacher") from e
+        return self
+
+    def _open_tracking(self, template: Any) -> None:
+        import mlflow
+
+        from distill.tasks.registry import setup_tracking
+
+        cfg = self.cfg
         self.tracking_uri = setup_tracking(cfg.tracking.tracking_uri, cfg.tracking.experiment)
         fr_id, fr_name = _flow_run()
         tags = {"prefect.flow_run_id": fr_id, "prefect.flow_run_name": fr_name, "distill.run_name": cfg.run_name}
@@ -86,7 +111,6 @@ class DistillRun(StageClock):
         mlflow.log_text(Path(template.source).read_text(), "prompt/template.yaml")
         mlflow.set_tag("prompt_hash", template.template_hash())
         mlflow.log_dict(json.loads(cfg.model_dump_json()), "config.json")
-        return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         import mlflow
@@ -110,11 +134,28 @@ class DistillRun(StageClock):
                 self._children[name] = r.info.run_id
                 yield r
 
+    @property
+    def reused(self) -> list[str]:
+        return self.checkpoints.reused if self.checkpoints else []
+
     def stage(self, name: str, fn: Callable[..., T], *args: Any, child: Optional[str] = None, **kwargs: Any) -> T:
-        """Run one stage, time it, and log its result's metrics (and training params, evaluation artifacts)."""
+        """Run one stage (or take its result from an earlier run), time it, and log its result's metrics."""
         import mlflow
 
-        result = super().stage(name, fn, *args, **kwargs)
+        ck = self.checkpoints
+        key = ck.key(name, self.cfg, args) if ck is not None and name in STAGE_SECTIONS else ""
+        result = ck.load(name, key) if key and ck is not None else None
+        if result is not None:
+            self.seconds[name] = 0.0
+            run_logger().info("stage %s: finished in an earlier run with the same inputs (%.1f s then): reused",
+                              name, ck.seconds(name) or 0.0)  # type: ignore[union-attr]
+        else:
+            if key and ck is not None and name in ck.why_not:
+                run_logger().info("stage %s: recomputed, %s", name, ck.why_not[name])
+            result = super().stage(name, fn, *args, **kwargs)
+            failpoint(f"{name}:finished")  # the fault tests: the work is done, not yet recorded
+            if key and ck is not None:
+                ck.save(name, key, result, self.seconds[name])
         with self.child(child) if child else contextlib.nullcontext():
             if hasattr(result, "metrics"):
                 m = result.metrics()  # type: ignore[union-attr]

@@ -66,11 +66,14 @@ def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Eva
     from distill.tasks.registry import log_student_model, register_task
 
     d, st = cfg.data, cfg.student
-    info = log_student_model(model.model_dir, st.precision, st.max_length,
-                             pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:3])
-    reg = register_task(info.model_uri, cfg.tracking.model_name, ev.score, d.gold_path, d.text_column, d.id_column,
+
+    def log_model() -> str:  # not called when a rerun finds this student already registered
+        return log_student_model(model.model_dir, st.precision, st.max_length,
+                                 pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:3]).model_uri
+
+    reg = register_task(log_model, cfg.tracking.model_name, ev.score, d.gold_path, d.text_column, d.id_column,
                         d.gold_label_column, load_prompt(cfg.prompt).labels, cfg.gate.min_macro_f1,
-                        cfg.gate.min_improvement, run_id)
+                        cfg.gate.min_improvement, run_id, model.uid)
     return Registration.from_gate(reg)
 
 

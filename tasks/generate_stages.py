@@ -63,15 +63,16 @@ def evaluate_generator_task(voted_gold: list[str], cfg: DistillConfig, adapter_d
 
 
 @task(name="register-generator")
-def register_generator_task(model_uri: str, cfg: DistillConfig, score: float, metric: str, voted_gold: list[str],
-                            run_id: str) -> dict[str, Any]:
+def register_generator_task(model_uri: Any, cfg: DistillConfig, score: float, metric: str, voted_gold: list[str],
+                            run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
     import pandas as pd
 
     from distill.tasks.registry import register_generator_and_gate
 
     df = pd.concat([pd.read_parquet(p, columns=["text", "label_gold"]) for p in voted_gold])
     return register_generator_and_gate(model_uri, cfg.tracking.model_name, score, metric, df["text"].tolist(),
-                                       df["label_gold"].tolist(), cfg.gate.min_score, cfg.gate.min_improvement, run_id)
+                                       df["label_gold"].tolist(), cfg.gate.min_score, cfg.gate.min_improvement, run_id,
+                                       candidate)
 
 
 def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
@@ -102,9 +103,11 @@ def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Eva
     from distill.tasks.generator_model import log_generator_model
     from distill.tasks.prompting import load_prompt
 
-    info = log_generator_model(model.model_dir, model.merged_dir, load_prompt(cfg.prompt), cfg.student,
-                               pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2])
-    reg = register_generator_task(info.model_uri, cfg, ev.score, ev.primary_metric, agg.gold_paths, run_id)
+    def log_model() -> str:  # not called when a rerun finds this student already registered
+        return log_generator_model(model.model_dir, model.merged_dir, load_prompt(cfg.prompt), cfg.student,
+                                   pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2]).model_uri
+
+    reg = register_generator_task(log_model, cfg, ev.score, ev.primary_metric, agg.gold_paths, run_id, model.uid)
     return Registration.from_gate(reg)
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from prefect import task
+
+from distill.faults import failpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,77 +102,158 @@ def champion_macro_f1(model_name: str, gold_texts: list[str], gold_labels: list[
     return str(v.version), float(f1_score(gold_labels, pred, labels=labels, average="macro", zero_division=0))
 
 
-def register_and_gate(model_uri: str, model_name: str, challenger_f1: float, gold_texts: list[str],
-                      gold_labels: list[str], labels: list[str], floor: float, margin: float,
-                      run_id: str) -> dict[str, Any]:
-    """Register a version (alias challenger), decide, and move ``champion`` only if it earned it."""
+CANDIDATE_TAG = "distill.candidate"  # the trained student's identity (Trained.uid): a rerun finds its version by it
+ModelSource = Union[str, Callable[[], str]]  # a model URI, or how to log the model and get one
+
+
+def find_candidate(model_name: str, candidate: Optional[str]) -> Any:
+    """The version already registered for this trained student, if a rerun got that far before."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not candidate:
+        return None
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if (v.tags or {}).get(CANDIDATE_TAG) == candidate), None)
+
+
+def _current_champion(client: Any, model_name: str) -> Optional[str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, "champion").version)
+    except MlflowException:
+        return None
+
+
+def _set_aliases(model_name: str, version: str, promote: bool, compared_with: Optional[str], probe: Any) -> tuple[bool, str]:
+    """``challenger`` on the new version; ``champion`` only once that version loads from the registry and predicts.
+
+    Called again by a rerun that finds the version already registered, so every step is
+    idempotent; if the champion moved since this version was judged, it is left where it is.
+    """
     import mlflow
 
     client = mlflow.MlflowClient()
-    champ_version, champ_f1 = champion_macro_f1(model_name, gold_texts, gold_labels, labels)
-    mv = mlflow.register_model(model_uri, model_name)
-    promote, reason = decide(challenger_f1, champ_f1, floor, margin)
-    client.set_registered_model_alias(model_name, "challenger", mv.version)
-    tags = {"gold_macro_f1": f"{challenger_f1:.6f}", "gate_decision": "promoted" if promote else "rejected",
-            "gate_reason": reason, "source_run_id": run_id,
-            "compared_with_version": champ_version or "", "champion_macro_f1_now": "" if champ_f1 is None else f"{champ_f1:.6f}"}
-    for k, v in tags.items():
-        client.set_model_version_tag(model_name, mv.version, k, v)
-    if promote:
-        client.set_registered_model_alias(model_name, "champion", mv.version)
-    return {"model_name": model_name, "model_version": str(mv.version), "promoted": promote, "gate_reason": reason,
-            "previous_champion_version": champ_version, "previous_champion_macro_f1": champ_f1}
+    client.set_registered_model_alias(model_name, "challenger", version)
+    if not promote:
+        return False, ""
+    now = _current_champion(client, model_name)
+    if now == version:
+        return True, ""
+    if now != (compared_with or None):
+        return False, f"the champion moved to version {now} since version {version} was judged; left there"
+    try:
+        out = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").predict(probe)
+        if len(out) != len(probe):
+            raise RuntimeError(f"{len(out)} predictions for {len(probe)} inputs")
+    except Exception as e:
+        reason = f"version {version} failed to load from the registry: {type(e).__name__}: {str(e)[:300]}"
+        client.set_model_version_tag(model_name, version, "gate_decision", "rejected")
+        client.set_model_version_tag(model_name, version, "gate_reason", reason)
+        raise RuntimeError(f"registered model {model_name!r}: {reason}; the champion stays version {now}") from e
+    failpoint("register:before-champion")
+    client.set_registered_model_alias(model_name, "champion", version)
+    return True, ""
+
+
+def gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],
+                       champion: Callable[[], tuple[Optional[str], Optional[float]]], floor: float, margin: float,
+                       metric: str, tags: dict[str, str], probe: Any) -> dict[str, Any]:
+    """Register once per trained student, born with its gate decision; move aliases last.
+
+    Order: re-measure the champion, decide, log the model, create the version with every
+    tag in the same call (so no version exists without its decision), then ``challenger``,
+    then ``champion`` after a load check. A kill anywhere leaves either no version, or a
+    complete version whose aliases a rerun finishes; the champion alias only ever points
+    at a version that loaded.
+    """
+    import mlflow
+
+    done = find_candidate(model_name, candidate)
+    if done is not None:
+        t = done.tags or {}
+        promote = t.get("gate_decision") == "promoted"
+        champ_v = t.get("compared_with_version") or None
+        champ_s = float(t["distill.champion_score_now"]) if t.get("distill.champion_score_now") else None
+        promoted, note = _set_aliases(model_name, str(done.version), promote, champ_v, probe)
+        return {"model_name": model_name, "model_version": str(done.version), "promoted": promoted,
+                "gate_reason": t.get("gate_reason", "") + (f" ({note})" if note else ""),
+                "previous_champion_version": champ_v, "previous_champion_score": champ_s}
+    champ_v, champ_s = champion()
+    promote, reason = decide(float(tags["distill.score"]), champ_s, floor, margin, metric=metric)
+    uri = model() if callable(model) else model
+    failpoint("register:logged")
+    born = {**tags, CANDIDATE_TAG: candidate or "", "gate_decision": "promoted" if promote else "rejected",
+            "gate_reason": reason, "compared_with_version": champ_v or "",
+            "distill.champion_score_now": "" if champ_s is None else f"{champ_s:.6f}"}
+    mv = mlflow.register_model(uri, model_name, tags=born)
+    failpoint("register:created")
+    promoted, note = _set_aliases(model_name, str(mv.version), promote, champ_v, probe)
+    return {"model_name": model_name, "model_version": str(mv.version), "promoted": promoted,
+            "gate_reason": reason + (f" ({note})" if note else ""), "previous_champion_version": champ_v,
+            "previous_champion_score": champ_s}
+
+
+def register_and_gate(model_uri: ModelSource, model_name: str, challenger_f1: float, gold_texts: list[str],
+                      gold_labels: list[str], labels: list[str], floor: float, margin: float,
+                      run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
+    """Register a version (alias challenger), decide, and move ``champion`` only if it earned it."""
+    import pandas as pd
+
+    tags = {"distill.score": f"{challenger_f1:.6f}", "gold_macro_f1": f"{challenger_f1:.6f}", "source_run_id": run_id}
+    r = gated_registration(model_uri, model_name, candidate,
+                           lambda: champion_macro_f1(model_name, gold_texts, gold_labels, labels), floor, margin,
+                           "macro-F1", tags, pd.DataFrame({"text": gold_texts[:2] or ["an example"]}))
+    champ_f1 = r.pop("previous_champion_score")
+    return {**r, "previous_champion_macro_f1": champ_f1}
 
 
 @task(name="register")
-def register_task(model_uri: str, model_name: str, challenger_f1: float, gold_path: str, text_column: str,
+def register_task(model_uri: ModelSource, model_name: str, challenger_f1: float, gold_path: str, text_column: str,
                   id_column: str, label_column: str, labels: list[str], floor: float, margin: float,
-                  run_id: str) -> dict[str, Any]:
+                  run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
     """Reads the gold file itself: big lists never travel as Prefect parameters."""
     from distill.tasks.evaluate import read_gold
 
     gold = read_gold(gold_path, text_column, id_column, label_column, labels)
     return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
-                             labels, floor, margin, run_id)
+                             labels, floor, margin, run_id, candidate)
 
 
 
-def register_generator_and_gate(model_uri: str, model_name: str, score: float, metric: str, documents: list[str],
-                                references: list[str], floor: float, margin: float, run_id: str) -> dict[str, Any]:
+def register_generator_and_gate(model_uri: ModelSource, model_name: str, score: float, metric: str,
+                                documents: list[str], references: list[str], floor: float, margin: float,
+                                run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
     """The generate task's gate: re-measure the champion generator on the same gold items with the same metric.
 
     A champion of another task type under the same name is not comparable: refused with a
     message that names the model, rather than compared on a metric it does not have.
     """
-    import mlflow
     import pandas as pd
-    from mlflow.exceptions import MlflowException
 
-    from distill.tasks.text_metrics import bertscore, rouge
+    def champion() -> tuple[Optional[str], Optional[float]]:
+        import mlflow
+        from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
-    champ_version, champ_score = None, None
-    try:
-        v = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        v = None
-    if v is not None:
+        from distill.tasks.text_metrics import bertscore, rouge
+
+        try:
+            v = mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")
+        except MlflowException:
+            return None, None
         if (v.tags or {}).get("task", "classify") != "generate":
             raise ValueError(f"registered model {model_name!r}: its champion (version {v.version}) is a classifier; "
                              f"give the generator its own tracking.model_name")
         champ = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
         preds = champ.predict(pd.DataFrame({"text": documents}))["text"].tolist()
-        champ_version = str(v.version)
-        champ_score = bertscore(preds, references).f1 if metric == "bertscore_f1" else rouge(preds, references).rougeL
-    mv = mlflow.register_model(model_uri, model_name)
-    promote, reason = decide(score, champ_score, floor, margin, metric=metric)
-    client.set_registered_model_alias(model_name, "challenger", mv.version)
-    tags = {"task": "generate", f"gold_{metric}": f"{score:.6f}", "gate_decision": "promoted" if promote else "rejected",
-            "gate_reason": reason, "source_run_id": run_id, "compared_with_version": champ_version or "",
-            f"champion_{metric}_now": "" if champ_score is None else f"{champ_score:.6f}"}
-    for k, val in tags.items():
-        client.set_model_version_tag(model_name, mv.version, k, val)
-    if promote:
-        client.set_registered_model_alias(model_name, "champion", mv.version)
-    return {"model_name": model_name, "model_version": str(mv.version), "promoted": promote, "gate_reason": reason,
-            "gate_metric": metric, "previous_champion_version": champ_version, "previous_champion_score": champ_score}
+        s = bertscore(preds, references).f1 if metric == "bertscore_f1" else rouge(preds, references).rougeL
+        return str(v.version), s
+
+    tags = {"task": "generate", "distill.score": f"{score:.6f}", f"gold_{metric}": f"{score:.6f}", "source_run_id": run_id}
+    r = gated_registration(model_uri, model_name, candidate, champion, floor, margin, metric, tags,
+                           pd.DataFrame({"text": documents[:1] or ["an example"]}))
+    return {**r, "gate_metric": metric}

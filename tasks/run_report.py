@@ -147,4 +147,5 @@ def distill_summary(cfg: DistillConfig, task_figures: dict[str, Any], mlflow_run
     """The ``--summary-json`` of a distill run: the task type's figures between the run's identity and its timings."""
     return {"run_name": cfg.run_name, "samples_per_item": cfg.teacher.samples, "mlflow_run_id": mlflow_run_id,
             "mlflow_tracking_uri": tracking_uri, **task_figures,
-            "stage_seconds": {k: round(v, 2) for k, v in clock.seconds.items()}}
+            "stage_seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
+            "stages_reused": list(getattr(clock, "reused", []))}

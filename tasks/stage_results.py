@@ -12,6 +12,7 @@ and the summary from these objects, not from one big string-keyed dict passed al
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,6 +35,7 @@ class Loaded:
     gold_report: Optional[dict[str, Any]]
     pool_rejected: Optional[str]
     selection: Any  # tasks.select.Selection
+    fingerprint: str = ""  # hash of data, prompt, teacher and chosen items (flows/annotate.py input_fingerprint)
 
     def shards(self, split: str) -> list[str]:
         """The input shards of ``split`` ("pool" or "gold")."""
@@ -102,6 +104,7 @@ class Trained:
     model_dir: str
     figures: dict[str, Any]
     merged_dir: Optional[str] = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # this training's identity in the registry
 
     def metrics(self) -> dict[str, float]:
         return numeric(self.figures)

@@ -44,9 +44,9 @@ def fake_teacher() -> Iterator[FakeOpenAI]:
         srv.stop()
 
 
-@pytest.fixture
-def binary_prompt(tmp_path: Path) -> Path:
-    p = tmp_path / "prompt.yaml"
+def write_binary_prompt(folder: Path) -> Path:
+    """The small positive/negative template the fake teacher's tests use, written into ``folder``."""
+    p = Path(folder) / "prompt.yaml"
     p.write_text(
         "name: test-binary\n"
         "labels: [positive, negative]\n"
@@ -59,3 +59,8 @@ def binary_prompt(tmp_path: Path) -> Path:
         "  - {text: 'loved it', label: positive}\n"
     )
     return p
+
+
+@pytest.fixture
+def binary_prompt(tmp_path: Path) -> Path:
+    return write_binary_prompt(tmp_path)

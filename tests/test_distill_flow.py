@@ -95,10 +95,15 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     lineage = {d.dataset.name for d in mlflow.get_run(ann_run).inputs.dataset_inputs}
     assert lineage == {"gold", "pool-votes"}
 
-    # the same run again: equal macro-F1 keeps the champion (version 1)
+    # the same run again finds every stage finished with the same inputs: nothing recomputed, nothing registered twice
     assert cli_main(["run", str(p), "--no-progress", "--summary-json", str(out)]) == 0
+    s1 = json.loads(out.read_text())
+    assert s1["stages_reused"] == ["annotate", "aggregate", "train", "evaluate"] and s1["model_version"] == "1"
+    assert s1["student_macro_f1"] == s["student_macro_f1"] and s1["requests_sent"] == s["requests_sent"]
+    # --fresh retrains (the same student, from the cached answers): equal macro-F1 keeps the champion (version 1)
+    assert cli_main(["run", str(p), "--no-progress", "--fresh", "--summary-json", str(out)]) == 0
     s2 = json.loads(out.read_text())
-    assert s2["promoted"] is False and s2["model_version"] == "2"
+    assert s2["stages_reused"] == [] and s2["promoted"] is False and s2["model_version"] == "2"
     assert str(mlflow.MlflowClient().get_model_version_by_alias("dag-student", "champion").version) == "1"
 
     # predict a file with the champion, the way a user would

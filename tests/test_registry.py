@@ -88,3 +88,40 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     local = mlflow.artifacts.download_artifacts("models:/m@champion")
     shipped = sorted(p.name for p in (Path(local) / "code" / "distill" / "tasks").iterdir() if p.suffix == ".py")
     assert shipped == sorted(CLASSIFIER_CODE)
+
+
+class _Broken(__import__("mlflow").pyfunc.PythonModel):
+    """A model whose files were logged but which cannot load (say, a missing dependency)."""
+
+    def load_context(self, context):  # noqa: ANN001
+        raise ImportError("no module named 'missing_dependency'")
+
+    def predict(self, context, model_input):  # noqa: ANN001
+        return model_input
+
+
+def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student_dir, monkeypatch):
+    import mlflow
+
+    from distill.tasks.registry import find_candidate, gated_registration
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    setup_tracking(None, "load-check")
+    texts, gold = POS + NEG, ["positive"] * 6 + ["negative"] * 6
+    with mlflow.start_run() as run:
+        good = log_student_model(student_dir, precision="fp32", max_length=16, example_texts=texts)
+        r = register_and_gate(good.model_uri, "m", 0.7, texts, gold, LABELS, 0.6, 0.0, run.info.run_id, "good")
+        assert r["promoted"] is True
+        broken = mlflow.pyfunc.log_model(name="broken", python_model=_Broken()).model_uri
+    with pytest.raises(RuntimeError, match="failed to load from the registry.*champion stays version 1"):
+        gated_registration(broken, "m", "broken", lambda: ("1", 0.5), 0.6, 0.0, "macro-F1",
+                           {"distill.score": "0.99"}, pd.DataFrame({"text": texts[:2]}))
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    v2 = find_candidate("m", "broken")
+    assert v2.tags["gate_decision"] == "rejected" and "failed to load" in v2.tags["gate_reason"]
+    # a rerun with the same trained student finds its version instead of registering another
+    again = register_and_gate(lambda: pytest.fail("logged twice"), "m", 0.7, texts, gold, LABELS, 0.6, 0.0, "r", "good")
+    assert again["model_version"] == "1" and again["promoted"] is True
+    assert len(client.search_model_versions("name='m'")) == 2
