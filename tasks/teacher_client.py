@@ -14,6 +14,7 @@ import asyncio
 import email.utils
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -65,6 +66,9 @@ class Outcome:
     budget_stop: bool = False  # not sent because the budget was exhausted
     logprobs: Any = None  # the choice's raw log-probabilities, when the endpoint returned them
     finish_reason: Optional[str] = None
+    # the server answered but the answer is unusable (another model's, no choices) or the prompt can never fit
+    # (context length exceeded): a final outcome with its reason, not a transport failure worth more attempts
+    invalid: bool = False
 
 
 @dataclass
@@ -79,6 +83,8 @@ class ClientStats:
     tokens_out: int = 0
     tokens_counted: int = 0  # of tokens_in + tokens_out: counted or estimated by distill (no usage in the response)
     not_sent_budget: int = 0  # requests never sent because the budget was exhausted
+    invalid_answers: int = 0  # requests given up on an unusable 200 (another model's answer, no choices)
+    context_exceeded: int = 0  # requests the server refused as longer than its context (never retried)
     status_counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -89,7 +95,8 @@ class ClientStats:
         """Sum of two clients' counts (one client per endpoint when teachers are mixed)."""
         out = ClientStats(started=min(self.started, other.started))
         for f in ("requests_sent", "requests_ok", "requests_cached", "requests_failed", "attempt_errors", "retries",
-                  "tokens_in", "tokens_out", "tokens_counted", "not_sent_budget"):
+                  "tokens_in", "tokens_out", "tokens_counted", "not_sent_budget", "invalid_answers",
+                  "context_exceeded"):
             setattr(out, f, getattr(self, f) + getattr(other, f))
         for st in (self.status_counts, other.status_counts):
             for k, v in st.items():
@@ -99,6 +106,58 @@ class ClientStats:
 
 class ServerError(Exception):
     pass
+
+
+# An HTTP 200 whose content is unusable (no choices, another model's answer) is tried at most this many times per
+# request: one more attempt rides out a proxy's hiccup; a server that keeps answering that way is not paid again and
+# again until max_attempts runs out.
+MAX_UNUSABLE_ATTEMPTS = 2
+
+# what servers say when the prompt is longer than their context (OpenAI, vLLM, llama.cpp's servers, TGI, Anthropic);
+# such a request fails the same way every time, whatever its status code, so it is never retried
+_CONTEXT_ERROR = re.compile(
+    r"context[_ ]length[_ ]exceeded|maximum context length|exceeds? (?:the )?(?:model'?s? )?context|"
+    r"exceeds? the available context|context window|prompt is too long|too many (?:input |prompt )?tokens|"
+    r"input (?:is )?too long|must be <= \d+|longer than the model'?s? (?:maximum )?context",
+    re.IGNORECASE)
+
+
+def is_context_error(body: bytes) -> bool:
+    """Whether an error body says the prompt does not fit the model's context."""
+    return bool(_CONTEXT_ERROR.search(body[:4000].decode("utf-8", "replace")))
+
+
+# a dated snapshot or version of the model asked for: gpt-4o-mini -> gpt-4o-mini-2024-07-18, gpt-4-0613,
+# claude-3-5-sonnet -> claude-3-5-sonnet-20241022 or @20241022, llama3 -> llama3:latest (Ollama's tags)
+_VERSION_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|[-@]\d{8}|-\d{4}|:[\w.-]+|-latest|-v\d+(?:[.:]\d+)*)",
+                             re.IGNORECASE)
+_MODEL_FILE = re.compile(r"\.(?:gguf|ggml|bin|safetensors)$", re.IGNORECASE)
+
+
+def model_matches(asked: Optional[str], answered: Any) -> bool:
+    """Whether a response's ``model`` names the model that was asked for.
+
+    Lenient where servers are known to differ honestly: no ``model`` in the response (many
+    servers send none); the same name in another case; a dated snapshot or tag of the name
+    asked (OpenAI answers ``gpt-4o-mini`` as ``gpt-4o-mini-2024-07-18``); the same name
+    with or without a ``vendor/`` prefix (routers); and a model *file* (llama.cpp's own
+    server without ``--alias`` names the one GGUF it serves; llama-cpp-python, distill's
+    local teacher, echoes the name asked). Anything else is another model's answer.
+    """
+    if not asked or not isinstance(answered, str) or not answered.strip():
+        return True
+    a, g = asked.strip().lower(), answered.strip().lower()
+    if a == g:
+        return True
+    if _MODEL_FILE.search(g) or g.startswith(("/", "./", "~")):
+        return True
+    for x, y in ((a, g), (a.rsplit("/", 1)[-1], g.rsplit("/", 1)[-1])):
+        if x == y or (y.startswith(x) and _VERSION_SUFFIX.fullmatch(y[len(x):])):
+            return True
+        # "-latest" asked, a dated snapshot answered (claude-3-5-sonnet-latest -> claude-3-5-sonnet-20241022)
+        if x.endswith("-latest") and y.startswith(x[:-len("latest")]) and _VERSION_SUFFIX.fullmatch("-" + y[len(x) - 6:]):
+            return True
+    return False
 
 
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
@@ -187,8 +246,10 @@ class TeacherClient:
         meter: Optional[SpendMeter] = None,
         endpoint: int = 0,
         counter: Optional[TokenCounter] = None,
+        check_model: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.check_model = check_model  # an answer for another model than asked is invalid (see model_matches)
         self._api_key = api_key
         self.cache = cache
         self.run_id = run_id
@@ -269,7 +330,9 @@ class TeacherClient:
         else:
             est_prompt = max(0, req.est_tokens - req.est_out)
         last_error = "no attempt made"
+        unusable = 0  # HTTP 200 answers without usable content so far (capped at MAX_UNUSABLE_ATTEMPTS)
         for attempt in range(1, self.max_attempts + 1):
+            final_invalid = False
             pause = self._pause_until - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
@@ -304,11 +367,19 @@ class TeacherClient:
                         try:
                             data = _loads(body)
                             answers, pt, ct = _extract(data, n)
+                            got = data.get("model")
+                            if self.check_model and not model_matches(model, got):
+                                raise ServerError(f"answer is for model {str(got)[:80]!r}, not the {model!r} asked for")
                         except (ValueError, ServerError) as e:
                             pt, ct = _usage(data)  # an unusable answer the server billed is still on the bill
                             billed = pt is not None or ct is not None
-                            kind = "bad_json" if isinstance(e, ValueError) else "bad_response"
-                            raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}") from None
+                            if isinstance(e, ValueError):
+                                raise _Retryable("bad_json", f"HTTP 200 but bad_json: {e}; body starts "
+                                                             f"{_snippet(body)!r}") from None
+                            unusable += 1
+                            kind = "wrong_model" if str(e).startswith("answer is for model") else "bad_response"
+                            raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}",
+                                             final=unusable >= MAX_UNUSABLE_ATTEMPTS) from None
                         pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
                         billed = True
                         self.cache.put_success(
@@ -333,13 +404,22 @@ class TeacherClient:
                     retry_after = parse_retry_after(ra_header)
                     retryable = http_status in RETRYABLE_STATUS or http_status >= 500
                     kind = f"http_{http_status}"
-                    msg = f"HTTP {http_status}: {_snippet(body)!r}"
+                    msg = f"HTTP {http_status}: {_snippet(body, 300)!r}"
+                    if http_status not in RETRYABLE_STATUS and is_context_error(body):
+                        # the prompt does not fit the model: the same request fails the same way every time
+                        self.stats.context_exceeded += 1
+                        msg = redact(msg, [self._api_key or ""])
+                        self._record_failure(key0, attempt, "context_length", http_status, latency, pt, ct, msg, model)
+                        return self._give_up(req, f"prompt longer than the teacher's context: {msg} (not retried)",
+                                             attempt, invalid=True)
                     if not retryable:
                         self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
                         return self._give_up(req, f"{msg} (not retryable)", attempt)
                 except _Retryable as e:
                     kind, msg = e.kind, e.msg
                     latency = time.perf_counter() - t0
+                    if e.final:
+                        final_invalid = True
                 except asyncio.TimeoutError:
                     kind, msg = "timeout", f"no answer within {self.timeout.total:.0f}s"
                     latency = time.perf_counter() - t0
@@ -353,6 +433,10 @@ class TeacherClient:
             msg = redact(msg, [self._api_key or ""])
             last_error = msg
             self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
+            if final_invalid:
+                self.stats.invalid_answers += 1
+                return self._give_up(req, f"invalid answer: {msg} ({unusable} unusable answers; not retried "
+                                          f"further)", attempt, invalid=True)
             if attempt == self.max_attempts:
                 break
             self.stats.retries += 1
@@ -407,16 +491,17 @@ class TeacherClient:
         if attempt == 1 or kind not in ("http_429",):
             self.log.warning("teacher attempt %d failed: %s", attempt, msg[:300])
 
-    def _give_up(self, req: TeacherRequest, reason: str, attempts: int) -> dict[str, Outcome]:
+    def _give_up(self, req: TeacherRequest, reason: str, attempts: int, invalid: bool = False) -> dict[str, Outcome]:
         self.stats.requests_failed += 1
-        return {k: Outcome(None, cached=False, error=reason, attempts=attempts) for k in req.keys}
+        return {k: Outcome(None, cached=False, error=reason, attempts=attempts, invalid=invalid) for k in req.keys}
 
 
 class _Retryable(Exception):
-    def __init__(self, kind: str, msg: str) -> None:
+    def __init__(self, kind: str, msg: str, final: bool = False) -> None:
         super().__init__(msg)
         self.kind = kind
         self.msg = msg
+        self.final = final  # no further attempt: the answer is invalid
 
 
 def _snippet(body: bytes, n: int = 160) -> str:

@@ -1,0 +1,226 @@
+"""Hostile data and hostile answers (issue 11, "Hostile data").
+
+Each behaviour goes through the real code path: the real loaders on real files, the real
+renderer on the bundled templates, and the real client (through ``annotate_shard``)
+against the loopback fake teacher, extended here with the faults this file needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+
+from distill.config import config_from_dict
+from distill.tasks.annotate import annotate_shard
+from distill.tasks.cache import ResponseCache
+from distill.tasks.prompting import load_prompt
+from distill.tasks.teacher_client import TeacherClient, TeacherRequest, is_context_error, model_matches
+from tests.fake_openai import FAKE_PRICES, FakeOpenAI, item_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class HostileTeacher(FakeOpenAI):
+    """The fake teacher plus answers a real server can give (markers in the item text, every attempt):
+
+    [wrongmodel]  200 with a normal answer from model "cheap-fallback" (a router's silent substitution)
+    [snapshot]    200 with a normal answer from the dated snapshot "<asked>-2024-07-18"
+    [echo]        200 with a normal answer naming the model asked for
+    [nochoices]   200 with usage but no ``choices``
+    [ctx400]      400 {"error": {"code": "context_length_exceeded", ...}} (OpenAI's wording)
+    [ctx500]      500 "Requested tokens (2100) exceed context window of 2048" (llama-cpp-python's wording)
+    [tokens429]   first attempt: 429 "too many tokens per minute" (a rate limit: retried, not a context error)
+    """
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        payload = json.loads(raw)
+        text = item_text(payload)
+        markers = ("wrongmodel", "snapshot", "echo", "nochoices", "ctx400", "ctx500", "tokens429")
+        marker = next((m for m in markers if f"[{m}]" in text), None)
+        if marker is None:
+            return await self._plain(request, raw)
+        with self.lock:
+            self.received.append(json.dumps(payload, sort_keys=True))
+            self.attempts[marker + text] += 1
+            attempt = self.attempts[marker + text]
+        usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}
+        asked = str(payload.get("model", ""))
+        if marker == "ctx400":
+            return web.json_response({"error": {
+                "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens.",
+                "type": "invalid_request_error", "code": "context_length_exceeded"}}, status=400)
+        if marker == "ctx500":
+            return web.json_response({"error": {"message": "Requested tokens (2100) exceed context window of 2048"}},
+                                     status=500)
+        if marker == "tokens429" and attempt == 1:
+            return web.json_response({"error": {"message": "too many tokens per minute, slow down"}}, status=429,
+                                     headers={"Retry-After": "0"})
+        if marker == "nochoices":
+            return web.json_response({"id": "x", "model": asked, "usage": usage})
+        model = {"wrongmodel": "cheap-fallback", "snapshot": asked + "-2024-07-18", "echo": asked}.get(marker, asked)
+        choice = {"index": 0, "text": " positive", "finish_reason": "stop"}
+        if "messages" in payload:
+            choice = {"index": 0, "message": {"role": "assistant", "content": "positive"}, "finish_reason": "stop"}
+        return web.json_response({"id": "x", "model": model, "choices": [choice], "usage": usage})
+
+    async def _plain(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        # FakeOpenAI.handle reads the body itself: hand it a request whose body is already read
+        return await FakeOpenAI.handle(self, _Replayed(request, raw))  # type: ignore[arg-type]
+
+
+class _Replayed:
+    def __init__(self, request: web.Request, raw: bytes) -> None:
+        self._r, self._raw = request, raw
+
+    async def read(self) -> bytes:
+        return self._raw
+
+    def __getattr__(self, name):  # headers, transport, ...
+        return getattr(self._r, name)
+
+
+@pytest.fixture
+def hostile_teacher():
+    srv = HostileTeacher().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def client_cfg(tmp_path, prompt, base_url, **teacher):
+    return config_from_dict({
+        "run_name": "t", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
+        "data": {"pool_path": "unused"},
+        "teacher": {"local": False, "base_url": base_url, "samples": 1, "model": "gpt-4o-mini", **teacher},
+        "client": {"concurrency": 4, "timeout_s": 5, "max_attempts": 5, "backoff_base_s": 0.01,
+                   "backoff_max_s": 0.02, "cache_path": str(tmp_path / "cache.sqlite")},
+        "pricing": {"models": {"gpt-4o-mini": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}},
+    })
+
+
+def annotate_texts(tmp_path, cfg, prompt, base_url, texts):
+    p = tmp_path / "shard.parquet"
+    pd.DataFrame({"id": [f"i{j}" for j in range(len(texts))], "text": texts}).to_parquet(p)
+    out = tmp_path / "ann.parquet"
+    res = annotate_shard(str(p), str(out), cfg, load_prompt(str(prompt)), base_url, None, "run-h", show_progress=False)
+    return pq.read_table(out).to_pandas().set_index("id"), res
+
+
+# --------------------------------------------------------------------------- 4. another model's answer, no choices
+
+
+@pytest.mark.parametrize("asked,answered,ok", [
+    ("gpt-4o-mini", "gpt-4o-mini", True),
+    ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", True),  # OpenAI's dated snapshot
+    ("gpt-4", "gpt-4-0613", True),
+    ("claude-3-5-sonnet-latest", "claude-3-5-sonnet-20241022", True),
+    ("llama3", "llama3:latest", True),  # Ollama's tag
+    ("gpt-4o-mini", "openai/gpt-4o-mini", True),  # a router's vendor prefix
+    ("teacher", "teacher", True),  # llama-cpp-python (distill's local teacher) echoes the name asked
+    ("teacher", "/models/SmolLM2-135M-Instruct.Q4_1.gguf", True),  # llama.cpp's server without --alias
+    ("teacher", None, True),  # no model in the response
+    ("GPT-4o-mini", "gpt-4o-mini", True),
+    ("gpt-4o", "gpt-4o-mini", False),  # a different (cheaper) model is not a snapshot of the one asked
+    ("gpt-4o", "gpt-4o-mini-2024-07-18", False),
+    ("gpt-4o-mini", "gpt-3.5-turbo", False),
+    ("teacher", "cheap-fallback", False),
+    ("llama3", "llama3.1", False),
+])
+def test_model_rule(asked, answered, ok):
+    assert model_matches(asked, answered) is ok
+
+
+def test_wrong_model_and_missing_choices_are_invalid_with_reason_not_retried_forever(tmp_path, hostile_teacher,
+                                                                                       binary_prompt):
+    cfg = client_cfg(tmp_path, binary_prompt, hostile_teacher.base_url)
+    texts = ["good film [wrongmodel]", "good film [nochoices]", "good film [snapshot]", "good film [echo]", "good film"]
+    df, res = annotate_texts(tmp_path, cfg, binary_prompt, hostile_teacher.base_url, texts)
+    errs = {rid: list(row["sample_errors"])[0] for rid, row in df.iterrows()}
+    votes = {rid: list(row["votes"])[0] for rid, row in df.iterrows()}
+    # another model's answer: not a vote, its reason says which model answered; tried twice, not max_attempts=5 times
+    assert votes["i0"] is None and "invalid answer" in errs["i0"] and "'cheap-fallback'" in errs["i0"]
+    assert "'gpt-4o-mini' asked for" in errs["i0"] and "not retried further" in errs["i0"]
+    assert votes["i1"] is None and "invalid answer" in errs["i1"] and "0 choices" not in errs["i1"]
+    assert "no choices" in errs["i1"]
+    # a dated snapshot, the name echoed, and no name at all are answers like any other
+    assert votes["i2"] == votes["i3"] == votes["i4"] == "positive"
+    sent = [json.loads(b) for b in hostile_teacher.received]
+    assert sum("[wrongmodel]" in b["prompt"] for b in sent) == 2
+    assert sum("[nochoices]" in b["prompt"] for b in sent) == 2
+    st = res.stats
+    assert st["status_counts"]["wrong_model"] == 2 and st["status_counts"]["bad_response"] == 2
+    assert st["requests_failed"] == 2 and st["requests_ok"] == 3
+    # never cached: a rerun asks again (the server may be fixed by then)
+    cache = ResponseCache(cfg.client.cache_path)
+    assert cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 3
+    ledger = dict(cache.db.execute("SELECT status, COUNT(*) FROM attempts GROUP BY 1").fetchall())
+    cache.close()
+    assert ledger == {"ok": 3, "wrong_model": 2, "bad_response": 2}
+
+
+def test_wrong_model_check_can_be_turned_off(tmp_path, hostile_teacher):
+    """teacher.check_model: false (a gateway that renames models) takes such answers as they are."""
+    assert client_cfg(tmp_path, "p", "http://x/v1").teacher.check_model is True
+    assert client_cfg(tmp_path, "p", "http://x/v1", check_model=False).teacher.check_model is False
+
+    async def go(check):
+        req = TeacherRequest(["k"], "/completions", {"model": "gpt-4o", "prompt": "Review: x [wrongmodel]\nSentiment:"}, 10)
+        async with TeacherClient(hostile_teacher.base_url, None, ResponseCache(tmp_path / f"c{check}.sqlite"), "r",
+                                 max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.01, check_model=check) as c:
+            return (await c.run([req]))["k"]
+    assert asyncio.run(go(False)).text == " positive"
+    assert asyncio.run(go(True)).text is None
+
+
+def test_client_outcome_marks_invalid(tmp_path, hostile_teacher):
+    """The client's own outcome says 'invalid' (the server answered) as opposed to a transport failure."""
+    async def go():
+        reqs = [TeacherRequest([f"k{i}"], "/completions", {"model": "gpt-4o", "prompt": f"Review: x [{m}]\nSentiment:"},
+                               10) for i, m in enumerate(["wrongmodel", "nochoices", "ctx400", "snapshot"])]
+        async with TeacherClient(hostile_teacher.base_url, None, ResponseCache(tmp_path / "c.sqlite"), "r",
+                                 max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.01) as c:
+            return await c.run(reqs), c.stats
+    out, stats = asyncio.run(go())
+    assert [out[f"k{i}"].invalid for i in range(4)] == [True, True, True, False]
+    assert out["k3"].text == " positive"
+    assert [out[f"k{i}"].attempts for i in range(3)] == [2, 2, 1]
+    assert stats.invalid_answers == 2 and stats.context_exceeded == 1 and stats.requests_failed == 3
+
+
+# --------------------------------------------------------------------------- 1. the server's context-length error
+
+
+def test_context_length_error_is_final_not_retried(tmp_path, hostile_teacher, binary_prompt):
+    cfg = client_cfg(tmp_path, binary_prompt, hostile_teacher.base_url)
+    texts = ["good film [ctx400]", "good film [ctx500]", "good film [tokens429]"]
+    df, res = annotate_texts(tmp_path, cfg, binary_prompt, hostile_teacher.base_url, texts)
+    errs = {rid: list(row["sample_errors"])[0] for rid, row in df.iterrows()}
+    sent = [json.loads(b)["prompt"] for b in hostile_teacher.received]
+    # one request each, whatever the status code: the same prompt cannot fit on a second try
+    assert sum("[ctx400]" in p for p in sent) == 1 and sum("[ctx500]" in p for p in sent) == 1
+    assert "prompt longer than the teacher's context" in errs["i0"] and "maximum context length" in errs["i0"]
+    assert "prompt longer than the teacher's context" in errs["i1"] and "exceed context window" in errs["i1"]
+    # a rate limit that speaks of tokens is a rate limit: retried, then answered
+    assert sum("[tokens429]" in p for p in sent) == 2 and list(df.loc["i2", "votes"]) == ["positive"]
+    assert res.stats["status_counts"]["context_length"] == 2
+    assert res.stats["requests_failed"] == 2
+
+
+@pytest.mark.parametrize("body,ctx", [
+    (b'{"error": {"code": "context_length_exceeded"}}', True),
+    (b"the request exceeds the available context size, try increasing it", True),  # llama.cpp's llama-server
+    (b"`inputs` tokens + `max_new_tokens` must be <= 2048", True),  # TGI
+    (b"prompt is too long: 210000 tokens > 200000 maximum", True),  # Anthropic
+    (b'{"error": {"message": "boom"}}', False),
+    (b"<html>502 Bad Gateway</html>", False),
+])
+def test_context_error_wordings(body, ctx):
+    assert is_context_error(body) is ctx
