@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -37,9 +39,104 @@ class DataReport:
     invalid_utf8: int = 0
     truncated_by_limit: bool = False
     rejected_examples: list[str] = field(default_factory=list)
+    # rows whose bytes were not UTF-8 (bad bytes became U+FFFD), the first few named
+    invalid_utf8_rows: list[str] = field(default_factory=list)
+    # texts that look like UTF-8 read as Latin-1/cp1252 once ("cafÃ©", "donâ€™t"): kept as they are, counted, named
+    suspect_mojibake: int = 0
+    suspect_mojibake_rows: list[str] = field(default_factory=list)
+    # gold labels that differ from a label only in case, spacing or Unicode form: normalised to it, counted per
+    # spelling ("'Positive' -> 'positive'": n), the first rows named
+    label_variants: dict[str, int] = field(default_factory=dict)
+    label_variant_rows: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+ROW_EXAMPLES = 10  # rows named per finding in a report (counts are always complete)
+_MAX_SPELLINGS = 50  # distinct variant spellings / bad labels listed one by one
+
+
+def _row_ref(row: int, rid: str) -> str:
+    return f"row {row} (id {rid!r})"
+
+
+def _note(rows: list[str], row: int, rid: str) -> None:
+    if len(rows) < ROW_EXAMPLES:
+        rows.append(_row_ref(row, rid))
+
+
+_MOJIBAKE_RE = re.compile(
+    "[\u00c2\u00c3][\u00a0-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+    "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]|\u00e2\u20ac")
+
+
+def looks_mojibake(text: str) -> bool:
+    """UTF-8 bytes once decoded as Latin-1/cp1252 ("Ã©" for "é", "â€™" for "’"); a cheap test first."""
+    if "\u00c3" not in text and "\u00c2" not in text and "\u00e2" not in text:
+        return False
+    return _MOJIBAKE_RE.search(text) is not None
+
+
+def label_key(s: str) -> str:
+    """What two spellings of one label share: Unicode form (NFKC), case, zero-width characters and spacing."""
+    s = unicodedata.normalize("NFKC", s).replace("\u200b", "").replace("\ufeff", "")
+    return " ".join(s.split()).casefold()
+
+
+class LabelChecker:
+    """Gold labels against the prompt's label set.
+
+    Why this rule: a spelling that matches exactly one label up to case, spacing and
+    Unicode form ("Positive", " positive ", a full-width or NBSP-padded one) is that label
+    written differently: it is normalised and *reported* (counts per spelling, first rows).
+    Anything else (a label outside the set, one that would match two labels) is never
+    guessed: the whole file is read, then rejected with a count per bad label and the rows
+    that carry it, so one pass shows every problem.
+    """
+
+    def __init__(self, labels: list[str], path: str, column: str, report: DataReport) -> None:
+        self.labels = list(labels)
+        self.exact = set(labels)
+        keys: dict[str, list[str]] = {}
+        for lab in labels:
+            keys.setdefault(label_key(lab), []).append(lab)
+        self.index = {k: v[0] for k, v in keys.items() if len(v) == 1}  # ambiguous spellings map to nothing
+        self.path, self.column, self.report = path, column, report
+        self.bad: dict[str, list] = {}  # bad label -> [count, first rows]
+        self.bad_total = 0
+
+    def check(self, raw: str, row: int, rid: str) -> Optional[str]:
+        """The label ``raw`` stands for, or None when it is outside the set (recorded for :meth:`finish`)."""
+        if raw in self.exact:
+            return raw
+        lab = self.index.get(label_key(raw))
+        if lab is not None:
+            spelling = f"{raw!r} -> {lab!r}"
+            v = self.report.label_variants
+            if spelling in v or len(v) < _MAX_SPELLINGS:
+                v[spelling] = v.get(spelling, 0) + 1
+            else:
+                v["(other spellings)"] = v.get("(other spellings)", 0) + 1
+            _note(self.report.label_variant_rows, row, rid)
+            return lab
+        self.bad_total += 1
+        key = raw if (raw in self.bad or len(self.bad) < _MAX_SPELLINGS) else "(other labels)"
+        entry = self.bad.setdefault(key, [0, []])
+        entry[0] += 1
+        if len(entry[1]) < 5:
+            entry[1].append(_row_ref(row, rid))
+        return None
+
+    def finish(self) -> None:
+        if not self.bad_total:
+            return
+        parts = [f"{lab!r} x{n} ({', '.join(rows)}{', ...' if n > len(rows) else ''})"
+                 for lab, (n, rows) in sorted(self.bad.items(), key=lambda kv: -kv[1][0])]
+        raise DataError(
+            f"{self.path}: column '{self.column}': {self.bad_total} row(s) have a label that is not one of the "
+            f"prompt's labels {self.labels} (case, spacing and Unicode form aside): {'; '.join(parts)}. Nothing was "
+            f"dropped or guessed: fix these rows, or add the labels to the prompt")
 
 
 def _fix_utf8(s: str) -> tuple[str, bool]:
@@ -96,6 +193,8 @@ def iter_raw_chunks(path: str | Path, columns: list[str], chunk_rows: int) -> It
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 line = raw.decode("utf-8", "surrogateescape").strip()
+                if lineno == 1:
+                    line = line.lstrip("\ufeff")  # a byte-order mark some editors write
                 if not line:
                     continue
                 try:
@@ -164,6 +263,7 @@ def iter_items(
     cols = [id_column, text_column] + ([label_column] if label_column else [])
     seen_ids: set[int] = set()
     seen_texts: set[int] = set()
+    checker = LabelChecker(labels, str(path), label_column, report) if (label_column and labels is not None) else None
     row_no = 0
     for df in iter_raw_chunks(path, cols, chunk_rows):
         keep_ids, keep_texts, keep_labels = [], [], []
@@ -178,8 +278,12 @@ def iter_items(
             rid, bad_id = _fix_utf8(rid)
             if bad or bad_id:
                 report.invalid_utf8 += 1
+                _note(report.invalid_utf8_rows, row_no, rid)
             if not rid.strip():
                 raise DataError(f"{path}: row {row_no}: column '{id_column}' is empty; every item needs an id")
+            if looks_mojibake(text):
+                report.suspect_mojibake += 1
+                _note(report.suspect_mojibake_rows, row_no, rid)
             if not text.strip():
                 report.empty_text += 1
                 _reject(report, rejected, rid, row_no, "empty text")
@@ -196,15 +300,20 @@ def iter_items(
             seen_texts.add(ht)
             if label_column:
                 raw_lab = df.iat[i, 2]
-                lab = "" if raw_lab is None or (isinstance(raw_lab, float) and raw_lab != raw_lab) else str(raw_lab).strip()
-                if not lab:
+                raw_lab = "" if raw_lab is None or (isinstance(raw_lab, float) and raw_lab != raw_lab) else str(raw_lab)
+                raw_lab, bad_lab = _fix_utf8(raw_lab)
+                if bad_lab and not (bad or bad_id):
+                    report.invalid_utf8 += 1
+                    _note(report.invalid_utf8_rows, row_no, rid)
+                if not raw_lab.strip():
                     raise DataError(f"{path}: row {row_no} (id {rid!r}): column '{label_column}' is empty; every gold "
                                     f"item needs its human label or reference")
-                if labels is not None and lab not in labels:
-                    raise DataError(
-                        f"{path}: row {row_no} (id {rid!r}): label {lab!r} in column '{label_column}' "
-                        f"is not one of the prompt's labels {labels}"
-                    )
+                if checker is not None:
+                    lab = checker.check(raw_lab, row_no, rid)
+                    if lab is None:
+                        continue  # the file is rejected at the end (checker.finish), every bad row listed
+                else:
+                    lab = raw_lab.strip()
                 keep_labels.append(lab)
             keep_ids.append(rid)
             keep_texts.append(text)
@@ -218,6 +327,8 @@ def iter_items(
             if len(df) == chunk_rows:
                 report.truncated_by_limit = True
             break
+    if checker is not None:
+        checker.finish()
 
 
 def _reject(report: DataReport, rejected: Optional[list[dict]], rid: str, row: int, reason: str) -> None:

@@ -224,3 +224,126 @@ def test_context_length_error_is_final_not_retried(tmp_path, hostile_teacher, bi
 ])
 def test_context_error_wordings(body, ctx):
     assert is_context_error(body) is ctx
+
+
+# --------------------------------------------------------------------------- 2. gold labels, encodings
+
+
+def write_table(tmp_path: Path, fmt: str, rows: list[dict], name: str = "gold") -> Path:
+    df = pd.DataFrame(rows)
+    if fmt == "csv":
+        p = tmp_path / f"{name}.csv"
+        df.to_csv(p, index=False)
+    elif fmt == "jsonl":
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        p = tmp_path / f"{name}.parquet"
+        df.to_parquet(p)
+    return p
+
+
+def load_gold(p: Path, labels=("positive", "negative"), chunk_rows=2):
+    from distill.tasks.data import DataReport, iter_items
+
+    rep = DataReport(path=str(p))
+    frames = list(iter_items(p, "text", "id", chunk_rows, label_column="label", labels=list(labels), report=rep))
+    return pd.concat(frames, ignore_index=True), rep
+
+
+FORMATS = ["csv", "jsonl", "parquet"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gold_label_variants_normalised_and_reported(tmp_path, fmt):
+    rows = [{"id": "a", "text": "t1", "label": "positive"}, {"id": "b", "text": "t2", "label": "Positive"},
+            {"id": "c", "text": "t3", "label": " positive "}, {"id": "d", "text": "t4", "label": "NEGATIVE"},
+            {"id": "e", "text": "t5", "label": "Positive"}, {"id": "f", "text": "t6", "label": "\uff50ositive"},
+            {"id": "g", "text": "t7", "label": "negative\u00a0"}]
+    df, rep = load_gold(write_table(tmp_path, fmt, rows))
+    assert df["label"].tolist() == ["positive", "positive", "positive", "negative", "positive", "positive", "negative"]
+    assert rep.label_variants == {"'Positive' -> 'positive'": 2, "' positive ' -> 'positive'": 1,
+                                  "'NEGATIVE' -> 'negative'": 1, "'\uff50ositive' -> 'positive'": 1,
+                                  "'negative\\xa0' -> 'negative'": 1}
+    assert rep.label_variant_rows[:3] == ["row 2 (id 'b')", "row 3 (id 'c')", "row 4 (id 'd')"]
+    assert rep.items == 7  # nothing dropped
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gold_labels_outside_the_set_reject_the_file_with_counts_and_rows(tmp_path, fmt):
+    from distill.tasks.data import DataError
+
+    rows = [{"id": f"r{i}", "text": f"t{i}", "label": lab} for i, lab in
+            enumerate(["positive", "meh", "neutral", "meh", "negative", "meh", "pos", "Positive"])]
+    p = write_table(tmp_path, fmt, rows)
+    with pytest.raises(DataError) as e:
+        load_gold(p)
+    msg = str(e.value)
+    assert p.name in msg and "column 'label'" in msg and "5 row(s)" in msg
+    assert "'meh' x3 (row 2 (id 'r1'), row 4 (id 'r3'), row 6 (id 'r5'))" in msg
+    assert "'neutral' x1 (row 3 (id 'r2'))" in msg and "'pos' x1 (row 7 (id 'r6'))" in msg
+    assert "'Positive'" not in msg  # a case variant is not an error
+
+
+def test_gold_label_matching_two_labels_is_not_guessed(tmp_path):
+    from distill.tasks.data import DataError
+
+    p = write_table(tmp_path, "csv", [{"id": "a", "text": "t", "label": "ss"}])
+    # "ß" and "ss" are one spelling up to case folding: a gold "SS" could be either, so it is rejected
+    p2 = write_table(tmp_path, "csv", [{"id": "a", "text": "t", "label": "SS"}], name="g2")
+    df, rep = load_gold(p, labels=("ß", "ss"))
+    assert df["label"].tolist() == ["ss"] and rep.label_variants == {}
+    with pytest.raises(DataError, match="'SS' x1"):
+        load_gold(p2, labels=("ß", "ss"))
+
+
+@pytest.mark.parametrize("name,blob", [
+    ("g.csv", b"id,text,label\n1,caf\xe9 ok,positive\n2,fine,negative\n3,ok,posit\xefve\n"),
+    ("g.jsonl", b'{"id": "1", "text": "caf\xe9 ok", "label": "positive"}\n{"id": "2", "text": "fine", "label": "negative"}\n'
+                b'{"id": "3", "text": "ok", "label": "posit\xefve"}\n'),
+])
+def test_mixed_encodings_reported_with_rows_and_bad_label_bytes_reject(tmp_path, name, blob):
+    from distill.tasks.data import DataError, DataReport, iter_items
+
+    p = tmp_path / name
+    p.write_bytes(blob)  # a Latin-1 row in a UTF-8 file
+    rep = DataReport(path=str(p))
+    with pytest.raises(DataError) as e:
+        list(iter_items(p, "text", "id", 10, label_column="label", labels=["positive", "negative"], report=rep))
+    assert "'posit\ufffdve' x1 (row 3 (id '3'))" in str(e.value)  # never guessed to be 'positive'
+    assert rep.invalid_utf8 == 2 and rep.invalid_utf8_rows == ["row 1 (id '1')", "row 3 (id '3')"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mojibake_counted_and_kept(tmp_path, fmt):
+    from distill.tasks.data import DataReport, iter_items
+
+    rows = [{"id": "1", "text": "caf\u00c3\u00a9 au lait"}, {"id": "2", "text": "don\u00e2\u20ac\u2122t go"},
+            {"id": "3", "text": "S\u00c3O PAULO and caf\u00e9"}, {"id": "4", "text": "plain"}]
+    p = write_table(tmp_path, fmt, rows, name="pool")
+    rep = DataReport(path=str(p))
+    out = pd.concat(list(iter_items(p, "text", "id", 10, report=rep)))
+    assert out["text"].tolist() == [r["text"] for r in rows]  # kept as they are: never re-decoded by guesswork
+    assert rep.suspect_mojibake == 2 and rep.suspect_mojibake_rows == ["row 1 (id '1')", "row 2 (id '2')"]
+
+
+def test_jsonl_with_byte_order_mark(tmp_path):
+    p = tmp_path / "g.jsonl"
+    p.write_bytes("\ufeff".encode() + b'{"id": "1", "text": "a", "label": "positive"}\n')
+    df, _ = load_gold(p)
+    assert df["label"].tolist() == ["positive"]
+
+
+def test_prepare_inputs_gold_report_carries_variants(tmp_path):
+    from distill.tasks.load import prepare_inputs
+
+    pool = write_table(tmp_path, "csv", [{"id": "p1", "text": "good"}], name="pool")
+    gold = write_table(tmp_path, "jsonl", [{"id": "g1", "text": "x", "label": "Negative"},
+                                           {"id": "g2", "text": "y", "label": "positive"}])
+    cfg = config_from_dict({"run_name": "t", "workdir": str(tmp_path / "runs"), "prompt": "x.yaml",
+                            "data": {"pool_path": str(pool), "gold_path": str(gold)},
+                            "teacher": {"local": False, "base_url": "http://127.0.0.1:1/v1"}})
+    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    assert res["gold_report"]["label_variants"] == {"'Negative' -> 'negative'": 1}
+    g = pd.concat(pq.read_table(p).to_pandas() for p in res["gold_shards"])
+    assert sorted(g["label_gold"]) == ["negative", "positive"]
