@@ -15,7 +15,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pandas as pd
 import pyarrow as pa
@@ -48,6 +48,10 @@ class DataReport:
     # spelling ("'Positive' -> 'positive'": n), the first rows named
     label_variants: dict[str, int] = field(default_factory=dict)
     label_variant_rows: list[str] = field(default_factory=list)
+    # texts whose prompt would not fit the teacher's context (data.overlong): cut to fit, or set aside
+    overlong_truncated: int = 0
+    overlong_rejected: int = 0
+    overlong_rows: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -253,11 +257,14 @@ def iter_items(
     labels: Optional[list[str]] = None,
     report: Optional[DataReport] = None,
     rejected: Optional[list[dict]] = None,
+    fit: Optional[Callable[[str], tuple[Optional[str], Optional[str]]]] = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield clean chunks with columns id, text (and label), updating ``report`` as it goes.
 
     Rows set aside are appended to ``rejected`` (id, row, reason). Seen ids and texts are
-    kept as 8-byte hashes, which is the only state that grows with the input.
+    kept as 8-byte hashes, which is the only state that grows with the input. ``fit``
+    (the teacher's context, :class:`tasks.load.ContextGuard`) returns a text as it is, cut
+    to fit (with a note), or None and the reason it was rejected.
     """
     report = report if report is not None else DataReport(path=str(path))
     cols = [id_column, text_column] + ([label_column] if label_column else [])
@@ -294,6 +301,19 @@ def iter_items(
                 _reject(report, rejected, rid, row_no, f"duplicate id {rid!r}")
                 continue
             seen_ids.add(hid)
+            if fit is not None:
+                fitted, note = fit(text)
+                if fitted is None:
+                    report.overlong_rejected += 1
+                    if len(report.overlong_rows) < ROW_EXAMPLES:
+                        report.overlong_rows.append(f"{_row_ref(row_no, rid)}: {note}")
+                    _reject(report, rejected, rid, row_no, note or "longer than the teacher's context")
+                    continue
+                if note is not None:
+                    report.overlong_truncated += 1
+                    if len(report.overlong_rows) < ROW_EXAMPLES:
+                        report.overlong_rows.append(f"{_row_ref(row_no, rid)}: {note}")
+                    text = fitted
             ht = _h(text)
             if ht in seen_texts:
                 report.duplicate_texts += 1

@@ -118,10 +118,14 @@ class GenerationTemplate:
             self.check_variants(sample_index + 1)
         return [self.examples[j] for j in orders[sample_index]]
 
+    def item_text(self, text: str) -> str:
+        """What of a document goes into the prompt's slot: its first ``max_input_words`` words, on one line."""
+        return cut_words(text, self.max_input_words)[0]
+
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._jinja.render(
             instruction=self.instruction.strip(), examples=self.examples_for(sample_index, vary),
-            text=cut_words(text, self.max_input_words)[0], input_prefix=self.input_prefix,
+            text=self.item_text(text), input_prefix=self.input_prefix,
             output_prefix=self.output_prefix)
 
     def render_chat(self, text: str, sample_index: int = 0, vary: bool = False) -> list[dict[str, str]]:
@@ -129,7 +133,7 @@ class GenerationTemplate:
         for ex in self.examples_for(sample_index, vary):
             msgs.append({"role": "user", "content": cut_words(ex.text, self.max_input_words)[0]})
             msgs.append({"role": "assistant", "content": ex.label})
-        msgs.append({"role": "user", "content": cut_words(text, self.max_input_words)[0]})
+        msgs.append({"role": "user", "content": self.item_text(text)})
         return msgs
 
     def student_instruction(self, text: str) -> str:

@@ -106,11 +106,15 @@ class PromptTemplate:
             self._variants_done = True
         return self._variant_cache[:k]
 
+    def item_text(self, text: str) -> str:
+        """What of an item goes into the prompt's slot: its text on one line."""
+        return one_line(text)
+
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._jinja.render(
             instruction=self.instruction.strip(),
             examples=self.examples_for(sample_index, vary),
-            text=one_line(text),
+            text=self.item_text(text),
             input_prefix=self.input_prefix,
             output_prefix=self.output_prefix,
         )
@@ -120,7 +124,7 @@ class PromptTemplate:
         for ex in self.examples_for(sample_index, vary):
             msgs.append({"role": "user", "content": one_line(ex.text)})
             msgs.append({"role": "assistant", "content": ex.label})
-        msgs.append({"role": "user", "content": one_line(text)})
+        msgs.append({"role": "user", "content": self.item_text(text)})
         return msgs
 
     # -- parsing -------------------------------------------------------------------

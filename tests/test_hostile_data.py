@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -36,12 +37,23 @@ class HostileTeacher(FakeOpenAI):
     [ctx400]      400 {"error": {"code": "context_length_exceeded", ...}} (OpenAI's wording)
     [ctx500]      500 "Requested tokens (2100) exceed context window of 2048" (llama-cpp-python's wording)
     [tokens429]   first attempt: 429 "too many tokens per minute" (a rate limit: retried, not a context error)
+    With ``ctx`` set, a prompt whose tokens (the fake's 4 characters per token) plus max_tokens exceed it is
+    refused with OpenAI's 400 context_length_exceeded, every time, like a real server.
     """
+
+    ctx: int = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         payload = json.loads(raw)
         text = item_text(payload)
+        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
+        if self.ctx and self.count_tokens(prompt) + int(payload.get("max_tokens", 0)) > self.ctx:
+            with self.lock:
+                self.received.append(json.dumps(payload, sort_keys=True))
+            return web.json_response({"error": {
+                "message": f"This model's maximum context length is {self.ctx} tokens.",
+                "type": "invalid_request_error", "code": "context_length_exceeded"}}, status=400)
         markers = ("wrongmodel", "snapshot", "echo", "nochoices", "ctx400", "ctx500", "tokens429")
         marker = next((m for m in markers if f"[{m}]" in text), None)
         if marker is None:
@@ -347,3 +359,122 @@ def test_prepare_inputs_gold_report_carries_variants(tmp_path):
     assert res["gold_report"]["label_variants"] == {"'Negative' -> 'negative'": 1}
     g = pd.concat(pq.read_table(p).to_pandas() for p in res["gold_shards"])
     assert sorted(g["label_gold"]) == ["negative", "positive"]
+
+
+# --------------------------------------------------------------------------- 1. texts longer than the context
+
+
+def overlong_cfg(tmp_path, prompt, base_url="http://127.0.0.1:1/v1", overlong="truncate", **teacher):
+    pool = tmp_path / "pool.csv"
+    long_text = " ".join(f"good{i}" for i in range(1500))  # about 10,000 characters
+    pd.DataFrame({"id": ["a", "b", "c", "d"], "text": ["a good film", long_text, "a dull film\nwith a second line",
+                                                       "caf\u00e9 " * 700]}).to_csv(pool, index=False)
+    return config_from_dict({
+        "run_name": "t", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
+        "data": {"pool_path": str(pool), "overlong": overlong},
+        "teacher": {"local": False, "base_url": base_url, "samples": 1, "max_tokens": 4, **teacher},
+        "client": {"max_attempts": 5, "backoff_base_s": 0.01, "backoff_max_s": 0.02,
+                   "cache_path": str(tmp_path / "cache.sqlite")},
+        "pricing": FAKE_PRICES,
+    })
+
+
+def pool_of(res):
+    return pd.concat(pq.read_table(p).to_pandas() for p in res["pool_shards"]).set_index("id")
+
+
+def test_overlong_default_is_truncate():
+    from distill.config import DataConfig
+
+    assert DataConfig(pool_path="x").overlong == "truncate"
+
+
+def test_overlong_texts_truncated_with_count_and_rows(tmp_path, binary_prompt):
+    from distill.tasks.load import ContextGuard, prepare_inputs
+    from distill.tasks.tokens import heuristic_counter
+
+    cfg = overlong_cfg(tmp_path, binary_prompt, context_tokens=512)
+    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    pool, rep = pool_of(res), res["pool_report"]
+    src = pd.read_csv(cfg.data.pool_path, keep_default_na=False).set_index("id")["text"]
+    assert rep["items"] == 4 and rep["overlong_truncated"] == 2 and rep["overlong_rejected"] == 0
+    assert [r.split(":")[0] for r in rep["overlong_rows"]] == ["row 2 (id 'b')", "row 4 (id 'd')"]
+    assert re.search(r": cut from \d{4} to \d{3} tokens to fit the teacher.s context of 512$", rep["overlong_rows"][0])
+    # ordinary items are untouched (newlines and all); a cut item keeps its head, ending at a word
+    assert pool.loc["a", "text"] == src["a"] and pool.loc["c", "text"] == src["c"]
+    assert src["b"].startswith(pool.loc["b", "text"]) and pool.loc["b", "text"].split()[-1].startswith("good")
+    # and its whole prompt now fits: prompt tokens + max_tokens <= the context
+    tpl = load_prompt(str(binary_prompt))
+    c = heuristic_counter()
+    for rid in ("b", "d"):
+        worst = max(c.count(tpl.render_completion(pool.loc[rid, "text"]), prompt=True),
+                    c.count_prompt({"messages": tpl.render_chat(pool.loc[rid, "text"])}))
+        assert worst + 4 <= 512, rid
+        assert worst + 4 > 512 - 64, rid  # and it is not cut much further than it had to be
+    # a guard that needs no counting for ordinary texts: they are settled by the byte bound
+    g = ContextGuard(tpl, 512, 4, "truncate", heuristic_counter)
+    assert g("a good film") == ("a good film", None) and g.counted == 0 and g._counter is None
+
+
+def test_overlong_texts_rejected_by_config(tmp_path, binary_prompt):
+    from distill.tasks.load import prepare_inputs
+
+    cfg = overlong_cfg(tmp_path, binary_prompt, overlong="reject", context_tokens=512)
+    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    assert sorted(pool_of(res).index) == ["a", "c"]
+    rep = res["pool_report"]
+    assert rep["overlong_rejected"] == 2 and rep["overlong_truncated"] == 0 and rep["items"] == 2
+    rej = pd.read_parquet(res["pool_rejected"]).set_index("id")
+    assert sorted(rej.index) == ["b", "d"] and rej.loc["b", "row"] == 2
+    assert "does not fit the teacher's context" in rej.loc["b", "reason"]
+    assert "data.overlong: reject" in rej.loc["b", "reason"]
+
+
+def test_overlong_unchecked_without_a_known_context(tmp_path, binary_prompt):
+    from distill.tasks.load import prepare_inputs
+
+    cfg = overlong_cfg(tmp_path, binary_prompt)  # a remote teacher without teacher.context_tokens
+    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    assert res["pool_report"]["overlong_truncated"] == 0 and len(pool_of(res).loc["b", "text"]) > 9000
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_overlong_end_to_end_against_a_server_with_a_context(tmp_path, binary_prompt, hostile_teacher, guarded):
+    """Against a server that refuses prompts past 512 tokens: unguarded, the long item costs one refused request
+    and ends failed with its reason; guarded (teacher.context_tokens), every item is answered."""
+    from distill.tasks.load import prepare_inputs
+
+    hostile_teacher.ctx = 512
+    extra = {"context_tokens": 512} if guarded else {}
+    cfg = overlong_cfg(tmp_path, binary_prompt, base_url=hostile_teacher.base_url, **extra)
+    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    out = tmp_path / "ann.parquet"
+    r = annotate_shard(res["pool_shards"][0], str(out), cfg, load_prompt(str(binary_prompt)), hostile_teacher.base_url,
+                       None, "run-o", show_progress=False)
+    df = pq.read_table(out).to_pandas().set_index("id")
+    if guarded:
+        assert all(list(v) == ["positive"] or list(v) == ["negative"] for v in df["votes"])
+        assert r.stats["requests_sent"] == 4 and "context_length" not in r.stats["status_counts"]
+    else:
+        for rid in ("b", "d"):
+            assert list(df.loc[rid, "votes"]) == [None]
+            assert "prompt longer than the teacher's context" in list(df.loc[rid, "sample_errors"])[0]
+        assert r.stats["requests_sent"] == 4  # one each: the refused ones are not retried
+        assert r.stats["status_counts"]["context_length"] == 2
+
+
+def test_overlong_local_teacher_counts_with_its_own_tokenizer(tmp_path, binary_prompt):
+    """The local teacher's context is teacher.n_ctx, counted with the GGUF's tokenizer: a cut prompt fits exactly."""
+    pytest.importorskip("llama_cpp")
+    from distill.tasks.load import prepare_inputs
+    from distill.tasks.tokens import counter_for
+
+    cfg = overlong_cfg(tmp_path, binary_prompt, local=True, n_ctx=512)
+    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    pool = pool_of(res)
+    assert res["pool_report"]["overlong_truncated"] == 2
+    c = counter_for(cfg.teacher)
+    tpl = load_prompt(str(binary_prompt))
+    for rid in ("b", "d"):
+        n = c.count(tpl.render_completion(pool.loc[rid, "text"]), prompt=True)
+        assert n + cfg.teacher.max_tokens <= 512 and n > 512 - 80, (rid, n)
