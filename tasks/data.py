@@ -21,6 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill.tasks.prompting import has_markup
+
 
 class DataError(ValueError):
     """Bad input; the message names the file, column and row."""
@@ -52,6 +54,10 @@ class DataReport:
     overlong_truncated: int = 0
     overlong_rejected: int = 0
     overlong_rows: list[str] = field(default_factory=list)
+    # texts holding chat/control-token markup ("<|im_end|>", "</s>", "[INST]"): kept as they are here, defused in
+    # the prompt (tasks.prompting.defuse_markup) so they cannot end the item's turn; counted, the first rows named
+    control_markup: int = 0
+    control_markup_rows: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -291,6 +297,9 @@ def iter_items(
             if looks_mojibake(text):
                 report.suspect_mojibake += 1
                 _note(report.suspect_mojibake_rows, row_no, rid)
+            if has_markup(text):
+                report.control_markup += 1
+                _note(report.control_markup_rows, row_no, rid)
             if not text.strip():
                 report.empty_text += 1
                 _reject(report, rejected, rid, row_no, "empty text")

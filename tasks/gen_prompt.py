@@ -23,7 +23,8 @@ from typing import Any, Optional
 import jinja2
 import yaml
 
-from distill.tasks.prompting import MAX_VARIANTS, Example, PromptError, distinct_variants, one_line, resolve_prompt_path
+from distill.tasks.prompting import (MAX_VARIANTS, Example, PromptError, defuse_markup, distinct_variants, one_line,
+                                     resolve_prompt_path)
 
 DEFAULT_GENERATION_TEMPLATE = """{{ instruction }}
 
@@ -120,7 +121,7 @@ class GenerationTemplate:
 
     def item_text(self, text: str) -> str:
         """What of a document goes into the prompt's slot: its first ``max_input_words`` words, on one line."""
-        return cut_words(text, self.max_input_words)[0]
+        return defuse_markup(cut_words(text, self.max_input_words)[0])
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._jinja.render(

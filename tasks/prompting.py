@@ -107,8 +107,8 @@ class PromptTemplate:
         return self._variant_cache[:k]
 
     def item_text(self, text: str) -> str:
-        """What of an item goes into the prompt's slot: its text on one line."""
-        return one_line(text)
+        """What of an item goes into the prompt's slot: its text on one line, control-token markup defused."""
+        return defuse_markup(one_line(text))
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._jinja.render(
@@ -151,8 +151,37 @@ def normalise_answer(s: str) -> str:
 
 
 def one_line(text: str) -> str:
-    """Collapse newlines so an item cannot fake the prompt's own 'Label:' lines."""
+    """Collapse newlines so an item cannot fake the prompt's own 'Label:' lines.
+
+    ``str.split()`` breaks on every Unicode line break (CR, LF, VT, FF, NEL, U+2028/2029,
+    the file/group/record separators), so no item can start a line of its own: text that
+    imitates the template (a newline, then the output prefix and a label, or a whole fake
+    few-shot example) stays inside the item's line, after its input prefix.
+    """
     return " ".join(text.split())
+
+
+# Chat and control tokens written as text. llama.cpp tokenizes a prompt with special tokens parsed
+# (llama-cpp-python: special=True when there is no suffix), so "<|im_end|>" or "</s>" in an item would become
+# the real control token and end the item's turn, or the document, from inside the data.
+_MARKUP = re.compile(r"<\|[^<>|\s]{0,48}\|>|</?s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk)>",
+                     re.IGNORECASE)
+
+
+def has_markup(text: str) -> bool:
+    """Whether ``text`` holds control-token markup (cheap test first: almost no real text does)."""
+    return ("<" in text or "[" in text) and _MARKUP.search(text) is not None
+
+
+def defuse_markup(text: str) -> str:
+    """Put a space after the ``<`` (or ``[``) of every control-token string, so it tokenizes as plain text.
+
+    Only texts that hold such markup change; every other text is returned as it is, so
+    ordinary items render byte for byte as before (and keep their cache keys).
+    """
+    if not has_markup(text):
+        return text
+    return _MARKUP.sub(lambda m: m.group(0)[0] + " " + m.group(0)[1:], text)
 
 
 def prompt_hash(rendered: Any) -> str:
