@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from distill.config import DistillConfig, SampleVariation, TeacherConfig, TeacherMode
 from distill.tasks.budget import SpendMeter
-from distill.tasks.cache import ResponseCache, request_key
+from distill.tasks.cache import KeyMaker, ResponseCache
 from distill.tasks.label_probs import LabelMatcher, label_distribution
 from distill.tasks.pricing import TeacherPrice
 from distill.tasks.prompting import PromptTemplate, prompt_hash
@@ -125,18 +125,22 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
         chat = mode == TeacherMode.chat
         path = "/chat/completions" if chat else "/completions"
         ep = endpoints[endpoint]
+        # the key's constant parts (model, sampling, endpoint) serialised once per sample, not per item
+        if use_n:
+            base = sampling_params(cfg, 0, mode)
+            makers = [KeyMaker(model, {**base, "n": k}, j, ep) for j in range(k)]
+        else:
+            sp = sampling_params(cfg, i, mode)
+            makers = [KeyMaker(model, sp, endpoint=ep)]
         for idx, text in enumerate(texts):
             rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
             ph = prompt_hash(rendered)
+            keys = [m(rendered) for m in makers]
             if use_n:
-                base = sampling_params(cfg, 0, mode)
-                keys = [request_key(model, rendered, {**base, "n": k}, j, ep) for j in range(k)]
                 payload = {"model": model, **base, "n": k}
                 for j, key in enumerate(keys):
                     samples.append(PlannedSample(idx, j, key, ph))
             else:
-                sp = sampling_params(cfg, i, mode)
-                keys = [request_key(model, rendered, sp, endpoint=ep)]
                 payload = {"model": model, **sp}
                 samples.append(PlannedSample(idx, i, keys[0], ph))
             if keys[0] in planned:
@@ -343,11 +347,13 @@ def annotate_shard(
             total = total.merged(cl.stats)
         return results, total
 
+    t_send, cpu_send = time.monotonic(), time.process_time()
     try:
         outcomes, stats = run_async(go())
     finally:
         progress.close()
         cache.close()
+    send_s, send_cpu_s = time.monotonic() - t_send, time.process_time() - cpu_send
     df = assemble(items, plan, outcomes, template, cfg.teacher.samples, cfg.teacher.label_forms.value)
     exhausted = stats.not_sent_budget > 0
     if exhausted:
@@ -372,7 +378,8 @@ def annotate_shard(
         "requests_cached": stats.requests_cached, "requests_failed": stats.requests_failed,
         "attempt_errors": stats.attempt_errors, "retries": stats.retries,
         "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out,
-        "status_counts": stats.status_counts, "wall_s": time.monotonic() - t0,
+        "status_counts": stats.status_counts, "wall_s": time.monotonic() - t0, "send_s": send_s,
+        "send_cpu_s": send_cpu_s,
         "tokens_counted": stats.tokens_counted, "not_sent_budget": stats.not_sent_budget,
         "spent_usd": meter.spent_usd() if meter else 0.0, "busy_s": busy,
         "token_usd": meter.token_usd if meter else 0.0, "hourly_usd": meter.hourly_usd() if meter else 0.0,
@@ -386,6 +393,11 @@ def annotate_shard(
         # items every answer of which came from the cache (an earlier run paid for them)
         "items_reused": int(sum(all(c) for c in df["cached"])),
     }
+    if logger is not None:  # one line per shard: what bench/million.py reads to compare the first and last shard
+        logger.info("shard %s/%s done: %d items, %d requests sent in %.2f s (%.1f req/s), %d cached, %.2f s in all, "
+                    "%.2f s of this process's CPU while sending", Path(in_path).parent.name, Path(in_path).stem,
+                    len(df), stats.requests_sent, send_s, stats.requests_sent / send_s if send_s > 0 else 0.0,
+                    stats.requests_cached, st["wall_s"], send_cpu_s)
     return ShardResult(str(out), len(df), st, budget_exhausted=exhausted)
 
 

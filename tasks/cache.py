@@ -45,7 +45,10 @@ CREATE TABLE IF NOT EXISTS responses (
   completion_tokens INTEGER,
   created REAL NOT NULL,
   usage_source TEXT,
-  logprobs TEXT
+  logprobs TEXT,
+  model TEXT,
+  max_tokens INTEGER,
+  prompt_chars INTEGER
 );
 CREATE TABLE IF NOT EXISTS attempts (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -60,12 +63,108 @@ CREATE TABLE IF NOT EXISTS attempts (
   error TEXT,
   created REAL NOT NULL,
   model TEXT,
-  usage_source TEXT
+  usage_source TEXT,
+  max_tokens INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id);
 """
 # columns added after the first release; older cache files get them on open
-MIGRATIONS = {"responses": [("usage_source", "TEXT"), ("logprobs", "TEXT")], "attempts": [("model", "TEXT"), ("usage_source", "TEXT")]}
+MIGRATIONS = {"responses": [("usage_source", "TEXT"), ("logprobs", "TEXT"), ("model", "TEXT"), ("max_tokens", "INTEGER"),
+                            ("prompt_chars", "INTEGER")],
+              "attempts": [("model", "TEXT"), ("usage_source", "TEXT"), ("max_tokens", "INTEGER")]}
+# What ``model_history`` reads, kept up to date at insert: one row per (model, max_tokens) with
+# the sums the plan's calibration needs. Without it the plan parsed every cached request's JSON
+# (json_extract) to find one model's answers: seconds per 100,000 answers, on every plan.
+# ``model``, ``max_tokens`` and ``prompt_chars`` are also stored on each answer, so an answer
+# replaced by a newer one (INSERT OR REPLACE) can be taken out of the sums exactly.
+# Version 3 of the file (``PRAGMA user_version``): the columns filled for rows written before
+# and the table built from them, once, at the first open by this version.
+SCHEMA_VERSION = 3
+HISTORY = """
+CREATE TABLE IF NOT EXISTS history (
+  model TEXT NOT NULL,           -- the request's model ('' + NUL when it had none)
+  max_tokens INTEGER NOT NULL,   -- the request's max_tokens (-1 when it had none)
+  ok_attempts INTEGER NOT NULL DEFAULT 0,
+  latency_n INTEGER NOT NULL DEFAULT 0,
+  latency_sum REAL NOT NULL DEFAULT 0,
+  answers INTEGER NOT NULL DEFAULT 0,        -- answers whose usage was not estimated
+  usage_n INTEGER NOT NULL DEFAULT 0,        -- of which with prompt tokens
+  prompt_tokens INTEGER NOT NULL DEFAULT 0,
+  prompt_chars INTEGER NOT NULL DEFAULT 0,   -- of the answers with prompt tokens
+  completion_n INTEGER NOT NULL DEFAULT 0,   -- answers with completion tokens
+  completion_tokens INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (model, max_tokens)
+);
+"""
+NO_MODEL, NO_CAP = "\x00", -1
+# one pass over the rows written by an older distill (once per file, at the first open by this version)
+BACKFILL = """
+UPDATE responses SET model = json_extract(request, '$.model'), max_tokens = json_extract(request, '$.max_tokens'),
+  prompt_chars = COALESCE(LENGTH(json_extract(request, '$.prompt')),
+    (SELECT SUM(LENGTH(json_extract(m.value, '$.content'))) FROM json_each(request, '$.messages') AS m))
+  WHERE model IS NULL;
+UPDATE attempts SET max_tokens = (SELECT r.max_tokens FROM responses r WHERE r.key = attempts.key)
+  WHERE status = 'ok' AND max_tokens IS NULL;
+DELETE FROM history;
+INSERT INTO history(model, max_tokens, answers, usage_n, prompt_tokens, prompt_chars, completion_n, completion_tokens)
+  SELECT COALESCE(model, char(0)), COALESCE(max_tokens, -1), COUNT(*), COUNT(prompt_tokens), COALESCE(SUM(prompt_tokens), 0),
+         COALESCE(SUM(CASE WHEN prompt_tokens IS NOT NULL THEN prompt_chars END), 0), COUNT(completion_tokens),
+         COALESCE(SUM(completion_tokens), 0)
+  FROM responses WHERE COALESCE(usage_source, 'reported') != 'estimated' GROUP BY 1, 2;
+INSERT INTO history(model, max_tokens, ok_attempts, latency_n, latency_sum)
+  SELECT COALESCE(a.model, char(0)), COALESCE(r.max_tokens, -1), COUNT(*), COUNT(a.latency_s), COALESCE(SUM(a.latency_s), 0)
+  FROM attempts a LEFT JOIN responses r ON r.key = a.key WHERE a.status = 'ok' GROUP BY 1, 2
+  ON CONFLICT(model, max_tokens) DO UPDATE SET ok_attempts = excluded.ok_attempts, latency_n = excluded.latency_n,
+    latency_sum = excluded.latency_sum;
+"""
+# indexes of a development version of this migration, replaced by the table
+DROP_V2 = "DROP INDEX IF EXISTS responses_model; DROP INDEX IF EXISTS attempts_model;"
+HISTORY_UPSERT = """
+INSERT INTO history(model, max_tokens, ok_attempts, latency_n, latency_sum, answers, usage_n, prompt_tokens, prompt_chars,
+                    completion_n, completion_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT(model, max_tokens) DO UPDATE SET ok_attempts = ok_attempts + excluded.ok_attempts,
+  latency_n = latency_n + excluded.latency_n, latency_sum = latency_sum + excluded.latency_sum,
+  answers = answers + excluded.answers, usage_n = usage_n + excluded.usage_n,
+  prompt_tokens = prompt_tokens + excluded.prompt_tokens, prompt_chars = prompt_chars + excluded.prompt_chars,
+  completion_n = completion_n + excluded.completion_n, completion_tokens = completion_tokens + excluded.completion_tokens
+"""
+
+
+def _group(model: Any, max_tokens: Any) -> tuple[Any, Any]:
+    return (NO_MODEL if model is None else model, NO_CAP if max_tokens is None else max_tokens)
+
+
+def _add_answer(sums: dict[tuple, list], model: Any, cap: Any, usage_source: Any, pt: Any, ct: Any, chars: Any,
+                sign: int) -> None:
+    """Add (sign 1) or take out (sign -1) one answer's figures in ``sums`` (history's columns from ``answers`` on)."""
+    if usage_source == "estimated":
+        return
+    s = sums.setdefault(_group(model, cap), [0, 0, 0.0, 0, 0, 0, 0, 0, 0])
+    s[3] += sign
+    if pt is not None:
+        s[4] += sign
+        s[5] += sign * pt
+        s[6] += sign * (chars or 0)
+    if ct is not None:
+        s[7] += sign
+        s[8] += sign * ct
+
+
+def prompt_chars(request: dict[str, Any]) -> Optional[int]:
+    """Characters of a request's prompt, as sqlite's LENGTH counts them (what the plan calibrates tokens on)."""
+    def length(v: Any) -> Optional[int]:
+        if v is None:
+            return None
+        return len(v) if isinstance(v, str) else len(_dumps(v))
+
+    if request.get("prompt") is not None:
+        return length(request["prompt"])
+    msgs = request.get("messages")
+    if not isinstance(msgs, list):
+        return None
+    parts = [length(m.get("content")) if isinstance(m, dict) else None for m in msgs]
+    parts = [x for x in parts if x is not None]
+    return sum(parts) if parts else None
 
 
 def request_key(model: str, prompt: Any, sampling: dict[str, Any], choice: Optional[int] = None,
@@ -83,6 +182,32 @@ def request_key(model: str, prompt: Any, sampling: dict[str, Any], choice: Optio
         doc["endpoint"] = endpoint
     blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_ENC = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
+class KeyMaker:
+    """:func:`request_key` for many prompts sent with the same model, sampling, choice and endpoint.
+
+    The same hashes, several times faster: the document's constant members are serialised
+    once, and only the prompt per call (``json.dumps`` with sorted keys writes the members in
+    the order choice, endpoint, model, prompt, sampling; each member's text does not depend on
+    the others). A plan over a million items computes a million keys.
+    """
+
+    def __init__(self, model: str, sampling: dict[str, Any], choice: Optional[int] = None, endpoint: str = "") -> None:
+        head = "{"
+        if choice is not None:
+            head += '"choice":' + _ENC(choice) + ","
+        if endpoint:
+            head += '"endpoint":' + _ENC(endpoint) + ","
+        self._head = head + '"model":' + _ENC(model) + ',"prompt":'
+        self._tail = ',"sampling":' + _ENC(sampling) + "}"
+
+    def __call__(self, prompt: Any) -> str:
+        blob = self._head + _ENC(prompt) + self._tail
+        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass
@@ -106,15 +231,35 @@ class ResponseCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.executescript(SCHEMA)
-        for table, cols in MIGRATIONS.items():
-            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            for name, typ in cols:
-                if name not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
+        self.db.executescript(SCHEMA + HISTORY)
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            self._migrate()
         self.autoflush = True
         self._resp: list[tuple] = []
         self._att: list[tuple] = []
+
+    def _migrate(self) -> None:
+        """Bring a file written by an older distill up to :data:`SCHEMA_VERSION` (columns, their values, indexes).
+
+        In one write transaction, so two processes opening the same old file migrate it once;
+        the answers themselves are never touched.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                for table, cols in MIGRATIONS.items():
+                    have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                    for name, typ in cols:
+                        if name not in have:
+                            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
+                for stmt in (HISTORY + BACKFILL + DROP_V2).split(";"):  # executescript would commit
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def get(self, key: str) -> Optional[CachedAnswer]:
         return self.get_many([key]).get(key)
@@ -127,6 +272,15 @@ class ResponseCache:
                  " WHERE key IN (%s)" % ",".join("?" * len(part)))
             for k, text, fr, pt, ct, src, lp in self.db.execute(q, part):
                 out[k] = CachedAnswer(text, fr, pt, ct, src, _loads(lp) if lp else None)
+        return out
+
+    def has_many(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` have an answer (the key index only: nothing parsed, for the plan)."""
+        out: set[str] = set()
+        for i in range(0, len(keys), 900):
+            part = keys[i : i + 900]
+            q = "SELECT key FROM responses WHERE key IN (%s)" % ",".join("?" * len(part))
+            out.update(k for (k,) in self.db.execute(q, part))
         return out
 
     def put_success(
@@ -143,10 +297,12 @@ class ResponseCache:
         now = time.time()
         req_json = _dumps(request)
         first = entries[0][1]
+        model, cap, chars = request.get("model"), request.get("max_tokens"), prompt_chars(request)
         self._resp.extend((k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now,
-                           a.usage_source, _dumps(a.logprobs) if a.logprobs is not None else None) for k, a in entries)
+                           a.usage_source, _dumps(a.logprobs) if a.logprobs is not None else None, model, cap, chars)
+                          for k, a in entries)
         self._att.append((run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
-                          first.completion_tokens, None, now, request.get("model"), first.usage_source))
+                          first.completion_tokens, None, now, model, first.usage_source, cap))
         if self.autoflush:
             self.flush()
 
@@ -158,7 +314,7 @@ class ResponseCache:
         """Record a failed attempt (never cached as an answer), with any usage it reported."""
         source = "reported" if prompt_tokens is not None or completion_tokens is not None else None
         self._att.append((run_id, key, attempt, status, http_status, latency_s, prompt_tokens, completion_tokens,
-                          (error or "")[:500], time.time(), model, source))
+                          (error or "")[:500], time.time(), model, source, None))
         if self.autoflush:
             self.flush()
 
@@ -169,15 +325,42 @@ class ResponseCache:
         resp, att = self._resp, self._att
         self._resp, self._att = [], []
         with self.db:
-            self.db.execute("BEGIN")
+            # IMMEDIATE: the write lock first, so the rows read for the history below are the ones replaced
+            self.db.execute("BEGIN IMMEDIATE")
+            self._update_history(resp, att)
             if resp:
                 self.db.executemany(
                     "INSERT OR REPLACE INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,"
-                    "created,usage_source,logprobs) VALUES (?,?,?,?,?,?,?,?,?)", resp)
+                    "created,usage_source,logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", resp)
             if att:
                 self.db.executemany(
                     "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
-                    "completion_tokens,error,created,model,usage_source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", att)
+                    "completion_tokens,error,created,model,usage_source,max_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    att)
+
+    def _update_history(self, resp: list[tuple], att: list[tuple]) -> None:
+        """Add a flush's answers and successful attempts to ``history``, less the answers they replace."""
+        sums: dict[tuple, list] = {}
+        last = {r[0]: r for r in resp}  # a key queued twice: the later row is the one that stays
+        if last:
+            keys = list(last)
+            for i in range(0, len(keys), 900):
+                part = keys[i : i + 900]
+                for row in self.db.execute(
+                        "SELECT model, max_tokens, usage_source, prompt_tokens, completion_tokens, prompt_chars"
+                        " FROM responses WHERE key IN (%s)" % ",".join("?" * len(part)), part):
+                    _add_answer(sums, *row, -1)
+        for r in last.values():
+            _add_answer(sums, r[9], r[10], r[7], r[4], r[5], r[11], 1)
+        for a in att:
+            if a[3] == "ok":
+                s = sums.setdefault(_group(a[10], a[12]), [0, 0, 0.0, 0, 0, 0, 0, 0, 0])
+                s[0] += 1
+                if a[5] is not None:
+                    s[1] += 1
+                    s[2] += a[5]
+        if sums:
+            self.db.executemany(HISTORY_UPSERT, [(*g, *v) for g, v in sums.items()])
 
     def ledger_totals(self, run_id: str) -> dict[str, int]:
         self.flush()
@@ -205,30 +388,54 @@ class ResponseCache:
         ``max_tokens`` only requests sent with that cap count: one-word labels and 60-token
         summaries from the same model differ twentyfold in answer length and latency, and a plan
         for one must not be calibrated on the other.
+
+        Read from the ``history`` table kept at insert (a few rows, whatever the cache's size),
+        where :func:`model_history_scan` (the same figures) parses every cached request's JSON.
         """
         self.flush()
-        cap = "" if max_tokens is None else " AND json_extract(r.request,'$.max_tokens')=?"
+        cap = "" if max_tokens is None else " AND max_tokens=?"
         args: tuple[Any, ...] = (model,) if max_tokens is None else (model, max_tokens)
-        if max_tokens is None:
-            lat = self.db.execute(
-                "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
-        else:
-            lat = self.db.execute(
-                "SELECT COUNT(*), AVG(a.latency_s) FROM attempts a JOIN responses r ON r.key=a.key"
-                " WHERE a.model=? AND a.status='ok'" + cap, args).fetchone()
-        # per answer: with `n`, usage sits on a request's first choice and the others carry none,
-        # so completion tokens are summed over all of the model's answers and divided by their number
-        tok = self.db.execute(
-            "SELECT COUNT(*), SUM(prompt_tokens),"
-            " SUM(CASE WHEN prompt_tokens IS NOT NULL THEN COALESCE(LENGTH(json_extract(request,'$.prompt')),"
-            "   (SELECT SUM(LENGTH(json_extract(m.value,'$.content'))) FROM json_each(request,'$.messages') AS m)) END),"
-            " SUM(completion_tokens) * 1.0 / COUNT(*), SUM(prompt_tokens IS NOT NULL)"
-            " FROM responses r WHERE json_extract(request,'$.model')=? AND COALESCE(usage_source,'reported') != 'estimated'"
-            + cap, args).fetchone()
-        return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[4] or 0,
-                "tokens_per_char": (tok[1] / tok[2]) if tok[4] and tok[2] else None,
-                "completion_tokens": tok[3] if tok[4] else None}
+        (ok, lat_n, lat_sum, answers, usage_n, pt, chars, ct_n, ct) = self.db.execute(
+            "SELECT COALESCE(SUM(ok_attempts),0), COALESCE(SUM(latency_n),0), SUM(latency_sum), COALESCE(SUM(answers),0),"
+            " COALESCE(SUM(usage_n),0), SUM(prompt_tokens), SUM(prompt_chars), COALESCE(SUM(completion_n),0),"
+            " SUM(completion_tokens) FROM history WHERE model=?" + cap, args).fetchone()
+        lat = (ok, lat_sum / lat_n if lat_n else None)
+        tok = (answers, pt if usage_n else None, chars if usage_n else None,
+               ct * 1.0 / answers if ct_n and answers else None, usage_n)
+        return _history(lat, tok)
 
     def close(self) -> None:
         self.flush()
         self.db.close()
+
+
+def _history(lat: tuple, tok: tuple) -> dict[str, Any]:
+    return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[4] or 0,
+            "tokens_per_char": (tok[1] / tok[2]) if tok[4] and tok[2] else None,
+            "completion_tokens": tok[3] if tok[4] else None}
+
+
+def model_history_scan(db: sqlite3.Connection, model: str, max_tokens: int | None = None) -> dict[str, Any]:
+    """:meth:`ResponseCache.model_history` computed the way it was before the indexed columns.
+
+    It parses every cached request's JSON (json_extract), so it takes time in proportion to
+    the whole cache; kept as the reference the indexed figures are checked against (tests,
+    bench/million.py).
+    """
+    cap = "" if max_tokens is None else " AND json_extract(r.request,'$.max_tokens')=?"
+    args: tuple[Any, ...] = (model,) if max_tokens is None else (model, max_tokens)
+    if max_tokens is None:
+        lat = db.execute(
+            "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
+    else:
+        lat = db.execute(
+            "SELECT COUNT(*), AVG(a.latency_s) FROM attempts a JOIN responses r ON r.key=a.key"
+            " WHERE a.model=? AND a.status='ok'" + cap, args).fetchone()
+    tok = db.execute(
+        "SELECT COUNT(*), SUM(prompt_tokens),"
+        " SUM(CASE WHEN prompt_tokens IS NOT NULL THEN COALESCE(LENGTH(json_extract(request,'$.prompt')),"
+        "   (SELECT SUM(LENGTH(json_extract(m.value,'$.content'))) FROM json_each(request,'$.messages') AS m)) END),"
+        " SUM(completion_tokens) * 1.0 / COUNT(*), SUM(prompt_tokens IS NOT NULL)"
+        " FROM responses r WHERE json_extract(request,'$.model')=? AND COALESCE(usage_source,'reported') != 'estimated'"
+        + cap, args).fetchone()
+    return _history(lat, tok)

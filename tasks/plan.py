@@ -75,7 +75,7 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
             texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
             items += len(texts)
             plan = plan_shard(texts, cfg, template)
-            hits = cache.get_many([k for r in plan.requests for k in r.keys])
+            hits = cache.has_many([k for r in plan.requests for k in r.keys])
             per_shard[path] = 0
             for r in plan.requests:
                 e = eps.setdefault(r.endpoint, _Endpoint())
