@@ -319,6 +319,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"distill: stopped: {e}", file=sys.stderr)
         _write_summary_json(getattr(args, "summary_json", None), e.summary)
         return 3
+    except Exception as e:
+        if type(e).__name__ == "MlflowException" and "API request to" in str(e):
+            # the tracking server went away mid-run (MLflow's client had already retried with backoff)
+            url = str(e).split("API request to ", 1)[1].split("/api/", 1)[0]
+            print(f"distill: error: the MLflow tracking server at {url} stopped answering during the run "
+                  f"({str(e)[-200:]}). Answers already paid for are in the response cache and finished stages are "
+                  "recorded in the run folder: start the server again and rerun the same command to finish "
+                  "without paying or training again.", file=sys.stderr)
+            return 4
+        raise
 
 
 if __name__ == "__main__":

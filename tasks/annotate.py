@@ -332,7 +332,7 @@ def annotate_shard(
                 url, key, cache, run_id, concurrency=c.concurrency, timeout_s=c.timeout_s,
                 max_attempts=c.max_attempts, backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
                 limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute), on_result=on_result,
-                logger=logger, meter=meter, endpoint=e, counter=counter,
+                logger=logger, meter=meter, endpoint=e, counter=counter, check_model=cfg.teacher.check_model,
             )
 
         async def one(e: int) -> dict[str, Outcome]:

@@ -169,10 +169,15 @@ def run_lock(run_dir: Path, what: str = "distill") -> Iterator[None]:
     the person who clicked "run" wants. The operating system drops the lock when its process
     dies (even by kill -9), so a crashed run never leaves the folder locked.
     """
+    from distill.tasks.preflight import PreflightError
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PreflightError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -34,8 +34,18 @@ def _folder_bytes(path: Path) -> int:
 def student_bytes_needed(cfg: DistillConfig) -> Optional[int]:
     """A generous estimate of what training writes: the student's weights a few times over (best, last, saved)."""
     st = cfg.student
-    base = getattr(st, "model_path", None) or getattr(st, "base_model", None)
-    if not base or not Path(base).exists():
+    if st.kind == "classifier":
+        from distill.tasks.train import resolve_student_path
+
+        try:
+            base = resolve_student_path(st.model_path)
+        except RuntimeError:
+            return None
+    else:
+        from distill.tasks.lora_student import base_model_dir
+
+        base = str(base_model_dir()) if st.base_model == "smollm2-135m-instruct" else st.base_model
+    if not Path(base).exists():  # a hub id or a base not converted yet: nothing to measure here
         return None
     size = _folder_bytes(Path(base))
     copies = 3 if st.kind == "classifier" else (2 if getattr(st, "merge", False) else 1)

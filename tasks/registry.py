@@ -9,10 +9,12 @@ The decision and its reason are tags on the version.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from prefect import task
 
@@ -160,6 +162,33 @@ def _set_aliases(model_name: str, version: str, promote: bool, compared_with: Op
     return True, ""
 
 
+@contextlib.contextmanager
+def gate_lock(model_name: str) -> Iterator[None]:
+    """One gate at a time per registered model on this machine, so two runs cannot both take ``champion``.
+
+    Why: the gate reads the champion, decides and moves the alias; two runs doing that at once
+    would both see "no champion" and both promote. A sqlite store's lock sits beside its
+    database (every run using that store shares it); for a tracking server, beside the
+    working directory's ``.distill`` folder. Runs on other machines against one server are
+    not covered by a file lock; the alias step then refuses to move a champion that changed
+    since the decision, which narrows the window but cannot close it.
+    """
+    import fcntl
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    digest = hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
+    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(".distill")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f".gate-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits: registration takes seconds
+        yield
+    finally:
+        os.close(fd)
+
+
 def gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],
                        champion: Callable[[], tuple[Optional[str], Optional[float]]], floor: float, margin: float,
                        metric: str, tags: dict[str, str], probe: Any) -> dict[str, Any]:
@@ -171,6 +200,13 @@ def gated_registration(model: ModelSource, model_name: str, candidate: Optional[
     complete version whose aliases a rerun finishes; the champion alias only ever points
     at a version that loaded.
     """
+    with gate_lock(model_name):
+        return _gated_registration(model, model_name, candidate, champion, floor, margin, metric, tags, probe)
+
+
+def _gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],
+                        champion: Callable[[], tuple[Optional[str], Optional[float]]], floor: float, margin: float,
+                        metric: str, tags: dict[str, str], probe: Any) -> dict[str, Any]:
     import mlflow
 
     done = find_candidate(model_name, candidate)

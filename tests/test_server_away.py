@@ -1,0 +1,64 @@
+"""The MLflow tracking server stops mid-run: a clear error after MLflow's retries; nothing paid is lost; a rerun completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import yaml
+
+from distill import servers
+from tests.conftest import REPO
+from tests.fake_openai import FakeOpenAI
+from tests.test_distill_flow import cfg_dict, write_data
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_tracking_server_goes_away_mid_run_then_rerun_completes(tmp_path, binary_prompt, prefect_api):
+    pp, mp = free_port(), free_port()
+    sv = servers.up(tmp_path, pp, mp)
+    teacher = FakeOpenAI(latency_s=0.1).start()
+    try:
+        write_data(tmp_path, 64, 24)
+        raw = cfg_dict(tmp_path, binary_prompt, {"local": False, "base_url": teacher.base_url, "samples": 2})
+        raw["tracking"]["tracking_uri"] = sv["mlflow"].url
+        raw["student"]["epochs"] = 4
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        # MLflow's client retries with backoff (7 retries, about 4 minutes by default); fewer here to keep CI short
+        env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO),
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+        cmd = [sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress", "--summary-json",
+               str(tmp_path / "s.json")]
+        run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while sum(teacher.delivered_ok.values()) < 20:  # annotation is under way
+            assert run.poll() is None, run.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        servers._stop_pid(sv["mlflow"].pid)
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 4, err[-3000:]
+        assert f"the MLflow tracking server at {sv['mlflow'].url} stopped answering" in err and "rerun" in err
+        paid = sum(teacher.delivered_ok.values())
+
+        servers.up(tmp_path, pp, mp)  # the server comes back, on its own database
+        rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        teacher.stop()
+        servers.down(tmp_path)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert sum(teacher.delivered_ok.values()) == paid  # nothing asked twice
+    assert "annotate" in s["stages_reused"] and s["model_version"] == "1" and s["promoted"] is True
