@@ -250,7 +250,13 @@ def probe_teacher(cfg: DistillConfig, loaded: Loaded, base_url: str, run_id: str
         raise PreflightError(problem)
     run_logger().info("preflight: the teacher answered a probe (%d requests sent, %d from the cache)",
                       r.get("requests_sent", 0), r.get("requests_cached", 0))
-    return {**r, "items": 0, "items_reused": 0, "probe": True}
+    # the shard that follows takes the probe's answers from the cache and counts them (items, cached answers, their
+    # usage): the probe keeps only what it sent and paid, so every figure is what it would be without a probe
+    paid = {k: r.get(k) for k in ("requests_sent", "requests_ok", "requests_failed", "attempt_errors", "retries",
+                                  "tokens_in", "tokens_out", "status_counts", "wall_s", "tokens_counted", "spent_usd",
+                                  "busy_s", "token_usd", "hourly_usd", "fresh_answers_usd", "path")}
+    return {**paid, "items": 0, "requests_cached": -int(r.get("requests_ok", 0) or 0) * choices_per_request(cfg),
+            "probe": True}
 
 
 def annotate_items(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress: bool = True) -> Annotation:

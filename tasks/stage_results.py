@@ -77,7 +77,7 @@ class Annotation:
     figures: dict[str, Any]
 
     def paths(self, split: str) -> list[str]:
-        return [r["path"] for r in self.shards[split]]
+        return [r["path"] for r in self.shards[split] if not r.get("probe")]  # the preflight probe is no shard
 
     def metrics(self) -> dict[str, float]:
         return numeric(self.figures)
