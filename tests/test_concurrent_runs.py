@@ -26,7 +26,7 @@ def start(cfg, tmp_path, prefect_api, name):
 def test_two_runs_at_once(tmp_path, binary_prompt, prefect_api):
     import mlflow
 
-    srv = FakeOpenAI(latency_s=0.15).start()  # slow enough that the runs overlap
+    srv = FakeOpenAI(latency_s=0.6).start()  # slow enough (about a minute of annotation) that the runs overlap
     try:
         write_data(tmp_path, 64, 24)
         cfgs = {}
