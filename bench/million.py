@@ -385,6 +385,11 @@ def main() -> None:
                 second = run_annotate("restart-2", folder, pool, base_url, a, env)
                 t2 = get_json(troot + "/phase?name=end")
                 s2 = second["summary"] or {}
+                import pyarrow.parquet as pq
+
+                voted = sorted((folder / "runs" / "restart" / "votes" / "pool").glob("part-*.parquet"))
+                ids = [i for v in voted for i in pq.read_table(v, columns=["id"]).column("id").to_pylist()]
+                labelled = sum(x is not None for v in voted for x in pq.read_table(v, columns=["label"]).column("label").to_pylist())
                 res.update({
                     "restart_killed": first["killed"], "restart_received_before_kill": t1["received"],
                     "restart_committed_at_kill": committed, "restart_remaining": total - committed,
@@ -394,7 +399,9 @@ def main() -> None:
                     "restart_summary_requests_sent": s2.get("requests_sent"),
                     "restart_summary_requests_cached": s2.get("requests_cached"),
                     "restart_summary_shards_reused": s2.get("shards_reused"),
-                    "restart_summary_items": s2.get("items"),
+                    "restart_summary_items": s2.get("items"),  # counts the preflight probe's item too (flows)
+                    "restart_voted_items": len(ids), "restart_voted_distinct_ids": len(set(ids)),
+                    "restart_voted_labelled": labelled,
                     "restart_rerun_wall_s": round(second["wall_s"], 1),
                 })
     finally:
@@ -416,7 +423,7 @@ def main() -> None:
             res["restart_killed"] and res["restart_rerun_sent"] == res["restart_remaining"]
             and res["restart_rerun_distinct"] == res["restart_rerun_sent"]
             and res["restart_summary_requests_sent"] == res["restart_rerun_sent"]
-            and res["restart_summary_items"] == a.n
+            and res["restart_voted_items"] == res["restart_voted_distinct_ids"] == res["restart_voted_labelled"] == a.n
             and res["restart_rerun_resent_committed_or_inflight"] <= res["restart_in_flight_at_kill"])
     res["pass"] = passed
     res["all_pass"] = all(passed.values())

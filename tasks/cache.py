@@ -319,48 +319,52 @@ class ResponseCache:
             self.flush()
 
     def flush(self) -> None:
-        """Commit everything queued in one transaction."""
+        """Commit everything queued in one transaction, the history's sums with it."""
         if not self._resp and not self._att:
             return
         resp, att = self._resp, self._att
         self._resp, self._att = [], []
         with self.db:
-            # IMMEDIATE: the write lock first, so the rows read for the history below are the ones replaced
+            # IMMEDIATE: the write lock first, so an answer found below is the one this transaction replaces
             self.db.execute("BEGIN IMMEDIATE")
-            self._update_history(resp, att)
+            sums: dict[tuple, list] = {}
             if resp:
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,"
-                    "created,usage_source,logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", resp)
+                self._put_answers(resp, sums)
             if att:
                 self.db.executemany(
                     "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
                     "completion_tokens,error,created,model,usage_source,max_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     att)
+                for a in att:
+                    if a[3] == "ok":
+                        g = sums.setdefault(_group(a[10], a[12]), [0, 0, 0.0, 0, 0, 0, 0, 0, 0])
+                        g[0] += 1
+                        if a[5] is not None:
+                            g[1] += 1
+                            g[2] += a[5]
+            if sums:
+                self.db.executemany(HISTORY_UPSERT, [(*g, *v) for g, v in sums.items()])
 
-    def _update_history(self, resp: list[tuple], att: list[tuple]) -> None:
-        """Add a flush's answers and successful attempts to ``history``, less the answers they replace."""
-        sums: dict[tuple, list] = {}
+    def _put_answers(self, resp: list[tuple], sums: dict[tuple, list]) -> None:
+        """Insert answers, replacing any of the same key (the newest wins), and add them to the history's sums.
+
+        Each is inserted unless its key exists (the usual case: no extra lookup); the few whose
+        key had an answer are taken out of the sums with their old figures and replaced.
+        """
+        cols = ("INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,created,usage_source,"
+                "logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
         last = {r[0]: r for r in resp}  # a key queued twice: the later row is the one that stays
-        if last:
-            keys = list(last)
-            for i in range(0, len(keys), 900):
-                part = keys[i : i + 900]
-                for row in self.db.execute(
-                        "SELECT model, max_tokens, usage_source, prompt_tokens, completion_tokens, prompt_chars"
-                        " FROM responses WHERE key IN (%s)" % ",".join("?" * len(part)), part):
-                    _add_answer(sums, *row, -1)
+        clash = []
         for r in last.values():
+            if self.db.execute("INSERT OR IGNORE " + cols, r).rowcount == 0:
+                clash.append(r)
             _add_answer(sums, r[9], r[10], r[7], r[4], r[5], r[11], 1)
-        for a in att:
-            if a[3] == "ok":
-                s = sums.setdefault(_group(a[10], a[12]), [0, 0, 0.0, 0, 0, 0, 0, 0, 0])
-                s[0] += 1
-                if a[5] is not None:
-                    s[1] += 1
-                    s[2] += a[5]
-        if sums:
-            self.db.executemany(HISTORY_UPSERT, [(*g, *v) for g, v in sums.items()])
+        for r in clash:
+            old = self.db.execute("SELECT model, max_tokens, usage_source, prompt_tokens, completion_tokens, prompt_chars"
+                                  " FROM responses WHERE key=?", (r[0],)).fetchone()
+            if old is not None:
+                _add_answer(sums, *old, -1)
+            self.db.execute("INSERT OR REPLACE " + cols, r)
 
     def ledger_totals(self, run_id: str) -> dict[str, int]:
         self.flush()
