@@ -44,6 +44,15 @@ def fake_teacher() -> Iterator[FakeOpenAI]:
         srv.stop()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for a server a test starts, or one that must refuse)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_binary_prompt(folder: Path) -> Path:
     """The small positive/negative template the fake teacher's tests use, written into ``folder``."""
     p = Path(folder) / "prompt.yaml"

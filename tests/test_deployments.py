@@ -21,23 +21,15 @@ import pandas as pd
 import pytest
 
 from distill import servers as srv
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """Real Prefect and MLflow servers started by `distill up` in a temporary working directory."""
     wd = tmp_path_factory.mktemp("live")
-    started = srv.up(wd, _free_port(), _free_port())
+    started = srv.up(wd, free_port(), free_port())
     try:
         yield wd, started
     finally:

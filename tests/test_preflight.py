@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import yaml
@@ -11,16 +10,9 @@ import yaml
 from distill.cli import main as cli_main
 from distill.config import DistillConfig
 from distill.tasks.preflight import PreflightError, check_outputs
+from tests.conftest import free_port
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def write_cfg(tmp_path, prompt, base_url, **changes):
@@ -41,7 +33,7 @@ def run_cli(cfg, tmp_path, capsys):
 
 def test_dead_teacher_fails_the_probe_and_nothing_else_is_sent(tmp_path, binary_prompt, prefect_api, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    url = f"http://127.0.0.1:{closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     cfg, _ = write_cfg(tmp_path, binary_prompt, url)
     rc, err = run_cli(cfg, tmp_path, capsys)
     assert rc == 2 and "did not answer a probe request" in err and url in err and "no other request was sent" in err
@@ -81,7 +73,7 @@ def test_unreachable_tracking_store_refuses_before_any_request(tmp_path, binary_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     cfg, _ = write_cfg(tmp_path, binary_prompt, fake_teacher.base_url, tracking={"tracking_uri": uri})
     rc, err = run_cli(cfg, tmp_path, capsys)
     assert rc == 2 and f"MLflow tracking store {uri} is not reachable or not writable" in err

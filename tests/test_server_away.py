@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,9 @@ import time
 import yaml
 
 from distill import servers
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_tracking_server_goes_away_mid_run_then_rerun_completes(tmp_path, binary_prompt, prefect_api):
