@@ -53,6 +53,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_mlflow(uri: str):
+    """Point this test process at one MLflow store for tracking *and* registry, and return a client for it.
+
+    Why both: an earlier in-process test's ``setup_tracking`` leaves ``mlflow.set_registry_uri``
+    set for the whole pytest process, so a bare ``MlflowClient()`` after ``set_tracking_uri``
+    would read another test's registry (empty, or with its own champion).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def write_binary_prompt(folder: Path) -> Path:
     """The small positive/negative template the fake teacher's tests use, written into ``folder``."""
     p = Path(folder) / "prompt.yaml"

@@ -11,7 +11,7 @@ import time
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, use_mlflow
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
 
@@ -64,8 +64,7 @@ def test_two_runs_at_once(tmp_path, binary_prompt, prefect_api):
     db.close()
     assert cached == len(delivered) > 0  # one row per distinct request the teacher answered, from either run
     # both registered, exactly one champion, and it loads
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = use_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}")
     versions = client.search_model_versions("name='dag-student'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     assert [sx["promoted"], sy["promoted"]].count(True) == 1

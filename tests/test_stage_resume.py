@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, use_mlflow
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
 
@@ -71,7 +71,7 @@ def champion_predicts(tracking_uri: str, name: str) -> list[str]:
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(tracking_uri)
+    use_mlflow(tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     return model.predict(pd.DataFrame({"text": ["good story here", "bad acting here"]}))["label"].tolist()
 
@@ -86,15 +86,12 @@ def champion_predicts(tracking_uri: str, name: str) -> list[str]:
     ("register:before-champion", STAGES),
 ])
 def test_kill_at_each_stage_then_rerun(point, reused, tmp_path, teacher, binary_prompt, prefect_api, uninterrupted):
-    import mlflow
-
     cfg, raw = setup_run(tmp_path, teacher, binary_prompt)
     killed, _ = distill_run(cfg, tmp_path, prefect_api, failpoint=point)
     assert killed.returncode == -9, f"not killed at {point}: rc {killed.returncode}\n{killed.stderr[-2000:]}"
 
     uri, name = raw["tracking"]["tracking_uri"], raw["tracking"]["model_name"]
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    client = use_mlflow(uri)
     if point.startswith("register:"):
         versions = client.search_model_versions(f"name='{name}'") if point != "register:logged" else []
         # a version exists only complete: born with its gate decision; the champion alias is not yet moved
