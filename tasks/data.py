@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill.tasks.hashset import HashSet64
 from distill.tasks.prompting import has_markup
 
 
@@ -274,21 +275,27 @@ def iter_items(
     """
     report = report if report is not None else DataReport(path=str(path))
     cols = [id_column, text_column] + ([label_column] if label_column else [])
-    seen_ids: set[int] = set()
-    seen_texts: set[int] = set()
+    seen_ids = HashSet64()  # 8 bytes per item, not a Python set's ~75 (tasks/hashset.py)
+    seen_texts = HashSet64()
     checker = LabelChecker(labels, str(path), label_column, report) if (label_column and labels is not None) else None
     row_no = 0
     for df in iter_raw_chunks(path, cols, chunk_rows):
         keep_ids, keep_texts, keep_labels = [], [], []
+        raw_texts = df.iloc[:, 1].tolist()
+        raw_labels = df.iloc[:, 2].tolist() if label_column else []
+        fixed_ids = [_fix_utf8(str(x)) for x in df.iloc[:, 0].tolist()]
+        id_hashes = [_h(r) for r, _ in fixed_ids]
+        id_seen_before = seen_ids.contains_many(id_hashes)  # ids of earlier chunks: one search for the chunk
+        chunk_ids: set[int] = set()
+        text_hashes: list[int] = []
         for i in range(len(df)):
             row_no += 1
             report.rows_read += 1
             if limit is not None and report.items >= limit:
                 report.truncated_by_limit = True
                 break
-            rid = str(df.iat[i, 0])
-            text, bad = _fix_utf8(str(df.iat[i, 1]))
-            rid, bad_id = _fix_utf8(rid)
+            text, bad = _fix_utf8(str(raw_texts[i]))
+            rid, bad_id = fixed_ids[i]
             if bad or bad_id:
                 report.invalid_utf8 += 1
                 _note(report.invalid_utf8_rows, row_no, rid)
@@ -304,12 +311,12 @@ def iter_items(
                 report.empty_text += 1
                 _reject(report, rejected, rid, row_no, "empty text")
                 continue
-            hid = _h(rid)
-            if hid in seen_ids:
+            hid = id_hashes[i]
+            if id_seen_before[i] or hid in chunk_ids:
                 report.duplicate_ids += 1
                 _reject(report, rejected, rid, row_no, f"duplicate id {rid!r}")
                 continue
-            seen_ids.add(hid)
+            chunk_ids.add(hid)
             if fit is not None:
                 fitted, note = fit(text)
                 if fitted is None:
@@ -323,12 +330,9 @@ def iter_items(
                     if len(report.overlong_rows) < ROW_EXAMPLES:
                         report.overlong_rows.append(f"{_row_ref(row_no, rid)}: {note}")
                     text = fitted
-            ht = _h(text)
-            if ht in seen_texts:
-                report.duplicate_texts += 1
-            seen_texts.add(ht)
+            text_hashes.append(_h(text))  # duplicate texts are only counted: settled after the chunk
             if label_column:
-                raw_lab = df.iat[i, 2]
+                raw_lab = raw_labels[i]
                 raw_lab = "" if raw_lab is None or (isinstance(raw_lab, float) and raw_lab != raw_lab) else str(raw_lab)
                 raw_lab, bad_lab = _fix_utf8(raw_lab)
                 if bad_lab and not (bad or bad_id):
@@ -347,6 +351,12 @@ def iter_items(
             keep_ids.append(rid)
             keep_texts.append(text)
             report.items += 1
+        seen_ids.update(chunk_ids)
+        chunk_texts: set[int] = set()
+        for ht, before in zip(text_hashes, seen_texts.contains_many(text_hashes)):
+            report.duplicate_texts += before or ht in chunk_texts
+            chunk_texts.add(ht)
+        seen_texts.update(chunk_texts)
         if keep_ids:
             out = pd.DataFrame({"id": keep_ids, "text": keep_texts})
             if label_column:

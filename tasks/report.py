@@ -30,7 +30,7 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
                          "low_agreement": 0, "samples_with_logprobs": 0}
     hist: Counter = Counter()
     dist: Counter = Counter()
-    entropies: list[float] = []
+    entropy_sum, entropy_n = 0.0, 0  # a running mean: nothing kept per item
     sources: Counter = Counter()
     for df in _iter_frames(voted_paths, cols):
         s["items"] += len(df)
@@ -59,13 +59,14 @@ def vote_stats(voted_paths: list[str], k: int) -> dict[str, Any]:
                 dist[lab] += 1
                 sources[src] += 1
                 if not _missing(ent):
-                    entropies.append(float(ent))
+                    entropy_sum += float(ent)
+                    entropy_n += 1
             if low:
                 s["low_agreement"] += 1
     s["invalid_rate"] = s["invalid_votes"] / s["votes"] if s["votes"] else 0.0
     s["agreement_histogram"] = dict(sorted(hist.items()))
     s["teacher_label_distribution"] = dict(sorted(dist.items()))
-    s["mean_label_entropy"] = sum(entropies) / len(entropies) if entropies else None
+    s["mean_label_entropy"] = entropy_sum / entropy_n if entropy_n else None
     # what the aggregation used: items whose distribution came from log-probabilities, from votes, or both
     n_lp, n_ok = s["samples_with_logprobs"], s["valid_votes"]
     used = {k: v for k, v in sources.items() if v}

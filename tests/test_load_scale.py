@@ -208,3 +208,21 @@ def test_annotate_memory_is_flat_from_2k_to_20k_items(tmp_path, prefect_api):
         teacher.terminate()
         teacher.wait(10)
     assert peaks["large"] <= 1.15 * peaks["small"], peaks
+
+
+def test_hash_set_answers_as_a_python_set_across_merges():
+    """The loader's duplicate finder: same membership as ``set`` before, at and after each merge into the array."""
+    from distill.tasks.hashset import HashSet64
+
+    rng = random.Random(7)
+    members = [rng.getrandbits(64) for _ in range(5000)] + [0, 2**64 - 1]
+    hs, ref = HashSet64(batch=300), set()
+    for i, h in enumerate(members):
+        assert (h in hs) == (h in ref), i
+        hs.add(h)
+        ref.add(h)
+        hs.add(h)  # twice: no double count
+        assert h in hs and len(hs) == len(ref)
+    absent = [rng.getrandbits(64) for _ in range(2000)]
+    assert [a in hs for a in absent] == [a in ref for a in absent]
+    assert hs._sorted.nbytes == 8 * len(hs._sorted) and len(hs._sorted) >= len(ref) - 300  # flat 8 bytes a member
