@@ -23,8 +23,8 @@ from typing import Any, Optional
 import jinja2
 import yaml
 
-from distill.tasks.prompting import (MAX_VARIANTS, Example, PromptError, defuse_markup, distinct_variants, one_line,
-                                     resolve_prompt_path)
+from distill.tasks.prompting import (MAX_VARIANTS, Example, PromptError, SlotTemplate, defuse_markup, distinct_variants,
+                                     one_line, resolve_prompt_path)
 
 DEFAULT_GENERATION_TEMPLATE = """{{ instruction }}
 
@@ -92,8 +92,7 @@ class GenerationTemplate:
     task: str = "generate"
 
     def __post_init__(self) -> None:
-        self._jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
-            self.completion_template)
+        self._slot = SlotTemplate(self.completion_template)
         self._variants: list[tuple[int, ...]] | None = None
 
     # -- rendering -----------------------------------------------------------------
@@ -124,10 +123,10 @@ class GenerationTemplate:
         return defuse_markup(cut_words(text, self.max_input_words)[0])
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
-        return self._jinja.render(
+        return self._slot.render(
+            sample_index if vary else 0, self.item_text(text),
             instruction=self.instruction.strip(), examples=self.examples_for(sample_index, vary),
-            text=self.item_text(text), input_prefix=self.input_prefix,
-            output_prefix=self.output_prefix)
+            input_prefix=self.input_prefix, output_prefix=self.output_prefix)
 
     def render_chat(self, text: str, sample_index: int = 0, vary: bool = False) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.instruction.strip()}]

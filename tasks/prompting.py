@@ -34,6 +34,42 @@ DEFAULT_COMPLETION_TEMPLATE = """{{ instruction }}
 {{ output_prefix }}"""
 
 
+class SlotTemplate:
+    """A completion template compiled once; the item's text spliced into its pre-rendered frame.
+
+    Why: rendering jinja per item was most of ``distill plan`` on a million items (about 0.1
+    ms a render). When the template uses ``text`` only as a bare ``{{ text }}`` (no filter,
+    test or assignment, which jinja's syntax tree shows), the output is the frame rendered
+    once per sample with a sentinel in the slot, with the item's text put where the sentinel
+    was: the same string jinja would give. Any other use of ``text`` renders with jinja.
+    """
+
+    SENTINEL = "\x00\x01distill-slot\x01\x00"
+
+    def __init__(self, source: str) -> None:
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        self.jinja = env.from_string(source)
+        self.bare = _text_only_printed(env.parse(source))
+        self._frames: dict[Any, list[str]] = {}
+
+    def render(self, frame_key: Any, text: str, **context: Any) -> str:
+        """``frame_key`` names the context (it must change whenever the context does)."""
+        if not self.bare:
+            return self.jinja.render(text=text, **context)
+        parts = self._frames.get(frame_key)
+        if parts is None:
+            parts = self._frames[frame_key] = self.jinja.render(text=self.SENTINEL, **context).split(self.SENTINEL)
+        return text.join(parts)
+
+
+def _text_only_printed(tree: Any) -> bool:
+    from jinja2 import nodes
+
+    printed = {id(n) for out in tree.find_all(nodes.Output) for n in out.nodes
+               if isinstance(n, nodes.Name) and n.name == "text"}
+    return all(id(n) in printed for n in tree.find_all(nodes.Name) if n.name == "text")
+
+
 class PromptError(ValueError):
     """A prompt template file is invalid; the message names the file and field."""
 
@@ -59,9 +95,7 @@ class PromptTemplate:
     source: str = ""
 
     def __post_init__(self) -> None:
-        self._jinja = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
-            self.completion_template
-        )
+        self._slot = SlotTemplate(self.completion_template)
         norm = {normalise_answer(lab): lab for lab in self.labels}
         for alias, target in self.aliases.items():
             if target not in self.labels:
@@ -111,10 +145,10 @@ class PromptTemplate:
         return defuse_markup(one_line(text))
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
-        return self._jinja.render(
+        return self._slot.render(
+            sample_index if vary else 0, self.item_text(text),
             instruction=self.instruction.strip(),
             examples=self.examples_for(sample_index, vary),
-            text=self.item_text(text),
             input_prefix=self.input_prefix,
             output_prefix=self.output_prefix,
         )

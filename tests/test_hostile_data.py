@@ -537,7 +537,7 @@ def _reference_render(tpl, text):
     from distill.tasks.prompting import one_line
 
     slot = cut_words(text, tpl.max_input_words)[0] if getattr(tpl, "task", "") == "generate" else one_line(text)
-    comp = tpl._jinja.render(instruction=tpl.instruction.strip(), examples=tpl.examples_for(0, False), text=slot,
+    comp = tpl._slot.jinja.render(instruction=tpl.instruction.strip(), examples=tpl.examples_for(0, False), text=slot,
                              input_prefix=tpl.input_prefix, output_prefix=tpl.output_prefix)
     return comp, slot
 
