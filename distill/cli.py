@@ -328,7 +328,62 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "recorded in the run folder: start the server again and rerun the same command to finish "
                   "without paying or training again.", file=sys.stderr)
             return 4
+        away = _prefect_api_away(e)
+        if away is not None:
+            url, started = away
+            if not started:
+                print(f"distill: error: the Prefect API at {url} is not reachable ({_last_cause(e)}); nothing was "
+                      "sent to the teacher. Start it (`distill up`) or unset PREFECT_API_URL to run on a temporary "
+                      "local server, then run the same command.", file=sys.stderr)
+                return 2
+            print(f"distill: error: the Prefect API at {url} stopped answering during the run "
+                  f"({_last_cause(e)}; Prefect's client had retried with backoff). Answers already paid for are in "
+                  "the response cache and finished stages are recorded in the run folder: start the server again "
+                  "and rerun the same command to finish without paying or training again.", file=sys.stderr)
+            return 4
         raise
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: Optional[BaseException] = e
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _last_cause(e: BaseException) -> str:
+    c = _causes(e)[-1]
+    return f"{type(c).__name__}: {str(c)[:200]}"
+
+
+def _prefect_api_away(e: BaseException) -> Optional[tuple[str, bool]]:
+    """(Prefect API URL, whether the run had started) when ``e`` comes from that API not answering, else None.
+
+    Why here: Prefect raises its transport error from deep in the engine (task runs keep
+    going; the flow's own state update fails last), which users would otherwise read as a
+    bare ``httpx.ConnectError`` traceback with no word on what was kept.
+    """
+    try:
+        import httpx
+        from prefect.settings import PREFECT_API_URL
+    except ImportError:  # pragma: no cover - both are dependencies
+        return None
+    api = (PREFECT_API_URL.value() or "").rstrip("/")
+    if not api:
+        return None
+    for c in _causes(e):
+        if isinstance(c, RuntimeError) and str(c).startswith("Failed to reach API at"):
+            return api, False  # the client's version check when the flow starts
+        if isinstance(c, httpx.TransportError):
+            try:
+                url = str(c.request.url)
+            except RuntimeError:  # an error raised without its request
+                url = ""
+            if url.startswith(api):
+                return api, True
+    return None
 
 
 if __name__ == "__main__":

@@ -53,3 +53,59 @@ def test_tracking_server_goes_away_mid_run_then_rerun_completes(tmp_path, binary
     s = json.loads((tmp_path / "s.json").read_text())
     assert sum(teacher.delivered_ok.values()) == paid  # nothing asked twice
     assert "annotate" in s["stages_reused"] and s["model_version"] == "1" and s["promoted"] is True
+
+
+def test_prefect_api_goes_away_mid_run_then_rerun_completes(tmp_path, binary_prompt):
+    """Stop the Prefect server during annotation: exit 4 with a clear message after Prefect's retries; a rerun
+    against the restarted server finishes without a new teacher request and registers once."""
+    pp, mp = free_port(), free_port()
+    sv = servers.up(tmp_path, pp, mp)
+    teacher = FakeOpenAI(latency_s=0.1).start()
+    try:
+        write_data(tmp_path, 64, 24)
+        raw = cfg_dict(tmp_path, binary_prompt, {"local": False, "base_url": teacher.base_url, "samples": 2})
+        raw["student"]["epochs"] = 4
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        # Prefect's client retries 5 times with backoff by default; 1 here to keep CI short
+        env = {**os.environ, "PREFECT_API_URL": sv["prefect"].url, "PYTHONPATH": str(REPO),
+               "PREFECT_CLIENT_MAX_RETRIES": "1"}
+        cmd = [sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress", "--summary-json",
+               str(tmp_path / "s.json")]
+        run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while sum(teacher.delivered_ok.values()) < 20:  # annotation is under way
+            assert run.poll() is None, run.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        servers._stop_pid(sv["prefect"].pid)
+        _, err = run.communicate(timeout=900)
+        assert run.returncode == 4, err[-3000:]
+        assert f"the Prefect API at {sv['prefect'].url.rstrip('/')} stopped answering" in err and "rerun" in err
+        assert "Traceback" not in err.split("distill: error:")[-1]
+        paid = sum(teacher.delivered_ok.values())
+
+        servers.up(tmp_path, pp, mp)  # the server comes back, on its own database
+        rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        teacher.stop()
+        servers.down(tmp_path)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert sum(teacher.delivered_ok.values()) == paid  # nothing asked twice
+    assert "annotate" in s["stages_reused"] and s["model_version"] == "1" and s["promoted"] is True
+
+
+def test_prefect_api_not_reachable_at_start(tmp_path, binary_prompt, fake_teacher):
+    """A wrong or stopped PREFECT_API_URL: exit 2 naming the URL before any request."""
+    write_data(tmp_path, 8, 8)
+    raw = cfg_dict(tmp_path, binary_prompt, {"local": False, "base_url": fake_teacher.base_url, "samples": 1})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(REPO), "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the Prefect API at {url} is not reachable" in proc.stderr and "nothing was sent" in proc.stderr
+    assert sum(fake_teacher.delivered_ok.values()) == 0
