@@ -185,6 +185,8 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
             status[i][j] = "not_sent"
         if o.text is None:
             errors[i][j] = o.error
+            if o.invalid:  # the server answered, unusably (another model's, no choices): a vote for nothing, not a
+                status[i][j] = "invalid"  # transport failure (the item abstains "no valid votes", not "failed")
             continue
         answers[i][j] = o.text
         finish[i][j] = o.finish_reason

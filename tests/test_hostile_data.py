@@ -641,6 +641,10 @@ def test_distill_annotate_with_hostile_data(tmp_path, binary_prompt, hostile_tea
     sent = [json.loads(b)["prompt"] for b in hostile_teacher.received]
     assert sum("[wrongmodel]" in p for p in sent) == 2  # tried twice, not max_attempts times
     assert not any("<|im_end|>" in p for p in sent)
+    votes = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "runs/hostile/votes/pool").glob("*.parquet")))
+    wm = votes.set_index("id").loc["wm"]  # another model's answer: an invalid vote with its reason, not a failure
+    assert list(wm["sample_status"]) == ["invalid"] and "answer is for model" in wm["sample_errors"][0]
+    assert wm["abstain_reason"] == "no valid votes"
 
     gold.write_text("id,text,label\ng1,good one,positive\ng2,bad one,meh\ng3,ok,meh\n")
     raw["run_name"] = "hostile2"
