@@ -7,9 +7,11 @@ var or a Prefect Secret block, so it never sits in a config, a parameter or a lo
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -26,6 +28,25 @@ def set_offline_env() -> None:
     """Default the offline variables (users may still override them in their shell)."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def long_lived_heap_frozen() -> Iterator[None]:
+    """Keep the cyclic garbage collector off the objects alive on entry while a bulk loop runs.
+
+    Why: a loop over a million items allocates millions of small objects, and every full
+    collection CPython triggers then re-walks the whole heap, mostly the ~10^6 objects that
+    importing Prefect, pandas and pydantic left behind. ``gc.freeze`` moves those out of the
+    collector's reach; measured on 100,000 items, the loader and the plan take about half as
+    long (bench/million.py prints the 1M figures). Objects made inside the block are still
+    collected as usual, and ``gc.unfreeze`` on exit hands the frozen ones back, so nothing
+    leaks; with threads it can only end a freeze early, which costs speed, never memory safety.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def run_logger() -> Any:

@@ -26,7 +26,7 @@ from distill.tasks.cache import ResponseCache
 from distill.tasks.carbon import measure_energy
 from distill.tasks.checkpoints import run_lock
 from distill.tasks.costs import teacher_costs
-from distill.tasks.load import load_task
+from distill.tasks.load import prepare_inputs
 from distill.tasks.local_teacher import local_teacher
 from distill.flows.stages import StageClock
 from distill.tasks.plan import budget_shares, make_plan, plan_text
@@ -84,6 +84,11 @@ def annotate_shards_flow(jobs: list[tuple[str, str, str, str]], cfg: DistillConf
         [j[1] for j in jobs], [j[2] for j in jobs], unmapped(per_worker), unmapped(base_url), unmapped(run_id),
         [j[3] for j in jobs], unmapped(False), unmapped(prices), [shares.get(j[1]) for j in jobs], unmapped(None))
     return [f.result() for f in futures]
+
+
+@task(name="load-data")
+def load_task(cfg: DistillConfig, labels: Optional[list[str]], out_dir: str) -> dict[str, Any]:
+    return prepare_inputs(cfg, labels, Path(out_dir))
 
 
 @task(name="plan")

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from distill.config import DistillConfig, SampleVariation, TeacherConfig, TeacherMode
+from distill.runtime import long_lived_heap_frozen
 from distill.tasks.budget import SpendMeter
 from distill.tasks.cache import KeyMaker, ResponseCache
 from distill.tasks.label_probs import LabelMatcher, label_distribution
@@ -93,13 +94,15 @@ def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
 
 
 def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
-               endpoints: Optional[list[str]] = None) -> ShardPlan:
+               endpoints: Optional[list[str]] = None, samples: bool = True) -> ShardPlan:
     """Build the requests (and the per-sample bookkeeping) for one shard of texts.
 
     A request identical to one already planned (same endpoint, model, rendered prompt and
     sampling: a repeated text, say) is not planned again: its samples point at the first
     one's answer, and ``deduplicated`` counts them. ``endpoints`` are the endpoints'
-    identities (:func:`endpoint_identity`); computed from ``cfg`` when not given.
+    identities (:func:`endpoint_identity`); computed from ``cfg`` when not given. With
+    ``samples=False`` (``distill plan``, which only counts requests) the per-sample records
+    and their prompt hashes are not built: a third of the time per item.
     """
     t = cfg.teacher
     k = t.samples
@@ -111,7 +114,7 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
     if endpoints is None:
         endpoints = [endpoint_identity(t, e) for e in range(1 + len(t.members))]
     reqs: list[TeacherRequest] = []
-    samples: list[PlannedSample] = []
+    planned_samples: list[PlannedSample] = []
     planned: set[str] = set()
     dedup = 0
     for i in [0] if use_n else range(k):
@@ -134,24 +137,20 @@ def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
             makers = [KeyMaker(model, sp, endpoint=ep)]
         for idx, text in enumerate(texts):
             rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
-            ph = prompt_hash(rendered)
             keys = [m(rendered) for m in makers]
-            if use_n:
-                payload = {"model": model, **base, "n": k}
-                for j, key in enumerate(keys):
-                    samples.append(PlannedSample(idx, j, key, ph))
-            else:
-                payload = {"model": model, **sp}
-                samples.append(PlannedSample(idx, i, keys[0], ph))
+            if samples:
+                ph = prompt_hash(rendered)
+                planned_samples.extend(PlannedSample(idx, j if use_n else i, key, ph) for j, key in enumerate(keys))
             if keys[0] in planned:
                 dedup += 1
                 continue
             planned.add(keys[0])
+            payload = {"model": model, **base, "n": k} if use_n else {"model": model, **sp}
             payload["messages" if chat else "prompt"] = rendered
             chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
             reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint,
                                        est_out=t.max_tokens * len(keys)))
-    return ShardPlan(reqs, samples, dedup)
+    return ShardPlan(reqs, planned_samples, dedup)
 
 
 def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: PromptTemplate,
@@ -273,6 +272,7 @@ def run_async(coro: Any) -> Any:
         return ex.submit(asyncio.run, coro).result()
 
 
+@long_lived_heap_frozen()
 def annotate_shard(
     in_path: str, out_path: str, cfg: DistillConfig, template: PromptTemplate, base_url: str,
     api_key: Optional[str], run_id: str, logger: Any = None, show_progress: bool = True,

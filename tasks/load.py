@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from distill.config import DistillConfig
+from distill.runtime import long_lived_heap_frozen
 from distill.tasks.data import DataError, DataReport, iter_items, write_shards
 from distill.tasks.tokens import TokenCounter
 
@@ -134,6 +134,7 @@ def _write_rejected(rows: list[dict], path: Path) -> Optional[str]:
     return str(path)
 
 
+@long_lived_heap_frozen()
 def prepare_inputs(cfg: DistillConfig, labels: Optional[list[str]], out_dir: Path,
                    template: Any = None) -> dict[str, Any]:
     """Write pool shards (and the seeded gold subset for scoring the teacher) under ``out_dir``.
@@ -171,8 +172,3 @@ def prepare_inputs(cfg: DistillConfig, labels: Optional[list[str]], out_dir: Pat
         result["gold_report"] = gold_report.to_dict()
         result["gold_rejected"] = _write_rejected(g_rej, out_dir / "gold_rejected.parquet")
     return result
-
-
-@task(name="load-data")
-def load_task(cfg: DistillConfig, labels: Optional[list[str]], out_dir: str) -> dict[str, Any]:
-    return prepare_inputs(cfg, labels, Path(out_dir))

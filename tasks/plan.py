@@ -15,6 +15,7 @@ from typing import Any, Optional
 import pyarrow.parquet as pq
 
 from distill.config import DistillConfig, SampleVariation, TeacherMode
+from distill.runtime import long_lived_heap_frozen
 from distill.tasks.annotate import plan_shard
 from distill.tasks.cache import ResponseCache
 from distill.tasks.pricing import TeacherPrice, busy_cost
@@ -61,6 +62,7 @@ def check_max_tokens(template: PromptTemplate, max_tokens: int, counter: TokenCo
                               f"{counter.method}): raise teacher.max_tokens to at least {need}")
 
 
+@long_lived_heap_frozen()
 def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[str], prices: list[TeacherPrice],
               counter: TokenCounter, sample_prompts: int = 2000) -> dict[str, Any]:
     """Estimate requests, tokens, USD and time for annotating ``shard_paths`` with ``cfg``."""
@@ -74,7 +76,7 @@ def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[st
         for path in shard_paths:
             texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
             items += len(texts)
-            plan = plan_shard(texts, cfg, template)
+            plan = plan_shard(texts, cfg, template, samples=False)
             hits = cache.has_many([k for r in plan.requests for k in r.keys])
             per_shard[path] = 0
             for r in plan.requests:
