@@ -127,3 +127,17 @@ def test_on_demand_deployment_triggered_through_the_api_completes_and_registers(
                 serve.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
+
+
+def test_servers_listen_on_loopback_only(live):
+    """Issue 11, secrets: the servers `distill up` starts have no authentication, so they must not listen beyond
+    this machine. Every listening socket of each server's process tree is on a loopback address."""
+    import psutil
+
+    wd, _ = live
+    for name, info in srv.status(wd).items():
+        root = psutil.Process(info["pid"])
+        listening = [c.laddr for p in [root, *root.children(recursive=True)]
+                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert listening, f"{name}: no listening socket found (the check would pass vacuously)"
+        assert all(a.ip in ("127.0.0.1", "::1") for a in listening), f"{name} listens beyond loopback: {listening}"

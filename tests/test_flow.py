@@ -221,6 +221,11 @@ def test_teacher_start_status_stop(capsys):
     try:
         st = local_teacher.read_state()
         assert st is not None and local_teacher.healthy(st.base_url)
+        import psutil  # the server has no authentication: it listens on loopback only
+
+        listening = [c.laddr for c in psutil.Process(st.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
         assert cli_main(["teacher", "status"]) == 0
         assert cli_main(["teacher", "start"]) == 0 and "already running" in capsys.readouterr().out
         # a flow with the same model reuses it instead of starting another
