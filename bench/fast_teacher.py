@@ -7,8 +7,9 @@ with a canned OpenAI body (usage and log-probabilities included, as the real fak
 " positive" when the item text says "good item", else " negative".
 
 It counts what it receives, per *phase* (``GET /phase?name=X`` starts one and returns the
-previous phase's figures; ``GET /stats`` returns the current ones), and how many request
-bodies of the current phase it had already received in an earlier phase (``resent``):
+previous phase's figures; ``GET /stats`` returns the current ones, ``GET /received`` only the
+count, cheap enough to poll), and how many request bodies of the current phase it had already
+received in an earlier phase (``resent``):
 a restarted run must re-send nothing that had been answered and committed. Bodies are
 remembered as 8-byte hashes (numpy arrays), so a million requests cost 8 MB here.
 ``/phase?name=X&forget=1`` also forgets the earlier phases (a new comparison starts).
@@ -144,6 +145,8 @@ class Proto(asyncio.Protocol):
             q = parse_qs(urlsplit(target).query)
             name, forget = q.get("name", ["unnamed"])[0], q.get("forget", ["0"])[0] == "1"
             self.transport.write(_response(json.dumps(self.counts.new_phase(name, forget)).encode()))
+        elif target.startswith("/received"):  # cheap, for polling: /stats sorts every hash of the phase
+            self.transport.write(_response(json.dumps({"received": self.counts.received}).encode()))
         elif target.startswith("/stats"):
             self.transport.write(_response(json.dumps(self.counts.figures()).encode()))
         elif target.startswith("/v1/models"):
