@@ -48,7 +48,7 @@ KEEP = ["train_items", "teacher_macro_f1_single", "teacher_macro_f1_voted", "stu
 
 def run(config: str, name: str, sets: list[str], tracking: str) -> dict:
     from distill.config import load_config
-    from distill.flows.distill import distill_flow
+    from flows.distillation import distill_flow
 
     cfg = load_config(config, sets + [f"run_name=budget-{name}", f"tracking.tracking_uri={tracking}",
                                       "tracking.model_name=label-budget", "energy.measure=false"])

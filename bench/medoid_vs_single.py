@@ -28,9 +28,9 @@ set_offline_env()
 
 import pandas as pd  # noqa: E402
 
-from distill.tasks.generate_task import _texts, medoid_shards  # noqa: E402
-from distill.tasks.gen_prompt import load_generation_prompt  # noqa: E402
-from distill.tasks.text_metrics import bertscore, rouge  # noqa: E402
+from tasks.generate.work import _texts, medoid_shards  # noqa: E402
+from tasks.templates.generation import load_generation_prompt  # noqa: E402
+from tasks.generate.metrics import bertscore, rouge  # noqa: E402
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ and concurrency 64. Measured:
   N items and for a baseline run of 10,000 items in the same invocation; target: N within
   15% of the baseline;
 - requests/s of the first and of the last pool shard (each shard logs its requests sent and
-  sending time; tasks/annotate.py); target: last within 10% of the first;
+  sending time; tasks/teacher/shard.py); target: last within 10% of the first;
 - a restart midway: a fresh N-item run killed with SIGKILL (its process group) once the fake
   teacher has received about half the requests, then run again; target: the rerun sends
   exactly the requests whose answers were not committed to the cache (counted by the fake
@@ -270,7 +270,7 @@ def time_plan(cfg: Path, env: dict[str, str], folder: Path, name: str) -> dict[s
 def time_history(cache_path: Path) -> dict[str, Any]:
     """model_history (indexed) and the former json_extract scan on the same cache, side by side."""
     sys.path.insert(0, str(REPO))
-    from distill.tasks.cache import ResponseCache, model_history_scan
+    from tasks.teacher.cache import ResponseCache, model_history_scan
 
     c = ResponseCache(cache_path)
     try:

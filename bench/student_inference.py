@@ -49,7 +49,7 @@ def main() -> None:
     from sklearn.metrics import accuracy_score
     from transformers import pipeline
 
-    from distill.tasks.inference import StudentPredictor, choose_precision
+    from tasks.classify.inference import StudentPredictor, choose_precision
 
     run = Path(a.run_dir)
     model_dir = run / "student" / "model"

@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
-from distill.tasks.cache import ResponseCache, request_key  # noqa: E402
-from distill.tasks.prompting import PromptTemplate  # noqa: E402
-from distill.tasks.ratelimit import RateLimiter  # noqa: E402
-from distill.tasks.teacher_client import TeacherClient, TeacherRequest  # noqa: E402
+from tasks.teacher.cache import ResponseCache, request_key  # noqa: E402
+from tasks.templates.label import PromptTemplate  # noqa: E402
+from tasks.teacher.ratelimit import RateLimiter  # noqa: E402
+from tasks.teacher.client import TeacherClient, TeacherRequest  # noqa: E402
 
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 3, "stop": ["\n"], "seed": 0}
 

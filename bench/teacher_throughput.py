@@ -68,8 +68,8 @@ def build_requests(config: str, items: int, samples: int, logprobs: bool, order:
     import pandas as pd
 
     from distill.config import load_config
-    from distill.tasks.annotate import plan_shard
-    from distill.tasks.prompting import load_prompt
+    from tasks.teacher.shard import plan_shard
+    from tasks.templates.label import load_prompt
 
     sets = [f"teacher.samples={samples}", f"teacher.logprobs={str(logprobs).lower()}"]
     cfg = load_config(config, sets + ([f"teacher.max_tokens={max_tokens}"] if max_tokens else []))
@@ -92,8 +92,8 @@ def build_requests(config: str, items: int, samples: int, logprobs: bool, order:
 
 
 async def send(urls: list[str], reqs, per_url_concurrency: int) -> tuple[float, dict[str, str]]:  # type: ignore[no-untyped-def]
-    from distill.tasks.cache import ResponseCache
-    from distill.tasks.teacher_client import TeacherClient
+    from tasks.teacher.cache import ResponseCache
+    from tasks.teacher.client import TeacherClient
 
     parts = [reqs[i::len(urls)] for i in range(len(urls))]
     caches = [ResponseCache(":memory:") for _ in urls]
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=20, help="requests per setting per round")
     ap.add_argument("--only", nargs="*", help="setting names to run (default always)")
     a = ap.parse_args()
-    from distill.tasks import local_teacher as lt
+    from tasks.teacher import local_server as lt
 
     names = [n for n in SETTINGS if not a.only or n in a.only or n == "default"]
     plans = {n: build_requests(a.config, a.items, a.samples, SETTINGS[n]["logprobs"], SETTINGS[n]["order"],

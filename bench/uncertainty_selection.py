@@ -36,7 +36,7 @@ set_offline_env()
 
 def night(config: str, lineage: str, n: int, per_night: int, candidates: int, tracking: str) -> dict:
     from distill.config import load_config
-    from distill.flows.distill import distill_flow
+    from flows.distillation import distill_flow
 
     cfg = load_config(config, [
         f"run_name=selection-{lineage}", "teacher.samples=1", f"data.pool_limit={candidates}",

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--only", nargs="*", help="strategy names to run")
     a = ap.parse_args()
-    from distill.flows.annotate import annotate_flow
+    from flows.annotate import annotate_flow
 
     base = load_config(a.config)
     dev = str(Path(base.data.pool_path).with_name("dev.parquet"))

@@ -38,7 +38,7 @@ def _write_summary_json(path: Optional[str], summary: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from distill.tasks.plan import plan_run, plan_text
+    from tasks.teacher.plan import plan_run, plan_text
 
     cfg = _load(args)
     plan = plan_run(cfg)
@@ -56,8 +56,8 @@ def _print_plan(summary: dict, args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from distill.flows.annotate import annotate_flow
-    from distill.tasks.report import terminal_summary
+    from flows.annotate import annotate_flow
+    from tasks.pipeline.annotation_report import terminal_summary
 
     cfg = _load(args)
     summary = annotate_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run)
@@ -71,9 +71,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from distill.flows.distill import distill_flow
+    from flows.distillation import distill_flow
 
-    from distill.tasks.report import terminal_summary
+    from tasks.pipeline.annotation_report import terminal_summary
 
     cfg = _load(args)
     summary = distill_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run, fresh=args.fresh)
@@ -100,7 +100,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if val is not None:
             raw[key] = val
     cfg = config_from_dict(raw, source=args.config or "distill predict", model=PredictConfig)
-    from distill.flows.batch_predict import batch_predict_flow
+    from flows.batch_predict import batch_predict_flow
 
     s = batch_predict_flow(cfg)
     d = s["data"]
@@ -120,7 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from distill.tasks.demo_data import prepare_demo_data
+    from tasks.data.demo import prepare_demo_data
 
     for info in prepare_demo_data(args.data_dir):
         what = (f"gold labels {info['labels']}" if "labels" in info  # a labelled corpus
@@ -130,7 +130,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from distill.tasks import local_teacher as lt
+    from tasks.teacher import local_server as lt
 
     if args.action == "start":
         st = lt.read_state()
@@ -200,14 +200,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise ServerError("distill serve needs a Prefect server to register its deployments with: run `distill up` "
                           "here first, or set PREFECT_API_URL")
-    from distill.flows.deployments import distill_deployments, serve_deployments
+    from flows.deployments import distill_deployments, serve_deployments
 
     nightly = load_config(args.config, args.set)
     on_demand = load_config(args.on_demand_config) if args.on_demand_config else None
     deps = distill_deployments(nightly, on_demand)
     if args.predict_config:
         from distill.config import ConfigError, PredictConfig, config_from_dict, read_yaml
-        from distill.flows.deployments import batch_deployment
+        from flows.deployments import batch_deployment
 
         raw = read_yaml(Path(args.predict_config), ConfigError, "predict config")
         deps.append(batch_deployment(config_from_dict(raw, source=args.predict_config, model=PredictConfig)))
@@ -295,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from distill.config import ConfigError
-    from distill.tasks.data import DataError
-    from distill.tasks.local_teacher import TeacherServerError
-    from distill.tasks.prompting import PromptError
+    from tasks.data.readers import DataError
+    from tasks.teacher.local_server import TeacherServerError
+    from tasks.templates.label import PromptError
     from distill.runtime import SecretError
-    from distill.tasks.budget import BudgetExhausted
-    from distill.tasks.pricing import PricingError
-    from distill.tasks.checkpoints import RunBusy
-    from distill.tasks.preflight import PreflightError
+    from tasks.accounting.budget import BudgetExhausted
+    from tasks.accounting.pricing import PricingError
+    from tasks.pipeline.checkpoints import RunBusy
+    from tasks.pipeline.preflight import PreflightError
 
     from distill.servers import ServerError, use_servers
 

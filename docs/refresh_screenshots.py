@@ -59,7 +59,7 @@ def main() -> None:
     serve = None
     try:
         from distill.config import load_config
-        from distill.flows.distill import distill_flow
+        from flows.distillation import distill_flow
 
         # the demo at k=1 on 800 items: enough for a student that clears the gate (answers cached after the demo)
         cfg = load_config(REPO / "configs/demo.yaml", ["data.pool_limit=800", "teacher.samples=1",

@@ -18,11 +18,11 @@ from prefect import flow, task
 
 from distill.config import PredictConfig
 from distill.runtime import run_logger
-from distill.tasks.batch_predict import ShardPrediction, merge_predictions, predict_shard, resolve_model
-from distill.tasks.carbon import grid_intensity, measure_energy
-from distill.tasks.data import DataReport, iter_items, write_shards
-from distill.tasks.registry import tracking_uri as resolve_tracking_uri
-from distill.tasks.runners import task_runner_for
+from tasks.registry.predict import ShardPrediction, merge_predictions, predict_shard, resolve_model
+from tasks.accounting.carbon import grid_intensity, measure_energy
+from tasks.data.readers import DataReport, iter_items, write_shards
+from tasks.registry.gate import tracking_uri as resolve_tracking_uri
+from tasks.pipeline.runners import task_runner_for
 
 
 def job_dir(cfg: PredictConfig, model_uri: str) -> Path:
@@ -58,7 +58,7 @@ def predict_shard_task(model_uri: str, tracking_uri: str, in_path: str, out_path
 @flow(name="label-shards")
 def label_shards_flow(model_uri: str, tracking_uri: str, shards: list[str], out_dir: str,
                       batch_size: int) -> list[ShardPrediction]:
-    """All shards at once on the task runner this subflow is given (see tasks/runners.py)."""
+    """All shards at once on the task runner this subflow is given (see tasks/pipeline/runners.py)."""
     names = [Path(p).stem for p in shards]
     futures = predict_shard_task.map(model_uri, tracking_uri, shards, [str(Path(out_dir) / f"{n}.parquet") for n in names],
                                      batch_size, names)

@@ -20,8 +20,8 @@ from typing import Any, Optional
 from prefect.schedules import Cron
 
 from distill.config import DistillConfig, PredictConfig
-from distill.flows.batch_predict import batch_predict_flow
-from distill.flows.distill import distill_flow
+from flows.batch_predict import batch_predict_flow
+from flows.distillation import distill_flow
 
 NIGHTLY = "nightly"
 ON_DEMAND = "on-demand"

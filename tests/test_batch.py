@@ -19,8 +19,8 @@ pytest.importorskip("mlflow")
 
 from distill.cli import main as cli_main  # noqa: E402
 from distill.config import PredictConfig, StudentConfig  # noqa: E402
-from distill.tasks.registry import log_student_model, register_and_gate, setup_tracking  # noqa: E402
-from distill.tasks.train import train_student  # noqa: E402
+from tasks.registry.gate import log_student_model, register_and_gate, setup_tracking  # noqa: E402
+from tasks.classify.train import train_student  # noqa: E402
 
 LABELS = ["positive", "negative"]
 POS = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
@@ -75,7 +75,7 @@ def predict_cfg(tmp_path, uri, runtime=None, out="labels.parquet") -> PredictCon
 def test_batch_predict_labels_every_item_in_shards_and_logs_the_job(tmp_path, champion, prefect_api):
     import mlflow
 
-    from distill.flows.batch_predict import batch_predict_flow
+    from flows.batch_predict import batch_predict_flow
 
     s = batch_predict_flow(predict_cfg(tmp_path, champion))
     assert s["items"] == 49 and s["shards"] == 4 and s["model_version"] == "1"
@@ -97,7 +97,7 @@ def test_batch_predict_labels_every_item_in_shards_and_logs_the_job(tmp_path, ch
 
 
 def test_dask_cluster_gives_the_same_labels_as_in_process(tmp_path, champion, prefect_api):
-    from distill.flows.batch_predict import batch_predict_flow
+    from flows.batch_predict import batch_predict_flow
 
     local = batch_predict_flow(predict_cfg(tmp_path, champion, out="local.parquet"))
     dask = batch_predict_flow(predict_cfg(tmp_path, champion, {"task_runner": "dask", "dask_workers": 2}, "dask.parquet"))

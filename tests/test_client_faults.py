@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import config_from_dict
-from distill.tasks.annotate import annotate_shard
-from distill.tasks.cache import ResponseCache
-from distill.tasks.prompting import load_prompt
+from tasks.teacher.shard import annotate_shard
+from tasks.teacher.cache import ResponseCache
+from tasks.templates.label import load_prompt
 from tests.fake_openai import FAKE_PRICES
 
 SECRET = "sk-test-DO-NOT-LEAK-123"

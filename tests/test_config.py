@@ -65,7 +65,7 @@ def test_every_field_has_a_description():
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    from distill.tasks.pricing import load_table
+    from tasks.accounting.pricing import load_table
 
     seen = 0
     for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml"):
@@ -75,7 +75,7 @@ def test_shipped_configs_validate():
         cfg = load_config(p)
         seen += 1
         # every shipped config prices its teacher (an unpriced one would fail before its first request)
-        from distill.tasks.pricing import resolve_prices
+        from tasks.accounting.pricing import resolve_prices
 
         assert resolve_prices(cfg)
     assert seen >= 2
@@ -84,7 +84,7 @@ def test_shipped_configs_validate():
 def test_config_is_a_prefect_parameter_schema():
     """The flow's parameter renders as a form: Prefect builds a JSON schema with our fields."""
     from prefect.utilities.callables import parameter_schema
-    from distill.flows.annotate import annotate_flow
+    from flows.annotate import annotate_flow
 
     schema = parameter_schema(annotate_flow.fn).model_dump()
     defs = schema.get("definitions") or schema.get("$defs") or {}
@@ -127,7 +127,7 @@ def test_a_student_or_aggregation_that_does_not_suit_the_task_is_an_error_naming
 def test_the_prefect_form_offers_both_students() -> None:
     from prefect.utilities.callables import parameter_schema
 
-    from distill.flows.distill import distill_flow
+    from flows.distillation import distill_flow
 
     schema = parameter_schema(distill_flow.fn).model_dump()
     student = schema["definitions"]["DistillConfig"]["properties"]["student"]

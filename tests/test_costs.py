@@ -13,13 +13,13 @@ import yaml
 
 from distill.cli import main as cli_main
 from distill.config import ModelPrice, config_from_dict
-from distill.tasks.annotate import annotate_shard
-from distill.tasks.budget import SpendMeter
-from distill.tasks.carbon import grid_intensity, remote_teacher_energy
-from distill.tasks.costs import projection
-from distill.tasks.pricing import PricingError, TeacherPrice, load_table, resolve_price, resolve_prices
-from distill.tasks.prompting import load_prompt
-from distill.tasks.tokens import heuristic_counter
+from tasks.teacher.shard import annotate_shard
+from tasks.accounting.budget import SpendMeter
+from tasks.accounting.carbon import grid_intensity, remote_teacher_energy
+from tasks.accounting.costs import projection
+from tasks.accounting.pricing import PricingError, TeacherPrice, load_table, resolve_price, resolve_prices
+from tasks.templates.label import load_prompt
+from tasks.templates.tokens import heuristic_counter
 from tests.conftest import REPO
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI
 
@@ -195,7 +195,7 @@ def test_uncalibrated_budget_sends_one_request_until_usage_is_known():
 
 
 def test_history_is_per_answer_when_one_request_returns_k(tmp_path):
-    from distill.tasks.cache import CachedAnswer, ResponseCache
+    from tasks.teacher.cache import CachedAnswer, ResponseCache
 
     c = ResponseCache(tmp_path / "c.sqlite")
     req = {"model": "m", "prompt": "x" * 400, "n": 3}
@@ -284,7 +284,7 @@ def _word_tokens(text: str) -> int:
 
 
 def _minilm_dir() -> str:
-    from distill.tasks.train import resolve_student_path
+    from tasks.classify.train import resolve_student_path
 
     return resolve_student_path("auto")
 
@@ -328,9 +328,9 @@ def test_plan_is_within_10_percent_of_the_run(tmp_path, binary_prompt, how, caps
 
 
 def test_plan_refuses_a_max_tokens_that_cannot_hold_a_label(tmp_path):
-    from distill.tasks.plan import check_max_tokens
-    from distill.tasks.prompting import PromptError
-    from distill.tasks.tokens import hf_counter
+    from tasks.teacher.plan import check_max_tokens
+    from tasks.templates.label import PromptError
+    from tasks.templates.tokens import hf_counter
 
     p = tmp_path / "p.yaml"
     p.write_text("name: x\nlabels: [fine, not fine at all]\ninstruction: i\n")
@@ -379,7 +379,7 @@ def test_projection_per_million_items(tmp_path, binary_prompt):
 
 
 def test_codecarbon_offline_measures_something():
-    from distill.tasks.carbon import measure_energy
+    from tasks.accounting.carbon import measure_energy
 
     with measure_energy("unit", "USA", True, measure_power_secs=1) as r:
         s = 0
@@ -415,7 +415,7 @@ def test_distill_run_stopped_by_budget_exits_3_and_tags_mlflow(tmp_path, binary_
 
 def test_history_is_scoped_to_the_answer_cap(tmp_path):
     """A summary plan must not be calibrated on one-word label answers of the same model."""
-    from distill.tasks.cache import CachedAnswer, ResponseCache
+    from tasks.teacher.cache import CachedAnswer, ResponseCache
 
     c = ResponseCache(tmp_path / "c.sqlite")
     c.put_success([("lab", CachedAnswer("pos", "stop", 100, 1, "reported"))],

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from distill.config import config_from_dict
-from distill.flows.annotate import annotate_flow
-from distill.tasks.budget import BudgetExhausted
+from flows.annotate import annotate_flow
+from tasks.accounting.budget import BudgetExhausted
 from tests.fake_openai import FAKE_PRICES
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from distill.tasks.data import DataError, DataReport, iter_items, write_shards
+from tasks.data.readers import DataError, DataReport, iter_items, write_shards
 
 
 def collect(path, **kw):

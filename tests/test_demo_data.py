@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from distill.tasks.demo_data import XSUM_SPLIT, build_xsum
+from tasks.data.demo import XSUM_SPLIT, build_xsum
 
 
 def test_xsum_split_keeps_every_pair_once_and_names_what_it_left_out(tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_xsum_split_keeps_every_pair_once_and_names_what_it_left_out(tmp_path: P
 
 
 def test_mojibake_is_repaired_per_sequence_and_correct_text_is_left_alone() -> None:
-    from distill.tasks.demo_data import repair_mojibake
+    from tasks.data.demo import repair_mojibake
 
     assert repair_mojibake("a Â£5m deal at the cafÃ©") == ("a £5m deal at the café", 2)
     assert repair_mojibake("Zürich, naïve, £5m") == ("Zürich, naïve, £5m", 0)

@@ -120,7 +120,7 @@ def test_whole_dag_on_the_real_local_teacher(tmp_path, prefect_api, monkeypatch)
     """About 40 items through llama.cpp + SmolLM2, MiniLM training, MLflow registry and the gate."""
     import mlflow
 
-    from distill.flows.distill import distill_flow
+    from flows.distillation import distill_flow
     from tests.conftest import REPO
 
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 from distill.cli import main as cli_main
 from distill.config import config_from_dict
-from distill.flows.annotate import annotate_flow
+from flows.annotate import annotate_flow
 from tests.fake_openai import FAKE_PRICES
 
 SUMMARY_KEYS = {"items", "votes", "invalid_votes", "abstained", "requests_sent", "requests_cached", "tokens_in",
@@ -214,7 +214,7 @@ def llama_servers() -> set[int]:
 @pytest.mark.slow
 def test_teacher_start_status_stop(capsys):
     """`distill teacher start|status|stop` manage one long-lived local server, health-checked."""
-    from distill.tasks import local_teacher
+    from tasks.teacher import local_server as local_teacher
 
     assert cli_main(["teacher", "status"]) == 1
     assert cli_main(["teacher", "start"]) == 0

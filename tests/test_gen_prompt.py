@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.tasks.gen_prompt import (cut_words, effective_finish_reason, first_sentences, generation_template_from,
+from tasks.templates.generation import (cut_words, effective_finish_reason, first_sentences, generation_template_from,
                               load_generation_prompt)
-from distill.tasks.prompting import PromptError
+from tasks.templates.label import PromptError
 
 
 def test_the_xsum_template_gives_k_distinct_prompts_and_a_zero_shot_student_input() -> None:

@@ -23,7 +23,7 @@ def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads
     import mlflow
 
     from distill.config import load_config
-    from distill.flows.distill import distill_flow
+    from flows.distillation import distill_flow
     from tests.conftest import REPO
 
     monkeypatch.chdir(REPO)  # the student base is converted once into REPO/.distill/models and reused

@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 
 from distill.config import config_from_dict
-from distill.tasks.annotate import annotate_shard
-from distill.tasks.cache import ResponseCache
-from distill.tasks.prompting import load_prompt
-from distill.tasks.teacher_client import TeacherClient, TeacherRequest, is_context_error, model_matches
+from tasks.teacher.shard import annotate_shard
+from tasks.teacher.cache import ResponseCache
+from tasks.templates.label import load_prompt
+from tasks.teacher.client import TeacherClient, TeacherRequest, is_context_error, model_matches
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI, item_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def write_table(tmp_path: Path, fmt: str, rows: list[dict], name: str = "gold") 
 
 
 def load_gold(p: Path, labels=("positive", "negative"), chunk_rows=2):
-    from distill.tasks.data import DataReport, iter_items
+    from tasks.data.readers import DataReport, iter_items
 
     rep = DataReport(path=str(p))
     frames = list(iter_items(p, "text", "id", chunk_rows, label_column="label", labels=list(labels), report=rep))
@@ -283,7 +283,7 @@ def test_gold_label_variants_normalised_and_reported(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gold_labels_outside_the_set_reject_the_file_with_counts_and_rows(tmp_path, fmt):
-    from distill.tasks.data import DataError
+    from tasks.data.readers import DataError
 
     rows = [{"id": f"r{i}", "text": f"t{i}", "label": lab} for i, lab in
             enumerate(["positive", "meh", "neutral", "meh", "negative", "meh", "pos", "Positive"])]
@@ -298,7 +298,7 @@ def test_gold_labels_outside_the_set_reject_the_file_with_counts_and_rows(tmp_pa
 
 
 def test_gold_label_matching_two_labels_is_not_guessed(tmp_path):
-    from distill.tasks.data import DataError
+    from tasks.data.readers import DataError
 
     p = write_table(tmp_path, "csv", [{"id": "a", "text": "t", "label": "ss"}])
     # "ß" and "ss" are one spelling up to case folding: a gold "SS" could be either, so it is rejected
@@ -315,7 +315,7 @@ def test_gold_label_matching_two_labels_is_not_guessed(tmp_path):
                 b'{"id": "3", "text": "ok", "label": "posit\xefve"}\n'),
 ])
 def test_mixed_encodings_reported_with_rows_and_bad_label_bytes_reject(tmp_path, name, blob):
-    from distill.tasks.data import DataError, DataReport, iter_items
+    from tasks.data.readers import DataError, DataReport, iter_items
 
     p = tmp_path / name
     p.write_bytes(blob)  # a Latin-1 row in a UTF-8 file
@@ -328,7 +328,7 @@ def test_mixed_encodings_reported_with_rows_and_bad_label_bytes_reject(tmp_path,
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mojibake_counted_and_kept(tmp_path, fmt):
-    from distill.tasks.data import DataReport, iter_items
+    from tasks.data.readers import DataReport, iter_items
 
     rows = [{"id": "1", "text": "caf\u00c3\u00a9 au lait"}, {"id": "2", "text": "don\u00e2\u20ac\u2122t go"},
             {"id": "3", "text": "S\u00c3O PAULO and caf\u00e9"}, {"id": "4", "text": "plain"}]
@@ -347,7 +347,7 @@ def test_jsonl_with_byte_order_mark(tmp_path):
 
 
 def test_prepare_inputs_gold_report_carries_variants(tmp_path):
-    from distill.tasks.load import prepare_inputs
+    from tasks.data.load import prepare_inputs
 
     pool = write_table(tmp_path, "csv", [{"id": "p1", "text": "good"}], name="pool")
     gold = write_table(tmp_path, "jsonl", [{"id": "g1", "text": "x", "label": "Negative"},
@@ -390,8 +390,8 @@ def test_overlong_default_is_truncate():
 
 
 def test_overlong_texts_truncated_with_count_and_rows(tmp_path, binary_prompt):
-    from distill.tasks.load import ContextGuard, prepare_inputs
-    from distill.tasks.tokens import heuristic_counter
+    from tasks.data.load import ContextGuard, prepare_inputs
+    from tasks.templates.tokens import heuristic_counter
 
     cfg = overlong_cfg(tmp_path, binary_prompt, context_tokens=512)
     res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
@@ -417,7 +417,7 @@ def test_overlong_texts_truncated_with_count_and_rows(tmp_path, binary_prompt):
 
 
 def test_overlong_texts_rejected_by_config(tmp_path, binary_prompt):
-    from distill.tasks.load import prepare_inputs
+    from tasks.data.load import prepare_inputs
 
     cfg = overlong_cfg(tmp_path, binary_prompt, overlong="reject", context_tokens=512)
     res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
@@ -431,7 +431,7 @@ def test_overlong_texts_rejected_by_config(tmp_path, binary_prompt):
 
 
 def test_overlong_unchecked_without_a_known_context(tmp_path, binary_prompt):
-    from distill.tasks.load import prepare_inputs
+    from tasks.data.load import prepare_inputs
 
     cfg = overlong_cfg(tmp_path, binary_prompt)  # a remote teacher without teacher.context_tokens
     res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
@@ -442,7 +442,7 @@ def test_overlong_unchecked_without_a_known_context(tmp_path, binary_prompt):
 def test_overlong_end_to_end_against_a_server_with_a_context(tmp_path, binary_prompt, hostile_teacher, guarded):
     """Against a server that refuses prompts past 512 tokens: unguarded, the long item costs one refused request
     and ends failed with its reason; guarded (teacher.context_tokens), every item is answered."""
-    from distill.tasks.load import prepare_inputs
+    from tasks.data.load import prepare_inputs
 
     hostile_teacher.ctx = 512
     extra = {"context_tokens": 512} if guarded else {}
@@ -466,8 +466,8 @@ def test_overlong_end_to_end_against_a_server_with_a_context(tmp_path, binary_pr
 def test_overlong_local_teacher_counts_with_its_own_tokenizer(tmp_path, binary_prompt):
     """The local teacher's context is teacher.n_ctx, counted with the GGUF's tokenizer: a cut prompt fits exactly."""
     pytest.importorskip("llama_cpp")
-    from distill.tasks.load import prepare_inputs
-    from distill.tasks.tokens import counter_for
+    from tasks.data.load import prepare_inputs
+    from tasks.templates.tokens import counter_for
 
     cfg = overlong_cfg(tmp_path, binary_prompt, local=True, n_ctx=512)
     res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
@@ -497,7 +497,7 @@ BUNDLED = ["prompts/sentiment_binary.yaml", "prompts/sentiment_3class.yaml", "pr
 @pytest.mark.parametrize("prompt", BUNDLED)
 @pytest.mark.parametrize("hostile", INJECTIONS)
 def test_injected_item_stays_in_its_slot(prompt, hostile):
-    from distill.tasks.prompting import has_markup
+    from tasks.templates.label import has_markup
 
     tpl = load_prompt(str(REPO / prompt))
     benign = "a plain item"
@@ -520,7 +520,7 @@ def test_control_markup_does_not_tokenize_as_control_tokens():
     pytest.importorskip("llama_cpp")
     from llama_cpp import Llama
 
-    from distill.tasks.local_teacher import default_gguf
+    from tasks.teacher.local_server import default_gguf
 
     vocab = Llama(model_path=str(default_gguf()), vocab_only=True, verbose=False)
     special = {vocab.token_bos(), vocab.token_eos()} | set(range(0, 17))  # SmolLM2's control tokens are 0-16
@@ -533,8 +533,8 @@ def test_control_markup_does_not_tokenize_as_control_tokens():
 
 def _reference_render(tpl, text):
     """The rendering before hostile items were defused (git d596666): what every cache key was made from."""
-    from distill.tasks.gen_prompt import cut_words
-    from distill.tasks.prompting import one_line
+    from tasks.templates.generation import cut_words
+    from tasks.templates.label import one_line
 
     slot = cut_words(text, tpl.max_input_words)[0] if getattr(tpl, "task", "") == "generate" else one_line(text)
     comp = tpl._slot.jinja.render(instruction=tpl.instruction.strip(), examples=tpl.examples_for(0, False), text=slot,
@@ -593,7 +593,7 @@ def test_injection_changes_nothing_but_that_items_answer(tmp_path, binary_prompt
 
 
 def test_control_markup_counted_at_load(tmp_path):
-    from distill.tasks.data import DataReport, iter_items
+    from tasks.data.readers import DataReport, iter_items
 
     p = write_table(tmp_path, "jsonl", [{"id": "1", "text": INJECTIONS[4]}, {"id": "2", "text": "a < b > c"},
                                         {"id": "3", "text": INJECTIONS[5]}], name="pool")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from distill.tasks.label_probs import LabelMatcher, label_distribution, steps_from_logprobs
+from tasks.teacher.label_probs import LabelMatcher, label_distribution, steps_from_logprobs
 from tests.fake_openai import fake_logprobs
 
 L = math.log

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from distill.tasks.cache import CachedAnswer, KeyMaker, ResponseCache, model_history_scan, request_key
+from tasks.teacher.cache import CachedAnswer, KeyMaker, ResponseCache, model_history_scan, request_key
 
 SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "stop": ["\n"], "seed": 0, "logprobs": 5}
 
@@ -120,7 +120,7 @@ def test_key_maker_gives_the_request_keys():
 
 
 def _plan_seconds(cfg, shards, template, prices, counter, repeats: int = 3) -> tuple[float, dict]:
-    from distill.tasks.plan import make_plan
+    from tasks.teacher.plan import make_plan
 
     best, plan = float("inf"), {}
     for _ in range(repeats):
@@ -136,9 +136,9 @@ def test_plan_time_does_not_grow_with_the_cache(tmp_path, binary_prompt):
     import pyarrow.parquet as pq
 
     from distill.config import config_from_dict
-    from distill.tasks.pricing import resolve_prices
-    from distill.tasks.prompting import load_prompt
-    from distill.tasks.tokens import counter_for
+    from tasks.accounting.pricing import resolve_prices
+    from tasks.templates.label import load_prompt
+    from tasks.templates.tokens import counter_for
     from tests.fake_openai import FAKE_PRICES
 
     shard = tmp_path / "part-00000.parquet"
@@ -212,7 +212,7 @@ def test_annotate_memory_is_flat_from_2k_to_20k_items(tmp_path, prefect_api):
 
 def test_hash_set_answers_as_a_python_set_across_merges():
     """The loader's duplicate finder: same membership as ``set`` before, at and after each merge into the array."""
-    from distill.tasks.hashset import HashSet64
+    from tasks.data.hashset import HashSet64
 
     rng = random.Random(7)
     members = [rng.getrandbits(64) for _ in range(5000)] + [0, 2**64 - 1]

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from distill.tasks import lora_student as ls
+from tasks.generate import lora as ls
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".distill" / "models"

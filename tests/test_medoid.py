@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from rouge_score.rouge_scorer import RougeScorer
 
-from distill.tasks.medoid import (INVALID_EMPTY, INVALID_MISSING, INVALID_TOO_LONG, INVALID_TRUNCATED, medoid_frame,
+from tasks.generate.medoid import (INVALID_EMPTY, INVALID_MISSING, INVALID_TOO_LONG, INVALID_TRUNCATED, medoid_frame,
                           medoid_stats, pairwise_similarity, sample_invalid_reason, select_medoid)
 
 
@@ -16,7 +16,7 @@ def _rl(a: str, b: str) -> float:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from distill.tasks.medoid import get_embedder
+    from tasks.generate.medoid import get_embedder
 
     return get_embedder()
 
@@ -193,7 +193,7 @@ def test_shards_keep_a_sentence_cut_after_and_score_invalid_singles_as_empty(tmp
     """The medoid and the single-sample figure apply the same validity rules to the same samples."""
     import pandas as pd
 
-    from distill.tasks.generate_task import medoid_shards, teacher_gold_scores
+    from tasks.generate.work import medoid_shards, teacher_gold_scores
 
     ref = "The council approved a new bridge over the river."
     ann = pd.DataFrame({

@@ -9,7 +9,7 @@ import yaml
 
 from distill.cli import main as cli_main
 from distill.config import DistillConfig
-from distill.tasks.preflight import PreflightError, check_outputs
+from tasks.pipeline.preflight import PreflightError, check_outputs
 from tests.conftest import free_port
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data

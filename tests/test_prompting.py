@@ -1,6 +1,6 @@
 import pytest
 
-from distill.tasks.prompting import PromptError, load_prompt
+from tasks.templates.label import PromptError, load_prompt
 from tests.conftest import REPO
 
 
@@ -125,7 +125,7 @@ def test_spliced_rendering_is_what_jinja_renders(template):
     ("{% for text in [1] %}{{ text }}{% endfor %}", False),
 ])
 def test_templates_that_transform_the_text_render_with_jinja(body, bare):
-    from distill.tasks.prompting import SlotTemplate
+    from tasks.templates.label import SlotTemplate
 
     s = SlotTemplate(body)
     assert s.bare is bare

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("mlflow")
 
 from distill.config import StudentConfig  # noqa: E402
-from distill.tasks.registry import decide, log_student_model, register_and_gate, setup_tracking  # noqa: E402
-from distill.tasks.train import train_student  # noqa: E402
+from tasks.registry.gate import decide, log_student_model, register_and_gate, setup_tracking  # noqa: E402
+from tasks.classify.train import train_student  # noqa: E402
 
 LABELS = ["positive", "negative"]
 POS = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
@@ -83,10 +83,11 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     assert ((out["score"] > 0) & (out["score"] <= 1)).all()
 
     # only what loading and predicting imports travels with the model, not the whole tasks/ folder
-    from distill.tasks.model_code import CLASSIFIER_CODE
+    from tasks.registry.model_code import CLASSIFIER_CODE
 
     local = mlflow.artifacts.download_artifacts("models:/m@champion")
-    shipped = sorted(p.name for p in (Path(local) / "code" / "distill" / "tasks").iterdir() if p.suffix == ".py")
+    code = Path(local) / "code" / "tasks"
+    shipped = sorted(str(p.relative_to(code)) for p in code.rglob("*.py") if p.name != "__init__.py")
     assert shipped == sorted(CLASSIFIER_CODE)
 
 
@@ -103,7 +104,7 @@ class _Broken(__import__("mlflow").pyfunc.PythonModel):
 def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student_dir, monkeypatch):
     import mlflow
 
-    from distill.tasks.registry import find_candidate, gated_registration
+    from tasks.registry.gate import find_candidate, gated_registration
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

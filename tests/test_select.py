@@ -6,8 +6,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from distill.tasks import select
-from distill.tasks.data import write_shards
+from tasks.data import select
+from tasks.data.readers import write_shards
 
 
 def pool(tmp_path, n=20):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from distill.tasks.text_metrics import bertscore, output_shares, rouge
+from tasks.generate.metrics import bertscore, output_shares, rouge
 
 
 def test_rouge_identical_disjoint_and_empty():

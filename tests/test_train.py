@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from distill.config import StudentConfig  # noqa: E402
-from distill.tasks.inference import StudentPredictor  # noqa: E402
-from distill.tasks.train import (TrainData, build_train_data, class_weights, distill_loss, soft_cross_entropy,  # noqa: E402
+from tasks.classify.inference import StudentPredictor  # noqa: E402
+from tasks.classify.train import (TrainData, build_train_data, class_weights, distill_loss, soft_cross_entropy,  # noqa: E402
                          split_train_val, target_log_prior, train_student)
 
 
@@ -153,7 +153,7 @@ def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     assert all(0.5 < s <= 1.0 for s in scores)
     # the untrained head (same base, fresh init) does not already know this
     from transformers import AutoModelForSequenceClassification
-    from distill.tasks.train import resolve_student_path
+    from tasks.classify.train import resolve_student_path
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_student_path("auto"), num_labels=2)
     enc = pred.tok(probe, padding=True, return_tensors="pt")
@@ -176,11 +176,11 @@ def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
 
 
 def test_several_gpus_train_under_accelerate_one_or_none_in_process(monkeypatch):
-    from distill.tasks import train
+    from tasks.classify import train
 
     assert train.accelerate_command(0, "a.json", {}) is None and train.accelerate_command(1, "a.json", {}) is None
     cmd = train.accelerate_command(4, "a.json", {})
-    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "-m", "distill.tasks.train",
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "-m", "tasks.classify.train",
                        "a.json"]
     assert train.accelerate_command(4, "a.json", {"LOCAL_RANK": "0"}) is None  # already a rank of a launch
     # what the device pick reports on a machine with 4 bf16 GPUs

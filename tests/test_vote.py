@@ -1,5 +1,5 @@
 import pytest
-from distill.tasks.vote import majority_vote, vote_frame
+from tasks.classify.aggregate import majority_vote, vote_frame
 import pandas as pd
 
 
@@ -51,7 +51,7 @@ def test_vote_frame_keeps_every_row():
 
 
 def test_mean_probability_averages_distributions_and_counts_failures_against_confidence():
-    from distill.tasks.vote import mean_probability
+    from tasks.classify.aggregate import mean_probability
 
     labels = ["positive", "negative"]
     r = mean_probability(["positive", "negative", "positive"], [[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]], labels)
@@ -69,7 +69,7 @@ def test_mean_probability_averages_distributions_and_counts_failures_against_con
 
 
 def test_mean_probability_ties_and_empty_items_abstain_with_reasons():
-    from distill.tasks.vote import mean_probability
+    from tasks.classify.aggregate import mean_probability
 
     labels = ["positive", "negative"]
     r = mean_probability(["positive", "negative"], [[0.5, 0.5], [0.5, 0.5]], labels)

@@ -1,0 +1,140 @@
+"""Teacher prices: resolved before any request, applied to every attempt.
+
+Why a module of its own: peers show "N/A" for unpriced models and forget retries. Here a
+teacher without a price is an error before the first request (unless the run marks it
+free), and the cost is computed from the attempt ledger, so retries, invalid answers and
+failed calls that reported usage are all on the bill. A local or self-hosted teacher is
+priced by the hours its hardware is busy with the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from distill.config import DistillConfig, ModelPrice, read_yaml
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class PricingError(ValueError):
+    """A teacher has no usable price; the message names the model and how to price it."""
+
+
+@dataclass(frozen=True)
+class TeacherPrice:
+    """The resolved price of one teacher endpoint: per token, per busy hour, or free."""
+
+    model: str
+    kind: str  # "tokens" | "hourly" | "free"
+    input_per_mtok: float = 0.0  # batch discount already applied when the run bills at batch rate
+    output_per_mtok: float = 0.0
+    per_request_usd: float = 0.0
+    usd_per_hour: float = 0.0
+    batch_discount: float = 0.0
+    batch: bool = False
+    kwh_per_request: Optional[float] = None
+    kwh_per_1k_output_tokens: Optional[float] = None
+    source: str = ""
+
+    def token_cost(self, prompt_tokens: Optional[int], completion_tokens: Optional[int], requests: int = 1) -> float:
+        """USD for token usage (0 for hourly and free endpoints: those are priced by time)."""
+        if self.kind != "tokens":
+            return 0.0
+        return ((prompt_tokens or 0) * self.input_per_mtok + (completion_tokens or 0) * self.output_per_mtok) / 1e6 \
+            + requests * self.per_request_usd
+
+    def batch_variant(self) -> "TeacherPrice":
+        """The same model billed through the provider's batch API."""
+        if self.kind != "tokens" or self.batch or not self.batch_discount:
+            return self
+        f = 1.0 - self.batch_discount
+        return TeacherPrice(**{**self.__dict__, "input_per_mtok": self.input_per_mtok * f,
+                               "output_per_mtok": self.output_per_mtok * f, "batch": True})
+
+    def describe(self) -> str:
+        if self.kind == "free":
+            return f"{self.model}: free ({self.source})"
+        if self.kind == "hourly":
+            return f"{self.model}: ${self.usd_per_hour:g}/hour of busy hardware ({self.source})"
+        fee = f" + ${self.per_request_usd:g}/request" if self.per_request_usd else ""
+        batch = " at batch rate" if self.batch else ""
+        return (f"{self.model}: ${self.input_per_mtok:g} in / ${self.output_per_mtok:g} out per 1M tokens{fee}{batch} "
+                f"({self.source})")
+
+
+def load_table(path: str | Path) -> dict[str, ModelPrice]:
+    """Read a price table; errors name the file and the model entry."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO / p).exists():
+        p = REPO / p  # the bundled table, when run from another directory
+    raw = read_yaml(p, PricingError, "price table (pricing.table)")
+    models = raw.get("models") if isinstance(raw, dict) else None
+    if not isinstance(models, dict):
+        raise PricingError(f"{p}: expected a top-level 'models:' mapping of model name -> prices")
+    out: dict[str, ModelPrice] = {}
+    for name, entry in models.items():
+        try:
+            out[str(name)] = ModelPrice.model_validate(entry or {})
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'entry'}: {err['msg']}" for err in e.errors())
+            raise PricingError(f"{p}: models.{name}: {msgs}") from None
+    return out
+
+
+def _from_entry(model: str, e: ModelPrice, batch: bool, source: str) -> TeacherPrice:
+    common: dict[str, Any] = {"kwh_per_request": e.kwh_per_request, "kwh_per_1k_output_tokens": e.kwh_per_1k_output_tokens,
+                              "source": e.source or source}
+    if e.free:
+        return TeacherPrice(model, "free", **common)
+    if e.usd_per_hour is not None:
+        return TeacherPrice(model, "hourly", usd_per_hour=e.usd_per_hour, **common)
+    tp = TeacherPrice(model, "tokens", input_per_mtok=e.input_per_mtok, output_per_mtok=e.output_per_mtok,
+                      per_request_usd=e.per_request_usd, batch_discount=e.batch_discount, **common)
+    return tp.batch_variant() if batch else tp
+
+
+def resolve_price(model: str, local: bool, cfg: DistillConfig, table: Optional[dict[str, ModelPrice]] = None) -> TeacherPrice:
+    """Price of ``model``: run overrides, then the local hardware rate, then the table; else an error."""
+    pc = cfg.pricing
+    if pc.free:
+        return TeacherPrice(model, "free", source="marked free by pricing.free")
+    if model in pc.models:
+        return _from_entry(model, pc.models[model], pc.batch, "pricing.models in the run config")
+    if local:
+        return TeacherPrice(model, "hourly", usd_per_hour=pc.hardware_usd_per_hour,
+                            source=f"local teacher on {pc.hardware_name} at pricing.hardware_usd_per_hour")
+    table = load_table(pc.table) if table is None else table
+    if model in table:
+        return _from_entry(model, table[model], pc.batch, pc.table)
+    raise PricingError(
+        f"teacher model {model!r} has no price: add it to {pc.table} or to pricing.models in the run config "
+        f"(input_per_mtok/output_per_mtok, or usd_per_hour for a self-hosted server), or set pricing.free: true "
+        f"if it really costs nothing. No request was sent."
+    )
+
+
+def resolve_prices(cfg: DistillConfig) -> list[TeacherPrice]:
+    """One price per endpoint of the run: index 0 the main teacher, then teacher.members in order."""
+    t = cfg.teacher
+    table = None if cfg.pricing.free else _table_if_needed(cfg)
+    prices = [resolve_price(t.model, t.local, cfg, table)]
+    for m in t.members:
+        prices.append(resolve_price(m.model, t.local and m.base_url is None, cfg, table))
+    return prices
+
+
+def _table_if_needed(cfg: DistillConfig) -> Optional[dict[str, ModelPrice]]:
+    t = cfg.teacher
+    models = [(t.model, t.local)] + [(m.model, t.local and m.base_url is None) for m in t.members]
+    if all(local or name in cfg.pricing.models for name, local in models):
+        return {}
+    return load_table(cfg.pricing.table)
+
+
+def busy_cost(price: TeacherPrice, busy_s: float) -> float:
+    return price.usd_per_hour * busy_s / 3600.0 if price.kind == "hourly" else 0.0
