@@ -69,7 +69,7 @@ def build_requests(config: str, items: int, samples: int, logprobs: bool, order:
 
     from distill.config import load_config
     from tasks.teacher.shard import plan_shard
-    from tasks.templates.label import load_prompt
+    from tasks.templates.load import load_prompt
 
     sets = [f"teacher.samples={samples}", f"teacher.logprobs={str(logprobs).lower()}"]
     cfg = load_config(config, sets + ([f"teacher.max_tokens={max_tokens}"] if max_tokens else []))

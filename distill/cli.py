@@ -38,13 +38,14 @@ def _write_summary_json(path: Optional[str], summary: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from tasks.teacher.plan import plan_run, plan_text
+    from tasks.pipeline.stages import plan_run
+    from tasks.teacher.plan import plan_text
 
     cfg = _load(args)
     plan = plan_run(cfg)
     print(f"== distill plan: {cfg.run_name} (nothing sent) ==")
     print(plan_text(plan))
-    _write_summary_json(args.json, plan)
+    _write_summary_json(args.json, plan.as_dict())
     return 0
 
 
@@ -57,7 +58,7 @@ def _print_plan(summary: dict, args: argparse.Namespace) -> int:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from flows.annotate import annotate_flow
-    from tasks.pipeline.annotation_report import terminal_summary
+    from tasks.pipeline.report import terminal_summary
 
     cfg = _load(args)
     summary = annotate_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run)
@@ -73,7 +74,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.distillation import distill_flow
 
-    from tasks.pipeline.annotation_report import terminal_summary
+    from tasks.pipeline.report import terminal_summary
 
     cfg = _load(args)
     summary = distill_flow(cfg, show_progress=not args.no_progress, dry_run=args.dry_run, fresh=args.fresh)
@@ -297,7 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from distill.config import ConfigError
     from tasks.data.readers import DataError
     from tasks.teacher.local_server import TeacherServerError
-    from tasks.templates.label import PromptError
+    from tasks.templates.base import PromptError
     from distill.runtime import SecretError
     from tasks.accounting.budget import BudgetExhausted
     from tasks.accounting.pricing import PricingError

@@ -2,7 +2,7 @@
 
 Usable alone (``distill annotate CONFIG``, or ``annotate_flow(cfg)`` from Python): the
 teacher's half of the ``distill`` flow, without training. The stages are the same
-functions the ``distill`` flow calls (tasks/pipeline/annotation.py); tasks are coarse, one
+functions the ``distill`` flow calls (tasks/pipeline/stages.py); tasks are coarse, one
 per stage and one per shard of a few thousand items, never one per item.
 """
 
@@ -12,11 +12,10 @@ from prefect import flow
 
 from distill.config import DistillConfig
 from distill.runtime import set_offline_env
-from tasks.pipeline.annotation import (aggregate_answers, annotate_items, dry_run_result, load_inputs,
-                                       plan_annotation, preflight, report_task)
+from tasks.pipeline import stages
 from tasks.pipeline.checkpoints import run_lock
-from tasks.pipeline.report import annotation_summary
 from tasks.pipeline.run import StageClock
+from tasks.pipeline.summary import annotation_summary
 
 set_offline_env()
 
@@ -29,14 +28,14 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
     """
     cfg, clock = config, StageClock()
     with run_lock(cfg.run_dir, "annotate"):
-        loaded = clock.stage("load", load_inputs, cfg)
-        plan = clock.stage("plan", plan_annotation, cfg, loaded)
+        loaded = clock.stage("load", stages.load, cfg)
+        plan = clock.stage("plan", stages.plan, cfg, loaded)
         if dry_run:
-            return dry_run_result(cfg, plan)
-        clock.stage("preflight", preflight, cfg, loaded)
-        ann = clock.stage("annotate", annotate_items, cfg, loaded, plan, show_progress)
-        agg = clock.stage("aggregate", aggregate_answers, cfg, ann)
-        return report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock), str(cfg.run_dir))
+            return stages.dry_run_result(cfg, plan)
+        clock.stage("preflight", stages.preflight, cfg, loaded)
+        ann = clock.stage("annotate", stages.annotate, cfg, loaded, plan, show_progress)
+        agg = clock.stage("aggregate", stages.aggregate, cfg, ann)
+        return stages.report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock), str(cfg.run_dir))
 
 
 __all__ = ["annotate_flow"]

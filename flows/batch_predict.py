@@ -20,9 +20,10 @@ from distill.config import PredictConfig
 from distill.runtime import run_logger
 from tasks.registry.predict import ShardPrediction, merge_predictions, predict_shard, resolve_model
 from tasks.accounting.carbon import grid_intensity, measure_energy
-from tasks.data.readers import DataReport, iter_items, write_shards
-from tasks.registry.gate import tracking_uri as resolve_tracking_uri
-from tasks.pipeline.runners import task_runner_for
+from tasks.data.readers import iter_items, write_shards
+from tasks.results.data import DataReport
+from tasks.registry.tracking import tracking_uri as resolve_tracking_uri
+from distill.runtime import task_runner_for
 
 
 def job_dir(cfg: PredictConfig, model_uri: str) -> Path:

@@ -1,13 +1,13 @@
 """The ``distill`` flow: load -> plan -> preflight -> annotate -> aggregate -> train -> evaluate -> register.
 
 The body is the DAG, one line per stage; each stage returns a typed result
-(tasks/results/stages.py). What differs between labelling and writing (aggregation, the
-student, its evaluation and gate, the report's table) is asked of the task type
-(tasks/pipeline/task_types.py). Timing and the MLflow runs (one parent per flow run, tagged with
-the Prefect flow run; nested runs for the teacher's stages, training and evaluation) live
-in :class:`tasks.pipeline.run.DistillRun`; the report's arithmetic in tasks/pipeline/report.py and
-the task type's stages module. Training and inference run under codecarbon's offline
-tracker; the run ends with the teacher's bill and the per-1M-items projection.
+(tasks/results/stages.py). The teacher's half is tasks/pipeline/stages.py; what differs
+between labelling and writing (aggregation, the student, its evaluation and gate, the
+report's table) is asked of the task type (tasks/pipeline/task_types.py). Timing and the
+MLflow runs (one parent per flow run, tagged with the Prefect flow run; nested runs for
+the teacher's stages, training and evaluation) live in
+:class:`tasks.pipeline.run.DistillRun`. Training and inference run under codecarbon's
+offline tracker; the run ends with the teacher's bill and the per-1M-items projection.
 """
 
 from typing import Any
@@ -17,7 +17,7 @@ from prefect import flow
 from distill.config import DistillConfig
 from distill.runtime import set_offline_env
 from flows.annotate import annotate_flow
-from tasks.pipeline.annotation import aggregate_answers, annotate_items, load_inputs, plan_annotation, preflight
+from tasks.pipeline import stages
 from tasks.pipeline.run import DistillRun
 from tasks.pipeline.task_types import task_kind
 
@@ -39,16 +39,16 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
     if dry_run:
         return annotate_flow(cfg, show_progress=show_progress, dry_run=True)
     with DistillRun(cfg, fresh) as run:
-        loaded = run.stage("load", load_inputs, cfg, child="annotate")
-        plan = run.stage("plan", plan_annotation, cfg, loaded, child="annotate")
-        run.stage("preflight", preflight, cfg, loaded)
-        ann = run.stage("annotate", annotate_items, cfg, loaded, plan, show_progress, child="annotate")
-        agg = run.stage("aggregate", aggregate_answers, cfg, ann, child="annotate")
+        loaded = run.stage("load", stages.load, cfg, child="annotate")
+        plan = run.stage("plan", stages.plan, cfg, loaded, child="annotate")
+        run.stage("preflight", stages.preflight, cfg, loaded)
+        ann = run.stage("annotate", stages.annotate, cfg, loaded, plan, show_progress, child="annotate")
+        agg = run.stage("aggregate", stages.aggregate, cfg, ann, child="annotate")
         teacher = run.teacher_report(loaded, plan, ann, agg)
         model = run.stage("train", task.train, cfg, agg, show_progress, child="train")
-        ev = run.stage("evaluate", task.evaluate, cfg, agg, model, teacher.get("teacher_items_per_s"), child="evaluate")
+        ev = run.stage("evaluate", task.evaluate, cfg, agg, model, ann.speed.teacher_items_per_s, child="evaluate")
         reg = run.stage("register", task.register, cfg, agg, model, ev, run.run_id)
-        return run.report(task, teacher, model, ev, reg)
+        return run.report(task, ann, teacher, model, ev, reg)
 
 
 __all__ = ["distill_flow"]

@@ -87,3 +87,15 @@ def write_binary_prompt(folder: Path) -> Path:
 @pytest.fixture
 def binary_prompt(tmp_path: Path) -> Path:
     return write_binary_prompt(tmp_path)
+
+
+def shard_settings(cfg, template, base_url: str, api_key=None, run_id: str = "r", *, prices=None, counter=None,
+                   members=None):
+    """What ``annotate_shard`` asks with, from a run config: the main endpoint (and ``members`` as (url, key) pairs)."""
+    from tasks.teacher.client import Endpoint
+    from tasks.teacher.shard import ShardSettings
+
+    check = cfg.teacher.check_model
+    endpoints = [Endpoint(base_url, api_key, 0, check)] + [Endpoint(u, k, i, check)
+                                                          for i, (u, k) in enumerate(members or [], start=1)]
+    return ShardSettings(template, cfg.teacher, cfg.client, endpoints, run_id, list(prices or []), counter)

@@ -19,7 +19,9 @@ pytest.importorskip("mlflow")
 
 from distill.cli import main as cli_main  # noqa: E402
 from distill.config import PredictConfig, StudentConfig  # noqa: E402
-from tasks.registry.gate import log_student_model, register_and_gate, setup_tracking  # noqa: E402
+from tasks.classify.pyfunc import log_student_model  # noqa: E402
+from tasks.classify.register import register_classifier  # noqa: E402
+from tasks.registry.tracking import setup_tracking  # noqa: E402
 from tasks.classify.train import train_student  # noqa: E402
 
 LABELS = ["positive", "negative"]
@@ -37,15 +39,16 @@ def champion(tmp_path_factory):
     p = tmp / "v.parquet"
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows * 3, columns=["text", "votes", "label", "confidence"])), p)
     cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20)
-    model_dir = train_student([str(p)], LABELS, str(tmp / "out"), cfg, 0.6, show_progress=False)["model_dir"]
+    model_dir = train_student([str(p)], labels=LABELS, out_dir=str(tmp / "out"), student=cfg, min_agreement=0.6, show_progress=False).model_dir
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     setup_tracking(uri, "batch-test")
     with mlflow.start_run() as run:
         info = log_student_model(model_dir, "fp32", 16, POS[:2])
-        r = register_and_gate(info.model_uri, "batch-m", 0.9, POS + NEG, ["positive"] * 6 + ["negative"] * 6, LABELS,
-                              0.5, 0.0, run.info.run_id)
-    assert r["promoted"]
+        r = register_classifier(info.model_uri, model_name="batch-m", score=0.9, gold_texts=POS + NEG,
+                                gold_labels=["positive"] * 6 + ["negative"] * 6, labels=LABELS, floor=0.5, margin=0.0,
+                                run_id=run.info.run_id)
+    assert r.promoted
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:

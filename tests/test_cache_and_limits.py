@@ -7,7 +7,7 @@ import pytest
 
 from tasks.teacher.cache import CachedAnswer, ResponseCache, request_key
 from tasks.teacher.ratelimit import RateLimiter, TokenBucket, estimate_tokens
-from tasks.teacher.client import backoff_delay, parse_retry_after, redact
+from tasks.teacher.responses import backoff_delay, parse_retry_after, redact
 
 SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 3, "stop": ["\n"], "seed": 0}
 

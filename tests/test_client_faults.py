@@ -11,7 +11,8 @@ import pytest
 from distill.config import config_from_dict
 from tasks.teacher.shard import annotate_shard
 from tasks.teacher.cache import ResponseCache
-from tasks.templates.label import load_prompt
+from tasks.templates.load import load_prompt
+from tests.conftest import shard_settings
 from tests.fake_openai import FAKE_PRICES
 
 SECRET = "sk-test-DO-NOT-LEAK-123"
@@ -49,7 +50,8 @@ def test_every_fault_ends_annotated_or_explicitly_failed(tmp_path, fake_teacher,
     cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
     tpl = load_prompt(str(binary_prompt))
     out = tmp_path / "ann.parquet"
-    res = annotate_shard(str(in_path), str(out), cfg, tpl, fake_teacher.base_url, SECRET, "run1", show_progress=False)
+    res = annotate_shard(str(in_path), str(out), shard_settings(cfg, tpl, fake_teacher.base_url, SECRET, "run1"),
+                         show_progress=False)
     df = pq.read_table(out).to_pandas().set_index("id")
 
     assert len(df) == len(items)  # nothing lost
@@ -72,27 +74,27 @@ def test_every_fault_ends_annotated_or_explicitly_failed(tmp_path, fake_teacher,
             want = "positive" if "good" in items.set_index("id").loc[rid, "text"] else "negative"
             assert list(row["votes"]) == [want, want]
 
-    s = res.stats
+    s = res.client
     # the client's counts match what the server saw
-    assert s["requests_sent"] == len(fake_teacher.received)
-    assert s["tokens_in"] == fake_teacher.tokens_in and s["tokens_out"] == fake_teacher.tokens_out
-    assert s["requests_ok"] == sum(fake_teacher.delivered_ok.values())
-    assert s["requests_failed"] == 2 * 2 * 2  # dead and 401 items: 2 items x 2 samples each
+    assert s.requests_sent == len(fake_teacher.received)
+    assert s.tokens_in == fake_teacher.tokens_in and s.tokens_out == fake_teacher.tokens_out
+    assert s.requests_ok == sum(fake_teacher.delivered_ok.values())
+    assert s.requests_failed == 2 * 2 * 2  # dead and 401 items: 2 items x 2 samples each
     # 401 is not retried, [dead] is tried max_attempts times
     n401 = sum(1 for b in fake_teacher.received if "[401]" in b)
     ndead = sum(1 for b in fake_teacher.received if "[dead]" in b)
     assert n401 == 4 and ndead == 4 * 4
-    assert s["status_counts"]["http_429"] == 4 and s["status_counts"]["timeout"] == 4
-    assert s["status_counts"]["bad_json"] == 8  # malformed JSON and the HTML page with status 200
+    assert s.status_counts["http_429"] == 4 and s.status_counts["timeout"] == 4
+    assert s.status_counts["bad_json"] == 8  # malformed JSON and the HTML page with status 200
 
     # the ledger agrees, attempt by attempt
     cache = ResponseCache(cfg.client.cache_path)
     tot = cache.ledger_totals("run1")
-    assert tot["attempts"] == s["requests_sent"] and tot["ok"] == s["requests_ok"]
-    assert tot["tokens_in"] == s["tokens_in"] and tot["tokens_out"] == s["tokens_out"]
+    assert tot["attempts"] == s.requests_sent and tot["ok"] == s.requests_ok
+    assert tot["tokens_in"] == s.tokens_in and tot["tokens_out"] == s.tokens_out
     # errors are never cached
     n_cached = cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-    assert n_cached == s["requests_ok"]
+    assert n_cached == s.requests_ok
     cache.close()
 
     # the key went out in the header and nowhere else
@@ -104,8 +106,9 @@ def test_every_fault_ends_annotated_or_explicitly_failed(tmp_path, fake_teacher,
     # a rerun re-sends only what failed before
     fake_teacher.reset_counts()
     out.unlink()
-    res2 = annotate_shard(str(in_path), str(out), cfg, tpl, fake_teacher.base_url, SECRET, "run2", show_progress=False)
-    assert res2.stats["requests_cached"] == s["requests_ok"]
+    res2 = annotate_shard(str(in_path), str(out), shard_settings(cfg, tpl, fake_teacher.base_url, SECRET, "run2"),
+                          show_progress=False)
+    assert res2.client.requests_cached == s.requests_ok
     assert all("[dead]" in b or "[401]" in b for b in fake_teacher.received)
 
 
@@ -117,8 +120,8 @@ def test_requests_per_minute_limit_is_respected(tmp_path, fake_teacher, binary_p
     cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url, requests_per_minute=1200)  # 20/s, burst 20
     cfg.teacher.samples = 1
     t0 = time.monotonic()
-    annotate_shard(str(p), str(tmp_path / "o.parquet"), cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url,
-                   None, "r", show_progress=False)
+    annotate_shard(str(p), str(tmp_path / "o.parquet"),
+                   shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url), show_progress=False)
     assert time.monotonic() - t0 >= 0.45  # 20 at once, 10 more at 20/s
     assert len(fake_teacher.received) == 30
 
@@ -130,7 +133,7 @@ def test_n_choices_in_one_request(tmp_path, fake_teacher, binary_prompt):
     cfg.teacher.supports_n = True
     cfg.teacher.samples = 3
     out = tmp_path / "o.parquet"
-    annotate_shard(str(p), str(out), cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, None, "r",
+    annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
                    show_progress=False)
     assert len(fake_teacher.received) == 2  # one request per item carrying n=3
     df = pq.read_table(out).to_pandas()
@@ -144,7 +147,7 @@ def test_chat_and_completion_modes(tmp_path, fake_teacher, binary_prompt, mode):
     cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
     cfg.teacher.mode = mode
     out = tmp_path / "o.parquet"
-    annotate_shard(str(p), str(out), cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, None, "r",
+    annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
                    show_progress=False)
     assert list(pq.read_table(out).to_pandas()["votes"][0]) == ["positive", "positive"]
     assert ("messages" in fake_teacher.received[0]) == (mode == "chat")
@@ -164,9 +167,9 @@ def test_votes_across_teachers(tmp_path, fake_teacher, binary_prompt, monkeypatc
                         {"model": "small"}],
         })
         out = tmp_path / "o.parquet"
-        annotate_shard(str(p), str(out), cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, None, "r",
-                       show_progress=False, member_endpoints=[(fake_teacher.base_url, None), (second.base_url, None),
-                                                              (fake_teacher.base_url, None)])
+        members = [(fake_teacher.base_url, None), (second.base_url, None), (fake_teacher.base_url, None)]
+        annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url,
+                                                        members=members), show_progress=False)
         df = pq.read_table(out).to_pandas()
         assert [list(v) for v in df["votes"]] == [["positive", "negative", "positive"],
                                                   ["negative", "positive", "negative"]]

@@ -77,7 +77,7 @@ def test_shipped_configs_validate():
         # every shipped config prices its teacher (an unpriced one would fail before its first request)
         from tasks.accounting.pricing import resolve_prices
 
-        assert resolve_prices(cfg)
+        assert resolve_prices(cfg.teacher, cfg.pricing)
     assert seen >= 2
 
 

@@ -17,10 +17,11 @@ from tasks.teacher.shard import annotate_shard
 from tasks.accounting.budget import SpendMeter
 from tasks.accounting.carbon import grid_intensity, remote_teacher_energy
 from tasks.accounting.costs import projection
-from tasks.accounting.pricing import PricingError, TeacherPrice, load_table, resolve_price, resolve_prices
-from tasks.templates.label import load_prompt
+from tasks.accounting.pricing import PricingError, load_table, resolve_price, resolve_prices
+from tasks.results.accounting import TeacherPrice, figures_of
+from tasks.templates.load import load_prompt
 from tasks.templates.tokens import heuristic_counter
-from tests.conftest import REPO
+from tests.conftest import REPO, shard_settings
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI
 
 
@@ -79,12 +80,12 @@ def test_bundled_table_loads_and_run_overrides_win(tmp_path, binary_prompt):
     cfg = config_from_dict(base_cfg(tmp_path, binary_prompt, "http://x/v1", pricing={
         "table": str(REPO / "configs/prices.yaml"), "models": {"gpt-4o-mini": {"input_per_mtok": 9, "output_per_mtok": 9}},
         "batch": True}))
-    assert resolve_price("gpt-4o-mini", False, cfg).input_per_mtok == 9  # run override, no batch discount given
-    assert resolve_price("gpt-4o", False, cfg).input_per_mtok == pytest.approx(1.25)  # table, at batch rate
-    local = resolve_price("teacher-x", True, cfg)
+    assert resolve_price("gpt-4o-mini", False, cfg.pricing).input_per_mtok == 9  # run override, no batch discount given
+    assert resolve_price("gpt-4o", False, cfg.pricing).input_per_mtok == pytest.approx(1.25)  # table, at batch rate
+    local = resolve_price("teacher-x", True, cfg.pricing)
     assert local.kind == "hourly" and local.usd_per_hour == cfg.pricing.hardware_usd_per_hour
     with pytest.raises(PricingError, match="'mystery'.*pricing.free"):
-        resolve_price("mystery", False, cfg)
+        resolve_price("mystery", False, cfg.pricing)
 
 
 def test_bad_table_names_file_and_model(tmp_path):
@@ -217,10 +218,10 @@ def test_every_attempt_is_priced_retries_failures_and_missing_usage(tmp_path, bi
     in_path = tmp_path / "shard.parquet"
     pd.DataFrame(rows).to_parquet(in_path)
     cfg = config_from_dict(base_cfg(tmp_path, binary_prompt, fake_teacher.base_url))
-    price = resolve_prices(cfg)[0]
-    res = annotate_shard(str(in_path), str(tmp_path / "out.parquet"), cfg, load_prompt(str(binary_prompt)),
-                         fake_teacher.base_url, None, "r1", show_progress=False, prices=[price],
-                         counter=heuristic_counter())
+    price = resolve_prices(cfg.teacher, cfg.pricing)[0]
+    res = annotate_shard(str(in_path), str(tmp_path / "out.parquet"),
+                         shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, None, "r1",
+                                        prices=[price], counter=heuristic_counter()), show_progress=False)
     # what the server reported (answers + the billed 500s) plus what distill had to estimate (no usage)
     counter = heuristic_counter()
     nousage = [json.loads(b) for b in fake_teacher.delivered_ok if "[nousage]" in b]
@@ -230,8 +231,8 @@ def test_every_attempt_is_priced_retries_failures_and_missing_usage(tmp_path, bi
     expected = price.token_cost(fake_teacher.tokens_in + fake_teacher.billed_in + est_in,
                                 fake_teacher.tokens_out + fake_teacher.billed_out + est_out, 0)
     assert fake_teacher.billed_in > 0
-    assert res.stats["spent_usd"] == pytest.approx(expected, rel=1e-9)
-    assert res.stats["tokens_counted"] == est_in + est_out
+    assert res.spend.spent_usd == pytest.approx(expected, rel=1e-9)
+    assert res.client.tokens_counted == est_in + est_out
     db = sqlite3.connect(cfg.client.cache_path)
     src = dict(db.execute("SELECT usage_source, COUNT(*) FROM attempts WHERE status='ok' GROUP BY 1").fetchall())
     assert src == {"reported": len(rows) * 2 - 2, "estimated": 2}
@@ -329,7 +330,7 @@ def test_plan_is_within_10_percent_of_the_run(tmp_path, binary_prompt, how, caps
 
 def test_plan_refuses_a_max_tokens_that_cannot_hold_a_label(tmp_path):
     from tasks.teacher.plan import check_max_tokens
-    from tasks.templates.label import PromptError
+    from tasks.templates.base import PromptError
     from tasks.templates.tokens import hf_counter
 
     p = tmp_path / "p.yaml"
@@ -357,14 +358,23 @@ def test_grid_intensity_and_remote_energy_estimate():
 
 
 def test_projection_per_million_items(tmp_path, binary_prompt):
+    from tasks.accounting.costs import StudentSpeed
+    from tasks.results.accounting import TeacherBill
+    from tasks.results.teacher import TeacherSpeed
+
     cfg = config_from_dict(base_cfg(tmp_path, binary_prompt, "http://x/v1", teacher={"local": True},
                                     pricing={"hardware_usd_per_hour": 0.36},
                                     reference={"usd_per_hour": 3.6, "power_kw": 0.5, "teacher_throughput_factor": 10,
                                                "student_throughput_factor": 40}))
-    ann = {"teacher_items_per_s": 2.0, "teacher_usd_per_item": 0.36 / 3600 / 2.0, "teacher_kwh_per_item": 1e-5,
-           "teacher_self_hosted": True, "teacher_speed_source": "this run",
-           "teacher_grid_gco2_per_kwh": grid_intensity("USA")}
-    p = projection(cfg, ann, student_items_per_s=500.0, student_kwh_per_item=4e-8, student_kwh_method="m")
+    bill = TeacherBill(
+        teacher_usd=0.0, teacher_usd_method="m", teacher_requests_billed=0, teacher_attempts=0,
+        teacher_usd_failed_attempts=0.0, teacher_busy_s=0.0, teacher_prices=[], teacher_self_hosted=True,
+        teacher_tokens_counted=0, teacher_kwh=None, teacher_gco2=None, teacher_energy_s=0.0, teacher_kwh_method="m",
+        teacher_gco2_method="m", teacher_grid_country="USA", teacher_grid_gco2_per_kwh=grid_intensity("USA"),
+        teacher_kwh_per_item=1e-5, teacher_kwh_per_item_method="measured", teacher_usd_per_item=0.36 / 3600 / 2.0,
+        teacher_usd_per_item_method="measured")
+    p = figures_of(projection(bill=bill, speed=TeacherSpeed(None, 2.0, "this run"), student=StudentSpeed(500.0, 4e-8, "m"),
+                              reference=cfg.reference, energy=cfg.energy, pricing=cfg.pricing, concurrency=2))
     assert p["teacher_hours_per_1m"] == pytest.approx(1e6 / 2 / 3600)
     assert p["teacher_usd_per_1m"] == pytest.approx(50.0)
     assert p["student_hours_per_1m"] == pytest.approx(1e6 / 500 / 3600)

@@ -4,7 +4,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data.readers import DataError, DataReport, iter_items, write_shards
+from tasks.data.readers import DataError, iter_items, write_shards
+from tasks.results.data import DataReport
 
 
 def collect(path, **kw):

@@ -6,7 +6,7 @@ import pytest
 
 from tasks.templates.generation import (cut_words, effective_finish_reason, first_sentences, generation_template_from,
                               load_generation_prompt)
-from tasks.templates.label import PromptError
+from tasks.templates.base import PromptError
 
 
 def test_the_xsum_template_gives_k_distinct_prompts_and_a_zero_shot_student_input() -> None:

@@ -20,8 +20,11 @@ from aiohttp import web
 from distill.config import config_from_dict
 from tasks.teacher.shard import annotate_shard
 from tasks.teacher.cache import ResponseCache
-from tasks.templates.label import load_prompt
-from tasks.teacher.client import TeacherClient, TeacherRequest, is_context_error, model_matches
+from tasks.templates.load import load_prompt
+from distill.config import ClientConfig
+from tasks.teacher.client import Endpoint, TeacherClient, TeacherRequest
+from tasks.teacher.responses import is_context_error, model_matches
+from tests.conftest import shard_settings
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI, item_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +125,8 @@ def annotate_texts(tmp_path, cfg, prompt, base_url, texts):
     p = tmp_path / "shard.parquet"
     pd.DataFrame({"id": [f"i{j}" for j in range(len(texts))], "text": texts}).to_parquet(p)
     out = tmp_path / "ann.parquet"
-    res = annotate_shard(str(p), str(out), cfg, load_prompt(str(prompt)), base_url, None, "run-h", show_progress=False)
+    res = annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(prompt)), base_url, None, "run-h"),
+                         show_progress=False)
     return pq.read_table(out).to_pandas().set_index("id"), res
 
 
@@ -167,9 +171,9 @@ def test_wrong_model_and_missing_choices_are_invalid_with_reason_not_retried_for
     sent = [json.loads(b) for b in hostile_teacher.received]
     assert sum("[wrongmodel]" in b["prompt"] for b in sent) == 2
     assert sum("[nochoices]" in b["prompt"] for b in sent) == 2
-    st = res.stats
-    assert st["status_counts"]["wrong_model"] == 2 and st["status_counts"]["bad_response"] == 2
-    assert st["requests_failed"] == 2 and st["requests_ok"] == 3
+    st = res.client
+    assert st.status_counts["wrong_model"] == 2 and st.status_counts["bad_response"] == 2
+    assert st.requests_failed == 2 and st.requests_ok == 3
     # never cached: a rerun asks again (the server may be fixed by then)
     cache = ResponseCache(cfg.client.cache_path)
     assert cache.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 3
@@ -185,8 +189,9 @@ def test_wrong_model_check_can_be_turned_off(tmp_path, hostile_teacher):
 
     async def go(check):
         req = TeacherRequest(["k"], "/completions", {"model": "gpt-4o", "prompt": "Review: x [wrongmodel]\nSentiment:"}, 10)
-        async with TeacherClient(hostile_teacher.base_url, None, ResponseCache(tmp_path / f"c{check}.sqlite"), "r",
-                                 max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.01, check_model=check) as c:
+        async with TeacherClient(Endpoint(hostile_teacher.base_url, check_model=check),
+                                 ResponseCache(tmp_path / f"c{check}.sqlite"), "r",
+                                 ClientConfig(max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.01)) as c:
             return (await c.run([req]))["k"]
     assert asyncio.run(go(False)).text == " positive"
     assert asyncio.run(go(True)).text is None
@@ -197,8 +202,8 @@ def test_client_outcome_marks_invalid(tmp_path, hostile_teacher):
     async def go():
         reqs = [TeacherRequest([f"k{i}"], "/completions", {"model": "gpt-4o", "prompt": f"Review: x [{m}]\nSentiment:"},
                                10) for i, m in enumerate(["wrongmodel", "nochoices", "ctx400", "snapshot"])]
-        async with TeacherClient(hostile_teacher.base_url, None, ResponseCache(tmp_path / "c.sqlite"), "r",
-                                 max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.01) as c:
+        async with TeacherClient(Endpoint(hostile_teacher.base_url), ResponseCache(tmp_path / "c.sqlite"), "r",
+                                 ClientConfig(max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.01)) as c:
             return await c.run(reqs), c.stats
     out, stats = asyncio.run(go())
     assert [out[f"k{i}"].invalid for i in range(4)] == [True, True, True, False]
@@ -222,8 +227,8 @@ def test_context_length_error_is_final_not_retried(tmp_path, hostile_teacher, bi
     assert "prompt longer than the teacher's context" in errs["i1"] and "exceed context window" in errs["i1"]
     # a rate limit that speaks of tokens is a rate limit: retried, then answered
     assert sum("[tokens429]" in p for p in sent) == 2 and list(df.loc["i2", "votes"]) == ["positive"]
-    assert res.stats["status_counts"]["context_length"] == 2
-    assert res.stats["requests_failed"] == 2
+    assert res.client.status_counts["context_length"] == 2
+    assert res.client.requests_failed == 2
 
 
 @pytest.mark.parametrize("body,ctx", [
@@ -256,7 +261,8 @@ def write_table(tmp_path: Path, fmt: str, rows: list[dict], name: str = "gold") 
 
 
 def load_gold(p: Path, labels=("positive", "negative"), chunk_rows=2):
-    from tasks.data.readers import DataReport, iter_items
+    from tasks.data.readers import iter_items
+    from tasks.results.data import DataReport
 
     rep = DataReport(path=str(p))
     frames = list(iter_items(p, "text", "id", chunk_rows, label_column="label", labels=list(labels), report=rep))
@@ -315,7 +321,8 @@ def test_gold_label_matching_two_labels_is_not_guessed(tmp_path):
                 b'{"id": "3", "text": "ok", "label": "posit\xefve"}\n'),
 ])
 def test_mixed_encodings_reported_with_rows_and_bad_label_bytes_reject(tmp_path, name, blob):
-    from tasks.data.readers import DataError, DataReport, iter_items
+    from tasks.data.readers import DataError, iter_items
+    from tasks.results.data import DataReport
 
     p = tmp_path / name
     p.write_bytes(blob)  # a Latin-1 row in a UTF-8 file
@@ -328,7 +335,8 @@ def test_mixed_encodings_reported_with_rows_and_bad_label_bytes_reject(tmp_path,
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mojibake_counted_and_kept(tmp_path, fmt):
-    from tasks.data.readers import DataReport, iter_items
+    from tasks.data.readers import iter_items
+    from tasks.results.data import DataReport
 
     rows = [{"id": "1", "text": "caf\u00c3\u00a9 au lait"}, {"id": "2", "text": "don\u00e2\u20ac\u2122t go"},
             {"id": "3", "text": "S\u00c3O PAULO and caf\u00e9"}, {"id": "4", "text": "plain"}]
@@ -347,17 +355,15 @@ def test_jsonl_with_byte_order_mark(tmp_path):
 
 
 def test_prepare_inputs_gold_report_carries_variants(tmp_path):
-    from tasks.data.load import prepare_inputs
-
     pool = write_table(tmp_path, "csv", [{"id": "p1", "text": "good"}], name="pool")
     gold = write_table(tmp_path, "jsonl", [{"id": "g1", "text": "x", "label": "Negative"},
                                            {"id": "g2", "text": "y", "label": "positive"}])
     cfg = config_from_dict({"run_name": "t", "workdir": str(tmp_path / "runs"), "prompt": "x.yaml",
                             "data": {"pool_path": str(pool), "gold_path": str(gold)},
                             "teacher": {"local": False, "base_url": "http://127.0.0.1:1/v1"}})
-    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
-    assert res["gold_report"]["label_variants"] == {"'Negative' -> 'negative'": 1}
-    g = pd.concat(pq.read_table(p).to_pandas() for p in res["gold_shards"])
+    res = prepared(cfg, tmp_path / "in")
+    assert res.gold_report.label_variants == {"'Negative' -> 'negative'": 1}
+    g = pd.concat(pq.read_table(p).to_pandas() for p in res.gold_shards)
     assert sorted(g["label_gold"]) == ["negative", "positive"]
 
 
@@ -379,8 +385,18 @@ def overlong_cfg(tmp_path, prompt, base_url="http://127.0.0.1:1/v1", overlong="t
     })
 
 
+def prepared(cfg, out_dir):
+    """The run's inputs as the load stage writes them, guarded by the teacher's context where it is known."""
+    from tasks.data.load import prepare_inputs
+    from tasks.pipeline.load import context_guard
+
+    known = cfg.teacher.local or cfg.teacher.context_tokens
+    guard = context_guard(cfg, load_prompt(cfg.prompt)) if known else None
+    return prepare_inputs(cfg.data, labels=["positive", "negative"], out_dir=out_dir, guard=guard)
+
+
 def pool_of(res):
-    return pd.concat(pq.read_table(p).to_pandas() for p in res["pool_shards"]).set_index("id")
+    return pd.concat(pq.read_table(p).to_pandas() for p in res.pool_shards).set_index("id")
 
 
 def test_overlong_default_is_truncate():
@@ -390,16 +406,16 @@ def test_overlong_default_is_truncate():
 
 
 def test_overlong_texts_truncated_with_count_and_rows(tmp_path, binary_prompt):
-    from tasks.data.load import ContextGuard, prepare_inputs
+    from tasks.data.load import ContextGuard
     from tasks.templates.tokens import heuristic_counter
 
     cfg = overlong_cfg(tmp_path, binary_prompt, context_tokens=512)
-    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
-    pool, rep = pool_of(res), res["pool_report"]
+    res = prepared(cfg, tmp_path / "in")
+    pool, rep = pool_of(res), res.pool_report
     src = pd.read_csv(cfg.data.pool_path, keep_default_na=False).set_index("id")["text"]
-    assert rep["items"] == 4 and rep["overlong_truncated"] == 2 and rep["overlong_rejected"] == 0
-    assert [r.split(":")[0] for r in rep["overlong_rows"]] == ["row 2 (id 'b')", "row 4 (id 'd')"]
-    assert re.search(r": cut from \d{4} to \d{3} tokens to fit the teacher.s context of 512$", rep["overlong_rows"][0])
+    assert rep.items == 4 and rep.overlong_truncated == 2 and rep.overlong_rejected == 0
+    assert [r.split(":")[0] for r in rep.overlong_rows] == ["row 2 (id 'b')", "row 4 (id 'd')"]
+    assert re.search(r": cut from \d{4} to \d{3} tokens to fit the teacher.s context of 512$", rep.overlong_rows[0])
     # ordinary items are untouched (newlines and all); a cut item keeps its head, ending at a word
     assert pool.loc["a", "text"] == src["a"] and pool.loc["c", "text"] == src["c"]
     assert src["b"].startswith(pool.loc["b", "text"]) and pool.loc["b", "text"].split()[-1].startswith("good")
@@ -417,62 +433,56 @@ def test_overlong_texts_truncated_with_count_and_rows(tmp_path, binary_prompt):
 
 
 def test_overlong_texts_rejected_by_config(tmp_path, binary_prompt):
-    from tasks.data.load import prepare_inputs
-
     cfg = overlong_cfg(tmp_path, binary_prompt, overlong="reject", context_tokens=512)
-    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    res = prepared(cfg, tmp_path / "in")
     assert sorted(pool_of(res).index) == ["a", "c"]
-    rep = res["pool_report"]
-    assert rep["overlong_rejected"] == 2 and rep["overlong_truncated"] == 0 and rep["items"] == 2
-    rej = pd.read_parquet(res["pool_rejected"]).set_index("id")
+    rep = res.pool_report
+    assert rep.overlong_rejected == 2 and rep.overlong_truncated == 0 and rep.items == 2
+    rej = pd.read_parquet(res.pool_rejected).set_index("id")
     assert sorted(rej.index) == ["b", "d"] and rej.loc["b", "row"] == 2
     assert "does not fit the teacher's context" in rej.loc["b", "reason"]
     assert "data.overlong: reject" in rej.loc["b", "reason"]
 
 
 def test_overlong_unchecked_without_a_known_context(tmp_path, binary_prompt):
-    from tasks.data.load import prepare_inputs
-
     cfg = overlong_cfg(tmp_path, binary_prompt)  # a remote teacher without teacher.context_tokens
-    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
-    assert res["pool_report"]["overlong_truncated"] == 0 and len(pool_of(res).loc["b", "text"]) > 9000
+    res = prepared(cfg, tmp_path / "in")
+    assert res.pool_report.overlong_truncated == 0 and len(pool_of(res).loc["b", "text"]) > 9000
 
 
 @pytest.mark.parametrize("guarded", [False, True])
 def test_overlong_end_to_end_against_a_server_with_a_context(tmp_path, binary_prompt, hostile_teacher, guarded):
     """Against a server that refuses prompts past 512 tokens: unguarded, the long item costs one refused request
     and ends failed with its reason; guarded (teacher.context_tokens), every item is answered."""
-    from tasks.data.load import prepare_inputs
-
     hostile_teacher.ctx = 512
     extra = {"context_tokens": 512} if guarded else {}
     cfg = overlong_cfg(tmp_path, binary_prompt, base_url=hostile_teacher.base_url, **extra)
-    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    res = prepared(cfg, tmp_path / "in")
     out = tmp_path / "ann.parquet"
-    r = annotate_shard(res["pool_shards"][0], str(out), cfg, load_prompt(str(binary_prompt)), hostile_teacher.base_url,
-                       None, "run-o", show_progress=False)
+    r = annotate_shard(res.pool_shards[0], str(out),
+                       shard_settings(cfg, load_prompt(str(binary_prompt)), hostile_teacher.base_url, None, "run-o"),
+                       show_progress=False)
     df = pq.read_table(out).to_pandas().set_index("id")
     if guarded:
         assert all(list(v) == ["positive"] or list(v) == ["negative"] for v in df["votes"])
-        assert r.stats["requests_sent"] == 4 and "context_length" not in r.stats["status_counts"]
+        assert r.client.requests_sent == 4 and "context_length" not in r.client.status_counts
     else:
         for rid in ("b", "d"):
             assert list(df.loc[rid, "votes"]) == [None]
             assert "prompt longer than the teacher's context" in list(df.loc[rid, "sample_errors"])[0]
-        assert r.stats["requests_sent"] == 4  # one each: the refused ones are not retried
-        assert r.stats["status_counts"]["context_length"] == 2
+        assert r.client.requests_sent == 4  # one each: the refused ones are not retried
+        assert r.client.status_counts["context_length"] == 2
 
 
 def test_overlong_local_teacher_counts_with_its_own_tokenizer(tmp_path, binary_prompt):
     """The local teacher's context is teacher.n_ctx, counted with the GGUF's tokenizer: a cut prompt fits exactly."""
     pytest.importorskip("llama_cpp")
-    from tasks.data.load import prepare_inputs
-    from tasks.templates.tokens import counter_for
+    from tasks.teacher.tokenizer import counter_for
 
     cfg = overlong_cfg(tmp_path, binary_prompt, local=True, n_ctx=512)
-    res = prepare_inputs(cfg, ["positive", "negative"], tmp_path / "in")
+    res = prepared(cfg, tmp_path / "in")
     pool = pool_of(res)
-    assert res["pool_report"]["overlong_truncated"] == 2
+    assert res.pool_report.overlong_truncated == 2
     c = counter_for(cfg.teacher)
     tpl = load_prompt(str(binary_prompt))
     for rid in ("b", "d"):
@@ -497,7 +507,7 @@ BUNDLED = ["prompts/sentiment_binary.yaml", "prompts/sentiment_3class.yaml", "pr
 @pytest.mark.parametrize("prompt", BUNDLED)
 @pytest.mark.parametrize("hostile", INJECTIONS)
 def test_injected_item_stays_in_its_slot(prompt, hostile):
-    from tasks.templates.label import has_markup
+    from tasks.templates.base import has_markup
 
     tpl = load_prompt(str(REPO / prompt))
     benign = "a plain item"
@@ -534,7 +544,7 @@ def test_control_markup_does_not_tokenize_as_control_tokens():
 def _reference_render(tpl, text):
     """The rendering before hostile items were defused (git d596666): what every cache key was made from."""
     from tasks.templates.generation import cut_words
-    from tasks.templates.label import one_line
+    from tasks.templates.base import one_line
 
     slot = cut_words(text, tpl.max_input_words)[0] if getattr(tpl, "task", "") == "generate" else one_line(text)
     comp = tpl._slot.jinja.render(instruction=tpl.instruction.strip(), examples=tpl.examples_for(0, False), text=slot,
@@ -593,7 +603,8 @@ def test_injection_changes_nothing_but_that_items_answer(tmp_path, binary_prompt
 
 
 def test_control_markup_counted_at_load(tmp_path):
-    from tasks.data.readers import DataReport, iter_items
+    from tasks.data.readers import iter_items
+    from tasks.results.data import DataReport
 
     p = write_table(tmp_path, "jsonl", [{"id": "1", "text": INJECTIONS[4]}, {"id": "2", "text": "a < b > c"},
                                         {"id": "3", "text": INJECTIONS[5]}], name="pool")

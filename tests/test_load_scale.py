@@ -125,7 +125,8 @@ def _plan_seconds(cfg, shards, template, prices, counter, repeats: int = 3) -> t
     best, plan = float("inf"), {}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plan = make_plan(cfg, template, shards, prices, counter)
+        plan = make_plan(shards, template=template, teacher=cfg.teacher, client=cfg.client, pricing=cfg.pricing,
+                         max_usd=cfg.budget.max_usd, prices=prices, counter=counter).as_dict()
         best = min(best, time.perf_counter() - t0)
     return best, plan
 
@@ -137,8 +138,8 @@ def test_plan_time_does_not_grow_with_the_cache(tmp_path, binary_prompt):
 
     from distill.config import config_from_dict
     from tasks.accounting.pricing import resolve_prices
-    from tasks.templates.label import load_prompt
-    from tasks.templates.tokens import counter_for
+    from tasks.templates.load import load_prompt
+    from tasks.teacher.tokenizer import counter_for
     from tests.fake_openai import FAKE_PRICES
 
     shard = tmp_path / "part-00000.parquet"
@@ -171,7 +172,7 @@ def test_plan_time_does_not_grow_with_the_cache(tmp_path, binary_prompt):
 
     small_cfg, big_cfg = cfg_for(tmp_path / "empty.sqlite"), cfg_for(big)
     template = load_prompt(small_cfg.prompt)
-    prices = resolve_prices(small_cfg)
+    prices = resolve_prices(small_cfg.teacher, small_cfg.pricing)
     counter = counter_for(small_cfg.teacher)
     t_small, p_small = _plan_seconds(small_cfg, [str(shard)], template, prices, counter)
     t_big, p_big = _plan_seconds(big_cfg, [str(shard)], template, prices, counter)

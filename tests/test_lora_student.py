@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tasks.generate import lora as ls
+from tasks.generate import inference as gi
+from tasks.generate import train as gt
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".distill" / "models"
@@ -42,7 +43,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def base_dir() -> Path:
-    return ls.base_model_dir(CACHE)
+    return gi.base_model_dir(CACHE)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,12 @@ def base(base_dir: Path) -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="module")
-def trained(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ls.LoraTrainResult:
+def trained(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> gt.LoraTrainResult:
     """One plain-LoRA run, overfitting 4 pairs: 8 steps at lr 3e-3, no dropout, merged copy written too."""
     out = tmp_path_factory.mktemp("lora")
-    params = ls.LoraParams(base_model=str(base_dir), learning_rate=3e-3, max_steps=8, batch_size=4,
+    params = gt.LoraParams(base_model=str(base_dir), learning_rate=3e-3, max_steps=8, batch_size=4,
                            eval_fraction=0.0, dropout=0.0, quantize="none", merge=True)
-    return ls.train_lora(INS, TGT, out, params, progress=False)
+    return gt.train_lora(INS, TGT, out, params, progress=False)
 
 
 # --------------------------------------------------------------------------- base model
@@ -66,25 +67,25 @@ def trained(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ls.Lora
 
 def test_base_model_converted_once_and_reused(base_dir: Path, base: tuple[Any, Any],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ls.is_complete_model_dir(base_dir)
+    assert gi.is_complete_model_dir(base_dir)
     weights = base_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
 
     def must_not_convert(*a: Any, **k: Any) -> None:
         raise AssertionError("reconverted although a complete folder exists")
 
-    monkeypatch.setattr(ls, "_convert_gguf", must_not_convert)
-    assert ls.base_model_dir(CACHE) == base_dir
-    assert ls.resolve_base_model(ls.SMOLLM2, CACHE) == base_dir
+    monkeypatch.setattr(gi, "_convert_gguf", must_not_convert)
+    assert gi.base_model_dir(CACHE) == base_dir
+    assert gi.resolve_base_model(gt.SMOLLM2, CACHE) == base_dir
     assert weights.stat().st_mtime_ns == mtime
-    assert json.loads((base_dir / "distill_base.json").read_text())["model"] == ls.SMOLLM2
+    assert json.loads((base_dir / "distill_base.json").read_text())["model"] == gt.SMOLLM2
     assert "quantization_config" not in json.loads((base_dir / "config.json").read_text())
 
     model, tok = base
     assert model.config.model_type == "llama" and model.dtype.is_floating_point
-    out = ls.generate(model, tok, ["What is the capital of France?"], max_new_tokens=8)
+    out = gi.generate(model, tok, ["What is the capital of France?"], max_new_tokens=8)
     assert out[0].text and out[0].finish_reason in {"stop", "length"} and 1 <= out[0].new_tokens <= 8
-    one = ls.generate(model, tok, ["Write a long story about a dragon."], max_new_tokens=1)
+    one = gi.generate(model, tok, ["Write a long story about a dragon."], max_new_tokens=1)
     assert one[0].finish_reason == "length" and one[0].new_tokens == 1
 
 
@@ -100,26 +101,26 @@ def test_base_model_dir_is_crash_safe(tmp_path: Path, monkeypatch: pytest.Monkey
         if len(calls) == 1:
             raise KeyboardInterrupt("killed mid-conversion")
 
-    monkeypatch.setattr(ls, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(gi, "_convert_gguf", fake_convert)
     with pytest.raises(KeyboardInterrupt):
-        ls.base_model_dir(tmp_path)
-    final = tmp_path / ls.SMOLLM2
+        gi.base_model_dir(tmp_path)
+    final = tmp_path / gt.SMOLLM2
     assert not final.exists() and not list(tmp_path.glob(".tmp-*"))
 
     # a SIGKILL leaves a temp folder; a copy by other means can leave a final folder without the marker
-    (tmp_path / f".tmp-{ls.SMOLLM2}-999-dead").mkdir()
+    (tmp_path / f".tmp-{gt.SMOLLM2}-999-dead").mkdir()
     final.mkdir()
     (final / "config.json").write_text("{}")
-    assert not ls.is_complete_model_dir(final)
-    assert ls.base_model_dir(tmp_path) == final
-    assert ls.is_complete_model_dir(final) and len(calls) == 2
+    assert not gi.is_complete_model_dir(final)
+    assert gi.base_model_dir(tmp_path) == final
+    assert gi.is_complete_model_dir(final) and len(calls) == 2
     assert not list(tmp_path.glob(".tmp-*"))
-    assert ls.base_model_dir(tmp_path) == final and len(calls) == 2  # reused, not reconverted
+    assert gi.base_model_dir(tmp_path) == final and len(calls) == 2  # reused, not reconverted
 
 
 def test_resolve_base_model_rejects_unknown_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither"):
-        ls.resolve_base_model(str(tmp_path / "nope"))
+        gi.resolve_base_model(str(tmp_path / "nope"))
 
 
 # --------------------------------------------------------------------------- features
@@ -127,23 +128,23 @@ def test_resolve_base_model_rejects_unknown_names(tmp_path: Path) -> None:
 
 def test_labels_mask_the_prompt_and_keep_the_answer(base: tuple[Any, Any]) -> None:
     _, tok = base
-    feats = ls.build_features(tok, INS, TGT, max_source_tokens=384, max_target_tokens=64)
-    eot = ls.end_of_turn_id(tok)
+    feats = gt.build_features(tok, INS, TGT, max_source_tokens=384, max_target_tokens=64)
+    eot = gi.end_of_turn_id(tok)
     assert tok.convert_ids_to_tokens(eot) == "<|im_end|>"
     for inst, tgt, f in zip(INS, TGT, feats):
-        prompt = tok(ls.format_prompt(tok, inst), add_special_tokens=False).input_ids
+        prompt = tok(gi.format_prompt(tok, inst), add_special_tokens=False).input_ids
         answer = tok(tgt, add_special_tokens=False).input_ids + [eot]
         assert f["input_ids"] == prompt + answer
         assert f["labels"][:len(prompt)] == [-100] * len(prompt)
         assert f["labels"][len(prompt):] == answer
         assert len(f["attention_mask"]) == len(f["input_ids"])
-    assert ls.format_prompt(tok, "hi").endswith("<|im_start|>assistant\n")
+    assert gi.format_prompt(tok, "hi").endswith("<|im_start|>assistant\n")
 
 
 def test_long_instruction_is_cut_inside_the_template(base: tuple[Any, Any]) -> None:
     _, tok = base
     long_doc = "Summarise: " + " ".join(f"word{i}" for i in range(600))
-    feats = ls.build_features(tok, [long_doc], ["Short."], max_source_tokens=80, max_target_tokens=3)
+    feats = gt.build_features(tok, [long_doc], ["Short."], max_source_tokens=80, max_target_tokens=3)
     ids, labels = feats[0]["input_ids"], feats[0]["labels"]
     n_prompt = labels.index(next(x for x in labels if x != -100))
     assert n_prompt <= 80
@@ -155,18 +156,18 @@ def test_long_instruction_is_cut_inside_the_template(base: tuple[Any, Any]) -> N
 def test_empty_target_names_its_row(base: tuple[Any, Any]) -> None:
     _, tok = base
     with pytest.raises(ValueError, match="row 2"):
-        ls.build_features(tok, ["a", "b", "c"], ["x", "y", "  "], 384, 64)
+        gt.build_features(tok, ["a", "b", "c"], ["x", "y", "  "], 384, 64)
 
 
 # --------------------------------------------------------------------------- training and generation
 
 
-def test_lora_training_lowers_the_loss(trained: ls.LoraTrainResult, base: tuple[Any, Any]) -> None:
+def test_lora_training_lowers_the_loss(trained: gt.LoraTrainResult, base: tuple[Any, Any]) -> None:
     model, tok = base
-    feats = ls.build_features(tok, INS, TGT, 384, 64)
-    before = ls.answer_loss(model, feats, tok.pad_token_id)
-    tuned, tok2 = ls.load_generator(trained.adapter_dir)
-    after = ls.answer_loss(tuned, feats, tok2.pad_token_id)
+    feats = gt.build_features(tok, INS, TGT, 384, 64)
+    before = gt.answer_loss(model, feats, tok.pad_token_id)
+    tuned, tok2 = gi.load_generator(trained.adapter_dir)
+    after = gt.answer_loss(tuned, feats, tok2.pad_token_id)
     print(f"answer loss before {before:.3f} after {after:.3f}; train {trained.seconds:.1f} s")
     assert after < 0.5 * before and after < 1.0
     assert trained.steps == 8 and trained.train_examples == 4 and trained.eval_examples == 0
@@ -178,14 +179,14 @@ def test_lora_training_lowers_the_loss(trained: ls.LoraTrainResult, base: tuple[
     m = trained.metrics()
     assert all(isinstance(v, float) for v in m.values()) and "lora_eval_loss_before" not in m
     # the merged copy is the same model
-    merged, _ = ls.load_generator(trained.adapter_dir, merged=True)
-    assert ls.answer_loss(merged, feats, tok2.pad_token_id) == pytest.approx(after, rel=1e-3)
+    merged, _ = gi.load_generator(trained.adapter_dir, merged=True)
+    assert gt.answer_loss(merged, feats, tok2.pad_token_id) == pytest.approx(after, rel=1e-3)
 
 
-def test_adapter_reloads_and_reproduces_its_targets(trained: ls.LoraTrainResult) -> None:
-    model, tok = ls.load_generator(trained.adapter_dir)
+def test_adapter_reloads_and_reproduces_its_targets(trained: gt.LoraTrainResult) -> None:
+    model, tok = gi.load_generator(trained.adapter_dir)
     assert not model.training and next(model.parameters()).device.type == "cpu"
-    out = ls.generate(model, tok, INS, max_new_tokens=16, batch_size=4)
+    out = gi.generate(model, tok, INS, max_new_tokens=16, batch_size=4)
     assert len(out) == len(INS)
     assert all(o.finish_reason in {"stop", "length"} for o in out)
     assert any(o.text for o in out)
@@ -198,39 +199,39 @@ def test_adapter_reloads_and_reproduces_its_targets(trained: ls.LoraTrainResult)
 
 
 def test_choose_precision() -> None:
-    q = ls.choose_precision("auto", cuda_available=True, bf16_supported=True)
+    q = gt.choose_precision("auto", cuda_available=True, bf16_supported=True)
     assert q.quantize_4bit and q.device == "cuda" and q.dtype == "bfloat16" and "QLoRA" in q.reason
-    assert ls.choose_precision("auto", cuda_available=True, bf16_supported=False).dtype == "float16"
-    c = ls.choose_precision("auto", cuda_available=False)
+    assert gt.choose_precision("auto", cuda_available=True, bf16_supported=False).dtype == "float16"
+    c = gt.choose_precision("auto", cuda_available=False)
     assert (c.device, c.quantize_4bit, c.dtype) == ("cpu", False, "float32") and "LoRA" in c.reason
-    f = ls.choose_precision("4bit", cuda_available=False)
+    f = gt.choose_precision("4bit", cuda_available=False)
     assert f.quantize_4bit and f.device == "cpu"
-    n = ls.choose_precision("none", cuda_available=True, bf16_supported=True)
+    n = gt.choose_precision("none", cuda_available=True, bf16_supported=True)
     assert not n.quantize_4bit and n.device == "cuda"
     with pytest.raises(ValueError):
-        ls.choose_precision("8bit", cuda_available=False)
+        gt.choose_precision("8bit", cuda_available=False)
 
 
 def test_4bit_qlora_runs_on_cpu(base_dir: Path, tmp_path: Path) -> None:
     """bitsandbytes 0.50 quantises to NF4 and trains LoRA on CPU; also exercises the eval split."""
     import bitsandbytes as bnb
 
-    prec = ls.choose_precision("4bit", cuda_available=False)
-    model = ls.load_base_for_training(base_dir, prec)
+    prec = gt.choose_precision("4bit", cuda_available=False)
+    model = gt.load_base_for_training(base_dir, prec)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     del model
 
     ins = [f"Summarise: item {i} is here." for i in range(10)]
     tgt = [f"Item {i}." for i in range(10)]
-    params = ls.LoraParams(base_model=str(base_dir), quantize="4bit", max_steps=2, batch_size=3, eval_fraction=0.1,
+    params = gt.LoraParams(base_model=str(base_dir), quantize="4bit", max_steps=2, batch_size=3, eval_fraction=0.1,
                            merge=True)
     with pytest.warns(UserWarning, match="merge=True ignored"):
-        res = ls.train_lora(ins, tgt, tmp_path, params, progress=False)
+        res = gt.train_lora(ins, tgt, tmp_path, params, progress=False)
     assert res.precision.quantize_4bit and res.steps == 2 and res.merged_dir is None
     assert (res.train_examples, res.eval_examples) == (9, 1)
     assert res.eval_loss_before is not None and res.eval_loss_after is not None
     assert (Path(res.adapter_dir) / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "loss.json").read_text())["eval"][0]["step"] == 0
     # an adapter trained on the 4-bit base loads on the float32 base for generation
-    model, tok = ls.load_generator(res.adapter_dir)
-    assert ls.generate(model, tok, ins[:1], max_new_tokens=4)[0].finish_reason in {"stop", "length"}
+    model, tok = gi.load_generator(res.adapter_dir)
+    assert gi.generate(model, tok, ins[:1], max_new_tokens=4)[0].finish_reason in {"stop", "length"}

@@ -193,7 +193,8 @@ def test_shards_keep_a_sentence_cut_after_and_score_invalid_singles_as_empty(tmp
     """The medoid and the single-sample figure apply the same validity rules to the same samples."""
     import pandas as pd
 
-    from tasks.generate.work import medoid_shards, teacher_gold_scores
+    from tasks.generate.aggregate import medoid_shards
+    from tasks.generate.evaluate import teacher_gold_scores
 
     ref = "The council approved a new bridge over the river."
     ann = pd.DataFrame({
@@ -211,5 +212,6 @@ def test_shards_keep_a_sentence_cut_after_and_score_invalid_singles_as_empty(tmp
     assert list(voted["sample_valid"].iloc[0]) == [True, False, True]  # sample 1 was cut inside its sentence
     assert voted["n_valid_votes"].iloc[0] == 2
     scores = teacher_gold_scores([out], max_words=40)
-    by_sample = scores["teacher_bertscore_f1_single_by_sample"]
+    assert scores is not None
+    by_sample = scores.teacher_bertscore_f1_single_by_sample
     assert by_sample[1] == 0.0 and by_sample[0] > 0.5 and by_sample[2] > 0.5

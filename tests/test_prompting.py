@@ -1,6 +1,7 @@
 import pytest
 
-from tasks.templates.label import PromptError, load_prompt
+from tasks.templates.base import PromptError
+from tasks.templates.load import load_prompt
 from tests.conftest import REPO
 
 
@@ -125,7 +126,7 @@ def test_spliced_rendering_is_what_jinja_renders(template):
     ("{% for text in [1] %}{{ text }}{% endfor %}", False),
 ])
 def test_templates_that_transform_the_text_render_with_jinja(body, bare):
-    from tasks.templates.label import SlotTemplate
+    from tasks.templates.base import SlotTemplate
 
     s = SlotTemplate(body)
     assert s.bare is bare

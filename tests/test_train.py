@@ -108,10 +108,10 @@ def test_skewed_teacher_labels_do_not_collapse_the_student_to_the_majority_class
     p = voted_file(tmp_path, majority + minority)
     cfg = StudentConfig(epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, val_fraction=0.25,
                         early_stopping_patience=20, class_balance=balance)
-    r = train_student([p], ["positive", "negative"], str(tmp_path / "out"), cfg, 0.6, show_progress=False)
-    assert r["train_label_counts"]["negative"] > 2 * r["train_label_counts"]["positive"]
-    assert r["class_balance"] == balance and r["val_macro_f1"] > 0.5
-    pred, _ = StudentPredictor(r["model_dir"]).predict(["superb and moving", "a joy", "loved it", "awful mess"])
+    r = train_student([p], labels=["positive", "negative"], out_dir=str(tmp_path / "out"), student=cfg, min_agreement=0.6, show_progress=False)
+    assert r.train_label_counts["negative"] > 2 * r.train_label_counts["positive"]
+    assert r.class_balance == balance and r.val_macro_f1 > 0.5
+    pred, _ = StudentPredictor(r.model_dir).predict(["superb and moving", "a joy", "loved it", "awful mess"])
     assert pred.count("positive") >= 2 and pred[-1] == "negative"
 
 
@@ -145,9 +145,9 @@ def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, soft_label_weight=1.0 if soft else 0.0,
                         distill_temperature=2.0 if soft else 1.0, val_fraction=0.2, early_stopping_patience=20)
     probe = pos[:3] + neg[:3]
-    r = train_student([p], labels, str(tmp_path / "out"), cfg, 0.6, show_progress=False)
-    assert r["device"] == "cpu" and r["train_items"] + r["val_items"] == 36
-    pred = StudentPredictor(r["model_dir"])
+    r = train_student([p], labels=labels, out_dir=str(tmp_path / "out"), student=cfg, min_agreement=0.6, show_progress=False)
+    assert r.device == "cpu" and r.train_items + r.val_items == 36
+    pred = StudentPredictor(r.model_dir)
     after, scores = pred.predict(probe)
     assert after == ["positive"] * 3 + ["negative"] * 3
     assert all(0.5 < s <= 1.0 for s in scores)
@@ -167,11 +167,11 @@ def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
     rows += [("bad " * (i % 5 + 1), ["negative"] * 3, "negative", 1.0) for i in range(10)]
     p = voted_file(tmp_path, rows)
     cfg = StudentConfig(epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20)
-    r = train_student([p], ["positive", "negative"], str(tmp_path / "o"), cfg, 0.6, show_progress=False)
+    r = train_student([p], labels=["positive", "negative"], out_dir=str(tmp_path / "o"), student=cfg, min_agreement=0.6, show_progress=False)
     texts = [r_[0] for r_ in rows]
-    fp32, _ = StudentPredictor(r["model_dir"]).predict(texts, batch_size=3)
+    fp32, _ = StudentPredictor(r.model_dir).predict(texts, batch_size=3)
     assert fp32 == [r_[2] for r_ in rows]  # sorted by length inside, returned in caller order
-    int8, _ = StudentPredictor(r["model_dir"], precision="int8").predict(texts, batch_size=3)
+    int8, _ = StudentPredictor(r.model_dir, precision="int8").predict(texts, batch_size=3)
     assert sum(a == b for a, b in zip(fp32, int8)) >= 18
 
 

@@ -16,20 +16,26 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from tasks.accounting.pricing import TeacherPrice
+from tasks.results.accounting import TeacherPrice
 
 
 class BudgetExhausted(RuntimeError):
-    """The run reached budget.max_usd; ``summary`` holds what was done and spent."""
+    """The run reached budget.max_usd.
 
-    def __init__(self, message: str, summary: Optional[dict] = None) -> None:
+    The teacher's stage raises it with ``shards`` (what it had annotated, typed); the
+    pipeline raises it again with ``summary``, the stop's figures under the summary's keys
+    (what ``--summary-json`` and ``budget_stop.json`` show).
+    """
+
+    def __init__(self, message: str, summary: Optional[dict[str, Any]] = None, shards: Any = None) -> None:
         super().__init__(message)
         self.summary = summary or {}
+        self.shards = shards
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]  # picklable for Prefect's state results
-        return (BudgetExhausted, (str(self), self.summary))
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable for Prefect's state results
+        return (BudgetExhausted, (str(self), self.summary, self.shards))
 
 
 @dataclass

@@ -4,218 +4,246 @@ Why one place: the case for distilling is a ratio (teacher $ and CO2 per 1M item
 the student's), and a ratio is only as honest as its weakest figure. Every figure here is
 built from this run's measurements (spend from the attempt ledger, items/s, codecarbon
 energy) and carries a ``*_method`` string that says whether it was measured, estimated
-from a configured assumption, or carried over from an earlier run.
+from a configured assumption, or carried over from an earlier run. The figures are typed
+(tasks/results/accounting.py); the tables at the end render them for people.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from distill.config import DistillConfig, EnergyConfig, PricingConfig
+from distill.config import EnergyConfig, PricingConfig, ReferenceDeployment
 from tasks.accounting.carbon import EnergyReading, grid_intensity, measure_energy, remote_teacher_energy
-from tasks.accounting.pricing import TeacherPrice
+from tasks.results.accounting import TeacherPrice
+from tasks.results.accounting import Projection, TeacherBill, TrainingCost
+from tasks.results.teacher import EarlierRun, ShardTotals, TeacherSpeed
 
 M = 1_000_000
 
 
-@contextlib.contextmanager
-def training_cost(energy: EnergyConfig, pricing: PricingConfig) -> Iterator[dict[str, Any]]:
-    """Measure the ``with`` block as the student's training; the yielded dict is filled when it ends.
+@dataclass
+class TrainingMeter:
+    """Filled when the ``with training_cost(...)`` block ends."""
 
-    kWh and gCO2e come from codecarbon, dollars from the measured seconds at the configured
-    hardware rate, each with its ``*_method``.
-    """
-    figures: dict[str, Any] = {}
+    cost: Optional[TrainingCost] = None
+
+
+@contextlib.contextmanager
+def training_cost(energy: EnergyConfig, pricing: PricingConfig) -> Iterator[TrainingMeter]:
+    """Measure the ``with`` block as the student's training: kWh and gCO2e from codecarbon, dollars from the
+    measured seconds at the configured hardware rate, each with its ``*_method``."""
+    meter = TrainingMeter()
     with measure_energy("student-train", energy.country_iso_code, energy.measure, energy.cpu_power_w,
                         energy.measure_power_secs) as reading:
-        yield figures
-    figures.update(reading.as_dict("student_train"))
-    figures["student_train_usd"] = pricing.hardware_usd_per_hour * reading.duration_s / 3600
-    figures["student_train_usd_method"] = (f"measured {reading.duration_s:.0f} s x ${pricing.hardware_usd_per_hour:g}/h "
-                                           f"({pricing.hardware_name})")
+        yield meter
+    rate = pricing.hardware_usd_per_hour
+    meter.cost = TrainingCost(
+        student_train_kwh=reading.kwh, student_train_gco2=reading.gco2,
+        student_train_energy_s=round(reading.duration_s, 2), student_train_kwh_method=reading.method,
+        student_train_gco2_method=reading.method, student_train_usd=rate * reading.duration_s / 3600,
+        student_train_usd_method=f"measured {reading.duration_s:.0f} s x ${rate:g}/h ({pricing.hardware_name})")
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
-def teacher_costs(cfg: DistillConfig, prices: list[TeacherPrice], shards: list[dict[str, Any]],
-                  ledger: list[dict[str, Any]], energy: EnergyReading, items: int,
-                  teacher_items_per_s: Optional[float], previous: Optional[dict[str, Any]] = None,
-                  answers_per_request: int = 1) -> dict[str, Any]:
-    """This run's teacher bill (USD, kWh, gCO2e) and per-item figures for the 1M projection.
+@dataclass(frozen=True)
+class LedgerSums:
+    """The run's attempts from the ledger (:meth:`ResponseCache.ledger_usage`), as the bill reads them."""
 
-    ``shards`` are the annotate-shard results, ``ledger`` the run's attempts grouped by
-    :meth:`ResponseCache.ledger_usage`, ``energy`` the codecarbon reading taken while the
-    local teacher served (other teachers' energy is estimated), ``items`` the items of the
-    shards annotated now, ``answers_per_request`` k when one request returns all k (``n``).
-    """
-    k = cfg.teacher.samples
-    hourly = [p for p in prices if p.kind == "hourly"]
+    attempts: int
+    billed: int
+    failed_billed_usd: float
+    usage_sources: dict[str, int]  # answered attempts by where their usage came from: reported, counted, estimated
+
+    @classmethod
+    def of(cls, ledger: list[dict[str, Any]], prices: list[TeacherPrice]) -> LedgerSums:
+        by_model = {p.model: p for p in prices}
+        failed = [g for g in ledger if not g["ok"] and g["usage_source"]]
+        return cls(
+            attempts=sum(g["attempts"] for g in ledger),
+            billed=sum(g["attempts"] for g in ledger if g["ok"] or g["usage_source"]),
+            failed_billed_usd=sum(by_model[g["model"]].token_cost(g["tokens_in"], g["tokens_out"], g["attempts"])
+                                  for g in failed if g["model"] in by_model),
+            usage_sources={s: sum(g["attempts"] for g in ledger if g["ok"] and g["usage_source"] == s)
+                           for s in ("reported", "counted", "estimated")})
+
+
+def _usd_method(ledger: LedgerSums, prices: list[TeacherPrice], busy_s: float) -> str:
     token = [p for p in prices if p.kind == "tokens"]
-
-    def total(key: str) -> float:
-        return sum(float(r.get(key, 0.0) or 0.0) for r in shards)
-
-    spent, token_spent, hourly_spent, busy_s = total("spent_usd"), total("token_usd"), total("hourly_usd"), total("busy_s")
-    attempts = sum(g["attempts"] for g in ledger)
-    billed = sum(g["attempts"] for g in ledger if g["ok"] or g["usage_source"])
-    failed_billed = [g for g in ledger if not g["ok"] and g["usage_source"]]
-    by_model = {p.model: p for p in prices}
-    retries_usd = sum(by_model[g["model"]].token_cost(g["tokens_in"], g["tokens_out"], g["attempts"])
-                      for g in failed_billed if g["model"] in by_model)
-    src = {s_: sum(g["attempts"] for g in ledger if g["ok"] and g["usage_source"] == s_)
-           for s_ in ("reported", "counted", "estimated")}
+    hourly = [p for p in prices if p.kind == "hourly"]
+    src = ledger.usage_sources
     parts = []
     if token:
-        parts.append(f"token usage of all {attempts:,} attempts (retries, invalid answers and billed failures included; "
-                     f"usage {src['reported']:,} reported by the server, {src['counted']:,} counted with the teacher's "
-                     f"tokenizer, {src['estimated']:,} estimated) x " + "; ".join(p.describe() for p in token))
+        parts.append(f"token usage of all {ledger.attempts:,} attempts (retries, invalid answers and billed failures "
+                     f"included; usage {src['reported']:,} reported by the server, {src['counted']:,} counted with "
+                     f"the teacher's tokenizer, {src['estimated']:,} estimated) x "
+                     + "; ".join(p.describe() for p in token))
     if hourly:
         parts.append(f"{busy_s / 3600:.4f} busy hours x " + "; ".join(p.describe() for p in hourly))
     if not parts:
         parts.append("; ".join(p.describe() for p in prices))
-    kind = "partly estimated" if src["estimated"] else "measured"
-    out: dict[str, Any] = {
-        "teacher_usd": spent, "teacher_usd_method": f"{kind}: " + " + ".join(parts),
-        "teacher_requests_billed": billed, "teacher_attempts": attempts, "teacher_usd_failed_attempts": retries_usd,
-        "teacher_busy_s": busy_s, "teacher_prices": [p.describe() for p in prices],
-        "teacher_self_hosted": bool(hourly) or (cfg.teacher.local and not token),
-        "teacher_tokens_counted": int(total("tokens_counted")),
-    }
-    tokens = int(total("tokens_in") + total("tokens_out"))
-    if hourly and not token and busy_s > 0 and tokens:
-        # the hardware rate as a token price, to set beside an API's
-        out["teacher_usd_per_mtok_equivalent"] = hourly_spent / (tokens / 1e6)
-        out["teacher_usd_per_mtok_equivalent_method"] = (f"measured: {busy_s:.0f} busy s x "
-                                                          f"${hourly[0].usd_per_hour:g}/h over {tokens:,} tokens")
+    return ("partly estimated" if src["estimated"] else "measured") + ": " + " + ".join(parts)
 
-    answers_sent = int(total("requests_ok")) * answers_per_request
-    tokens_out = int(total("tokens_out"))
-    if cfg.teacher.local:  # it serves on this machine: measured while it served
-        country = cfg.energy.country_iso_code
-        out.update(energy.as_dict("teacher"))
-        kwh_item = energy.kwh / (answers_sent / k) if energy.kwh is not None and answers_sent else None
+
+def _teacher_energy(*, local: bool, energy: EnergyReading, energy_cfg: EnergyConfig, prices: list[TeacherPrice],
+                    totals: ShardTotals, billed: int, samples: int, answers_per_request: int,
+                    earlier: Optional[EarlierRun]) -> tuple[EnergyReading, str, Optional[float], str]:
+    """(the energy reading, its grid's country, kWh per item, how): measured for the local teacher, else estimated."""
+    answers_sent = totals.client.requests_ok * answers_per_request
+    if local:  # it serves on this machine: measured while it served
+        kwh_item = energy.kwh / (answers_sent / samples) if energy.kwh is not None and answers_sent else None
         how = f"{energy.method}, over {answers_sent:,} answers sent in this run"
-        if kwh_item is None and previous and previous.get("teacher_kwh_per_item") is not None:
-            kwh_item, how = previous["teacher_kwh_per_item"], "from an earlier run (no answer sent now)"
-    else:
-        country = cfg.energy.remote_country_iso_code
-        p0 = token[0] if token else prices[0]
-        per_req = p0.kwh_per_request if p0.kwh_per_request is not None else cfg.energy.remote_kwh_per_request
-        per_1k = (p0.kwh_per_1k_output_tokens if p0.kwh_per_1k_output_tokens is not None
-                  else cfg.energy.remote_kwh_per_1k_output_tokens)
-        est = remote_teacher_energy(billed, tokens_out, per_req, per_1k, country)
-        out.update(est.as_dict("teacher"))
-        if per_1k is None:  # per request: k / answers_per_request requests per item
-            kwh_item = per_req * k / answers_per_request
-            how = est.method
-        else:
-            kwh_item = est.kwh / (answers_sent / k) if est.kwh is not None and answers_sent else None
-            how = est.method
-    out["teacher_grid_country"] = country
-    out["teacher_grid_gco2_per_kwh"] = grid_intensity(country)
-    out["teacher_kwh_per_item"] = kwh_item
-    out["teacher_kwh_per_item_method"] = how
+        if kwh_item is None and earlier is not None and earlier.teacher_kwh_per_item is not None:
+            kwh_item, how = earlier.teacher_kwh_per_item, "from an earlier run (no answer sent now)"
+        return energy, energy_cfg.country_iso_code, kwh_item, how
+    country = energy_cfg.remote_country_iso_code
+    token = [p for p in prices if p.kind == "tokens"]
+    p0 = token[0] if token else prices[0]
+    per_req = p0.kwh_per_request if p0.kwh_per_request is not None else energy_cfg.remote_kwh_per_request
+    per_1k = (p0.kwh_per_1k_output_tokens if p0.kwh_per_1k_output_tokens is not None
+              else energy_cfg.remote_kwh_per_1k_output_tokens)
+    est = remote_teacher_energy(billed, totals.client.tokens_out, per_req, per_1k, country)
+    if per_1k is None:  # per request: k / answers_per_request requests per item
+        return est, country, per_req * samples / answers_per_request, est.method
+    kwh_item = est.kwh / (answers_sent / samples) if est.kwh is not None and answers_sent else None
+    return est, country, kwh_item, est.method
 
+
+def _usd_per_item(*, prices: list[TeacherPrice], totals: ShardTotals, items_per_s: Optional[float],
+                  earlier: Optional[EarlierRun]) -> tuple[Optional[float], str]:
+    """What labelling one item costs: its answers' token usage x price x attempts per answer, plus busy hours."""
+    token = [p for p in prices if p.kind == "tokens"]
+    hourly = [p for p in prices if p.kind == "hourly"]
     usd_item: Optional[float] = 0.0
-    usd_how: list[str] = []
+    how: list[str] = []
     if token:
-        answers_usd, fresh = total("answers_usd"), total("fresh_answers_usd")
-        overhead = token_spent / fresh if fresh > 0 else 1.0
+        sp, items = totals.spend, totals.items
+        overhead = sp.token_usd / sp.fresh_answers_usd if sp.fresh_answers_usd > 0 else 1.0
         if items:
-            usd_item = answers_usd * overhead / items
-            usd_how.append(f"projected from this run: token usage of the {items:,} items' answers x price x "
-                           f"{overhead:.3f} (attempts billed per answer"
-                           f"{' in this run' if fresh > 0 else '; nothing sent this run, taken as 1'})")
-        elif previous and previous.get("teacher_usd_per_item") is not None:
-            usd_item, usd_how = previous["teacher_usd_per_item"], ["from an earlier run (no shard annotated now)"]
+            usd_item = sp.answers_usd * overhead / items
+            how.append(f"projected from this run: token usage of the {items:,} items' answers x price x "
+                       f"{overhead:.3f} (attempts billed per answer"
+                       f"{' in this run' if sp.fresh_answers_usd > 0 else '; nothing sent this run, taken as 1'})")
+        elif earlier is not None and earlier.teacher_usd_per_item is not None:
+            usd_item, how = earlier.teacher_usd_per_item, ["from an earlier run (no shard annotated now)"]
         else:
             usd_item = None
     if hourly and usd_item is not None:
         rate = sum(p.usd_per_hour for p in hourly) / len(hourly)
-        if teacher_items_per_s:
-            usd_item += rate / 3600 / teacher_items_per_s
-            usd_how.append(f"projected from this run: ${rate:g}/h / measured {teacher_items_per_s:.3f} items/s")
+        if items_per_s:
+            usd_item += rate / 3600 / items_per_s
+            how.append(f"projected from this run: ${rate:g}/h / measured {items_per_s:.3f} items/s")
         else:
             usd_item = None
-    out["teacher_usd_per_item"] = usd_item
-    out["teacher_usd_per_item_method"] = "; ".join(usd_how) or ("free" if usd_item == 0 else "not measured")
-    out["teacher_gco2_method"] = out["teacher_kwh_method"]
-    return out
+    return usd_item, "; ".join(how) or ("free" if usd_item == 0 else "not measured")
 
 
-def projection(cfg: DistillConfig, ann: dict[str, Any], student_items_per_s: Optional[float],
-               student_kwh_per_item: Optional[float], student_kwh_method: str) -> dict[str, Any]:
-    """$, hours and kg CO2 per 1M items for teacher and student, here and on the reference deployment."""
-    ref = cfg.reference
-    here_gi = grid_intensity(cfg.energy.country_iso_code)
-    ref_gi = grid_intensity(ref.country_iso_code)
-    rate = cfg.pricing.hardware_usd_per_hour
-    here = cfg.pricing.hardware_name
-    out: dict[str, Any] = {"reference_name": ref.name, "hardware_name": here, "hardware_usd_per_hour": rate,
-                           "grid_gco2_per_kwh": here_gi, "reference_grid_gco2_per_kwh": ref_gi}
+def teacher_bill(*, totals: ShardTotals, prices: list[TeacherPrice], ledger: LedgerSums, energy: EnergyReading,
+                 energy_cfg: EnergyConfig, local: bool, samples: int, answers_per_request: int,
+                 items_per_s: Optional[float], earlier: Optional[EarlierRun] = None) -> TeacherBill:
+    """This run's teacher bill (USD, kWh, gCO2e) and the per-item figures for the 1M projection.
 
-    # teacher, as measured in this run
-    t_ips = ann.get("teacher_items_per_s")
+    ``totals`` are the shards' figures with the preflight probe's spend; ``energy`` the
+    codecarbon reading taken while the local teacher served (other teachers' energy is
+    estimated); ``answers_per_request`` k when one request returns all k (``n``);
+    ``earlier`` the figures of the last run in the run folder, for a run that sent nothing.
+    """
+    hourly = [p for p in prices if p.kind == "hourly"]
+    token = [p for p in prices if p.kind == "tokens"]
+    sp = totals.spend
+    reading, country, kwh_item, kwh_how = _teacher_energy(
+        local=local, energy=energy, energy_cfg=energy_cfg, prices=prices, totals=totals, billed=ledger.billed,
+        samples=samples, answers_per_request=answers_per_request, earlier=earlier)
+    usd_item, usd_how = _usd_per_item(prices=prices, totals=totals, items_per_s=items_per_s, earlier=earlier)
+    tokens = totals.client.tokens_in + totals.client.tokens_out
+    mtok, mtok_how = None, None
+    if hourly and not token and sp.busy_s > 0 and tokens:  # the hardware rate as a token price, to set beside an API's
+        mtok = sp.hourly_usd / (tokens / 1e6)
+        mtok_how = f"measured: {sp.busy_s:.0f} busy s x ${hourly[0].usd_per_hour:g}/h over {tokens:,} tokens"
+    return TeacherBill(
+        teacher_usd=sp.spent_usd, teacher_usd_method=_usd_method(ledger, prices, sp.busy_s),
+        teacher_requests_billed=ledger.billed, teacher_attempts=ledger.attempts,
+        teacher_usd_failed_attempts=ledger.failed_billed_usd, teacher_busy_s=sp.busy_s,
+        teacher_prices=[p.describe() for p in prices], teacher_self_hosted=bool(hourly) or (local and not token),
+        teacher_tokens_counted=totals.client.tokens_counted, teacher_kwh=reading.kwh, teacher_gco2=reading.gco2,
+        teacher_energy_s=round(reading.duration_s, 2), teacher_kwh_method=reading.method,
+        teacher_gco2_method=reading.method, teacher_grid_country=country,
+        teacher_grid_gco2_per_kwh=grid_intensity(country), teacher_kwh_per_item=kwh_item,
+        teacher_kwh_per_item_method=kwh_how, teacher_usd_per_item=usd_item, teacher_usd_per_item_method=usd_how,
+        teacher_usd_per_mtok_equivalent=mtok, teacher_usd_per_mtok_equivalent_method=mtok_how)
+
+
+@dataclass(frozen=True)
+class StudentSpeed:
+    """The student as measured on gold: items/s (batched) and kWh per item, with how."""
+
+    items_per_s: Optional[float]
+    kwh_per_item: Optional[float]
+    kwh_method: str
+
+
+def projection(*, bill: TeacherBill, speed: TeacherSpeed, student: StudentSpeed, reference: ReferenceDeployment,
+               energy: EnergyConfig, pricing: PricingConfig, concurrency: int) -> Projection:
+    """$, hours, kWh and kg CO2 per 1M items for teacher and student, here and on the reference deployment."""
+    here_gi = grid_intensity(energy.country_iso_code)
+    ref_gi = grid_intensity(reference.country_iso_code)
+    rate = pricing.hardware_usd_per_hour
+    t_ips = speed.teacher_items_per_s
     t_hours = M / t_ips / 3600 if t_ips else None
-    t_usd_item = ann.get("teacher_usd_per_item")
-    t_kwh_item = ann.get("teacher_kwh_per_item")
-    t_gi = ann.get("teacher_grid_gco2_per_kwh") or here_gi
-    out.update({
-        "teacher_usd_per_1m": t_usd_item * M if t_usd_item is not None else None,
-        "teacher_usd_per_1m_method": ann.get("teacher_usd_per_item_method", "no cost measured"),
-        "teacher_hours_per_1m": t_hours,
-        "teacher_hours_per_1m_method": f"1M / measured {t_ips:.2f} items/s ({ann.get('teacher_speed_source')}), "
-                                       f"at concurrency {cfg.client.concurrency}" if t_ips else "teacher speed not measured",
-        "teacher_kwh_per_1m": t_kwh_item * M if t_kwh_item is not None else None,
-        "teacher_kwh_per_1m_method": ann.get("teacher_kwh_per_item_method", "not measured"),
-    })
-    out["teacher_kgco2_per_1m"] = out["teacher_kwh_per_1m"] * t_gi / 1000 if out["teacher_kwh_per_1m"] is not None else None
-    out["teacher_kgco2_per_1m_method"] = f"kWh x {t_gi:.0f} gCO2e/kWh ({ann.get('teacher_grid_country', cfg.energy.country_iso_code)} grid)"
+    t_usd = bill.teacher_usd_per_item * M if bill.teacher_usd_per_item is not None else None
+    t_kwh = bill.teacher_kwh_per_item * M if bill.teacher_kwh_per_item is not None else None
+    t_gi = bill.teacher_grid_gco2_per_kwh or here_gi
+    s_ips = student.items_per_s
+    s_hours = M / s_ips / 3600 if s_ips else None
+    s_usd = s_hours * rate if s_hours is not None else None
+    s_kwh = student.kwh_per_item * M if student.kwh_per_item is not None else None
+    t_kg = t_kwh * t_gi / 1000 if t_kwh is not None else None
+    s_kg = s_kwh * here_gi / 1000 if s_kwh is not None else None
 
-    # student on this machine
-    s_hours = M / student_items_per_s / 3600 if student_items_per_s else None
-    out.update({
-        "student_hours_per_1m": s_hours,
-        "student_hours_per_1m_method": f"1M / measured {student_items_per_s:.1f} items/s (batched, on gold)"
-        if student_items_per_s else "student speed not measured",
-        "student_usd_per_1m": s_hours * rate if s_hours is not None else None,
-        "student_usd_per_1m_method": f"hours x ${rate:g}/h ({here}, pricing.hardware_usd_per_hour)",
-        "student_kwh_per_1m": student_kwh_per_item * M if student_kwh_per_item is not None else None,
-        "student_kwh_per_1m_method": student_kwh_method,
-    })
-    out["student_kgco2_per_1m"] = (out["student_kwh_per_1m"] * here_gi / 1000
-                                   if out["student_kwh_per_1m"] is not None else None)
-    out["student_kgco2_per_1m_method"] = f"kWh x {here_gi:.0f} gCO2e/kWh ({cfg.energy.country_iso_code} grid)"
+    ref_how = (f"{reference.name}: ${reference.usd_per_hour:g}/h, {reference.power_kw:g} kW, {{f:g}}x this machine's "
+               f"measured items/s (assumed, reference.*), {ref_gi:.0f} gCO2e/kWh ({reference.country_iso_code} grid)")
 
-    # the reference deployment (assumed throughput factor, price and power)
-    ref_how = (f"{ref.name}: ${ref.usd_per_hour:g}/h, {ref.power_kw:g} kW, {{f:g}}x this machine's measured items/s "
-               f"(assumed, reference.*), {ref_gi:.0f} gCO2e/kWh ({ref.country_iso_code} grid)")
-    def on_reference(who: str, hours: Optional[float], factor: float) -> None:
+    def on_reference(hours: Optional[float], factor: float) -> tuple[Optional[float], ...]:
         rh = hours / factor if hours is not None else None
-        kwh = rh * ref.power_kw if rh is not None else None
-        out.update({f"ref_{who}_hours_per_1m": rh, f"ref_{who}_usd_per_1m": rh * ref.usd_per_hour if rh is not None else None,
-                    f"ref_{who}_kwh_per_1m": kwh, f"ref_{who}_kgco2_per_1m": kwh * ref_gi / 1000 if kwh is not None else None,
-                    f"ref_{who}_method": ref_how.format(f=factor)})
+        kwh = rh * reference.power_kw if rh is not None else None
+        return (rh, rh * reference.usd_per_hour if rh is not None else None, kwh,
+                kwh * ref_gi / 1000 if kwh is not None else None)
 
-    if ann.get("teacher_self_hosted"):
-        on_reference("teacher", t_hours, ref.teacher_throughput_factor)
+    if bill.teacher_self_hosted:
+        rt = on_reference(t_hours, reference.teacher_throughput_factor)
+        rt_how = ref_how.format(f=reference.teacher_throughput_factor)
     else:  # an API costs the same wherever distill runs
-        out.update({k.replace("teacher_", "ref_teacher_", 1): out[k] for k in
-                    ("teacher_hours_per_1m", "teacher_usd_per_1m", "teacher_kwh_per_1m", "teacher_kgco2_per_1m")})
-        out["ref_teacher_method"] = "remote API: same price, speed and energy as measured here"
-    on_reference("student", s_hours, ref.student_throughput_factor)
-
-    for pre in ("", "ref_"):
-        out[f"{pre}cost_ratio_per_1m"] = _ratio(out[f"{pre}teacher_usd_per_1m"], out[f"{pre}student_usd_per_1m"])
-        out[f"{pre}time_ratio_per_1m"] = _ratio(out[f"{pre}teacher_hours_per_1m"], out[f"{pre}student_hours_per_1m"])
-        out[f"{pre}co2_ratio_per_1m"] = _ratio(out[f"{pre}teacher_kgco2_per_1m"], out[f"{pre}student_kgco2_per_1m"])
-    out["cost_ratio_per_1m_method"] = "teacher_usd_per_1m / student_usd_per_1m (both on this machine's figures)"
-    out["co2_ratio_per_1m_method"] = "teacher_kgco2_per_1m / student_kgco2_per_1m"
-    return out
+        rt, rt_how = (t_hours, t_usd, t_kwh, t_kg), "remote API: same price, speed and energy as measured here"
+    rs = on_reference(s_hours, reference.student_throughput_factor)
+    return Projection(
+        reference_name=reference.name, hardware_name=pricing.hardware_name, hardware_usd_per_hour=rate,
+        grid_gco2_per_kwh=here_gi, reference_grid_gco2_per_kwh=ref_gi,
+        teacher_usd_per_1m=t_usd, teacher_usd_per_1m_method=bill.teacher_usd_per_item_method,
+        teacher_hours_per_1m=t_hours,
+        teacher_hours_per_1m_method=(f"1M / measured {t_ips:.2f} items/s ({speed.teacher_speed_source}), at "
+                                     f"concurrency {concurrency}" if t_ips else "teacher speed not measured"),
+        teacher_kwh_per_1m=t_kwh, teacher_kwh_per_1m_method=bill.teacher_kwh_per_item_method,
+        teacher_kgco2_per_1m=t_kg,
+        teacher_kgco2_per_1m_method=f"kWh x {t_gi:.0f} gCO2e/kWh ({bill.teacher_grid_country} grid)",
+        student_hours_per_1m=s_hours,
+        student_hours_per_1m_method=(f"1M / measured {s_ips:.1f} items/s (batched, on gold)" if s_ips
+                                     else "student speed not measured"),
+        student_usd_per_1m=s_usd,
+        student_usd_per_1m_method=f"hours x ${rate:g}/h ({pricing.hardware_name}, pricing.hardware_usd_per_hour)",
+        student_kwh_per_1m=s_kwh, student_kwh_per_1m_method=student.kwh_method, student_kgco2_per_1m=s_kg,
+        student_kgco2_per_1m_method=f"kWh x {here_gi:.0f} gCO2e/kWh ({energy.country_iso_code} grid)",
+        ref_teacher_hours_per_1m=rt[0], ref_teacher_usd_per_1m=rt[1], ref_teacher_kwh_per_1m=rt[2],
+        ref_teacher_kgco2_per_1m=rt[3], ref_teacher_method=rt_how,
+        ref_student_hours_per_1m=rs[0], ref_student_usd_per_1m=rs[1], ref_student_kwh_per_1m=rs[2],
+        ref_student_kgco2_per_1m=rs[3], ref_student_method=ref_how.format(f=reference.student_throughput_factor),
+        cost_ratio_per_1m=_ratio(t_usd, s_usd), time_ratio_per_1m=_ratio(t_hours, s_hours),
+        co2_ratio_per_1m=_ratio(t_kg, s_kg), ref_cost_ratio_per_1m=_ratio(rt[1], rs[1]),
+        ref_time_ratio_per_1m=_ratio(rt[0], rs[0]), ref_co2_ratio_per_1m=_ratio(rt[3], rs[3]))
 
 
 def _f(x: Optional[float], unit: str = "") -> str:

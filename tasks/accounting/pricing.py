@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from distill.config import DistillConfig, ModelPrice, read_yaml
+from distill.config import ModelPrice, PricingConfig, TeacherConfig, read_yaml
+from tasks.results.accounting import TeacherPrice
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,48 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 class PricingError(ValueError):
     """A teacher has no usable price; the message names the model and how to price it."""
-
-
-@dataclass(frozen=True)
-class TeacherPrice:
-    """The resolved price of one teacher endpoint: per token, per busy hour, or free."""
-
-    model: str
-    kind: str  # "tokens" | "hourly" | "free"
-    input_per_mtok: float = 0.0  # batch discount already applied when the run bills at batch rate
-    output_per_mtok: float = 0.0
-    per_request_usd: float = 0.0
-    usd_per_hour: float = 0.0
-    batch_discount: float = 0.0
-    batch: bool = False
-    kwh_per_request: Optional[float] = None
-    kwh_per_1k_output_tokens: Optional[float] = None
-    source: str = ""
-
-    def token_cost(self, prompt_tokens: Optional[int], completion_tokens: Optional[int], requests: int = 1) -> float:
-        """USD for token usage (0 for hourly and free endpoints: those are priced by time)."""
-        if self.kind != "tokens":
-            return 0.0
-        return ((prompt_tokens or 0) * self.input_per_mtok + (completion_tokens or 0) * self.output_per_mtok) / 1e6 \
-            + requests * self.per_request_usd
-
-    def batch_variant(self) -> "TeacherPrice":
-        """The same model billed through the provider's batch API."""
-        if self.kind != "tokens" or self.batch or not self.batch_discount:
-            return self
-        f = 1.0 - self.batch_discount
-        return TeacherPrice(**{**self.__dict__, "input_per_mtok": self.input_per_mtok * f,
-                               "output_per_mtok": self.output_per_mtok * f, "batch": True})
-
-    def describe(self) -> str:
-        if self.kind == "free":
-            return f"{self.model}: free ({self.source})"
-        if self.kind == "hourly":
-            return f"{self.model}: ${self.usd_per_hour:g}/hour of busy hardware ({self.source})"
-        fee = f" + ${self.per_request_usd:g}/request" if self.per_request_usd else ""
-        batch = " at batch rate" if self.batch else ""
-        return (f"{self.model}: ${self.input_per_mtok:g} in / ${self.output_per_mtok:g} out per 1M tokens{fee}{batch} "
-                f"({self.source})")
 
 
 def load_table(path: str | Path) -> dict[str, ModelPrice]:
@@ -98,9 +57,9 @@ def _from_entry(model: str, e: ModelPrice, batch: bool, source: str) -> TeacherP
     return tp.batch_variant() if batch else tp
 
 
-def resolve_price(model: str, local: bool, cfg: DistillConfig, table: Optional[dict[str, ModelPrice]] = None) -> TeacherPrice:
+def resolve_price(model: str, local: bool, pc: PricingConfig,
+                  table: Optional[dict[str, ModelPrice]] = None) -> TeacherPrice:
     """Price of ``model``: run overrides, then the local hardware rate, then the table; else an error."""
-    pc = cfg.pricing
     if pc.free:
         return TeacherPrice(model, "free", source="marked free by pricing.free")
     if model in pc.models:
@@ -118,22 +77,20 @@ def resolve_price(model: str, local: bool, cfg: DistillConfig, table: Optional[d
     )
 
 
-def resolve_prices(cfg: DistillConfig) -> list[TeacherPrice]:
+def resolve_prices(t: TeacherConfig, pricing: PricingConfig) -> list[TeacherPrice]:
     """One price per endpoint of the run: index 0 the main teacher, then teacher.members in order."""
-    t = cfg.teacher
-    table = None if cfg.pricing.free else _table_if_needed(cfg)
-    prices = [resolve_price(t.model, t.local, cfg, table)]
+    table = None if pricing.free else _table_if_needed(t, pricing)
+    prices = [resolve_price(t.model, t.local, pricing, table)]
     for m in t.members:
-        prices.append(resolve_price(m.model, t.local and m.base_url is None, cfg, table))
+        prices.append(resolve_price(m.model, t.local and m.base_url is None, pricing, table))
     return prices
 
 
-def _table_if_needed(cfg: DistillConfig) -> Optional[dict[str, ModelPrice]]:
-    t = cfg.teacher
+def _table_if_needed(t: TeacherConfig, pricing: PricingConfig) -> Optional[dict[str, ModelPrice]]:
     models = [(t.model, t.local)] + [(m.model, t.local and m.base_url is None) for m in t.members]
-    if all(local or name in cfg.pricing.models for name, local in models):
+    if all(local or name in pricing.models for name, local in models):
         return {}
-    return load_table(cfg.pricing.table)
+    return load_table(pricing.table)
 
 
 def busy_cost(price: TeacherPrice, busy_s: float) -> float:

@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prefect import task
+from tasks.results.classify import VoteStats
 
 
 NO_LABEL = "<none>"  # how an abstention is shown beside real labels in metrics
@@ -159,7 +159,65 @@ def vote_shards(ann_paths: list[str], out_dir: str, min_agreement: float, labels
     return outs
 
 
-@task(name="aggregate", task_run_name="aggregate-{name}")
-def vote_task(ann_paths: list[str], out_dir: str, min_agreement: float, labels: list[str],
-              aggregation: str = "majority", name: str = "pool") -> list[str]:
-    return vote_shards(ann_paths, out_dir, min_agreement, labels, aggregation)
+def vote_stats(voted_paths: list[str], k: int) -> VoteStats:
+    """Counts over voted shards: items, votes, invalid/failed votes, abstentions, agreement, probability sources."""
+    cols = ["votes", "sample_status", "label", "confidence", "abstain_reason", "low_agreement", "sample_probs",
+            "entropy", "prob_source"]
+    s = VoteStats()
+    hist: Counter = Counter()
+    dist: Counter = Counter()
+    entropy_sum, entropy_n = 0.0, 0  # a running mean: nothing kept per item
+    sources: Counter = Counter()
+    for df in (pq.read_table(p, columns=cols).to_pandas() for p in voted_paths):
+        s.items += len(df)
+        for st, probs in zip(df["sample_status"], df["sample_probs"]):
+            s.votes += len(st)
+            for x, p in zip(st, probs):
+                if x == "ok":
+                    s.valid_votes += 1
+                    s.samples_with_logprobs += p is not None
+                elif x == "invalid":
+                    s.invalid_votes += 1
+                else:
+                    s.failed_votes += 1
+        for lab, conf, reason, low, ent, src in zip(df["label"], df["confidence"], df["abstain_reason"],
+                                                    df["low_agreement"], df["entropy"], df["prob_source"]):
+            hist[agreement_bin(conf, k)] += 1
+            if is_missing(lab):
+                s.abstained += 1
+                if not is_missing(reason) and reason.startswith("tie"):
+                    s.abstained_tie += 1
+                else:
+                    s.abstained_no_valid += 1
+                if reason == "all requests failed":
+                    s.failed_items += 1
+            else:
+                dist[lab] += 1
+                sources[src] += 1
+                if not is_missing(ent):
+                    entropy_sum += float(ent)
+                    entropy_n += 1
+            if low:
+                s.low_agreement += 1
+    s.invalid_rate = s.invalid_votes / s.votes if s.votes else 0.0
+    s.agreement_histogram = dict(sorted(hist.items()))
+    s.teacher_label_distribution = dict(sorted(dist.items()))
+    s.mean_label_entropy = entropy_sum / entropy_n if entropy_n else None
+    # what the aggregation used: items whose distribution came from log-probabilities, from votes, or both
+    n_lp, n_ok = s.samples_with_logprobs, s.valid_votes
+    used = {k: v for k, v in sources.items() if v}
+    s.probability_source = ("logprobs" if set(used) == {"logprobs"} else
+                               "vote shares" if set(used) <= {"votes"} else "mixed")
+    s.probability_source_method = (
+        f"{n_lp:,} of {n_ok:,} valid samples carried the teacher's log-probabilities; item distributions from "
+        + ", ".join(f"{'vote shares' if k == 'votes' else k} {v:,}" for k, v in sorted(used.items())))
+    return s
+
+
+def agreement_bin(conf: float, k: int) -> str:
+    """Histogram bin of a confidence: 'j/k' for vote shares, a tenth (e.g. '0.8-0.9') for probabilities."""
+    j = conf * k
+    if abs(j - round(j)) < 1e-9:
+        return f"{round(j)}/{k}"
+    lo = min(9, int(conf * 10))
+    return f"{lo / 10:.1f}-{(lo + 1) / 10:.1f}"

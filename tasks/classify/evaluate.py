@@ -16,11 +16,13 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from prefect import task
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from tasks.classify.calibration import plot_reliability, reliability
-from tasks.classify.aggregate import NO_LABEL, or_no_label as _clean
+from tasks.classify.aggregate import NO_LABEL, agreement_bin, or_no_label
+from tasks.classify.calibration import Reliability, plot_reliability, reliability
+from tasks.results.classify import ClassifierEvaluation, TeacherGoldScores, TeacherSubset
+
+_clean = or_no_label
 
 
 def scores(gold: list[str], pred: list[str], labels: list[str]) -> dict[str, Any]:
@@ -100,12 +102,10 @@ def read_gold(gold_path: str, text_column: str, id_column: str, label_column: st
     return pd.concat(frames, ignore_index=True)
 
 
-def evaluate(
-    gold: pd.DataFrame, teacher_gold_votes: list[str], predictor: Any, labels: list[str], out_dir: str,
-    batch_size: int, k: int, teacher_items_per_s: Optional[float], energy: Any = None, aggregation: str = "majority",
-    majority_label: Optional[str] = None,
-) -> dict[str, Any]:
-    """All gold metrics, plots and speed figures; returns a flat-ish dict (plots as paths).
+def evaluate(gold: pd.DataFrame, teacher_gold_votes: list[str], predictor: Any, *, labels: list[str], out_dir: str,
+             batch_size: int, k: int, teacher_items_per_s: Optional[float], energy: Any = None,
+             aggregation: str = "majority", majority_label: Optional[str] = None) -> ClassifierEvaluation:
+    """All gold metrics, plots and speed figures.
 
     ``majority_label`` is the teacher's most frequent label in the student's training
     data: a student that answers it for everything (the collapse class balancing
@@ -120,61 +120,63 @@ def evaluate(
     s_pred, s_conf = predictor.predict(texts, batch_size)
     student = scores(g, s_pred, labels)
     s_rel = reliability("student", s_conf, [p == t for p, t in zip(s_pred, g)])
-    res: dict[str, Any] = {
-        "gold_items": len(g),
-        "student_accuracy": student["accuracy"], "student_macro_f1": student["macro_f1"],
-        "student_per_class": student["per_class"],
-        "plots": [plot_confusion(g, s_pred, labels, "student on gold", out / "confusion_student.png")],
-        "student_ece": s_rel.ece,
-    }
-    if majority_label is not None:
-        res["majority_baseline_label"] = majority_label
-        res["majority_baseline_macro_f1"] = scores(g, [majority_label] * len(g), labels)["macro_f1"]
+    plots = [plot_confusion(g, s_pred, labels, "student on gold", out / "confusion_student.png")]
     curves = [s_rel]
-    by_id = dict(zip(gold["id"], zip(s_pred, s_conf)))
-    tv = pd.concat([pq.read_table(p).to_pandas() for p in teacher_gold_votes], ignore_index=True) if teacher_gold_votes else None
+    subset = None
+    tv = (pd.concat([pq.read_table(p).to_pandas() for p in teacher_gold_votes], ignore_index=True)
+          if teacher_gold_votes else None)
     if tv is not None and len(tv):
-        tg = tv["label_gold"].tolist()
-        voted = _clean(tv["label"].tolist())
-        single = _clean([v[0] for v in tv["votes"]])
-        missing = [t for i, t in zip(tv["id"], tv["text"]) if i not in by_id]  # the subset is drawn from gold
-        by_text = dict(zip(missing, zip(*predictor.predict(missing, batch_size)))) if missing else {}
-        sub = [by_id[i] if i in by_id else by_text[t] for i, t in zip(tv["id"], tv["text"])]
-        s_sub = [p for p, _ in sub]
-        t_conf = tv["confidence"].astype(float).tolist()
-        t_rel = reliability(f"teacher ({aggregation})", t_conf,
-                            [None if v == NO_LABEL else v == y for v, y in zip(voted, tg)])
-        s_rel_sub = reliability("student, same subset", [c for _, c in sub], [p == y for p, y in zip(s_sub, tg)])
-        curves = [t_rel, s_rel_sub, s_rel]
-        t_single, t_voted, s_on_sub = scores(tg, single, labels), scores(tg, voted, labels), scores(tg, s_sub, labels)
-        curve = coverage_curve(tg, voted, t_conf, k, by_vote_share=aggregation == "majority")
-        res.update({
-            "teacher_subset_items": len(tg),
-            "teacher_accuracy_single": t_single["accuracy"], "teacher_macro_f1_single": t_single["macro_f1"],
-            "teacher_accuracy_voted": t_voted["accuracy"], "teacher_macro_f1_voted": t_voted["macro_f1"],
-            "student_accuracy_on_teacher_subset": s_on_sub["accuracy"],
-            "student_macro_f1_on_teacher_subset": s_on_sub["macro_f1"],
-            "student_teacher_agreement": float(np.mean([a == b for a, b in zip(s_sub, voted)])),
-            "teacher_per_class_voted": t_voted["per_class"],
-            "teacher_ece": t_rel.ece, "teacher_ece_items": t_rel.items, "teacher_ece_left_out": t_rel.left_out,
-            "student_ece_on_teacher_subset": s_rel_sub.ece,
-            **({"majority_baseline_macro_f1_on_teacher_subset":
-                scores(tg, [majority_label] * len(tg), labels)["macro_f1"]} if majority_label is not None else {}),
-            "coverage_curve": curve,
-            "blind_spots": blind_spots(tg, voted, s_sub, labels),
-        })
-        res["plots"] += [
-            plot_confusion(tg, single, labels, "teacher (single answer) on gold subset", out / "confusion_teacher_single.png"),
-            plot_confusion(tg, voted, labels, f"teacher ({aggregation}) on gold subset", out / "confusion_teacher_voted.png"),
-            plot_coverage(curve, out / "teacher_coverage.png"),
-        ]
-    res["reliability"] = [c.as_dict() for c in curves]
-    res["plots"].append(plot_reliability(curves, out / "reliability.png"))
+        subset, sub_curves, sub_plots = _on_teacher_subset(tv, gold, s_pred, s_conf, predictor, labels=labels,
+                                                           out=out, batch_size=batch_size, k=k,
+                                                           aggregation=aggregation, majority_label=majority_label)
+        curves = [*sub_curves, s_rel]
+        plots += sub_plots
+    plots.append(plot_reliability(curves, out / "reliability.png"))
     speed = measure_speed(predictor, texts, batch_size, energy=energy)
-    res.update(speed)
-    res["teacher_items_per_s"] = teacher_items_per_s
-    res["speed_ratio"] = speed["student_items_per_s"] / teacher_items_per_s if teacher_items_per_s else None
-    return res
+    return ClassifierEvaluation(
+        gold_items=len(g), student_accuracy=student["accuracy"], student_macro_f1=student["macro_f1"],
+        student_per_class=student["per_class"], student_ece=s_rel.ece, majority_baseline_label=majority_label,
+        majority_baseline_macro_f1=(scores(g, [majority_label] * len(g), labels)["macro_f1"]
+                                    if majority_label is not None else None),
+        subset=subset, reliability=[c.as_dict() for c in curves], speed=speed,
+        student_precision=predictor.precision, teacher_items_per_s=teacher_items_per_s,
+        speed_ratio=speed.student_items_per_s / teacher_items_per_s if teacher_items_per_s else None, plots=plots)
+
+
+def _on_teacher_subset(tv: pd.DataFrame, gold: pd.DataFrame, s_pred: list[str], s_conf: list[float], predictor: Any,
+                       *, labels: list[str], out: Path, batch_size: int, k: int, aggregation: str,
+                       majority_label: Optional[str]) -> tuple[TeacherSubset, list[Reliability], list[str]]:
+    """Teacher (single answer, aggregated) and student on the teacher's gold subset: scores, calibration, plots."""
+    by_id = dict(zip(gold["id"], zip(s_pred, s_conf)))
+    tg = tv["label_gold"].tolist()
+    voted = _clean(tv["label"].tolist())
+    single = _clean([v[0] for v in tv["votes"]])
+    missing = [t for i, t in zip(tv["id"], tv["text"]) if i not in by_id]  # the subset is drawn from gold
+    by_text = dict(zip(missing, zip(*predictor.predict(missing, batch_size)))) if missing else {}
+    sub = [by_id[i] if i in by_id else by_text[t] for i, t in zip(tv["id"], tv["text"])]
+    s_sub = [p for p, _ in sub]
+    t_conf = tv["confidence"].astype(float).tolist()
+    t_rel = reliability(f"teacher ({aggregation})", t_conf, [None if v == NO_LABEL else v == y for v, y in zip(voted, tg)])
+    s_rel_sub = reliability("student, same subset", [c for _, c in sub], [p == y for p, y in zip(s_sub, tg)])
+    t_single, t_voted, s_on_sub = scores(tg, single, labels), scores(tg, voted, labels), scores(tg, s_sub, labels)
+    curve = coverage_curve(tg, voted, t_conf, k, by_vote_share=aggregation == "majority")
+    subset = TeacherSubset(
+        teacher_subset_items=len(tg), teacher_accuracy_single=t_single["accuracy"],
+        teacher_macro_f1_single=t_single["macro_f1"], teacher_accuracy_voted=t_voted["accuracy"],
+        teacher_macro_f1_voted=t_voted["macro_f1"], student_accuracy_on_teacher_subset=s_on_sub["accuracy"],
+        student_macro_f1_on_teacher_subset=s_on_sub["macro_f1"],
+        student_teacher_agreement=float(np.mean([a == b for a, b in zip(s_sub, voted)])),
+        teacher_per_class_voted=t_voted["per_class"], teacher_ece=t_rel.ece, teacher_ece_items=t_rel.items,
+        teacher_ece_left_out=t_rel.left_out, student_ece_on_teacher_subset=s_rel_sub.ece,
+        majority_baseline_macro_f1_on_teacher_subset=(scores(tg, [majority_label] * len(tg), labels)["macro_f1"]
+                                                      if majority_label is not None else None),
+        coverage_curve=curve, blind_spots=blind_spots(tg, voted, s_sub, labels))
+    plots = [
+        plot_confusion(tg, single, labels, "teacher (single answer) on gold subset", out / "confusion_teacher_single.png"),
+        plot_confusion(tg, voted, labels, f"teacher ({aggregation}) on gold subset", out / "confusion_teacher_voted.png"),
+        plot_coverage(curve, out / "teacher_coverage.png"),
+    ]
+    return subset, [t_rel, s_rel_sub], plots
 
 
 def blind_spots(gold: list[str], teacher: list[str], student: list[str], labels: list[str]) -> list[dict[str, Any]]:
@@ -195,18 +197,29 @@ def blind_spots(gold: list[str], teacher: list[str], student: list[str], labels:
     return rows
 
 
-@task(name="evaluate")
-def evaluate_task(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str],
-                  teacher_gold_votes: list[str], model_dir: str, precision: str, max_length: int,
-                  out_dir: str, batch_size: int, k: int, teacher_items_per_s: Optional[float],
-                  energy: Any = None, aggregation: str = "majority", majority_label: Optional[str] = None,
-                  ) -> dict[str, Any]:
-    from tasks.classify.inference import StudentPredictor
-
-    gold = read_gold(gold_path, text_column, id_column, label_column, labels)
-    pred = StudentPredictor(model_dir, precision=precision, max_length=max_length)
-    res = evaluate(gold, teacher_gold_votes, pred, labels, out_dir, batch_size, k, teacher_items_per_s, energy,
-                   aggregation, majority_label)
-    res["student_precision"] = pred.precision
-    return res
-
+def teacher_gold_scores(voted_paths: list[str], labels: list[str]) -> Optional[TeacherGoldScores]:
+    """Teacher accuracy and macro-F1 against human gold: voted label and sample 0 alone."""
+    gold, voted, single, conf = [], [], [], []
+    for df in (pq.read_table(p, columns=["label_gold", "label", "votes", "confidence", "n_votes"]).to_pandas()
+               for p in voted_paths):
+        gold += df["label_gold"].tolist()
+        conf += [agreement_bin(c, n) for c, n in zip(df["confidence"], df["n_votes"])]
+        voted += or_no_label(df["label"].tolist())
+        single += or_no_label([v[0] for v in df["votes"]])
+    if not gold:
+        return None
+    kw = dict(labels=labels, average="macro", zero_division=0)
+    by_agree: dict[str, str] = {}
+    for share in sorted(set(conf)):
+        idx = [i for i, c in enumerate(conf) if c == share]
+        acc = sum(voted[i] == gold[i] for i in idx) / len(idx)
+        by_agree[share] = f"{acc:.3f} (n={len(idx)})"
+    return TeacherGoldScores(
+        gold_items_scored=len(gold), teacher_accuracy_voted=float(accuracy_score(gold, voted)),
+        teacher_macro_f1_voted=float(f1_score(gold, voted, **kw)),
+        teacher_coverage_voted=sum(v != NO_LABEL for v in voted) / len(gold),
+        teacher_accuracy_single=float(accuracy_score(gold, single)),
+        teacher_macro_f1_single=float(f1_score(gold, single, **kw)),
+        gold_label_distribution=dict(sorted(Counter(gold).items())),
+        teacher_label_distribution_on_gold=dict(sorted(Counter(voted).items())),
+        teacher_accuracy_by_agreement=by_agree)

@@ -93,14 +93,15 @@ class StudentPredictor:
 
 
 def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, single_n: int = 100,
-                  energy: Any = None, min_energy_s: float = 5.0) -> dict[str, Any]:
+                  energy: Any = None, min_energy_s: float = 5.0) -> Any:
     """items/s at ``batch_size`` (after a warm-up), its energy per item, and p50/p95 single-item latency.
 
     With ``energy`` (an EnergyConfig) the batched passes run under codecarbon's offline
     tracker and repeat until ``min_energy_s`` have passed, so a fast student still gives a
     reading longer than a couple of the tracker's samples.
     """
-    from tasks.accounting.carbon import measure_energy
+    from tasks.accounting.carbon import measure_energy  # not shipped with the model: only evaluation measures
+    from tasks.results.classify import StudentSpeed
 
     pred.predict(texts[: min(len(texts), batch_size * 2)], batch_size)  # warm-up
     measure = energy is not None and energy.measure
@@ -121,7 +122,7 @@ def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, sin
         pred.predict([t], 1)
         lat.append(time.perf_counter() - s)
     kwh_item = reading.kwh / done if reading.kwh is not None and done else None
-    return {"student_items_per_s": items_per_s, "student_latency_p50_ms": float(np.percentile(lat, 50) * 1000),
-            "student_latency_p95_ms": float(np.percentile(lat, 95) * 1000), "student_batch_size": batch_size,
-            "student_speed_items": done, "student_infer_kwh": reading.kwh, "student_kwh_per_item": kwh_item,
-            "student_kwh_per_item_method": f"{reading.method}, {done:,} items in batches of {batch_size}"}
+    return StudentSpeed(student_items_per_s=items_per_s, student_latency_p50_ms=float(np.percentile(lat, 50) * 1000),
+                        student_latency_p95_ms=float(np.percentile(lat, 95) * 1000), student_batch_size=batch_size,
+                        student_speed_items=done, student_infer_kwh=reading.kwh, student_kwh_per_item=kwh_item,
+                        student_kwh_per_item_method=f"{reading.method}, {done:,} items in batches of {batch_size}")

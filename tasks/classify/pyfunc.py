@@ -40,3 +40,24 @@ class StudentPyfunc(_Base):  # type: ignore[misc,valid-type]
             texts = [str(x) for x in list(model_input)]
         labels, scores = self.predictor.predict(texts, self.batch_size)
         return pd.DataFrame({"label": labels, "score": scores})
+
+
+def log_student_model(model_dir: str, precision: str, max_length: int, example_texts: list[str]) -> Any:
+    """Log the student as a pyfunc model (signature, input example, explicit pip requirements)."""
+    import mlflow
+    import pandas as pd
+    import torch
+    import transformers
+    from mlflow.models import infer_signature
+
+    from tasks.registry.model_code import CLASSIFIER_CODE, model_code
+
+    example = pd.DataFrame({"text": example_texts[:3] or ["an example"]})
+    out_example = pd.DataFrame({"label": ["x"] * len(example), "score": [0.5] * len(example)})
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"]
+    with model_code(CLASSIFIER_CODE) as code:  # the model loads without distill installed
+        return mlflow.pyfunc.log_model(
+            name="student", python_model=StudentPyfunc(precision=precision, max_length=max_length),
+            artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
+            input_example=example, pip_requirements=reqs, code_paths=[code])

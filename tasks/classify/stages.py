@@ -1,17 +1,28 @@
-"""The ``classify`` task type's train, evaluate and register stages, its summary and its table.
+"""The ``classify`` task type's stages: aggregate the votes, train, evaluate and register the student; its table.
 
 Why a module of its own: the flow asks the task type (tasks/pipeline/task_types.py) for these
-stages instead of testing ``cfg.task``; this is today's classification code behind that
-seam, unchanged in what it computes. Each stage receives the narrowest config parts it
-reads and returns a typed result (tasks/results/stages.py).
+stages instead of testing ``cfg.task``. Each stage receives the config sections it reads
+(the pipeline layer picks them from the run's config) and returns a typed result
+(tasks/results/stages.py); the Prefect tasks here are thin wrappers over the plain functions
+of tasks/classify/ that do the work, and big lists never travel as their parameters.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
-from distill.config import DistillConfig
+from prefect import task
+
+from distill.config import DataConfig, EnergyConfig, PricingConfig, StudentConfig, VoteConfig
 from tasks.accounting.costs import training_cost
+from tasks.classify.aggregate import vote_shards, vote_stats
+from tasks.classify.evaluate import evaluate, read_gold, teacher_gold_scores
+from tasks.classify.inference import StudentPredictor
+from tasks.classify.pyfunc import log_student_model
+from tasks.classify.register import register_classifier
+from tasks.classify.train import train_on_all_gpus
+from tasks.results.classify import ClassifierEvaluation, ClassifierTraining
 from tasks.results.stages import Aggregation, Evaluation, Registration, Trained
 
 PRIMARY_METRIC = "macro_f1"  # the gold figure the gate decides on
@@ -30,57 +41,88 @@ TRAIN_KEYS = ("train_items", "use_votes", "soft_labels", "soft_label_weight", "d
               "train_label_counts", "val_macro_f1")
 
 
-def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
+
+@task(name="aggregate", task_run_name="aggregate-{name}")
+def vote_task(ann_paths: list[str], out_dir: str, name: str, *, vote: VoteConfig,  # noqa: ARG001  (name: the run's)
+              labels: list[str]) -> list[str]:
+    return vote_shards(ann_paths, out_dir, vote.min_agreement, labels, vote.aggregation.value)
+
+
+def aggregate_stage(pool: list[str], gold: list[str], *, vote: VoteConfig, labels: list[str], samples: int,
+                    votes_dir: Path) -> Aggregation:
+    """Vote the pool's and the gold subset's k samples per item; score the teacher on the gold subset."""
+    voted = {split: vote_task(paths, str(votes_dir / split), split, vote=vote, labels=labels)
+             for split, paths in (("pool", pool), ("gold", gold))}
+    scores = teacher_gold_scores(voted["gold"], labels) if voted["gold"] else None
+    if scores is not None:
+        g = vote_stats(voted["gold"], samples)
+        scores.gold_invalid_votes, scores.gold_abstained = g.invalid_votes, g.abstained
+    return Aggregation(voted["pool"], voted["gold"], str(votes_dir / "pool"), vote_stats(voted["pool"], samples),
+                       scores)
+
+
+@task(name="train-student")
+def train_task(voted_paths: list[str], *, labels: list[str], out_dir: str, student: StudentConfig,
+               min_agreement: float, show_progress: bool = True) -> ClassifierTraining:
+    return train_on_all_gpus(voted_paths, labels=labels, out_dir=out_dir, student=student,
+                             min_agreement=min_agreement, show_progress=show_progress)
+
+
+def train_stage(agg: Aggregation, *, student: StudentConfig, labels: list[str], min_agreement: float,
+                energy: EnergyConfig, pricing: PricingConfig, out_dir: Path, show_progress: bool) -> Trained:
     """Fine-tune the classifier student on the aggregated pool, measuring its energy and cost."""
-    from tasks.templates.label import load_prompt
-    from tasks.classify.train import train_task
-
-    with training_cost(cfg.energy, cfg.pricing) as cost:
-        tr = train_task(agg.pool_paths, load_prompt(cfg.prompt).labels, str(cfg.run_dir / "student"), cfg.student,
-                        cfg.vote.min_agreement, show_progress)
-    tr.update(cost)
-    return Trained(tr["model_dir"], tr)
+    with training_cost(energy, pricing) as meter:
+        tr = train_task(agg.pool_paths, labels=labels, out_dir=str(out_dir), student=student,
+                        min_agreement=min_agreement, show_progress=show_progress)
+    assert meter.cost is not None
+    return Trained(tr.model_dir, tr, meter.cost)
 
 
-def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]) -> Evaluation:
+@task(name="evaluate")
+def evaluate_task(teacher_gold_votes: list[str], *, data: DataConfig, student: StudentConfig, model_dir: str,
+                  labels: list[str], out_dir: str, samples: int, aggregation: str, energy: EnergyConfig,
+                  teacher_items_per_s: Optional[float], majority_label: Optional[str]) -> ClassifierEvaluation:
+    """Reads the gold file itself: big lists never travel as Prefect parameters."""
+    gold = read_gold(data.gold_path or "", data.text_column, data.id_column, data.gold_label_column, labels)
+    pred = StudentPredictor(model_dir, precision=student.precision, max_length=student.max_length)
+    return evaluate(gold, teacher_gold_votes, pred, labels=labels, out_dir=out_dir, batch_size=student.eval_batch_size,
+                    k=samples, teacher_items_per_s=teacher_items_per_s, energy=energy, aggregation=aggregation,
+                    majority_label=majority_label)
+
+
+def evaluate_stage(agg: Aggregation, model: Trained, *, data: DataConfig, student: StudentConfig, labels: list[str],
+                   samples: int, aggregation: str, energy: EnergyConfig, out_dir: Path,
+                   teacher_items_per_s: Optional[float]) -> Evaluation:
     """Student (all gold and the teacher's subset) and teacher on human gold, calibration and speed."""
-    from tasks.classify.evaluate import evaluate_task
-    from tasks.templates.label import load_prompt
-
-    d, st = cfg.data, cfg.student
-    counts = model.figures["train_label_counts"]
-    ev = evaluate_task(d.gold_path, d.text_column, d.id_column, d.gold_label_column, load_prompt(cfg.prompt).labels,
-                       agg.gold_paths, model.model_dir, st.precision, st.max_length, str(cfg.run_dir / "evaluation"),
-                       st.eval_batch_size, cfg.teacher.samples, teacher_items_per_s, cfg.energy,
-                       cfg.vote.aggregation.value, max(counts, key=counts.get))
-    plots = ev.pop("plots")
-    return Evaluation(ev, PRIMARY_METRIC, plots, documents={
-        "evaluation.json": ev, "calibration.json": {"reliability": ev.get("reliability", [])}})
+    assert isinstance(model.figures, ClassifierTraining)
+    ev = evaluate_task(agg.gold_paths, data=data, student=student, model_dir=model.model_dir, labels=labels,
+                       out_dir=str(out_dir), samples=samples, aggregation=aggregation, energy=energy,
+                       teacher_items_per_s=teacher_items_per_s, majority_label=model.figures.majority_label)
+    return Evaluation(ev, PRIMARY_METRIC, ev.student_macro_f1,
+                      documents={"calibration.json": {"reliability": ev.reliability}})
 
 
-def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str) -> Registration:
+@task(name="register")
+def register_task(log_model: Any, *, data: DataConfig, labels: list[str], model_name: str, score: float, floor: float,
+                  margin: float, run_id: str, candidate: Optional[str]) -> Registration:
+    """Reads the gold file itself: big lists never travel as Prefect parameters."""
+    gold = read_gold(data.gold_path or "", data.text_column, data.id_column, data.gold_label_column, labels)
+    return register_classifier(log_model, model_name=model_name, score=score, gold_texts=gold["text"].tolist(),
+                               gold_labels=gold["label"].tolist(), labels=labels, floor=floor, margin=margin,
+                               run_id=run_id, candidate=candidate)
+
+
+def register_stage(agg: Aggregation, model: Trained, ev: Evaluation, *, data: DataConfig, student: StudentConfig,
+                   labels: list[str], model_name: str, floor: float, margin: float, run_id: str) -> Registration:
     """Log the student as an MLflow pyfunc, register it and let the gate decide on gold macro-F1."""
     import pandas as pd
 
-    from tasks.templates.label import load_prompt
-    from tasks.registry.gate import log_student_model, register_task
-
-    d, st = cfg.data, cfg.student
-
     def log_model() -> str:  # not called when a rerun finds this student already registered
-        return log_student_model(model.model_dir, st.precision, st.max_length,
-                                 pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:3]).model_uri
+        texts = pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:3]
+        return log_student_model(model.model_dir, student.precision, student.max_length, texts).model_uri
 
-    reg = register_task(log_model, cfg.tracking.model_name, ev.score, d.gold_path, d.text_column, d.id_column,
-                        d.gold_label_column, load_prompt(cfg.prompt).labels, cfg.gate.min_macro_f1,
-                        cfg.gate.min_improvement, run_id, model.uid)
-    return Registration.from_gate(reg)
-
-
-def summary(ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration, costs: dict[str, Any]) -> dict[str, Any]:
-    """The classify run's figures for ``--summary-json`` (keys pinned by tests/summary_keys.json)."""
-    return {**{k: ann.get(k) for k in ANNOTATION_KEYS}, **ev.figures, **reg.summary(),
-            **{k: model.figures[k] for k in TRAIN_KEYS}, **costs}
+    return register_task(log_model, data=data, labels=labels, model_name=model_name, score=ev.score, floor=floor,
+                         margin=margin, run_id=run_id, candidate=model.uid)
 
 
 def _pct(x: Any) -> str:

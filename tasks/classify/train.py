@@ -25,9 +25,10 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
-from prefect import task
+from distill.config import StudentConfig
 
 from tasks.classify.aggregate import is_missing as _missing
+from tasks.results.classify import ClassifierTraining
 
 
 @dataclass
@@ -266,8 +267,8 @@ def macro_f1_metric(eval_pred: Any) -> dict[str, float]:
     return {"macro_f1": f1, "accuracy": float(accuracy_score(labels, pred)), "selection": f1 - 1e-3 * min(ce, 100.0)}
 
 
-def train_student(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
-                  show_progress: bool = True) -> dict[str, Any]:
+def train_student(voted_paths: list[str], *, labels: list[str], out_dir: str, student: StudentConfig,
+                  min_agreement: float, show_progress: bool = True) -> ClassifierTraining:
     """Fine-tune the student on the votes; writes model, tokenizer and labels.json to ``out_dir``."""
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback,
@@ -322,20 +323,18 @@ def train_student(voted_paths: list[str], labels: list[str], out_dir: str, stude
     import shutil
 
     shutil.rmtree(ckpt, ignore_errors=True)
-    return {
-        "model_dir": str(model_dir), "base_model": path, "device": dev["device"], "bf16": dev["bf16"],
-        "fp16": dev["fp16"], "n_gpu": dev["n_gpu"], "train_items": len(tr_idx), "val_items": len(va_idx),
-        "excluded_abstained": data.excluded_abstained, "excluded_low_agreement": data.excluded_low_agreement,
-        "use_votes": student.use_votes.value, "soft_labels": student.soft_label_weight > 0,
-        "soft_label_weight": student.soft_label_weight, "distill_temperature": student.distill_temperature,
-        "class_balance": balance, "train_label_counts": {labels[i]: int(c) for i, c in
-                                                         enumerate(np.bincount(train_labels, minlength=len(labels)))},
-        "train_loss": float(result.training_loss), "val_loss": float(val.get("eval_loss", float("nan"))),
-        "val_macro_f1": float(val.get("eval_macro_f1", float("nan"))),
-        "epochs_run": float(trainer.state.epoch or 0), "global_steps": int(trainer.state.global_step),
-        "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return ClassifierTraining(
+        model_dir=str(model_dir), base_model=path, device=dev["device"], bf16=dev["bf16"], fp16=dev["fp16"],
+        n_gpu=dev["n_gpu"], train_items=len(tr_idx), val_items=len(va_idx),
+        excluded_abstained=data.excluded_abstained, excluded_low_agreement=data.excluded_low_agreement,
+        use_votes=student.use_votes.value, soft_labels=student.soft_label_weight > 0,
+        soft_label_weight=student.soft_label_weight, distill_temperature=student.distill_temperature,
+        class_balance=balance, train_label_counts={labels[i]: int(c) for i, c in
+                                                   enumerate(np.bincount(train_labels, minlength=len(labels)))},
+        train_loss=float(result.training_loss), val_loss=float(val.get("eval_loss", float("nan"))),
+        val_macro_f1=float(val.get("eval_macro_f1", float("nan"))), epochs_run=float(trainer.state.epoch or 0),
+        global_steps=int(trainer.state.global_step), train_seconds=float(result.metrics.get("train_runtime", 0.0)),
+        torch_threads=torch.get_num_threads())
 
 
 def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]] = None) -> Optional[list[str]]:
@@ -354,40 +353,34 @@ def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]]
             "-m", "tasks.classify.train", args_file]
 
 
-def train_on_all_gpus(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
-                      show_progress: bool = True) -> dict[str, Any]:
+def train_on_all_gpus(voted_paths: list[str], *, labels: list[str], out_dir: str, student: StudentConfig,
+                      min_agreement: float, show_progress: bool = True) -> ClassifierTraining:
     """Train in this process, or, with several GPUs, under accelerate on all of them (the same function per rank)."""
     import json
     import subprocess
 
     cmd = accelerate_command(pick_device()["n_gpu"], str(Path(out_dir) / "train_args.json"))
     if cmd is None:
-        return train_student(voted_paths, labels, out_dir, student, min_agreement, show_progress)
+        return train_student(voted_paths, labels=labels, out_dir=out_dir, student=student,
+                             min_agreement=min_agreement, show_progress=show_progress)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(cmd[-1]).write_text(json.dumps({"voted_paths": voted_paths, "labels": labels, "out_dir": out_dir,
                                          "student": student.model_dump(mode="json"), "min_agreement": min_agreement}))
     subprocess.run(cmd, check=True)
-    return json.loads((Path(out_dir) / "train_result.json").read_text())
+    return ClassifierTraining(**json.loads((Path(out_dir) / "train_result.json").read_text()))
 
 
 def _main(args_file: str) -> None:
     """One rank of an accelerate launch: train, and let rank 0 write the result the flow reads."""
+    import dataclasses
     import json
     import os
 
-    from distill.config import StudentConfig
-
     a = json.loads(Path(args_file).read_text())
-    res = train_student(a["voted_paths"], a["labels"], a["out_dir"], StudentConfig(**a["student"]), a["min_agreement"],
-                        show_progress=False)
+    res = train_student(a["voted_paths"], labels=a["labels"], out_dir=a["out_dir"],
+                        student=StudentConfig(**a["student"]), min_agreement=a["min_agreement"], show_progress=False)
     if os.environ.get("RANK", "0") == "0":
-        (Path(a["out_dir"]) / "train_result.json").write_text(json.dumps(res))
-
-
-@task(name="train-student")
-def train_task(voted_paths: list[str], labels: list[str], out_dir: str, student: Any, min_agreement: float,
-               show_progress: bool = True) -> dict[str, Any]:
-    return train_on_all_gpus(voted_paths, labels, out_dir, student, min_agreement, show_progress)
+        (Path(a["out_dir"]) / "train_result.json").write_text(json.dumps(dataclasses.asdict(res)))
 
 
 if __name__ == "__main__":

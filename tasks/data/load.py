@@ -8,6 +8,7 @@ UTF-8, rows set aside) is produced once, up front, before any request is paid fo
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -15,9 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.config import DistillConfig
+from distill.config import DataConfig
 from distill.runtime import long_lived_heap_frozen
-from tasks.data.readers import DataError, DataReport, iter_items, write_shards
+from tasks.data.readers import DataError, iter_items, write_shards
+from tasks.results.data import DataReport
 from tasks.templates.tokens import TokenCounter
 
 
@@ -55,22 +57,6 @@ class ContextGuard:
         overhead_bytes = max(len(self._completion.encode("utf-8")), chat_bytes)
         self.cheap_avail = ctx_tokens - max_tokens - overhead_bytes - MARGIN_TOKENS
         self.counted = 0  # texts counted with the tokenizer (the rest were settled by the bounds)
-
-    @classmethod
-    def for_config(cls, cfg: DistillConfig, template: Any = None) -> Optional["ContextGuard"]:
-        """The guard of a run, or None when its teacher's context is not known (a remote teacher without
-        teacher.context_tokens: its 'context length exceeded' errors are final and counted instead)."""
-        t = cfg.teacher
-        ctx = t.n_ctx if t.local else t.context_tokens
-        if ctx is None:
-            return None
-        if template is None:
-            from tasks.templates.label import load_prompt
-
-            template = load_prompt(cfg.prompt)
-        from tasks.templates.tokens import counter_for
-
-        return cls(template, ctx, t.max_tokens, cfg.data.overlong, lambda: counter_for(t))
 
     @property
     def counter(self) -> TokenCounter:
@@ -134,29 +120,33 @@ def _write_rejected(rows: list[dict], path: Path) -> Optional[str]:
     return str(path)
 
 
+@dataclass
+class PreparedInputs:
+    """The pool (and gold) as Parquet shards, with what loading found and set aside."""
+
+    pool_shards: list[str]
+    pool_report: DataReport
+    pool_rejected: Optional[str]  # the file of pool rows set aside, with reasons
+    gold_shards: list[str] = field(default_factory=list)
+    gold_report: Optional[DataReport] = None
+    gold_rejected: Optional[str] = None
+
+
 @long_lived_heap_frozen()
-def prepare_inputs(cfg: DistillConfig, labels: Optional[list[str]], out_dir: Path,
-                   template: Any = None) -> dict[str, Any]:
+def prepare_inputs(data: DataConfig, *, labels: Optional[list[str]], out_dir: Path,
+                   guard: Optional[ContextGuard] = None) -> PreparedInputs:
     """Write pool shards (and the seeded gold subset for scoring the teacher) under ``out_dir``.
 
-    Texts whose prompt would not fit the teacher's context are cut or set aside per
-    ``data.overlong`` (:class:`ContextGuard`; ``template`` is loaded from ``cfg.prompt``
-    when not given and the context is known).
+    With a ``guard`` (the teacher's context is known), texts whose prompt would not fit are
+    cut or set aside per ``data.overlong``; ``labels`` checks the gold labels.
     """
-    d = cfg.data
-    guard = ContextGuard.for_config(cfg, template)
+    d = data
     pool_report = DataReport(path=d.pool_path)
     rejected: list[dict] = []
     chunks = iter_items(d.pool_path, d.text_column, d.id_column, d.chunk_rows, limit=d.pool_limit,
                         report=pool_report, rejected=rejected, fit=guard)
-    pool_shards = write_shards(chunks, out_dir / "pool", d.chunk_rows)
-    result: dict[str, Any] = {
-        "pool_shards": [str(p) for p in pool_shards],
-        "pool_report": pool_report.to_dict(),
-        "pool_rejected": _write_rejected(rejected, out_dir / "pool_rejected.parquet"),
-        "gold_shards": [],
-        "gold_report": None,
-    }
+    out = PreparedInputs([str(p) for p in write_shards(chunks, out_dir / "pool", d.chunk_rows)], pool_report,
+                         _write_rejected(rejected, out_dir / "pool_rejected.parquet"))
     if d.gold_path:
         gold_report = DataReport(path=d.gold_path)
         g_rej: list[dict] = []
@@ -168,7 +158,8 @@ def prepare_inputs(cfg: DistillConfig, labels: Optional[list[str]], out_dir: Pat
         if d.gold_teacher_limit is not None and len(gold) > d.gold_teacher_limit:
             idx = sorted(random.Random(d.seed).sample(range(len(gold)), d.gold_teacher_limit))
             gold = gold.iloc[idx].reset_index(drop=True)
-        result["gold_shards"] = [str(p) for p in write_shards(iter([gold]), out_dir / "gold", d.chunk_rows)] if len(gold) else []
-        result["gold_report"] = gold_report.to_dict()
-        result["gold_rejected"] = _write_rejected(g_rej, out_dir / "gold_rejected.parquet")
-    return result
+        out.gold_shards = ([str(p) for p in write_shards(iter([gold]), out_dir / "gold", d.chunk_rows)]
+                           if len(gold) else [])
+        out.gold_report = gold_report
+        out.gold_rejected = _write_rejected(g_rej, out_dir / "gold_rejected.parquet")
+    return out

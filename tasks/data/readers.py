@@ -22,46 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.data.hashset import HashSet64
-from tasks.templates.label import has_markup
+from tasks.results.data import DataReport
+from tasks.templates.base import has_markup
 
 
 class DataError(ValueError):
     """Bad input; the message names the file, column and row."""
-
-
-@dataclass
-class DataReport:
-    """What loading found in one input file."""
-
-    path: str
-    rows_read: int = 0
-    items: int = 0
-    empty_text: int = 0
-    duplicate_ids: int = 0
-    duplicate_texts: int = 0
-    invalid_utf8: int = 0
-    truncated_by_limit: bool = False
-    rejected_examples: list[str] = field(default_factory=list)
-    # rows whose bytes were not UTF-8 (bad bytes became U+FFFD), the first few named
-    invalid_utf8_rows: list[str] = field(default_factory=list)
-    # texts that look like UTF-8 read as Latin-1/cp1252 once ("cafÃ©", "donâ€™t"): kept as they are, counted, named
-    suspect_mojibake: int = 0
-    suspect_mojibake_rows: list[str] = field(default_factory=list)
-    # gold labels that differ from a label only in case, spacing or Unicode form: normalised to it, counted per
-    # spelling ("'Positive' -> 'positive'": n), the first rows named
-    label_variants: dict[str, int] = field(default_factory=dict)
-    label_variant_rows: list[str] = field(default_factory=list)
-    # texts whose prompt would not fit the teacher's context (data.overlong): cut to fit, or set aside
-    overlong_truncated: int = 0
-    overlong_rejected: int = 0
-    overlong_rows: list[str] = field(default_factory=list)
-    # texts holding chat/control-token markup ("<|im_end|>", "</s>", "[INST]"): kept as they are here, defused in
-    # the prompt (tasks.prompting.defuse_markup) so they cannot end the item's turn; counted, the first rows named
-    control_markup: int = 0
-    control_markup_rows: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 ROW_EXAMPLES = 10  # rows named per finding in a report (counts are always complete)

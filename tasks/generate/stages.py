@@ -1,22 +1,31 @@
-"""The ``generate`` task type's train, evaluate and register stages, its summary and its table.
+"""The ``generate`` task type's stages: the medoid of the k texts, the LoRA student trained, evaluated, registered.
 
 A LoRA (QLoRA with CUDA) causal-LM student trained on the teacher's medoids, judged by
 ROUGE and BERTScore against human references, registered as a pyfunc that writes text.
-Each stage is a plain function over a thin Prefect task in tasks/generate/work.py's terms
-and returns a typed result (tasks/results/stages.py); the summary keeps the cost and
-carbon keys of the classify path, so the same cost table renders.
+Each stage receives the config sections it reads and returns a typed result
+(tasks/results/stages.py); the Prefect tasks here are thin wrappers over the plain
+functions of tasks/generate/; the summary keeps the cost and carbon keys of the classify
+path, so the same cost table renders.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from prefect import task
 
-from distill.config import DistillConfig
+from distill.config import EnergyConfig, GeneratorStudentConfig, PricingConfig, VoteConfig
 from tasks.accounting.carbon import measure_energy
 from tasks.accounting.costs import training_cost
+from tasks.generate.aggregate import medoid_shards, medoid_summary
+from tasks.generate.evaluate import evaluate_generator, teacher_gold_scores
+from tasks.generate.pyfunc import log_generator_model
+from tasks.generate.register import register_generator
+from tasks.generate.train import train_generator
+from tasks.results.generate import GeneratorEvaluation, GeneratorTraining
 from tasks.results.stages import Aggregation, Evaluation, Registration, Trained
+from tasks.templates.generation import GenerationTemplate
 
 PRIMARY_METRIC = "bertscore_f1"  # the gate's default figure; gate.metric may choose rougeL
 GATE_FIGURES = {"bertscore_f1": "BERTScore F1", "rougeL": "ROUGE-L"}
@@ -35,91 +44,100 @@ TRAIN_KEYS = ("train_items", "val_items", "excluded_abstained", "global_steps", 
               "lora_r", "base_model")
 
 
+
+@task(name="aggregate", task_run_name="aggregate-{name}")
+def medoid_task(ann_paths: list[str], out_dir: str, name: str, *, samples: int, vote: VoteConfig,  # noqa: ARG001
+                max_words: Optional[int]) -> list[str]:
+    return medoid_shards(ann_paths, out_dir, samples, vote.similarity.value, max_words)
+
+
+def aggregate_stage(pool: list[str], gold: list[str], *, vote: VoteConfig, template: GenerationTemplate, samples: int,
+                    votes_dir: Path) -> Aggregation:
+    """The medoid of each item's k texts, for the pool and the gold subset; the teacher scored on the references."""
+    voted = {split: medoid_task(paths, str(votes_dir / split), split, samples=samples, vote=vote,
+                                max_words=template.max_words)
+             for split, paths in (("pool", pool), ("gold", gold))}
+    scores = teacher_gold_scores(voted["gold"], template.max_words) if voted["gold"] else None
+    if scores is not None:
+        g = medoid_summary(voted["gold"], samples)
+        scores.gold_invalid_votes, scores.gold_abstained = g.invalid_votes, g.abstained
+    return Aggregation(voted["pool"], voted["gold"], str(votes_dir / "pool"), medoid_summary(voted["pool"], samples),
+                       scores)
+
+
 @task(name="train-generator")
-def train_generator_task(voted_pool: list[str], cfg: DistillConfig, out_dir: str, show_progress: bool) -> dict[str, Any]:
-    from tasks.generate.work import train_generator
-    from tasks.templates.label import load_prompt
-
-    return train_generator(voted_pool, load_prompt(cfg.prompt), out_dir, cfg.student, show_progress)  # type: ignore[arg-type]
-
-
-@task(name="evaluate-generator")
-def evaluate_generator_task(voted_gold: list[str], cfg: DistillConfig, adapter_dir: str, base_dir: str,
-                            out_dir: str) -> dict[str, Any]:
-    from tasks.generate.work import evaluate_generator
-    from tasks.templates.label import load_prompt
-
-    en = cfg.energy
-    with measure_energy("student-generate", en.country_iso_code, en.measure, en.cpu_power_w,
-                        en.measure_power_secs) as reading:
-        ev = evaluate_generator(voted_gold, load_prompt(cfg.prompt), adapter_dir, base_dir, cfg.student,  # type: ignore[arg-type]
-                                out_dir)
-    out = ev.summary()
-    out["student_examples"] = ev.examples
-    out["student_infer_kwh"] = reading.kwh
-    out["student_kwh_per_item"] = reading.kwh / ev.items if reading.kwh is not None and ev.items else None
-    out["student_kwh_per_item_method"] = f"{reading.method}, {ev.items:,} items generated in batches of {ev.batch_size}"
-    return out
+def train_generator_task(voted_pool: list[str], *, template: GenerationTemplate, out_dir: str,
+                         student: GeneratorStudentConfig, show_progress: bool) -> GeneratorTraining:
+    return train_generator(voted_pool, template=template, out_dir=out_dir, student=student,
+                           show_progress=show_progress)
 
 
-@task(name="register-generator")
-def register_generator_task(model_uri: Any, cfg: DistillConfig, score: float, metric: str, voted_gold: list[str],
-                            run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
-    import pandas as pd
-
-    from tasks.registry.gate import register_generator_and_gate
-
-    df = pd.concat([pd.read_parquet(p, columns=["text", "label_gold"]) for p in voted_gold])
-    return register_generator_and_gate(model_uri, cfg.tracking.model_name, score, metric, df["text"].tolist(),
-                                       df["label_gold"].tolist(), cfg.gate.min_score, cfg.gate.min_improvement, run_id,
-                                       candidate)
-
-
-def train_stage(cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
+def train_stage(agg: Aggregation, *, student: GeneratorStudentConfig, template: GenerationTemplate,
+                energy: EnergyConfig, pricing: PricingConfig, out_dir: Path, show_progress: bool) -> Trained:
     """LoRA-tune the generator on the pool's medoids (instruction -> text, loss on the answer tokens)."""
     if not agg.gold_paths:
         raise ValueError("task generate needs gold references to judge the student: data.gold_path gave no items")
-    with training_cost(cfg.energy, cfg.pricing) as cost:
-        tr = train_generator_task(agg.pool_paths, cfg, str(cfg.run_dir / "student"), show_progress)
-    tr.update(cost)
-    return Trained(tr["model_dir"], tr, tr.get("merged_dir"))
+    with training_cost(energy, pricing) as meter:
+        tr = train_generator_task(agg.pool_paths, template=template, out_dir=str(out_dir), student=student,
+                                  show_progress=show_progress)
+    assert meter.cost is not None
+    return Trained(tr.model_dir, tr, meter.cost, tr.merged_dir)
 
 
-def evaluate_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]) -> Evaluation:
+@task(name="evaluate-generator")
+def evaluate_generator_task(voted_gold: list[str], *, template: GenerationTemplate, adapter_dir: str, base_dir: str,
+                            student: GeneratorStudentConfig, energy: EnergyConfig, out_dir: str) -> GeneratorEvaluation:
+    with measure_energy("student-generate", energy.country_iso_code, energy.measure, energy.cpu_power_w,
+                        energy.measure_power_secs) as reading:
+        ev = evaluate_generator(voted_gold, template=template, adapter_dir=adapter_dir, base_dir=base_dir,
+                                student=student, out_dir=out_dir)
+    n = ev.student_items_scored
+    ev.student_infer_kwh = reading.kwh
+    ev.student_kwh_per_item = reading.kwh / n if reading.kwh is not None and n else None
+    ev.student_kwh_per_item_method = f"{reading.method}, {n:,} items generated in batches of {ev.student_batch_size}"
+    return ev
+
+
+def evaluate_stage(agg: Aggregation, model: Trained, *, student: GeneratorStudentConfig, template: GenerationTemplate,
+                   gate_metric: str, energy: EnergyConfig, out_dir: Path,
+                   teacher_items_per_s: Optional[float]) -> Evaluation:
     """ROUGE and BERTScore of the student's texts against the human references, and its speed."""
-    ev = evaluate_generator_task(agg.gold_paths, cfg, model.model_dir, model.figures["base_model_dir"],
-                                 str(cfg.run_dir / "evaluation"))
-    ev["speed_ratio"] = ev["student_items_per_s"] / teacher_items_per_s if teacher_items_per_s else None
-    gen = cfg.run_dir / "evaluation" / "generations.parquet"
-    metric = PRIMARY_METRIC if cfg.gate.metric in ("auto", PRIMARY_METRIC) else "rougeL"
-    return Evaluation(ev, metric, documents={"evaluation.json": ev},
-                      tables={"generations.json": str(gen)} if gen.exists() else {})
+    assert isinstance(model.figures, GeneratorTraining)
+    ev = evaluate_generator_task(agg.gold_paths, template=template, adapter_dir=model.model_dir,
+                                 base_dir=model.figures.base_model_dir, student=student, energy=energy,
+                                 out_dir=str(out_dir))
+    ev.speed_ratio = ev.student_items_per_s / teacher_items_per_s if teacher_items_per_s else None
+    gen = out_dir / "generations.parquet"
+    metric = PRIMARY_METRIC if gate_metric in ("auto", PRIMARY_METRIC) else "rougeL"
+    score = ev.student_bertscore_f1 if metric == "bertscore_f1" else ev.student_rougeL
+    return Evaluation(ev, metric, score, tables={"generations.json": str(gen)} if gen.exists() else {})
 
 
-def register_stage(cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str) -> Registration:
+@task(name="register-generator")
+def register_generator_task(log_model: Any, *, voted_gold: list[str], model_name: str, score: float, metric: str,
+                            floor: float, margin: float, run_id: str, candidate: Optional[str]) -> Registration:
+    """Reads the gold documents itself: big lists never travel as Prefect parameters."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_parquet(p, columns=["text", "label_gold"]) for p in voted_gold])
+    return register_generator(log_model, model_name=model_name, score=score, metric=metric,
+                              documents=df["text"].tolist(), references=df["label_gold"].tolist(), floor=floor,
+                              margin=margin, run_id=run_id, candidate=candidate)
+
+
+def register_stage(agg: Aggregation, model: Trained, ev: Evaluation, *, student: GeneratorStudentConfig,
+                   template: GenerationTemplate, model_name: str, floor: float, margin: float,
+                   run_id: str) -> Registration:
     """Log the generator pyfunc (adapter + base, or merged), register it, gate on the configured metric."""
     import pandas as pd
 
-    from tasks.generate.pyfunc import log_generator_model
-    from tasks.templates.label import load_prompt
-
     def log_model() -> str:  # not called when a rerun finds this student already registered
-        return log_generator_model(model.model_dir, model.merged_dir, load_prompt(cfg.prompt), cfg.student,
-                                   pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2]).model_uri
+        texts = pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2]
+        return log_generator_model(model.model_dir, model.merged_dir, template, student, texts).model_uri
 
-    reg = register_generator_task(log_model, cfg, ev.score, ev.primary_metric, agg.gold_paths, run_id, model.uid)
-    return Registration.from_gate(reg)
-
-
-def summary(ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration, costs: dict[str, Any]) -> dict[str, Any]:
-    """The generate run's figures for ``--summary-json``: teacher single/medoid and student, speed, gate, cost."""
-    # the teacher's output tokens per second while it was busy answering (tokens per request x requests/s)
-    rps, ok = ann.get("teacher_requests_per_s"), ann.get("requests_ok") or 0
-    teacher_tps = (ann.get("tokens_out") or 0) / ok * rps if rps and ok else None
-    return {"task": "generate",
-            **{k: v for k, v in ann.items() if k in ANNOTATION_KEYS or k.startswith("samples_invalid_")},
-            **ev.figures, **reg.summary(), **costs, **{k: model.figures[k] for k in TRAIN_KEYS},
-            "teacher_tokens_per_s": teacher_tps, "student_precision": model.figures["student_dtype"]}
+    return register_generator_task(log_model, voted_gold=agg.gold_paths, model_name=model_name, score=ev.score,
+                                   metric=ev.primary_metric, floor=floor, margin=margin, run_id=run_id,
+                                   candidate=model.uid)
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:

@@ -52,7 +52,7 @@ def _section(cfg: Any, name: str) -> Any:
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
     if name == "prompt":  # the file's content, not its name
-        from tasks.templates.label import load_prompt
+        from tasks.templates.load import load_prompt
 
         return load_prompt(value).template_hash()
     return value.value if hasattr(value, "value") else value

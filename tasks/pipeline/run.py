@@ -3,9 +3,10 @@
 ``StageClock.stage(name, fn, ...)`` calls one stage and times it. ``DistillRun`` adds what a
 ``distill`` run keeps in MLflow: one parent run per flow run, tagged with the Prefect
 flow run (and linked back), the config, prompt and parameters; each stage's typed result
-logged by its ``metrics()`` into a nested run (``annotate`` for the teacher's stages,
-``train``, ``evaluate``); a budget stop recorded before it propagates; and at the end the
-report (tasks/pipeline/report.py and the task type's table) logged, written and published.
+logged as metrics (named in tasks/pipeline/summary.py) into a nested run (``annotate`` for
+the teacher's stages, ``train``, ``evaluate``); a budget stop recorded before it
+propagates; and at the end the costs, the summary and the task type's table logged,
+written and published.
 
 Resume: a stage that finished in an earlier run with the same inputs (tasks/pipeline/checkpoints.py)
 is not run again; its recorded result is logged into this run as if it had just run, and
@@ -26,9 +27,16 @@ from distill.faults import failpoint
 from distill.links import mlflow_model_version_url, mlflow_run_url, prefect_flow_run_url, publish_links
 from distill.runtime import run_logger
 from tasks.accounting.budget import BudgetExhausted
+from tasks.accounting.costs import StudentSpeed, projection
 from tasks.pipeline.checkpoints import STAGE_SECTIONS, StageCheckpoints, run_lock
 from tasks.pipeline.preflight import PreflightError
-from tasks.results.stages import Aggregation, Annotation, Evaluation, Loaded, Plan, Registration, Trained, numeric
+from tasks.pipeline.summary import (annotation_summary, distill_summary, evaluation_figures, numeric, run_costs,
+                                    stage_metrics, training_params)
+from tasks.pipeline.task_types import TaskKind
+from tasks.registry.tracking import setup_tracking, tracking_uri
+from tasks.results.classify import ClassifierEvaluation
+from tasks.results.stages import Aggregation, Annotation, Evaluation, Loaded, Plan, Registration, Trained
+from tasks.templates.load import Template, load_prompt
 
 T = TypeVar("T")
 
@@ -76,10 +84,7 @@ class DistillRun(StageClock):
         self._logged: dict[str, set[str]] = {}  # metric keys already logged per nested run
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "DistillRun":
-        from tasks.templates.label import load_prompt
-        from tasks.registry.gate import tracking_uri
-
+    def __enter__(self) -> DistillRun:
         cfg = self.cfg
         template = load_prompt(cfg.prompt)
         self._stack.enter_context(run_lock(cfg.run_dir))  # before anything is written into the folder
@@ -93,10 +98,8 @@ class DistillRun(StageClock):
                                  "nothing was sent to the teacher") from e
         return self
 
-    def _open_tracking(self, template: Any) -> None:
+    def _open_tracking(self, template: Template) -> None:
         import mlflow
-
-        from tasks.registry.gate import setup_tracking
 
         cfg = self.cfg
         self.tracking_uri = setup_tracking(cfg.tracking.tracking_uri, cfg.tracking.experiment)
@@ -157,12 +160,11 @@ class DistillRun(StageClock):
             if key and ck is not None:
                 ck.save(name, key, result, self.seconds[name])
         with self.child(child) if child else contextlib.nullcontext():
-            if hasattr(result, "metrics"):
-                m = result.metrics()  # type: ignore[union-attr]
-                mlflow.log_metrics(m)
-                self._logged.setdefault(child or "", set()).update(m)
+            m = stage_metrics(result, self.cfg.task.value)
+            mlflow.log_metrics(m)
+            self._logged.setdefault(child or "", set()).update(m)
             if isinstance(result, Trained):
-                mlflow.log_params(result.params())
+                mlflow.log_params(training_params(result))
             if isinstance(result, Evaluation):
                 self._log_evaluation(result)
         return result
@@ -174,6 +176,7 @@ class DistillRun(StageClock):
 
         for p in ev.plots:
             mlflow.log_artifact(p, "plots")
+        mlflow.log_dict(evaluation_figures(ev), "evaluation.json")
         for artifact, doc in ev.documents.items():
             mlflow.log_dict(doc, artifact)
         for artifact, path in ev.tables.items():
@@ -184,8 +187,7 @@ class DistillRun(StageClock):
         import mlflow
         import pandas as pd
 
-        from tasks.pipeline.annotation import report_task
-        from tasks.pipeline.report import annotation_summary
+        from tasks.pipeline.stages import report_task
 
         cfg = self.cfg
         summary = report_task(annotation_summary(cfg, loaded, plan, ann, agg, self), str(cfg.run_dir))
@@ -204,22 +206,28 @@ class DistillRun(StageClock):
                                  context="training")
         return summary
 
-    def report(self, kind: Any, ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration) -> dict[str, Any]:
+    def report(self, kind: TaskKind, ann: Annotation, annotation: dict[str, Any], model: Trained, ev: Evaluation,
+               reg: Registration) -> dict[str, Any]:
         """Costs per 1M items, the summary and its table: logged to MLflow, written, published and returned."""
         import mlflow
 
         from tasks.accounting.costs import cost_chart, cost_table
-        from tasks.pipeline.report import COST_KEYS, distill_summary, run_costs
 
         cfg = self.cfg
-        costs = run_costs(cfg, ann, model, ev)
+        f = ev.figures
+        speed = f.speed if isinstance(f, ClassifierEvaluation) else f
+        student = StudentSpeed(speed.student_items_per_s, speed.student_kwh_per_item, speed.student_kwh_per_item_method)
+        proj = projection(bill=ann.bill, speed=ann.speed, student=student, reference=cfg.reference, energy=cfg.energy,
+                          pricing=cfg.pricing, concurrency=cfg.client.concurrency)
+        costs = run_costs(ann, model, proj)
         with contextlib.suppress(Exception):
             mlflow.log_artifact(cost_chart(costs, cfg.run_dir / "evaluation" / "cost_per_1m.png"), "plots")
         for p in ev.plots:
             mlflow.log_artifact(p, "plots")
-        mlflow.log_metrics(numeric({k: costs.get(k) for k in COST_KEYS}))
+        mlflow.log_metrics(numeric(costs))
         mlflow.log_dict(costs, "costs.json")
-        summary = distill_summary(cfg, kind.summary(ann, model, ev, reg, costs), self.run_id, self.tracking_uri, self)
+        summary = distill_summary(cfg, kind.summary(annotation, model, ev, reg, costs), self.run_id, self.tracking_uri,
+                                  self)
         mlflow.log_metrics(numeric({k: summary.get(k) for k in kind.table_keys}))
         mlflow.set_tags({"gate_decision": "promoted" if reg.promoted else "rejected", "task": kind.name,
                          "model_version": reg.model_version})

@@ -6,40 +6,35 @@ student is and how it is judged differ. As distilabel's ``TextClassification`` a
 ``TextGeneration`` share one ``Task``, both task types here answer the same questions, and
 the flows ask them instead of testing ``cfg.task`` in every module:
 
-- ``aggregate``: k parsed samples per item -> one answer and its agreement (vote or medoid);
-- ``aggregate_summary``: the counts the run report shows for that aggregation;
-- ``teacher_gold_scores``: the teacher, single sample and aggregated, on human gold;
+- ``aggregate``: k samples per item -> one answer and its agreement (vote or medoid), and
+  the teacher scored on human gold;
 - ``train`` / ``evaluate`` / ``register``: the student's stages, each a typed result;
-- ``primary_metric``: the gold figure the gate decides on;
 - ``summary`` / ``table`` / ``table_keys``: the run report's part that is the task type's own.
 
-Rendering and parsing live with the template (``PromptTemplate`` / ``GenerationTemplate``,
-chosen by the template file's ``task:``); the stages are tasks/classify/stages.py and
-tasks/generate/stages.py, over each task type's own modules (tasks/classify/train.py,
-tasks/classify/evaluate.py, tasks/classify/pyfunc.py for ``classify``; tasks/generate/work.py,
-tasks/generate/lora.py, tasks/generate/pyfunc.py for ``generate``).
+Each method is where the run's config is split into the sections the task type's stages
+read (tasks/classify/stages.py, tasks/generate/stages.py); below them nothing sees the
+whole config. Rendering and parsing live with the template (``PromptTemplate`` /
+``GenerationTemplate``, chosen by the template file's ``task:``).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any, Optional, Protocol
 
-from prefect import task
+from types import ModuleType
 
-from distill.config import DistillConfig, TaskType
-from tasks.results.stages import Aggregation, Evaluation, Registration, Trained
+from distill.config import DistillConfig, GeneratorStudentConfig, StudentConfig, TaskType
+from tasks.pipeline.summary import task_summary
+from tasks.results.stages import Aggregation, Annotation, Evaluation, Registration, Trained
+from tasks.templates.generation import GenerationTemplate
+from tasks.templates.label import PromptTemplate
+from tasks.templates.load import Template, load_prompt
 
 
 class TaskKind(Protocol):
     name: str
-    primary_metric: str
 
-    def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]: ...
-
-    def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]: ...
-
-    def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]: ...
+    def aggregate(self, cfg: DistillConfig, ann: Annotation) -> Aggregation: ...
 
     def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained: ...
 
@@ -49,7 +44,7 @@ class TaskKind(Protocol):
     def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
                  run_id: str) -> Registration: ...
 
-    def summary(self, ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
+    def summary(self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
                 costs: dict[str, Any]) -> dict[str, Any]: ...
 
     def table(self, summary: dict[str, Any]) -> str: ...
@@ -58,84 +53,115 @@ class TaskKind(Protocol):
     def table_keys(self) -> list[str]: ...
 
 
-class _Stages:
-    """The student's stages and report, delegated to the task type's stages module (imported when used)."""
+def _classify() -> ModuleType:
+    """The classify stages, imported when a run needs them: the annotate flow (and a Dask worker unpickling its
+    shards) never does, and they bring torch, transformers and MLflow's model flavours along."""
+    from tasks.classify import stages
 
-    stages_module = ""
-
-    def _m(self) -> ModuleType:
-        import importlib
-
-        return importlib.import_module(self.stages_module)
-
-    def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
-        return self._m().train_stage(cfg, agg, show_progress)
-
-    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
-                 teacher_items_per_s: Optional[float]) -> Evaluation:
-        return self._m().evaluate_stage(cfg, agg, model, teacher_items_per_s)
-
-    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str) -> Registration:
-        return self._m().register_stage(cfg, agg, model, ev, run_id)
-
-    def summary(self, ann: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
-                costs: dict[str, Any]) -> dict[str, Any]:
-        return self._m().summary(ann, model, ev, reg, costs)
-
-    def table(self, summary: dict[str, Any]) -> str:
-        return self._m().table(summary)
-
-    @property
-    def table_keys(self) -> list[str]:
-        return list(self._m().TABLE_KEYS)
-
-    @property
-    def primary_metric(self) -> str:
-        return str(self._m().PRIMARY_METRIC)
+    return stages
 
 
-class Classify(_Stages):
+def _generate() -> ModuleType:
+    """The generate stages, imported when a run needs them (see :func:`_classify`)."""
+    from tasks.generate import stages
+
+    return stages
+
+
+def _labels(cfg: DistillConfig) -> list[str]:
+    template = load_prompt(cfg.prompt)
+    assert isinstance(template, PromptTemplate)
+    return template.labels
+
+
+def _writing(cfg: DistillConfig) -> GenerationTemplate:
+    template = load_prompt(cfg.prompt)
+    assert isinstance(template, GenerationTemplate)
+    return template
+
+
+class Classify:
     """Labels from a closed set: majority vote or mean probability; macro-F1 decides."""
 
     name = "classify"
-    stages_module = "tasks.classify.stages"
 
-    def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
-        from tasks.classify.aggregate import vote_shards
+    @property
+    def table_keys(self) -> list[str]:
+        return list(_classify().TABLE_KEYS)
 
-        return vote_shards(ann_paths, out_dir, cfg.vote.min_agreement, template.labels, cfg.vote.aggregation.value)
+    def aggregate(self, cfg: DistillConfig, ann: Annotation) -> Aggregation:
+        return _classify().aggregate_stage(ann.paths("pool"), ann.paths("gold"), vote=cfg.vote, labels=_labels(cfg),
+                                        samples=cfg.teacher.samples, votes_dir=cfg.run_dir / "votes")
 
-    def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]:
-        from tasks.pipeline.annotation_report import vote_stats
+    def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
+        assert isinstance(cfg.student, StudentConfig)
+        return _classify().train_stage(agg, student=cfg.student, labels=_labels(cfg), min_agreement=cfg.vote.min_agreement,
+                                    energy=cfg.energy, pricing=cfg.pricing, out_dir=cfg.run_dir / "student",
+                                    show_progress=show_progress)
 
-        return vote_stats(voted_paths, k)
+    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
+                 teacher_items_per_s: Optional[float]) -> Evaluation:
+        assert isinstance(cfg.student, StudentConfig)
+        return _classify().evaluate_stage(agg, model, data=cfg.data, student=cfg.student, labels=_labels(cfg),
+                                       samples=cfg.teacher.samples, aggregation=cfg.vote.aggregation.value,
+                                       energy=cfg.energy, out_dir=cfg.run_dir / "evaluation",
+                                       teacher_items_per_s=teacher_items_per_s)
 
-    def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]:
-        from tasks.pipeline.annotation_report import gold_scores
+    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
+                 run_id: str) -> Registration:
+        assert isinstance(cfg.student, StudentConfig)
+        return _classify().register_stage(agg, model, ev, data=cfg.data, student=cfg.student, labels=_labels(cfg),
+                                       model_name=cfg.tracking.model_name, floor=cfg.gate.min_macro_f1,
+                                       margin=cfg.gate.min_improvement, run_id=run_id)
 
-        return gold_scores(voted_gold, template.labels)
+    def summary(self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
+                costs: dict[str, Any]) -> dict[str, Any]:
+        return task_summary(self.name, annotation, model, ev, reg, costs, _classify().ANNOTATION_KEYS,
+                            _classify().TRAIN_KEYS)
+
+    def table(self, summary: dict[str, Any]) -> str:
+        return _classify().table(summary)
 
 
-class Generate(_Stages):
+class Generate:
     """Free text: the medoid of the k samples; BERTScore F1 against human references decides."""
 
     name = "generate"
-    stages_module = "tasks.generate.stages"
 
-    def aggregate(self, ann_paths: list[str], out_dir: str, cfg: DistillConfig, template: Any) -> list[str]:
-        from tasks.generate.work import medoid_shards
+    @property
+    def table_keys(self) -> list[str]:
+        return list(_generate().TABLE_KEYS)
 
-        return medoid_shards(ann_paths, out_dir, cfg.teacher.samples, cfg.vote.similarity.value, template.max_words)
+    def aggregate(self, cfg: DistillConfig, ann: Annotation) -> Aggregation:
+        return _generate().aggregate_stage(ann.paths("pool"), ann.paths("gold"), vote=cfg.vote, template=_writing(cfg),
+                                        samples=cfg.teacher.samples, votes_dir=cfg.run_dir / "votes")
 
-    def aggregate_summary(self, voted_paths: list[str], k: int) -> dict[str, Any]:
-        from tasks.generate.work import medoid_summary
+    def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
+        assert isinstance(cfg.student, GeneratorStudentConfig)
+        return _generate().train_stage(agg, student=cfg.student, template=_writing(cfg), energy=cfg.energy,
+                                    pricing=cfg.pricing, out_dir=cfg.run_dir / "student", show_progress=show_progress)
 
-        return medoid_summary(voted_paths, k)
+    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
+                 teacher_items_per_s: Optional[float]) -> Evaluation:
+        assert isinstance(cfg.student, GeneratorStudentConfig)
+        return _generate().evaluate_stage(agg, model, student=cfg.student, template=_writing(cfg),
+                                       gate_metric=cfg.gate.metric, energy=cfg.energy,
+                                       out_dir=cfg.run_dir / "evaluation", teacher_items_per_s=teacher_items_per_s)
 
-    def teacher_gold_scores(self, voted_gold: list[str], template: Any) -> dict[str, Any]:
-        from tasks.generate.work import teacher_gold_scores
+    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
+                 run_id: str) -> Registration:
+        assert isinstance(cfg.student, GeneratorStudentConfig)
+        return _generate().register_stage(agg, model, ev, student=cfg.student, template=_writing(cfg),
+                                       model_name=cfg.tracking.model_name, floor=cfg.gate.min_score,
+                                       margin=cfg.gate.min_improvement, run_id=run_id)
 
-        return teacher_gold_scores(voted_gold, template.max_words)
+    def summary(self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
+                costs: dict[str, Any]) -> dict[str, Any]:
+        return task_summary(self.name, annotation, model, ev, reg, costs, _generate().ANNOTATION_KEYS,
+                            _generate().TRAIN_KEYS)
+
+    def table(self, summary: dict[str, Any]) -> str:
+        return _generate().table(summary)
 
 
 def task_kind(task_type: TaskType | str) -> TaskKind:
@@ -143,17 +169,10 @@ def task_kind(task_type: TaskType | str) -> TaskKind:
     return Generate() if TaskType(task_type) == TaskType.generate else Classify()
 
 
-def check_template_suits(task_type: TaskType, template: Any, source: str) -> None:
+def check_template_suits(task_type: TaskType, template: Template, source: str) -> None:
     """A classify config with a writing prompt (or the reverse) is refused before anything is loaded or sent."""
-    is_gen = getattr(template, "task", "classify") == "generate"
+    is_gen = isinstance(template, GenerationTemplate)
     if is_gen != (task_type == TaskType.generate):
         raise ValueError(f"prompt {source}: a {'generation' if is_gen else 'labelling'} template does not suit "
-                         f"task '{task_type.value}' (set task: {'generate' if is_gen else 'classify'} or pick another prompt)")
-
-
-@task(name="aggregate", task_run_name="aggregate-{name}")
-def aggregate_task(ann_paths: list[str], out_dir: str, cfg: DistillConfig, name: str = "pool") -> list[str]:
-    """Thin Prefect task over the task type's aggregation (vote or medoid); it reads the template itself."""
-    from tasks.templates.label import load_prompt
-
-    return task_kind(cfg.task).aggregate(ann_paths, out_dir, cfg, load_prompt(cfg.prompt))
+                         f"task '{task_type.value}' (set task: {'generate' if is_gen else 'classify'} or pick another "
+                         "prompt)")

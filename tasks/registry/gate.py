@@ -1,10 +1,13 @@
-"""MLflow tracking set-up, model logging and registration behind a quality gate.
+"""Registration behind a quality gate: a new version becomes ``champion`` only if it earned it.
 
 Why a gate: a nightly run must never replace a good model with a worse one. A new student
 is registered as a version with alias ``challenger``; it becomes ``champion`` only if its
-gold macro-F1 clears the floor and beats the current champion's, re-measured on the same
-gold set now (not read from an old tag), by more than zero and at least the margin.
-The decision and its reason are tags on the version.
+gold figure (macro-F1 for a classifier, BERTScore F1 or ROUGE-L for a generator) clears
+the floor and beats the current champion's, re-measured on the same gold set now (not read
+from an old tag), by more than zero and at least the margin. The decision and its reason
+are tags on the version. What "re-measure the champion" means is the task type's
+(tasks/classify/register.py, tasks/generate/register.py); the order of the steps, the
+idempotent rerun and the lock are here, the same for both.
 """
 
 from __future__ import annotations
@@ -12,45 +15,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from prefect import task
-
 from distill.faults import failpoint
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def tracking_uri(configured: Optional[str]) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def setup_tracking(configured_uri: Optional[str], experiment: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists (artifacts beside a sqlite store)."""
-    import mlflow
-
-    uri = tracking_uri(configured_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        loc = None
-        if uri.startswith("sqlite:///"):
-            loc = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(experiment, artifact_location=loc)
-    mlflow.set_experiment(experiment)
-    return uri
-
-
-@dataclass
-class GateDecision:
-    promote: bool
-    reason: str
-    champion_version: Optional[str] = None
-    champion_macro_f1: Optional[float] = None
-
+from tasks.results.stages import Registration
 
 def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float,
            metric: str = "macro-F1") -> tuple[bool, str]:
@@ -64,44 +33,6 @@ def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, mar
         return True, f"{metric} {challenger_f1:.4f} beats the champion's {champion_f1:.4f} by {diff:+.4f} (margin {margin:.4f})"
     return False, (f"{metric} {challenger_f1:.4f} does not beat the champion's {champion_f1:.4f} by more than zero "
                    f"and at least the margin {margin:.4f} ({diff:+.4f})")
-
-
-def log_student_model(model_dir: str, precision: str, max_length: int, example_texts: list[str]) -> Any:
-    """Log the student as a pyfunc model (signature, input example, explicit pip requirements)."""
-    import mlflow
-    import pandas as pd
-    import torch
-    import transformers
-    from mlflow.models import infer_signature
-
-    from tasks.classify.pyfunc import StudentPyfunc
-    from tasks.registry.model_code import CLASSIFIER_CODE, model_code
-
-    example = pd.DataFrame({"text": example_texts[:3] or ["an example"]})
-    out_example = pd.DataFrame({"label": ["x"] * len(example), "score": [0.5] * len(example)})
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
-            f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"]
-    with model_code(CLASSIFIER_CODE) as code:  # the model loads without distill installed
-        return mlflow.pyfunc.log_model(
-            name="student", python_model=StudentPyfunc(precision=precision, max_length=max_length),
-            artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
-            input_example=example, pip_requirements=reqs, code_paths=[code])
-
-
-def champion_macro_f1(model_name: str, gold_texts: list[str], gold_labels: list[str], labels: list[str]) -> tuple[Optional[str], Optional[float]]:
-    """Re-measure the current champion (if any) on this gold set."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from sklearn.metrics import f1_score
-
-    client = mlflow.MlflowClient()
-    try:
-        v = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None, None
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
-    pred = model.predict(__import__("pandas").DataFrame({"text": gold_texts}))["label"].tolist()
-    return str(v.version), float(f1_score(gold_labels, pred, labels=labels, average="macro", zero_division=0))
 
 
 CANDIDATE_TAG = "distill.candidate"  # the trained student's identity (Trained.uid): a rerun finds its version by it
@@ -189,9 +120,11 @@ def gate_lock(model_name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],
-                       champion: Callable[[], tuple[Optional[str], Optional[float]]], floor: float, margin: float,
-                       metric: str, tags: dict[str, str], probe: Any) -> dict[str, Any]:
+ChampionScore = Callable[[], tuple[Optional[str], Optional[float]]]  # the champion's version and score now, or (None, None)
+
+
+def gated_registration(model: ModelSource, model_name: str, *, candidate: Optional[str], champion: ChampionScore,
+                       floor: float, margin: float, metric: str, tags: dict[str, str], probe: Any) -> Registration:
     """Register once per trained student, born with its gate decision; move aliases last.
 
     Order: re-measure the champion, decide, log the model, create the version with every
@@ -204,9 +137,9 @@ def gated_registration(model: ModelSource, model_name: str, candidate: Optional[
         return _gated_registration(model, model_name, candidate, champion, floor, margin, metric, tags, probe)
 
 
-def _gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],
-                        champion: Callable[[], tuple[Optional[str], Optional[float]]], floor: float, margin: float,
-                        metric: str, tags: dict[str, str], probe: Any) -> dict[str, Any]:
+def _gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],  # noqa: PLR0913
+                        champion: ChampionScore, floor: float, margin: float, metric: str, tags: dict[str, str],
+                        probe: Any) -> Registration:
     import mlflow
 
     done = find_candidate(model_name, candidate)
@@ -216,9 +149,8 @@ def _gated_registration(model: ModelSource, model_name: str, candidate: Optional
         champ_v = t.get("compared_with_version") or None
         champ_s = float(t["distill.champion_score_now"]) if t.get("distill.champion_score_now") else None
         promoted, note = _set_aliases(model_name, str(done.version), promote, champ_v, probe)
-        return {"model_name": model_name, "model_version": str(done.version), "promoted": promoted,
-                "gate_reason": t.get("gate_reason", "") + (f" ({note})" if note else ""),
-                "previous_champion_version": champ_v, "previous_champion_score": champ_s}
+        return Registration(model_name, str(done.version), promoted, t.get("gate_reason", "") + (f" ({note})" if note else ""),
+                            metric, champ_v, champ_s)
     champ_v, champ_s = champion()
     promote, reason = decide(float(tags["distill.score"]), champ_s, floor, margin, metric=metric)
     uri = model() if callable(model) else model
@@ -229,67 +161,5 @@ def _gated_registration(model: ModelSource, model_name: str, candidate: Optional
     mv = mlflow.register_model(uri, model_name, tags=born)
     failpoint("register:created")
     promoted, note = _set_aliases(model_name, str(mv.version), promote, champ_v, probe)
-    return {"model_name": model_name, "model_version": str(mv.version), "promoted": promoted,
-            "gate_reason": reason + (f" ({note})" if note else ""), "previous_champion_version": champ_v,
-            "previous_champion_score": champ_s}
-
-
-def register_and_gate(model_uri: ModelSource, model_name: str, challenger_f1: float, gold_texts: list[str],
-                      gold_labels: list[str], labels: list[str], floor: float, margin: float,
-                      run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
-    """Register a version (alias challenger), decide, and move ``champion`` only if it earned it."""
-    import pandas as pd
-
-    tags = {"distill.score": f"{challenger_f1:.6f}", "gold_macro_f1": f"{challenger_f1:.6f}", "source_run_id": run_id}
-    r = gated_registration(model_uri, model_name, candidate,
-                           lambda: champion_macro_f1(model_name, gold_texts, gold_labels, labels), floor, margin,
-                           "macro-F1", tags, pd.DataFrame({"text": gold_texts[:2] or ["an example"]}))
-    champ_f1 = r.pop("previous_champion_score")
-    return {**r, "previous_champion_macro_f1": champ_f1}
-
-
-@task(name="register")
-def register_task(model_uri: ModelSource, model_name: str, challenger_f1: float, gold_path: str, text_column: str,
-                  id_column: str, label_column: str, labels: list[str], floor: float, margin: float,
-                  run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
-    """Reads the gold file itself: big lists never travel as Prefect parameters."""
-    from tasks.classify.evaluate import read_gold
-
-    gold = read_gold(gold_path, text_column, id_column, label_column, labels)
-    return register_and_gate(model_uri, model_name, challenger_f1, gold["text"].tolist(), gold["label"].tolist(),
-                             labels, floor, margin, run_id, candidate)
-
-
-
-def register_generator_and_gate(model_uri: ModelSource, model_name: str, score: float, metric: str,
-                                documents: list[str], references: list[str], floor: float, margin: float,
-                                run_id: str, candidate: Optional[str] = None) -> dict[str, Any]:
-    """The generate task's gate: re-measure the champion generator on the same gold items with the same metric.
-
-    A champion of another task type under the same name is not comparable: refused with a
-    message that names the model, rather than compared on a metric it does not have.
-    """
-    import pandas as pd
-
-    def champion() -> tuple[Optional[str], Optional[float]]:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        from tasks.generate.metrics import bertscore, rouge
-
-        try:
-            v = mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")
-        except MlflowException:
-            return None, None
-        if (v.tags or {}).get("task", "classify") != "generate":
-            raise ValueError(f"registered model {model_name!r}: its champion (version {v.version}) is a classifier; "
-                             f"give the generator its own tracking.model_name")
-        champ = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
-        preds = champ.predict(pd.DataFrame({"text": documents}))["text"].tolist()
-        s = bertscore(preds, references).f1 if metric == "bertscore_f1" else rouge(preds, references).rougeL
-        return str(v.version), s
-
-    tags = {"task": "generate", "distill.score": f"{score:.6f}", f"gold_{metric}": f"{score:.6f}", "source_run_id": run_id}
-    r = gated_registration(model_uri, model_name, candidate, champion, floor, margin, metric, tags,
-                           pd.DataFrame({"text": documents[:1] or ["an example"]}))
-    return {**r, "gate_metric": metric}
+    return Registration(model_name, str(mv.version), promoted, reason + (f" ({note})" if note else ""), metric,
+                        champ_v, champ_s)

@@ -19,7 +19,7 @@ TASKS_DIR = Path(__file__).resolve().parents[1]
 
 # paths under tasks/ (each package's __init__.py is written empty beside them)
 CLASSIFIER_CODE = ["classify/pyfunc.py", "classify/inference.py"]
-GENERATOR_CODE = ["generate/pyfunc.py", "generate/lora.py", "templates/generation.py", "templates/label.py"]
+GENERATOR_CODE = ["generate/pyfunc.py", "generate/inference.py", "templates/generation.py", "templates/base.py"]
 
 
 @contextlib.contextmanager

@@ -2,11 +2,10 @@
 
 Why typed: the flow body reads as the DAG only if a stage's output says what it is. Each
 result names the files and decisions the next stage needs (Parquet paths, the model
-folder, the registered version) as fields; the figures it measured for the run report sit
-in ``figures``, with each ``*_method`` string next to the figure it explains, because the
-``--summary-json`` keys are an interface scripts read (pinned by a test). ``metrics()``
-gives what MLflow can log as numbers; the report (tasks/pipeline/report.py) renders the table
-and the summary from these objects, not from one big string-keyed dict passed along.
+folder, the registered version) as fields, and carries the figures it measured as typed
+parts (tasks/results/{teacher,accounting,classify,generate}.py). They become string keys
+in one place, tasks/pipeline/summary.py: the ``--summary-json`` keys (an interface, pinned
+by tests/summary_keys.json) and the MLflow metric names.
 """
 
 from __future__ import annotations
@@ -14,7 +13,19 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+from tasks.results.accounting import TeacherBill, TeacherPrice, TrainingCost
+from tasks.results.classify import ClassifierEvaluation, ClassifierTraining, TeacherGoldScores, VoteStats
+from tasks.results.data import DataReport, Selection
+from tasks.results.generate import GeneratorEvaluation, GeneratorGoldScores, GeneratorTraining, MedoidStats
+from tasks.results.teacher import PlanFigures, Probe, ShardResult, ShardTotals, TeacherSpeed
+from tasks.templates.load import Template
+
+AggregateStats = Union[VoteStats, MedoidStats]
+GoldScores = Union[TeacherGoldScores, GeneratorGoldScores]
+TrainingFigures = Union[ClassifierTraining, GeneratorTraining]
+EvaluationFigures = Union[ClassifierEvaluation, GeneratorEvaluation]
 
 
 def numeric(figures: dict[str, Any]) -> dict[str, float]:
@@ -27,60 +38,61 @@ def numeric(figures: dict[str, Any]) -> dict[str, float]:
 class Loaded:
     """The validated inputs in shards: what annotation will ask the teacher about."""
 
-    template: Any
-    prices: list[Any]
+    template: Template
+    prices: list[TeacherPrice]
     pool_shards: list[str]
     gold_shards: list[str]
-    pool_report: dict[str, Any]
-    gold_report: Optional[dict[str, Any]]
+    pool_report: DataReport
+    gold_report: Optional[DataReport]
     pool_rejected: Optional[str]
-    selection: Any  # tasks.select.Selection
-    fingerprint: str = ""  # hash of data, prompt, teacher and chosen items (tasks/pipeline/annotation.py input_fingerprint)
+    selection: Selection
+    fingerprint: str = ""  # hash of data, prompt, teacher and chosen items (tasks/pipeline/load.py)
 
     def shards(self, split: str) -> list[str]:
         """The input shards of ``split`` ("pool" or "gold")."""
         return {"pool": self.pool_shards, "gold": self.gold_shards}[split]
-
-    def metrics(self) -> dict[str, float]:
-        return numeric({"pool_items_loaded": self.pool_report.get("items"),
-                        "gold_items_loaded": (self.gold_report or {}).get("items"),
-                        "pool_shards": len(self.pool_shards), "gold_shards": len(self.gold_shards)})
 
 
 @dataclass
 class Plan:
     """The priced plan made before any request (tasks/teacher/plan.py) and its text."""
 
-    figures: dict[str, Any]
+    figures: PlanFigures
     text: str
 
     @property
     def over_budget(self) -> bool:
-        return bool(self.figures.get("over_budget"))
+        return self.figures.over_budget
 
-    def metrics(self) -> dict[str, float]:
-        f = self.figures
-        return numeric({"plan_requests": f.get("requests_to_send"), "plan_usd": f.get("usd"),
-                        "plan_seconds": f.get("seconds")})
+
+@dataclass
+class Reuse:
+    """New vs reused pool items and what reusing cached answers saved (what asking again would cost)."""
+
+    items_new: int
+    items_reused: int
+    reuse_saved_usd: Optional[float]
+    reuse_saved_usd_method: str
 
 
 @dataclass
 class Annotation:
-    """The teacher's raw answers, per shard, and what asking cost.
+    """The teacher's answers, per split, and what asking cost: the shards, their totals, speed, bill and reuse.
 
-    ``shards`` maps a split ("pool", "gold") to its shard results (paths of annotation
-    parts and the shard's counters); ``figures`` holds the request counts, speed, teacher
-    cost, carbon and reuse figures with their methods.
+    ``probe`` is the preflight probe: paid and counted with the run (its requests, tokens and
+    spend are in ``totals``), no item of it.
     """
 
-    shards: dict[str, list[dict[str, Any]]]
-    figures: dict[str, Any]
+    pool: list[ShardResult]
+    gold: list[ShardResult]
+    probe: Optional[Probe]
+    totals: ShardTotals
+    speed: TeacherSpeed
+    bill: TeacherBill
+    reuse: Reuse
 
     def paths(self, split: str) -> list[str]:
-        return [r["path"] for r in self.shards[split] if not r.get("probe")]  # the preflight probe is no shard
-
-    def metrics(self) -> dict[str, float]:
-        return numeric(self.figures)
+        return [r.path for r in {"pool": self.pool, "gold": self.gold}[split]]
 
 
 @dataclass
@@ -90,48 +102,34 @@ class Aggregation:
     pool_paths: list[str]
     gold_paths: list[str]
     votes_dir: str
-    figures: dict[str, Any] = field(default_factory=dict)  # counts of the pool's aggregation
-    gold_figures: dict[str, Any] = field(default_factory=dict)  # the teacher on human gold, single and aggregated
-
-    def metrics(self) -> dict[str, float]:
-        return numeric({**self.figures, **self.gold_figures})
+    stats: AggregateStats  # the pool's aggregation
+    gold: Optional[GoldScores] = None  # the teacher on human gold, single and aggregated (None without gold items)
 
 
 @dataclass
 class Trained:
-    """The student as trained: its folder and the training figures (items, losses, energy, cost)."""
+    """The student as trained: its folder, the training figures and what training cost."""
 
     model_dir: str
-    figures: dict[str, Any]
+    figures: TrainingFigures
+    cost: TrainingCost
     merged_dir: Optional[str] = None
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # this training's identity in the registry
-
-    def metrics(self) -> dict[str, float]:
-        return numeric(self.figures)
-
-    def params(self) -> dict[str, str]:
-        """The non-numeric training choices (precision, base, balance), as MLflow params."""
-        return {k: str(v)[:500] for k, v in self.figures.items()
-                if not isinstance(v, (int, float)) or isinstance(v, bool)}
 
 
 @dataclass
 class Evaluation:
     """The student (and the teacher) judged on human gold, plus the artifacts that show it."""
 
-    figures: dict[str, Any]
-    primary_metric: str
-    plots: list[str] = field(default_factory=list)
+    figures: EvaluationFigures
+    primary_metric: str  # the figure the gate decides on: "macro_f1", "bertscore_f1" or "rougeL"
+    score: float  # the student's value of it
     documents: dict[str, Any] = field(default_factory=dict)  # MLflow artifact name -> JSON-able dict
     tables: dict[str, str] = field(default_factory=dict)  # MLflow table name -> Parquet path
 
     @property
-    def score(self) -> float:
-        """The student's figure the gate decides on."""
-        return float(self.figures[f"student_{self.primary_metric}"])
-
-    def metrics(self) -> dict[str, float]:
-        return numeric(self.figures)
+    def plots(self) -> list[str]:
+        return list(getattr(self.figures, "plots", []))
 
 
 @dataclass
@@ -142,16 +140,6 @@ class Registration:
     model_version: str
     promoted: bool
     gate_reason: str
-    figures: dict[str, Any] = field(default_factory=dict)  # previous champion and its re-measured score
-
-    def summary(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "model_version": self.model_version, "promoted": self.promoted,
-                "gate_reason": self.gate_reason, **self.figures}
-
-    def metrics(self) -> dict[str, float]:
-        return numeric({"promoted": self.promoted, **self.figures})
-
-    @classmethod
-    def from_gate(cls, d: dict[str, Any]) -> "Registration":
-        rest = {k: v for k, v in d.items() if k not in ("model_name", "model_version", "promoted", "gate_reason")}
-        return cls(d["model_name"], str(d["model_version"]), bool(d["promoted"]), str(d["gate_reason"]), rest)
+    metric: str  # the figure the gate compared, as its reason names it
+    previous_champion_version: Optional[str] = None
+    previous_champion_score: Optional[float] = None  # the previous champion re-measured on this gold now

@@ -1,29 +1,37 @@
 """The teacher client: one aiohttp session for any OpenAI-compatible endpoint.
 
-Why one module: everything that touches money lives here. Bounded concurrency (a fixed
-pool of workers, so memory does not grow with the request count); requests- and
+Why one module: everything that touches money goes through here. Bounded concurrency (a
+fixed pool of workers, so memory does not grow with the request count); requests- and
 tokens-per-minute limits; retries with exponential backoff and full jitter on 429, 5xx,
 timeouts, dropped connections and non-JSON bodies (an HTML error page is an error, never
 an answer), honouring Retry-After; a persistent cache consulted before anything is sent;
 and the token usage of every attempt recorded in the ledger, retries included.
+
+One request is a retry loop (:meth:`TeacherClient._send`) around single attempts
+(:meth:`TeacherClient._attempt`): the attempt reserves its worst-case cost, sends, reads
+and settles what it really cost; the loop decides from its result whether to answer, give
+up or wait and try again. What a response *means* is tasks/teacher/responses.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import aiohttp
 
+from distill.config import ClientConfig
 from tasks.accounting.budget import SpendMeter
+from tasks.results.teacher import ClientStats
 from tasks.teacher.cache import CachedAnswer, ResponseCache
 from tasks.teacher.ratelimit import RateLimiter
+from tasks.teacher.responses import (MAX_UNUSABLE_ATTEMPTS, RETRYABLE_STATUS, ServerError, backoff_delay,
+                                     extract_answers, is_context_error, model_matches, parse_retry_after, redact,
+                                     snippet, usage_of)
 from tasks.templates.tokens import TokenCounter, heuristic_counter
 
 try:  # orjson ships with prefect; fall back to the stdlib
@@ -36,8 +44,6 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 log = logging.getLogger("distill.teacher")
-
-RETRYABLE_STATUS = {408, 409, 425, 429}
 
 
 @dataclass
@@ -71,214 +77,63 @@ class Outcome:
     invalid: bool = False
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One server a run asks: index 0 is the main teacher, then ``teacher.members`` in order."""
+
+    base_url: str
+    api_key: Optional[str] = field(default=None, repr=False)  # never shown
+    index: int = 0
+    check_model: bool = True  # an answer for another model than asked is invalid (see responses.model_matches)
+
+
 @dataclass
-class ClientStats:
-    requests_sent: int = 0  # HTTP attempts made, retries included
-    requests_ok: int = 0
-    requests_cached: int = 0  # answers served from the cache (per choice)
-    requests_failed: int = 0  # gave up after retries / non-retryable error
-    attempt_errors: int = 0
-    retries: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    tokens_counted: int = 0  # of tokens_in + tokens_out: counted or estimated by distill (no usage in the response)
-    not_sent_budget: int = 0  # requests never sent because the budget was exhausted
-    invalid_answers: int = 0  # requests given up on an unusable 200 (another model's answer, no choices)
-    context_exceeded: int = 0  # requests the server refused as longer than its context (never retried)
-    status_counts: dict[str, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
+class _Attempt:
+    """What one attempt came to: answers (``outcomes``), or a failure the retry loop acts on."""
 
-    def bump(self, status: str) -> None:
-        self.status_counts[status] = self.status_counts.get(status, 0) + 1
-
-    def merged(self, other: "ClientStats") -> "ClientStats":
-        """Sum of two clients' counts (one client per endpoint when teachers are mixed)."""
-        out = ClientStats(started=min(self.started, other.started))
-        for f in ("requests_sent", "requests_ok", "requests_cached", "requests_failed", "attempt_errors", "retries",
-                  "tokens_in", "tokens_out", "tokens_counted", "not_sent_budget", "invalid_answers",
-                  "context_exceeded"):
-            setattr(out, f, getattr(self, f) + getattr(other, f))
-        for st in (self.status_counts, other.status_counts):
-            for k, v in st.items():
-                out.status_counts[k] = out.status_counts.get(k, 0) + v
-        return out
-
-
-class ServerError(Exception):
-    pass
-
-
-# An HTTP 200 whose content is unusable (no choices, another model's answer) is tried at most this many times per
-# request: one more attempt rides out a proxy's hiccup; a server that keeps answering that way is not paid again and
-# again until max_attempts runs out.
-MAX_UNUSABLE_ATTEMPTS = 2
-
-# what servers say when the prompt is longer than their context (OpenAI, vLLM, llama.cpp's servers, TGI, Anthropic);
-# such a request fails the same way every time, whatever its status code, so it is never retried
-_CONTEXT_ERROR = re.compile(
-    r"context[_ ]length[_ ]exceeded|maximum context length|exceeds? (?:the )?(?:model'?s? )?context|"
-    r"exceeds? the available context|context window|prompt is too long|too many (?:input |prompt )?tokens|"
-    r"input (?:is )?too long|must be <= \d+|longer than the model'?s? (?:maximum )?context",
-    re.IGNORECASE)
-
-
-def is_context_error(body: bytes) -> bool:
-    """Whether an error body says the prompt does not fit the model's context."""
-    return bool(_CONTEXT_ERROR.search(body[:4000].decode("utf-8", "replace")))
-
-
-# a dated snapshot or version of the model asked for: gpt-4o-mini -> gpt-4o-mini-2024-07-18, gpt-4-0613,
-# claude-3-5-sonnet -> claude-3-5-sonnet-20241022 or @20241022, llama3 -> llama3:latest (Ollama's tags)
-_VERSION_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|[-@]\d{8}|-\d{4}|:[\w.-]+|-latest|-v\d+(?:[.:]\d+)*)",
-                             re.IGNORECASE)
-_MODEL_FILE = re.compile(r"\.(?:gguf|ggml|bin|safetensors)$", re.IGNORECASE)
-
-
-def model_matches(asked: Optional[str], answered: Any) -> bool:
-    """Whether a response's ``model`` names the model that was asked for.
-
-    Lenient where servers are known to differ honestly: no ``model`` in the response (many
-    servers send none); the same name in another case; a dated snapshot or tag of the name
-    asked (OpenAI answers ``gpt-4o-mini`` as ``gpt-4o-mini-2024-07-18``); the same name
-    with or without a ``vendor/`` prefix (routers); and a model *file* (llama.cpp's own
-    server without ``--alias`` names the one GGUF it serves; llama-cpp-python, distill's
-    local teacher, echoes the name asked). Anything else is another model's answer.
-    """
-    if not asked or not isinstance(answered, str) or not answered.strip():
-        return True
-    a, g = asked.strip().lower(), answered.strip().lower()
-    if a == g:
-        return True
-    if _MODEL_FILE.search(g) or g.startswith(("/", "./", "~")):
-        return True
-    for x, y in ((a, g), (a.rsplit("/", 1)[-1], g.rsplit("/", 1)[-1])):
-        if x == y or (y.startswith(x) and _VERSION_SUFFIX.fullmatch(y[len(x):])):
-            return True
-        # "-latest" asked, a dated snapshot answered (claude-3-5-sonnet-latest -> claude-3-5-sonnet-20241022)
-        if x.endswith("-latest") and y.startswith(x[:-len("latest")]) and _VERSION_SUFFIX.fullmatch("-" + y[len(x) - 6:]):
-            return True
-    return False
-
-
-def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        dt = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if dt is None:
-        return None
-    return max(0.0, dt.timestamp() - (now if now is not None else time.time()))
-
-
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: Optional[float], rng: random.Random) -> float:
-    """Full-jitter exponential backoff; a Retry-After from the server is a floor."""
-    delay = rng.uniform(0, min(cap, base * (2 ** (attempt - 1))))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for s in secrets:
-        if s:
-            text = text.replace(s, "***")
-    return text
-
-
-def _usage(data: Any) -> tuple[Optional[int], Optional[int]]:
-    """(prompt_tokens, completion_tokens) of an OpenAI-style body, None where absent."""
-    usage = data.get("usage") if isinstance(data, dict) and isinstance(data.get("usage"), dict) else {}
-    pt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
-    ct = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
-    return pt, ct
-
-
-def _extract(data: Any, n: int) -> tuple[list[CachedAnswer], Optional[int], Optional[int]]:
-    """Pull choices and usage out of an OpenAI-style body; raises ServerError if it is not one."""
-    if not isinstance(data, dict):
-        raise ServerError(f"response JSON is a {type(data).__name__}, not an object")
-    pt, ct = _usage(data)
-    choices = data.get("choices")
-    if not isinstance(choices, list) or len(choices) < n:
-        raise ServerError(f"response has {len(choices) if isinstance(choices, list) else 'no'} choices, expected {n}")
-    out = []
-    for i, ch in enumerate(sorted(choices[:n], key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)):
-        if not isinstance(ch, dict):
-            raise ServerError("choice is not an object")
-        if "text" in ch and isinstance(ch["text"], str):
-            text = ch["text"]
-        elif isinstance(ch.get("message"), dict) and isinstance(ch["message"].get("content"), str):
-            text = ch["message"]["content"]
-        else:
-            raise ServerError("choice has neither text nor message.content")
-        lp = ch.get("logprobs") if isinstance(ch.get("logprobs"), dict) else None
-        out.append(CachedAnswer(text, ch.get("finish_reason"), pt if i == 0 else None, ct if i == 0 else None,
-                                logprobs=lp))
-    return out, pt, ct
+    outcomes: Optional[dict[str, Outcome]] = None
+    kind: str = ""
+    msg: str = ""
+    http_status: Optional[int] = None
+    retry_after: Optional[float] = None
+    final_invalid: bool = False  # an unusable 200 seen too often: give up, the answer is invalid
+    unusable: bool = False  # an unusable 200 (counts towards MAX_UNUSABLE_ATTEMPTS)
 
 
 class TeacherClient:
     """Async client; use as ``async with TeacherClient(...) as c: await c.run(requests)``."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: Optional[str],
-        cache: ResponseCache,
-        run_id: str,
-        concurrency: int = 8,
-        timeout_s: float = 60.0,
-        max_attempts: int = 6,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 30.0,
-        limiter: Optional[RateLimiter] = None,
-        on_result: Optional[Callable[[ClientStats], None]] = None,
-        seed: int = 0,
-        logger: Any = None,
-        meter: Optional[SpendMeter] = None,
-        endpoint: int = 0,
-        counter: Optional[TokenCounter] = None,
-        check_model: bool = True,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.check_model = check_model  # an answer for another model than asked is invalid (see model_matches)
-        self._api_key = api_key
+    def __init__(self, endpoint: Endpoint, cache: ResponseCache, run_id: str, settings: ClientConfig, *,
+                 limiter: Optional[RateLimiter] = None, meter: Optional[SpendMeter] = None,
+                 counter: Optional[TokenCounter] = None, on_result: Optional[Callable[[ClientStats], None]] = None,
+                 logger: Any = None, seed: int = 0) -> None:
+        self.endpoint = endpoint
+        self.base_url = endpoint.base_url.rstrip("/")
         self.cache = cache
         self.run_id = run_id
-        self.concurrency = concurrency
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
+        self.settings = settings
+        self.timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self.limiter = limiter if limiter is not None and limiter.active else None
+        self.meter = meter
+        self.counter = counter or heuristic_counter()
         self.on_result = on_result
         self.log = logger if logger is not None else log  # Prefect's run logger inside a run
         self.stats = ClientStats()
-        self.meter = meter
-        self.endpoint = endpoint
-        self.counter = counter or heuristic_counter()
         self._rng = random.Random(seed)
         self._pause_until = 0.0
         self._session: Optional[aiohttp.ClientSession] = None
         self._flush_scheduled = False
         self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        if endpoint.api_key:
+            self._headers["Authorization"] = f"Bearer {endpoint.api_key}"
 
     def __repr__(self) -> str:  # never show the key
-        return f"TeacherClient({self.base_url!r}, concurrency={self.concurrency})"
+        return f"TeacherClient({self.base_url!r}, concurrency={self.settings.concurrency})"
 
-    async def __aenter__(self) -> "TeacherClient":
+    async def __aenter__(self) -> TeacherClient:
         self.cache.autoflush = False  # one transaction per event-loop turn, see _schedule_flush
-        connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency, ttl_dns_cache=300)
+        c = self.settings.concurrency
+        connector = aiohttp.TCPConnector(limit=c, limit_per_host=c, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self._headers)
         return self
 
@@ -292,8 +147,7 @@ class TeacherClient:
     async def run(self, requests: list[TeacherRequest]) -> dict[str, Outcome]:
         """Answer every request: from the cache where possible, otherwise over HTTP."""
         results: dict[str, Outcome] = {}
-        all_keys = [k for r in requests for k in r.keys]
-        hits = self.cache.get_many(all_keys)
+        hits = self.cache.get_many([k for r in requests for k in r.keys])
         todo: list[TeacherRequest] = []
         for r in requests:
             if all(k in hits for k in r.keys):
@@ -315,139 +169,166 @@ class TeacherClient:
                 if self.on_result:
                     self.on_result(self.stats)
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(todo)) or 0)))
+        await asyncio.gather(*(worker() for _ in range(min(self.settings.concurrency, len(todo)) or 0)))
         return results
 
+    # ------------------------------------------------------------------ one request: the retry loop
     async def _send(self, req: TeacherRequest) -> dict[str, Outcome]:
+        """Attempt ``req`` until it is answered, fails for good, or the budget stops it."""
         assert self._session is not None, "use TeacherClient as an async context manager"
-        url = self.base_url + req.path
-        n = len(req.keys)
-        key0 = req.keys[0]
-        model = req.payload.get("model")
-        if self.meter is not None and self.meter.limit_usd is not None:
-            # under a budget: the counter's figure (the teacher's tokenizer when this machine has it; chat overhead included)
-            est_prompt = self.counter.count_prompt(req.payload)
-        else:
-            est_prompt = max(0, req.est_tokens - req.est_out)
-        last_error = "no attempt made"
-        unusable = 0  # HTTP 200 answers without usable content so far (capped at MAX_UNUSABLE_ATTEMPTS)
-        for attempt in range(1, self.max_attempts + 1):
-            final_invalid = False
+        s = self.settings
+        est_prompt = self._prompt_estimate(req)
+        last_error, unusable = "no attempt made", 0  # unusable: HTTP 200s without usable content so far
+        for attempt in range(1, s.max_attempts + 1):
             pause = self._pause_until - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
-            reservation = 0.0
-            if self.meter is not None:
-                reservation = self.meter.estimate(self.endpoint, est_prompt, req.est_out)
-                if not await self.meter.acquire(self.endpoint, reservation):
-                    self.stats.not_sent_budget += 1
-                    why = "not sent: budget.max_usd reached" + (f" (after {attempt - 1} failed attempts)" if attempt > 1 else "")
-                    out = self._give_up(req, why, attempt - 1)
-                    for o in out.values():
-                        o.budget_stop = True
-                    return out
-            billed = False
-            pt = ct = None
-            t_attempt = time.perf_counter()
-            try:
-                if self.limiter is not None:
-                    await self.limiter.acquire(req.est_tokens)
-                retry_after: Optional[float] = None
-                http_status: Optional[int] = None
-                t0 = time.perf_counter()
-                self.stats.requests_sent += 1
-                try:
-                    async with self._session.post(url, json=req.payload) as resp:
-                        http_status = resp.status
-                        body = await resp.read()
-                        ra_header = resp.headers.get("Retry-After")
-                    latency = time.perf_counter() - t0
-                    if http_status == 200:
-                        data = None
-                        try:
-                            data = _loads(body)
-                            answers, pt, ct = _extract(data, n)
-                            got = data.get("model")
-                            if self.check_model and not model_matches(model, got):
-                                raise ServerError(f"answer is for model {str(got)[:80]!r}, not the {model!r} asked for")
-                        except (ValueError, ServerError) as e:
-                            pt, ct = _usage(data)  # an unusable answer the server billed is still on the bill
-                            billed = pt is not None or ct is not None
-                            if isinstance(e, ValueError):
-                                raise _Retryable("bad_json", f"HTTP 200 but bad_json: {e}; body starts "
-                                                             f"{_snippet(body)!r}") from None
-                            unusable += 1
-                            kind = "wrong_model" if str(e).startswith("answer is for model") else "bad_response"
-                            raise _Retryable(kind, f"HTTP 200 but {kind}: {e}; body starts {_snippet(body)!r}",
-                                             final=unusable >= MAX_UNUSABLE_ATTEMPTS) from None
-                        pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
-                        billed = True
-                        self.cache.put_success(
-                            list(zip(req.keys, answers)), req.payload, self.run_id, attempt, http_status, latency
-                        )
-                        self._schedule_flush()
-                        self._count_usage(pt, ct)
-                        if self.limiter is not None:
-                            self.limiter.reconcile(req.est_tokens, pt + ct)
-                        self.stats.requests_ok += 1
-                        self.stats.bump("ok")
-                        return {k: Outcome(a.text, cached=False, attempts=attempt, prompt_tokens=a.prompt_tokens,
-                                           completion_tokens=a.completion_tokens, usage_source=source,
-                                           logprobs=a.logprobs, finish_reason=a.finish_reason)
-                                for k, a in zip(req.keys, answers)}
-                    # an error status: read usage anyway (some servers bill failed calls) and price it
-                    try:
-                        pt, ct = _usage(_loads(body))
-                    except Exception:
-                        pt = ct = None
-                    billed = pt is not None or ct is not None
-                    retry_after = parse_retry_after(ra_header)
-                    retryable = http_status in RETRYABLE_STATUS or http_status >= 500
-                    kind = f"http_{http_status}"
-                    msg = f"HTTP {http_status}: {_snippet(body, 300)!r}"
-                    if http_status not in RETRYABLE_STATUS and is_context_error(body):
-                        # the prompt does not fit the model: the same request fails the same way every time
-                        self.stats.context_exceeded += 1
-                        msg = redact(msg, [self._api_key or ""])
-                        self._record_failure(key0, attempt, "context_length", http_status, latency, pt, ct, msg, model)
-                        return self._give_up(req, f"prompt longer than the teacher's context: {msg} (not retried)",
-                                             attempt, invalid=True)
-                    if not retryable:
-                        self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
-                        return self._give_up(req, f"{msg} (not retryable)", attempt)
-                except _Retryable as e:
-                    kind, msg = e.kind, e.msg
-                    latency = time.perf_counter() - t0
-                    if e.final:
-                        final_invalid = True
-                except asyncio.TimeoutError:
-                    kind, msg = "timeout", f"no answer within {self.timeout.total:.0f}s"
-                    latency = time.perf_counter() - t0
-                except (aiohttp.ClientError, ConnectionError, OSError) as e:
-                    kind, msg = "connection", f"{type(e).__name__}: {e}"
-                    latency = time.perf_counter() - t0
-            finally:
-                if self.meter is not None:
-                    await self.meter.settle(self.endpoint, reservation, pt, ct, est_prompt, billed,
-                                            time.perf_counter() - t_attempt)
-            msg = redact(msg, [self._api_key or ""])
-            last_error = msg
-            self._record_failure(key0, attempt, kind, http_status, latency, pt, ct, msg, model)
-            if final_invalid:
+            reservation = await self._reserve(req, est_prompt)
+            if reservation is None:
+                return self._budget_stop(req, attempt)
+            a = await self._attempt(req, attempt, reservation, est_prompt, unusable)
+            if a.outcomes is not None:
+                return a.outcomes
+            unusable += a.unusable
+            last_error = a.msg
+            if a.final_invalid:
                 self.stats.invalid_answers += 1
-                return self._give_up(req, f"invalid answer: {msg} ({unusable} unusable answers; not retried "
+                return self._give_up(req, f"invalid answer: {a.msg} ({unusable} unusable answers; not retried "
                                           f"further)", attempt, invalid=True)
-            if attempt == self.max_attempts:
+            if attempt == s.max_attempts:
                 break
             self.stats.retries += 1
-            delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, retry_after, self._rng)
-            if http_status == 429 and retry_after is not None:
+            delay = backoff_delay(attempt, s.backoff_base_s, s.backoff_max_s, a.retry_after, self._rng)
+            if a.http_status == 429 and a.retry_after is not None:
                 # the server asked everyone to slow down: pause all workers, not only this one
-                self._pause_until = max(self._pause_until, time.monotonic() + retry_after)
-            self.log.debug("retrying %s after %s in %.2fs", key0[:12], kind, delay)
+                self._pause_until = max(self._pause_until, time.monotonic() + a.retry_after)
+            self.log.debug("retrying %s after %s in %.2fs", req.keys[0][:12], a.kind, delay)
             await asyncio.sleep(delay)
-        return self._give_up(req, f"gave up after {self.max_attempts} attempts; last error: {last_error}", self.max_attempts)
+        return self._give_up(req, f"gave up after {s.max_attempts} attempts; last error: {last_error}", s.max_attempts)
 
+    def _prompt_estimate(self, req: TeacherRequest) -> int:
+        if self.meter is not None and self.meter.limit_usd is not None:
+            # under a budget: the counter's figure (the teacher's tokenizer when this machine has it; chat overhead)
+            return self.counter.count_prompt(req.payload)
+        return max(0, req.est_tokens - req.est_out)
+
+    async def _reserve(self, req: TeacherRequest, est_prompt: int) -> Optional[float]:
+        """The attempt's worst-case cost, reserved on the spend meter; None once the budget is exhausted."""
+        if self.meter is None:
+            return 0.0
+        reservation = self.meter.estimate(self.endpoint.index, est_prompt, req.est_out)
+        return reservation if await self.meter.acquire(self.endpoint.index, reservation) else None
+
+    def _budget_stop(self, req: TeacherRequest, attempt: int) -> dict[str, Outcome]:
+        self.stats.not_sent_budget += 1
+        why = "not sent: budget.max_usd reached" + (f" (after {attempt - 1} failed attempts)" if attempt > 1 else "")
+        out = self._give_up(req, why, attempt - 1)
+        for o in out.values():
+            o.budget_stop = True
+        return out
+
+    # ------------------------------------------------------------------ one attempt
+    async def _attempt(self, req: TeacherRequest, attempt: int, reservation: float, est_prompt: int,
+                       unusable: int) -> _Attempt:
+        """Send once and read the answer; its real cost is settled with the meter whatever happens."""
+        assert self._session is not None
+        usage: tuple[Optional[int], Optional[int]] = (None, None)
+        billed = False
+        t_attempt = t0 = time.perf_counter()  # busy time from t_attempt (rate-limit wait included), latency from t0
+        try:
+            if self.limiter is not None:
+                await self.limiter.acquire(req.est_tokens)
+            t0 = time.perf_counter()
+            self.stats.requests_sent += 1
+            try:
+                async with self._session.post(self.base_url + req.path, json=req.payload) as resp:
+                    status, body, ra_header = resp.status, await resp.read(), resp.headers.get("Retry-After")
+                latency = time.perf_counter() - t0
+                if status == 200:
+                    usage, billed, result = self._answered(req, attempt, body, latency, unusable)
+                    return result
+                usage, billed, result = self._refused(req, attempt, status, body, ra_header, latency)
+                return result
+            except asyncio.TimeoutError:
+                return self._failed(req, attempt, "timeout", f"no answer within {self.timeout.total:.0f}s", None,
+                                    time.perf_counter() - t0, usage)
+            except (aiohttp.ClientError, ConnectionError, OSError) as e:
+                return self._failed(req, attempt, "connection", f"{type(e).__name__}: {e}", None,
+                                    time.perf_counter() - t0, usage)
+        finally:
+            if self.meter is not None:
+                await self.meter.settle(self.endpoint.index, reservation, usage[0], usage[1], est_prompt, billed,
+                                        time.perf_counter() - t_attempt)
+
+    def _answered(self, req: TeacherRequest, attempt: int, body: bytes, latency: float,
+                  unusable: int) -> tuple[tuple[Optional[int], Optional[int]], bool, _Attempt]:
+        """An HTTP 200: the answers, cached and counted; or an unusable body (still billed if it says so)."""
+        data = None
+        model = req.payload.get("model")
+        try:
+            data = _loads(body)
+            answers, pt, ct = extract_answers(data, len(req.keys))
+            got = data.get("model")
+            if self.endpoint.check_model and not model_matches(model, got):
+                raise ServerError(f"answer is for model {str(got)[:80]!r}, not the {model!r} asked for")
+        except (ValueError, ServerError) as e:
+            usage = usage_of(data)  # an unusable answer the server billed is still on the bill
+            billed = usage[0] is not None or usage[1] is not None
+            if isinstance(e, ValueError):
+                kind, unusable_now = "bad_json", False
+            else:
+                kind, unusable_now = ("wrong_model" if str(e).startswith("answer is for model") else "bad_response",
+                                      True)
+            msg = f"HTTP 200 but {kind}: {e}; body starts {snippet(body)!r}"
+            final = unusable_now and unusable + 1 >= MAX_UNUSABLE_ATTEMPTS
+            return usage, billed, self._failed(req, attempt, kind, msg, 200, latency, usage, unusable=unusable_now,
+                                               final=final)
+        pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
+        self.cache.put_success(list(zip(req.keys, answers)), req.payload, self.run_id, attempt, 200, latency)
+        self._schedule_flush()
+        self._count_usage(pt, ct)
+        if self.limiter is not None:
+            self.limiter.reconcile(req.est_tokens, pt + ct)
+        self.stats.requests_ok += 1
+        self.stats.bump("ok")
+        outcomes = {k: Outcome(a.text, cached=False, attempts=attempt, prompt_tokens=a.prompt_tokens,
+                               completion_tokens=a.completion_tokens, usage_source=source, logprobs=a.logprobs,
+                               finish_reason=a.finish_reason)
+                    for k, a in zip(req.keys, answers)}
+        return (pt, ct), True, _Attempt(outcomes=outcomes)
+
+    def _refused(self, req: TeacherRequest, attempt: int, status: int, body: bytes, ra_header: Optional[str],
+                 latency: float) -> tuple[tuple[Optional[int], Optional[int]], bool, _Attempt]:
+        """An error status: its usage read anyway (some servers bill failed calls); final, or worth a retry."""
+        try:
+            usage = usage_of(_loads(body))
+        except Exception:
+            usage = (None, None)
+        billed = usage[0] is not None or usage[1] is not None
+        msg = f"HTTP {status}: {snippet(body, 300)!r}"
+        if status not in RETRYABLE_STATUS and is_context_error(body):
+            # the prompt does not fit the model: the same request fails the same way every time
+            self.stats.context_exceeded += 1
+            self._record_failure(req, attempt, "context_length", status, latency, usage, msg)
+            msg = redact(msg, [self.endpoint.api_key or ""])
+            return usage, billed, _Attempt(outcomes=self._give_up(
+                req, f"prompt longer than the teacher's context: {msg} (not retried)", attempt, invalid=True))
+        if status not in RETRYABLE_STATUS and status < 500:
+            self._record_failure(req, attempt, f"http_{status}", status, latency, usage, msg)
+            msg = redact(msg, [self.endpoint.api_key or ""])
+            return usage, billed, _Attempt(outcomes=self._give_up(req, f"{msg} (not retryable)", attempt))
+        attempt_result = self._failed(req, attempt, f"http_{status}", msg, status, latency, usage)
+        attempt_result.retry_after = parse_retry_after(ra_header)
+        return usage, billed, attempt_result
+
+    def _failed(self, req: TeacherRequest, attempt: int, kind: str, msg: str, status: Optional[int], latency: float,
+                usage: tuple[Optional[int], Optional[int]], *, unusable: bool = False, final: bool = False) -> _Attempt:
+        """A failed attempt, recorded in the ledger; the retry loop decides what follows."""
+        self._record_failure(req, attempt, kind, status, latency, usage, msg)
+        return _Attempt(kind=kind, msg=redact(msg, [self.endpoint.api_key or ""]), http_status=status,
+                        final_invalid=final, unusable=unusable)
+
+    # ------------------------------------------------------------------ bookkeeping
     def _fill_usage(self, payload: dict[str, Any], answers: list[CachedAnswer], pt: Optional[int],
                     ct: Optional[int]) -> tuple[int, int, str]:
         """Usage of an answered request; counted (or estimated) by distill when the server sent none."""
@@ -481,28 +362,18 @@ class TeacherClient:
         self.stats.tokens_in += pt or 0
         self.stats.tokens_out += ct or 0
 
-    def _record_failure(self, key: str, attempt: int, kind: str, http_status: Optional[int], latency: float,
-                        pt: Optional[int], ct: Optional[int], msg: str, model: Optional[str] = None) -> None:
+    def _record_failure(self, req: TeacherRequest, attempt: int, kind: str, http_status: Optional[int],
+                        latency: float, usage: tuple[Optional[int], Optional[int]], msg: str) -> None:
+        msg = redact(msg, [self.endpoint.api_key or ""])
         self.stats.attempt_errors += 1
         self.stats.bump(kind)
-        self._count_usage(pt, ct)
-        self.cache.put_attempt(key, self.run_id, attempt, kind, http_status, latency, pt, ct, msg, model)
+        self._count_usage(*usage)
+        self.cache.put_attempt(req.keys[0], self.run_id, attempt, kind, http_status, latency, usage[0], usage[1], msg,
+                               req.payload.get("model"))
         self._schedule_flush()
-        if attempt == 1 or kind not in ("http_429",):
+        if attempt == 1 or kind != "http_429":
             self.log.warning("teacher attempt %d failed: %s", attempt, msg[:300])
 
     def _give_up(self, req: TeacherRequest, reason: str, attempts: int, invalid: bool = False) -> dict[str, Outcome]:
         self.stats.requests_failed += 1
         return {k: Outcome(None, cached=False, error=reason, attempts=attempts, invalid=invalid) for k in req.keys}
-
-
-class _Retryable(Exception):
-    def __init__(self, kind: str, msg: str, final: bool = False) -> None:
-        super().__init__(msg)
-        self.kind = kind
-        self.msg = msg
-        self.final = final  # no further attempt: the answer is invalid
-
-
-def _snippet(body: bytes, n: int = 160) -> str:
-    return body[:n].decode("utf-8", "replace").replace("\n", " ")

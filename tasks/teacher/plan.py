@@ -1,30 +1,38 @@
 """The priced plan: what a run will send, cost and take, before a single request.
 
 Why: money is spent only after the user has seen the bill. The plan renders every prompt
-exactly as the run will, looks each request up in the response cache (cached answers
-cost nothing), counts prompt tokens with the teacher's tokenizer where this machine has
-it (else calibrates on earlier answers of the same model, else 4 characters per token),
-and prices the result. Every figure states how it was estimated.
+exactly as the run will (tasks/teacher/requests.py), looks each request up in the response
+cache (cached answers cost nothing), counts prompt tokens with the teacher's tokenizer where
+this machine has it (else calibrates on earlier answers of the same model, else 4
+characters per token), and prices the result, one typed row per endpoint
+(tasks/results/teacher.py ``PlanRow``). Every figure states how it was estimated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pyarrow.parquet as pq
 
-from distill.config import DistillConfig, SampleVariation, TeacherMode
+from distill.config import ClientConfig, PricingConfig, SampleVariation, TeacherConfig, TeacherMode
 from distill.runtime import long_lived_heap_frozen
-from tasks.teacher.shard import plan_shard
+from tasks.accounting.pricing import busy_cost
+from tasks.results.accounting import TeacherPrice
+from tasks.results.accounting import figures_of
+from tasks.results.teacher import PlanFigures
+from tasks.results.teacher import PlanRow
 from tasks.teacher.cache import ResponseCache
-from tasks.accounting.pricing import TeacherPrice, busy_cost
-from tasks.templates.label import PromptError, PromptTemplate
+from tasks.teacher.requests import plan_shard
 from tasks.templates.tokens import CHARS_PER_TOKEN, TokenCounter
+from tasks.templates.base import PromptError
+from tasks.templates.load import Template
 
 
 @dataclass
-class _Endpoint:
+class _Counts:
+    """One endpoint's requests as counted over the shards, before any estimate."""
+
     requests_total: int = 0
     requests_cached: int = 0
     to_send: int = 0
@@ -33,6 +41,18 @@ class _Endpoint:
     sample_tokens: int = 0
     sampled: int = 0
     choices: int = 0  # answers the requests to send will return
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What a row is priced and timed with: the endpoint's model, mode, price and earlier answers."""
+
+    index: int
+    model: str
+    chat: bool
+    local: bool
+    price: TeacherPrice
+    history: dict[str, Any]
 
 
 def _prompt_chars(payload: dict[str, Any]) -> int:
@@ -63,152 +83,137 @@ def check_max_tokens(template: PromptTemplate, max_tokens: int, counter: TokenCo
 
 
 @long_lived_heap_frozen()
-def make_plan(cfg: DistillConfig, template: PromptTemplate, shard_paths: list[str], prices: list[TeacherPrice],
-              counter: TokenCounter, sample_prompts: int = 2000) -> dict[str, Any]:
-    """Estimate requests, tokens, USD and time for annotating ``shard_paths`` with ``cfg``."""
-    t = cfg.teacher
-    check_max_tokens(template, t.max_tokens, counter)
-    cache = ResponseCache(cfg.client.cache_path)
-    eps: dict[int, _Endpoint] = {}
-    items = 0
-    per_shard: dict[str, int] = {}  # requests to send per shard: what a budget split across parallel shards follows
+def make_plan(shard_paths: list[str], *, template: Template, teacher: TeacherConfig, client: ClientConfig,
+              pricing: PricingConfig, max_usd: Optional[float], prices: list[TeacherPrice], counter: TokenCounter,
+              sample_prompts: int = 2000) -> PlanFigures:
+    """Estimate requests, tokens, USD and time for annotating ``shard_paths``: one priced row per endpoint."""
+    check_max_tokens(template, teacher.max_tokens, counter)
+    cache = ResponseCache(client.cache_path)
     try:
-        for path in shard_paths:
-            texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-            items += len(texts)
-            plan = plan_shard(texts, cfg, template, samples=False)
-            hits = cache.has_many([k for r in plan.requests for k in r.keys])
-            per_shard[path] = 0
-            for r in plan.requests:
-                e = eps.setdefault(r.endpoint, _Endpoint())
-                e.requests_total += 1
-                if all(k in hits for k in r.keys):
-                    e.requests_cached += 1
-                    continue
-                per_shard[path] += 1
-                e.to_send += 1
-                e.choices += len(r.keys)
-                c = _prompt_chars(r.payload)
-                e.chars += c
-                if counter.exact and e.sampled < sample_prompts:
-                    e.sampled += 1
-                    e.sample_chars += c
-                    e.sample_tokens += counter.count_prompt(r.payload)
-        models = [t.model] + [m.model for m in t.members]
-        history = {i: cache.model_history(models[i], t.max_tokens) for i in eps}
+        counts, items, per_shard = _count_requests(shard_paths, template, teacher, cache, counter, sample_prompts)
+        models = [teacher.model] + [m.model for m in teacher.members]
+        history = {i: cache.model_history(models[i], teacher.max_tokens) for i in counts}
     finally:
         cache.close()
-
     rows = []
-    for i, e in sorted(eps.items()):
-        price = prices[i] if i < len(prices) else prices[0]
-        model = models[i]
-        mode = (t.members[i - 1].mode or t.mode) if i > 0 else t.mode
-        chat = mode == TeacherMode.chat
-        h = history[i]
-        # prompt tokens
-        if counter.exact and e.sampled:
-            ratio = e.sample_tokens / max(1, e.sample_chars)
-            tin = round(e.chars * ratio)
-            tin_how = (f"{counter.method}" + ("" if e.sampled == e.to_send else
-                       f", on {e.sampled:,} of {e.to_send:,} prompts, scaled by characters"))
-        elif h["tokens_per_char"]:
-            tin = round(e.chars * h["tokens_per_char"])
-            tin_how = f"calibrated on {h['usage_n']:,} earlier answers of {model} ({1 / h['tokens_per_char']:.2f} chars/token)"
-        else:
-            tin = round(e.chars / CHARS_PER_TOKEN) + e.to_send
-            tin_how = counter.method if not counter.exact else f"estimated at {CHARS_PER_TOKEN:g} characters per token"
-        # completion tokens
-        if h["completion_tokens"] is not None:
-            per_answer = float(h["completion_tokens"])
-            tout_how = f"mean of {h['usage_n']:,} earlier answers of {model} at max_tokens={t.max_tokens}"
-        else:
-            if template.labels:
-                per_answer = _label_tokens(counter, template.labels, chat, t.max_tokens)
-                tout_how = f"mean label length + 1 stop token, capped at max_tokens ({counter.method})"
-            else:  # free text: as long as the template's example outputs
-                per_answer = _label_tokens(counter, [e.label for e in template.examples] or ["x" * 4 * t.max_tokens],
-                                           chat, t.max_tokens)
-                tout_how = f"mean length of the template's example outputs + 1 stop token, capped at max_tokens ({counter.method})"
-        tout = round(e.choices * per_answer)
-        # time at the configured limits
-        per_req_tokens = (tin + tout) / e.to_send if e.to_send else 0.0
-        local = t.local and (i == 0 or t.members[i - 1].base_url is None)
-        if h["latency_s"]:
-            rps = cfg.client.concurrency / h["latency_s"]
-            time_how = (f"measured mean latency {h['latency_s']:.2f} s over {h['latency_n']:,} earlier requests"
-                        f" at max_tokens={t.max_tokens}, concurrency {cfg.client.concurrency}")
-        elif local:
-            lat = (tin / e.to_send if e.to_send else 0.0) / cfg.pricing.assumed_local_tokens_per_s
-            rps = 1.0 / lat if lat else float("inf")
-            time_how = (f"assumed {cfg.pricing.assumed_local_tokens_per_s:g} prompt tokens/s of the local server "
-                        f"(pricing.assumed_local_tokens_per_s; nothing measured yet)")
-        else:
-            rps = cfg.client.concurrency / cfg.pricing.assumed_remote_latency_s
-            time_how = (f"assumed {cfg.pricing.assumed_remote_latency_s:g} s per request (pricing.assumed_remote_latency_s), "
-                        f"concurrency {cfg.client.concurrency}")
-        limits = []
-        if cfg.client.requests_per_minute:
-            rps = min(rps, cfg.client.requests_per_minute / 60.0)
-            limits.append(f"{cfg.client.requests_per_minute:g} requests/min")
-        if cfg.client.tokens_per_minute and per_req_tokens:
-            rps = min(rps, cfg.client.tokens_per_minute / 60.0 / per_req_tokens)
-            limits.append(f"{cfg.client.tokens_per_minute:g} tokens/min")
-        if limits:
-            time_how += "; capped by " + " and ".join(limits)
-        seconds = e.to_send / rps if e.to_send and rps else 0.0
-        if price.kind == "tokens":
-            usd = price.token_cost(tin, tout, e.to_send)
-            usd_how = f"estimated: tokens above x {price.describe()}"
-            b = price.batch_variant()
-            usd_batch = b.token_cost(tin, tout, e.to_send) if b is not price else None
-        elif price.kind == "hourly":
-            usd = busy_cost(price, seconds)
-            usd_how = f"estimated: hours above x {price.describe()}"
-            usd_batch = None
-        else:
-            usd, usd_how, usd_batch = 0.0, price.describe(), None
-        rows.append({"endpoint": i, "model": model, "requests_total": e.requests_total, "requests_cached": e.requests_cached,
-                     "requests_to_send": e.to_send, "tokens_in": tin, "tokens_out": tout, "usd": usd,
-                     "usd_batch": usd_batch, "seconds": seconds, "tokens_in_method": tin_how,
-                     "tokens_out_method": tout_how, "usd_method": usd_how, "seconds_method": time_how,
-                     "price": price.describe()})
-
-    def total(key: str) -> Any:
-        return sum(r[key] for r in rows)
-
-    usd = total("usd")
-    out: dict[str, Any] = {
-        "items": items, "samples_per_item": t.samples, "variation": t.variation.value,
-        "requests_total": total("requests_total"), "requests_cached": total("requests_cached"),
-        "requests_to_send": total("requests_to_send"), "tokens_in": total("tokens_in"),
-        "tokens_out": total("tokens_out"), "usd": usd,
-        "usd_batch": (sum(r["usd_batch"] if r["usd_batch"] is not None else r["usd"] for r in rows)
-                      if any(r["usd_batch"] is not None for r in rows) else None),
-        # endpoints work in parallel with variation 'teachers'; one after another otherwise there is one
-        "seconds": max((r["seconds"] for r in rows), default=0.0) if t.variation == SampleVariation.teachers
-        else total("seconds"),
-        "usd_per_1m_items": _per_1m(rows, items),
-        "budget_max_usd": cfg.budget.max_usd,
-        "endpoints": rows,
-        "shard_requests": per_shard,
-    }
-    out["over_budget"] = cfg.budget.max_usd is not None and usd > cfg.budget.max_usd
-    if len(rows) == 1:
-        for k in ("tokens_in_method", "tokens_out_method", "usd_method", "seconds_method", "price"):
-            out[k] = rows[0][k]
-    return out
+    for i, c in sorted(counts.items()):
+        mode = (teacher.members[i - 1].mode or teacher.mode) if i > 0 else teacher.mode
+        ep = _Endpoint(i, models[i], mode == TeacherMode.chat,
+                       teacher.local and (i == 0 or teacher.members[i - 1].base_url is None),
+                       prices[i] if i < len(prices) else prices[0], history[i])
+        rows.append(_plan_row(ep, c, template=template, teacher=teacher, client=client, pricing=pricing,
+                              counter=counter))
+    parallel = teacher.variation == SampleVariation.teachers
+    seconds = (max((r.seconds for r in rows), default=0.0) if parallel else sum(r.seconds for r in rows))
+    return PlanFigures(items, teacher.samples, teacher.variation.value, rows, seconds, max_usd, per_shard)
 
 
-def _per_1m(rows: list[dict[str, Any]], items: int) -> Optional[float]:
-    """USD per 1M items as if nothing were cached (the to-send cost scaled to all requests)."""
-    total = 0.0
-    for r in rows:
-        if r["requests_to_send"]:
-            total += r["usd"] * r["requests_total"] / r["requests_to_send"]
-        elif r["requests_total"]:
-            return None  # everything cached: no fresh figure to scale
-    return total / items * 1e6 if items else None
+def _count_requests(shard_paths: list[str], template: Template, teacher: TeacherConfig, cache: ResponseCache,
+                    counter: TokenCounter, sample_prompts: int) -> tuple[dict[int, _Counts], int, dict[str, int]]:
+    """Every request the run will make, by endpoint: cached or to send, its prompt characters, a tokenized sample."""
+    counts: dict[int, _Counts] = {}
+    items = 0
+    per_shard: dict[str, int] = {}
+    for path in shard_paths:
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        items += len(texts)
+        plan = plan_shard(texts, teacher, template, samples=False)
+        hits = cache.has_many([k for r in plan.requests for k in r.keys])
+        per_shard[path] = 0
+        for r in plan.requests:
+            c = counts.setdefault(r.endpoint, _Counts())
+            c.requests_total += 1
+            if all(k in hits for k in r.keys):
+                c.requests_cached += 1
+                continue
+            per_shard[path] += 1
+            c.to_send += 1
+            c.choices += len(r.keys)
+            chars = _prompt_chars(r.payload)
+            c.chars += chars
+            if counter.exact and c.sampled < sample_prompts:
+                c.sampled += 1
+                c.sample_chars += chars
+                c.sample_tokens += counter.count_prompt(r.payload)
+    return counts, items, per_shard
+
+
+def _plan_row(ep: _Endpoint, c: _Counts, *, template: Template, teacher: TeacherConfig, client: ClientConfig,
+              pricing: PricingConfig, counter: TokenCounter) -> PlanRow:
+    tin, tin_how = _prompt_tokens(ep, c, counter)
+    per_answer, tout_how = _answer_tokens(ep, template, teacher.max_tokens, counter)
+    tout = round(c.choices * per_answer)
+    seconds, time_how = _send_time(ep, c, tin, tout, client=client, pricing=pricing, max_tokens=teacher.max_tokens)
+    price = ep.price
+    if price.kind == "tokens":
+        usd, usd_how = price.token_cost(tin, tout, c.to_send), f"estimated: tokens above x {price.describe()}"
+        b = price.batch_variant()
+        usd_batch = b.token_cost(tin, tout, c.to_send) if b is not price else None
+    elif price.kind == "hourly":
+        usd, usd_how, usd_batch = busy_cost(price, seconds), f"estimated: hours above x {price.describe()}", None
+    else:
+        usd, usd_how, usd_batch = 0.0, price.describe(), None
+    return PlanRow(endpoint=ep.index, model=ep.model, price=price.describe(), requests_total=c.requests_total,
+                   requests_cached=c.requests_cached, requests_to_send=c.to_send, tokens_in=tin, tokens_out=tout,
+                   usd=usd, usd_batch=usd_batch, seconds=seconds, tokens_in_method=tin_how,
+                   tokens_out_method=tout_how, usd_method=usd_how, seconds_method=time_how)
+
+
+def _prompt_tokens(ep: _Endpoint, c: _Counts, counter: TokenCounter) -> tuple[int, str]:
+    """Prompt tokens of the requests to send: counted on a sample, else calibrated on history, else estimated."""
+    h = ep.history
+    if counter.exact and c.sampled:
+        scaled = "" if c.sampled == c.to_send else f", on {c.sampled:,} of {c.to_send:,} prompts, scaled by characters"
+        return round(c.chars * c.sample_tokens / max(1, c.sample_chars)), counter.method + scaled
+    if h["tokens_per_char"]:
+        return (round(c.chars * h["tokens_per_char"]),
+                f"calibrated on {h['usage_n']:,} earlier answers of {ep.model} ({1 / h['tokens_per_char']:.2f} "
+                "chars/token)")
+    how = counter.method if not counter.exact else f"estimated at {CHARS_PER_TOKEN:g} characters per token"
+    return round(c.chars / CHARS_PER_TOKEN) + c.to_send, how
+
+
+def _answer_tokens(ep: _Endpoint, template: Template, max_tokens: int, counter: TokenCounter) -> tuple[float, str]:
+    """Tokens per answer: the mean of earlier answers at this max_tokens, else the labels' (or examples') length."""
+    h = ep.history
+    if h["completion_tokens"] is not None:
+        return float(h["completion_tokens"]), f"mean of {h['usage_n']:,} earlier answers of {ep.model} at max_tokens={max_tokens}"
+    if template.labels:
+        return (_label_tokens(counter, template.labels, ep.chat, max_tokens),
+                f"mean label length + 1 stop token, capped at max_tokens ({counter.method})")
+    # free text: as long as the template's example outputs
+    return (_label_tokens(counter, [e.label for e in template.examples] or ["x" * 4 * max_tokens], ep.chat, max_tokens),
+            f"mean length of the template's example outputs + 1 stop token, capped at max_tokens ({counter.method})")
+
+
+def _send_time(ep: _Endpoint, c: _Counts, tin: int, tout: int, *, client: ClientConfig, pricing: PricingConfig,
+               max_tokens: int) -> tuple[float, str]:
+    """Seconds to send at the configured limits: measured latency, else the assumed local or remote speed."""
+    h = ep.history
+    per_req_tokens = (tin + tout) / c.to_send if c.to_send else 0.0
+    if h["latency_s"]:
+        rps = client.concurrency / h["latency_s"]
+        how = (f"measured mean latency {h['latency_s']:.2f} s over {h['latency_n']:,} earlier requests"
+               f" at max_tokens={max_tokens}, concurrency {client.concurrency}")
+    elif ep.local:
+        lat = (tin / c.to_send if c.to_send else 0.0) / pricing.assumed_local_tokens_per_s
+        rps = 1.0 / lat if lat else float("inf")
+        how = (f"assumed {pricing.assumed_local_tokens_per_s:g} prompt tokens/s of the local server "
+               f"(pricing.assumed_local_tokens_per_s; nothing measured yet)")
+    else:
+        rps = client.concurrency / pricing.assumed_remote_latency_s
+        how = (f"assumed {pricing.assumed_remote_latency_s:g} s per request (pricing.assumed_remote_latency_s), "
+               f"concurrency {client.concurrency}")
+    limits = []
+    if client.requests_per_minute:
+        rps = min(rps, client.requests_per_minute / 60.0)
+        limits.append(f"{client.requests_per_minute:g} requests/min")
+    if client.tokens_per_minute and per_req_tokens:
+        rps = min(rps, client.tokens_per_minute / 60.0 / per_req_tokens)
+        limits.append(f"{client.tokens_per_minute:g} tokens/min")
+    if limits:
+        how += "; capped by " + " and ".join(limits)
+    return (c.to_send / rps if c.to_send and rps else 0.0), how
 
 
 def _money(x: Optional[float]) -> str:
@@ -225,48 +230,33 @@ def _dur(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def plan_text(p: dict[str, Any]) -> str:
+def plan_text(p: PlanFigures) -> str:
     """The plan as a markdown table plus the methods, for the terminal and the Prefect artifact."""
     lines = [
         "| teacher | requests (all) | cached | to send | input tokens | output tokens | USD | time |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in p["endpoints"]:
-        lines.append(f"| {r['model']} | {r['requests_total']:,} | {r['requests_cached']:,} | {r['requests_to_send']:,} | "
-                     f"{r['tokens_in']:,} | {r['tokens_out']:,} | {_money(r['usd'])} | {_dur(r['seconds'])} |")
+    for r in p.endpoints:
+        lines.append(f"| {r.model} | {r.requests_total:,} | {r.requests_cached:,} | {r.requests_to_send:,} | "
+                     f"{r.tokens_in:,} | {r.tokens_out:,} | {_money(r.usd)} | {_dur(r.seconds)} |")
     lines += [
         "",
-        f"{p['items']:,} items x k={p['samples_per_item']} ({p['variation']}): {p['requests_to_send']:,} requests to send, "
-        f"about {_money(p['usd'])} and {_dur(p['seconds'])}."
-        + (f" With the provider's batch API: {_money(p['usd_batch'])}." if p.get("usd_batch") is not None else "")
-        + (f" Per 1M items: {_money(p['usd_per_1m_items'])}." if p.get("usd_per_1m_items") is not None else ""),
+        f"{p.items:,} items x k={p.samples_per_item} ({p.variation}): {p.requests_to_send:,} requests to send, "
+        f"about {_money(p.usd)} and {_dur(p.seconds)}."
+        + (f" With the provider's batch API: {_money(p.usd_batch)}." if p.usd_batch is not None else "")
+        + (f" Per 1M items: {_money(p.usd_per_1m_items)}." if p.usd_per_1m_items is not None else ""),
     ]
-    if p.get("budget_max_usd") is not None:
-        lines.append(f"Budget: {_money(p['budget_max_usd'])}" + (" - the plan is OVER budget: the run will stop at the cap."
-                                                                 if p["over_budget"] else " - the plan fits."))
+    if p.budget_max_usd is not None:
+        lines.append(f"Budget: {_money(p.budget_max_usd)}" + (" - the plan is OVER budget: the run will stop at the cap."
+                                                              if p.over_budget else " - the plan fits."))
     lines.append("")
     lines.append("How each figure was estimated:")
-    for r in p["endpoints"]:
-        pre = f"{r['model']}: " if len(p["endpoints"]) > 1 else ""
-        lines += [f"- {pre}price: {r['price']}", f"- {pre}input tokens: {r['tokens_in_method']}",
-                  f"- {pre}output tokens: {r['tokens_out_method']}", f"- {pre}USD: {r['usd_method']}",
-                  f"- {pre}time: {r['seconds_method']}"]
+    for r in p.endpoints:
+        pre = f"{r.model}: " if len(p.endpoints) > 1 else ""
+        lines += [f"- {pre}price: {r.price}", f"- {pre}input tokens: {r.tokens_in_method}",
+                  f"- {pre}output tokens: {r.tokens_out_method}", f"- {pre}USD: {r.usd_method}",
+                  f"- {pre}time: {r.seconds_method}"]
     return "\n".join(lines)
-
-
-def plan_run(cfg: DistillConfig) -> dict[str, Any]:
-    """The plan of a whole run from its config, without Prefect: what ``distill plan`` prints."""
-    from pathlib import Path
-
-    from tasks.data.load import prepare_inputs
-    from tasks.accounting.pricing import resolve_prices
-    from tasks.templates.label import load_prompt
-    from tasks.templates.tokens import counter_for
-
-    template = load_prompt(cfg.prompt)
-    prices = resolve_prices(cfg)
-    inputs = prepare_inputs(cfg, template.labels or None, Path(cfg.run_dir) / "input")
-    return make_plan(cfg, template, inputs["gold_shards"] + inputs["pool_shards"], prices, counter_for(cfg.teacher))
 
 
 def budget_shares(max_usd: Optional[float], shard_requests: dict[str, int]) -> dict[str, Optional[float]]:

@@ -1,11 +1,10 @@
-"""Annotate shards of items with the teacher: render k prompts per item, send, parse.
+"""Annotate one shard of items with the teacher: plan its requests, send them, parse the answers, write the part.
 
 Why shards: a shard (a few thousand items) is the unit of work, of Prefect task and of
 output file. A shard whose Parquet part exists is done; a shard cut off by a crash is
 re-run, and the response cache answers every request that had already succeeded, so
-nothing is paid twice and no item is lost. Requests go out sample-major (all items'
-sample 0, then sample 1, ...) so consecutive prompts share their few-shot prefix, which
-a llama.cpp server reuses from its KV cache.
+nothing is paid twice and no item is lost. What the shard asks is
+tasks/teacher/requests.py; how each request is sent, tasks/teacher/client.py.
 """
 
 from __future__ import annotations
@@ -23,137 +22,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from distill.config import DistillConfig, SampleVariation, TeacherConfig, TeacherMode
+from distill.config import ClientConfig, TeacherConfig
 from distill.runtime import long_lived_heap_frozen
 from tasks.accounting.budget import SpendMeter
-from tasks.teacher.cache import KeyMaker, ResponseCache
+from tasks.results.accounting import TeacherPrice
+from tasks.results.teacher import AnswerUsage, ClientStats, ShardResult, ShardTimes, Spend
+from tasks.teacher.cache import ResponseCache
+from tasks.teacher.client import Endpoint, Outcome, TeacherClient, TeacherRequest
 from tasks.teacher.label_probs import LabelMatcher, label_distribution
-from tasks.accounting.pricing import TeacherPrice
-from tasks.templates.label import PromptTemplate, prompt_hash
-from tasks.teacher.ratelimit import RateLimiter, estimate_tokens
-from tasks.teacher.client import ClientStats, Outcome, TeacherClient, TeacherRequest
+from tasks.teacher.ratelimit import RateLimiter
+from tasks.teacher.requests import ShardPlan, choices_per_request, plan_shard
 from tasks.templates.tokens import TokenCounter
+from tasks.templates.load import Template
 
 log = logging.getLogger("distill.annotate")
 
 
-@dataclass
-class PlannedSample:
-    item_index: int
-    sample_index: int
-    key: str
-    prompt_hash: str
+@dataclass(frozen=True)
+class ShardSettings:
+    """What every shard of a run is asked with: the same template, teacher, client limits, endpoints and prices."""
+
+    template: Template
+    teacher: TeacherConfig
+    client: ClientConfig
+    endpoints: list[Endpoint]  # index 0 the main teacher, then teacher.members in order
+    run_id: str
+    prices: list[TeacherPrice] = field(default_factory=list)  # one per endpoint; none: nothing is priced or capped
+    counter: Optional[TokenCounter] = None
 
 
-@dataclass
-class ShardPlan:
-    requests: list[TeacherRequest]
-    samples: list[PlannedSample]
-    deduplicated: int = 0  # sample requests answered by an identical request of this shard
-
-    @property
-    def answers(self) -> int:
-        """Distinct answers the requests return (what the progress bar counts to)."""
-        return sum(len(r.keys) for r in self.requests)
-
-
-def sampling_params(cfg: DistillConfig, sample_index: int, mode: TeacherMode = TeacherMode.completion) -> dict[str, Any]:
-    """Everything but the prompt that shapes sample ``sample_index``'s answer (part of its cache key)."""
-    t = cfg.teacher
-    sp: dict[str, Any] = {
-        "temperature": t.temperature,
-        "top_p": t.top_p,
-        "max_tokens": t.max_tokens,
-        "stop": list(t.stop),
-        "seed": t.seed + (sample_index if t.variation == SampleVariation.temperature else 0),
-    }
-    if t.logprobs:
-        if mode == TeacherMode.chat:
-            sp.update({"logprobs": True, "top_logprobs": t.top_logprobs})
-        else:
-            sp["logprobs"] = t.top_logprobs
-    return sp
-
-
-def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
-    """What names the server behind endpoint ``endpoint`` in cache keys, stable across runs.
-
-    A remote endpoint is its base URL; the local teacher, whose port changes every run, is
-    its GGUF file (name and size). So two members that serve the same model name from two
-    servers never share answers, and the local teacher's answers survive restarts.
-    """
-    url = teacher.base_url if endpoint == 0 else (teacher.members[endpoint - 1].base_url or teacher.base_url)
-    own_url = endpoint > 0 and teacher.members[endpoint - 1].base_url is not None
-    if teacher.local and not own_url:
-        from tasks.teacher.local_server import default_gguf
-
-        gguf = Path(teacher.gguf_path) if teacher.gguf_path else default_gguf()
-        size = gguf.stat().st_size if gguf.exists() else 0
-        return f"local:{gguf.name}:{size}"
-    return url or ""
-
-
-def plan_shard(texts: list[str], cfg: DistillConfig, template: PromptTemplate,
-               endpoints: Optional[list[str]] = None, samples: bool = True) -> ShardPlan:
-    """Build the requests (and the per-sample bookkeeping) for one shard of texts.
-
-    A request identical to one already planned (same endpoint, model, rendered prompt and
-    sampling: a repeated text, say) is not planned again: its samples point at the first
-    one's answer, and ``deduplicated`` counts them. ``endpoints`` are the endpoints'
-    identities (:func:`endpoint_identity`); computed from ``cfg`` when not given. With
-    ``samples=False`` (``distill plan``, which only counts requests) the per-sample records
-    and their prompt hashes are not built: a third of the time per item.
-    """
-    t = cfg.teacher
-    k = t.samples
-    vary = t.variation == SampleVariation.prompt_variants
-    if vary:
-        template.check_variants(k)
-    mixed = t.variation == SampleVariation.teachers
-    use_n = t.supports_n and t.variation == SampleVariation.temperature and k > 1
-    if endpoints is None:
-        endpoints = [endpoint_identity(t, e) for e in range(1 + len(t.members))]
-    reqs: list[TeacherRequest] = []
-    planned_samples: list[PlannedSample] = []
-    planned: set[str] = set()
-    dedup = 0
-    for i in [0] if use_n else range(k):
-        # sample i: which teacher (endpoint index, model, mode) asks it
-        if mixed:
-            m_idx = i % len(t.members)
-            member = t.members[m_idx]
-            endpoint, model, mode = m_idx + 1, member.model, member.mode or t.mode
-        else:
-            endpoint, model, mode = 0, t.model, t.mode
-        chat = mode == TeacherMode.chat
-        path = "/chat/completions" if chat else "/completions"
-        ep = endpoints[endpoint]
-        # the key's constant parts (model, sampling, endpoint) serialised once per sample, not per item
-        if use_n:
-            base = sampling_params(cfg, 0, mode)
-            makers = [KeyMaker(model, {**base, "n": k}, j, ep) for j in range(k)]
-        else:
-            sp = sampling_params(cfg, i, mode)
-            makers = [KeyMaker(model, sp, endpoint=ep)]
-        for idx, text in enumerate(texts):
-            rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
-            keys = [m(rendered) for m in makers]
-            if samples:
-                ph = prompt_hash(rendered)
-                planned_samples.extend(PlannedSample(idx, j if use_n else i, key, ph) for j, key in enumerate(keys))
-            if keys[0] in planned:
-                dedup += 1
-                continue
-            planned.add(keys[0])
-            payload = {"model": model, **base, "n": k} if use_n else {"model": model, **sp}
-            payload["messages" if chat else "prompt"] = rendered
-            chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
-            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint,
-                                       est_out=t.max_tokens * len(keys)))
-    return ShardPlan(reqs, planned_samples, dedup)
-
-
-def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: PromptTemplate,
+def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: Template,
              k: int, label_forms: str = "answer_form") -> pd.DataFrame:
     """One row per item with its k answers, parsed votes, label distributions, per-sample status and errors.
 
@@ -253,15 +151,6 @@ class Progress:
         self.bar.close()
 
 
-@dataclass
-class ShardResult:
-    path: str
-    items: int
-    stats: dict[str, Any] = field(default_factory=dict)
-    skipped: bool = False
-    budget_exhausted: bool = False
-
-
 def run_async(coro: Any) -> Any:
     """Run a coroutine from sync code, even when an event loop already runs in this thread."""
     try:
@@ -273,136 +162,130 @@ def run_async(coro: Any) -> Any:
 
 
 @long_lived_heap_frozen()
-def annotate_shard(
-    in_path: str, out_path: str, cfg: DistillConfig, template: PromptTemplate, base_url: str,
-    api_key: Optional[str], run_id: str, logger: Any = None, show_progress: bool = True,
-    member_endpoints: Optional[list[tuple[str, Optional[str]]]] = None,
-    prices: Optional[list[TeacherPrice]] = None, budget_left_usd: Optional[float] = None,
-    counter: Optional[TokenCounter] = None, prompt_ratio: Optional[float] = None,
-) -> ShardResult:
+def annotate_shard(in_path: str, out_path: str, run: ShardSettings, *, budget_left_usd: Optional[float] = None,
+                   prompt_ratio: Optional[float] = None, logger: Any = None, show_progress: bool = True) -> ShardResult:
     """Annotate one input shard into ``out_path``; a no-op if that part already exists.
 
-    ``member_endpoints`` gives (base_url, api_key) per ``teacher.members`` entry, for
-    ``variation: teachers``; endpoint 0 is the main teacher (``base_url``, ``api_key``).
-    ``prices`` (one per endpoint) price every attempt; with ``budget_left_usd`` the shard
-    starts no request past that spend. A shard cut short by the budget writes its answers
-    so far to ``<part>.partial.parquet`` and not the part itself, so a rerun redoes it
-    (from the cache) instead of taking it as finished. ``prompt_ratio`` carries the
-    real/estimated prompt-token ratio learned by earlier shards of the run.
+    With prices, every attempt is priced, and with ``budget_left_usd`` the shard starts no
+    request past that spend. A shard cut short by the budget writes its answers so far to
+    ``<part>.partial.parquet`` and not the part itself, so a rerun redoes it (from the
+    cache) instead of taking it as finished. ``prompt_ratio`` carries the real/estimated
+    prompt-token ratio learned by earlier shards of the run.
     """
     out = Path(out_path)
     if out.exists():
-        n = pq.ParquetFile(out).metadata.num_rows
-        return ShardResult(str(out), n, skipped=True)
+        return ShardResult(str(out), pq.ParquetFile(out).metadata.num_rows, skipped=True)
     items = pq.read_table(in_path).to_pandas()
-    plan = plan_shard(items["text"].tolist(), cfg, template)
-    cache = ResponseCache(cfg.client.cache_path)
-    c = cfg.client
+    plan = plan_shard(items["text"].tolist(), run.teacher, run.template)
+    meter = _spend_meter(run, budget_left_usd, prompt_ratio)
     progress = Progress(plan.answers, f"teacher {Path(in_path).parent.name}/{Path(in_path).stem}", logger,
-                        enabled=show_progress, samples_per_item=cfg.teacher.samples)
-    t0 = time.monotonic()
+                        enabled=show_progress, samples_per_item=run.teacher.samples)
+    t0 = time.monotonic()  # the shard's wall time: from its first request to its written part
+    t_send, cpu_send = time.monotonic(), time.process_time()
+    outcomes, stats = _send(plan, run, meter, progress, logger)
+    times = ShardTimes(send_s=time.monotonic() - t_send, send_cpu_s=time.process_time() - cpu_send)
+    df = assemble(items, plan, outcomes, run.template, run.teacher.samples, run.teacher.label_forms.value)
+    exhausted = stats.not_sent_budget > 0
+    path = _write_part(df, out, partial=exhausted)
+    times.wall_s = time.monotonic() - t0
+    result = ShardResult(
+        path, len(df), client=stats, spend=_spend(plan, outcomes, run.prices, meter), usage=_answer_usage(outcomes),
+        times=times, requests_deduplicated=plan.deduplicated,
+        items_reused=int(sum(all(c) for c in df["cached"])),
+        prompt_ratio=meter.prompt_ratio if meter and meter.ratio_known else None, budget_exhausted=exhausted)
+    if logger is not None:  # one line per shard: what bench/million.py reads to compare the first and last shard
+        s = times.send_s
+        logger.info("shard %s/%s done: %d items, %d requests sent in %.2f s (%.1f req/s), %d cached, %.2f s in all, "
+                    "%.2f s of this process's CPU while sending", Path(in_path).parent.name, Path(in_path).stem,
+                    len(df), stats.requests_sent, s, stats.requests_sent / s if s > 0 else 0.0,
+                    stats.requests_cached, times.wall_s, times.send_cpu_s)
+    return result
 
-    endpoints = [(base_url, api_key)] + list(member_endpoints or [])
-    per_request = choices_per_request(cfg)
-    meter = None
-    if prices:
-        exact = counter is not None and counter.exact
-        meter = SpendMeter(prices, budget_left_usd, servers=[url for url, _ in endpoints],
-                           max_request_s=c.timeout_s, prompt_ratio=max(1.0, prompt_ratio or 1.0),
-                           ratio_known=exact or bool(prompt_ratio))
 
-    async def go() -> tuple[dict[str, Outcome], ClientStats]:
-        by_endpoint: dict[int, list[TeacherRequest]] = {}
-        for r in plan.requests:
-            by_endpoint.setdefault(r.endpoint, []).append(r)
-        clients: dict[int, TeacherClient] = {}
+def _spend_meter(run: ShardSettings, budget_left_usd: Optional[float],
+                 prompt_ratio: Optional[float]) -> Optional[SpendMeter]:
+    if not run.prices:
+        return None
+    exact = run.counter is not None and run.counter.exact
+    return SpendMeter(run.prices, budget_left_usd, servers=[e.base_url for e in run.endpoints],
+                      max_request_s=run.client.timeout_s, prompt_ratio=max(1.0, prompt_ratio or 1.0),
+                      ratio_known=exact or bool(prompt_ratio))
 
-        def on_result(stats: ClientStats) -> None:
-            total = stats  # one endpoint (the usual case): no merge per answer
-            if len(clients) > 1:
-                total = ClientStats()
-                for cl in clients.values():
-                    total = total.merged(cl.stats)
-            done = total.requests_cached + (total.requests_ok + total.requests_failed) * per_request
-            progress.update(total, done)
 
-        for e in by_endpoint:
-            if e >= len(endpoints):
-                raise ValueError(f"teacher.members[{e - 1}] has no endpoint: pass member_endpoints")
-            url, key = endpoints[e]
-            clients[e] = TeacherClient(
-                url, key, cache, run_id, concurrency=c.concurrency, timeout_s=c.timeout_s,
-                max_attempts=c.max_attempts, backoff_base_s=c.backoff_base_s, backoff_max_s=c.backoff_max_s,
-                limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute), on_result=on_result,
-                logger=logger, meter=meter, endpoint=e, counter=counter, check_model=cfg.teacher.check_model,
-            )
+def _send(plan: ShardPlan, run: ShardSettings, meter: Optional[SpendMeter], progress: Progress,
+          logger: Any) -> tuple[dict[str, Outcome], ClientStats]:
+    """Every request of the shard through one client per endpoint (at once), the cache first."""
+    by_endpoint: dict[int, list[TeacherRequest]] = {}
+    for r in plan.requests:
+        by_endpoint.setdefault(r.endpoint, []).append(r)
+    per_request = choices_per_request(run.teacher)
+    cache = ResponseCache(run.client.cache_path)
+    clients: dict[int, TeacherClient] = {}
 
-        async def one(e: int) -> dict[str, Outcome]:
-            async with clients[e] as cl:
-                return await cl.run(by_endpoint[e])
+    def on_result(stats: ClientStats) -> None:
+        total = stats  # one endpoint (the usual case): no merge per answer
+        if len(clients) > 1:
+            total = ClientStats.total(cl.stats for cl in clients.values())
+        progress.update(total, total.requests_cached + (total.requests_ok + total.requests_failed) * per_request)
 
+    c = run.client
+    for e in by_endpoint:
+        if e >= len(run.endpoints):
+            raise ValueError(f"teacher.members[{e - 1}] has no endpoint: pass every member's endpoint")
+        clients[e] = TeacherClient(run.endpoints[e], cache, run.run_id, c, on_result=on_result, logger=logger,
+                                   limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute), meter=meter,
+                                   counter=run.counter)
+
+    async def one(e: int) -> dict[str, Outcome]:
+        async with clients[e] as cl:
+            return await cl.run(by_endpoint[e])
+
+    async def all_endpoints() -> dict[str, Outcome]:
         results: dict[str, Outcome] = {}
         for part in await asyncio.gather(*(one(e) for e in by_endpoint)):
             results.update(part)
-        total = ClientStats()
-        for cl in clients.values():
-            total = total.merged(cl.stats)
-        return results, total
+        return results
 
-    t_send, cpu_send = time.monotonic(), time.process_time()
     try:
-        outcomes, stats = run_async(go())
+        outcomes = run_async(all_endpoints())
     finally:
         progress.close()
         cache.close()
-    send_s, send_cpu_s = time.monotonic() - t_send, time.process_time() - cpu_send
-    df = assemble(items, plan, outcomes, template, cfg.teacher.samples, cfg.teacher.label_forms.value)
-    exhausted = stats.not_sent_budget > 0
-    if exhausted:
+    return outcomes, ClientStats.total(cl.stats for cl in clients.values())
+
+
+def _write_part(df: pd.DataFrame, out: Path, *, partial: bool) -> str:
+    """Write the shard's part atomically (a part exists only when complete); a budget-cut shard as ``.partial``."""
+    if partial:
         out = out.with_name(out.stem + ".partial.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    tmp.replace(out)  # atomic: a part exists only when complete
-    if not exhausted:
+    tmp.replace(out)
+    if not partial:
         out.with_name(out.stem + ".partial.parquet").unlink(missing_ok=True)
-    used = [o for o in outcomes.values() if o.text is not None]
-    busy = meter.busy_seconds() if meter else 0.0
-    answers_usd = fresh_usd = 0.0  # token price of the answers used (usage sits on a request's first key)
+    return str(out)
+
+
+def _spend(plan: ShardPlan, outcomes: dict[str, Outcome], prices: list[TeacherPrice],
+           meter: Optional[SpendMeter]) -> Spend:
+    """The meter's bill, and the token price of the answers used (usage sits on a request's first key)."""
+    answers_usd = fresh_usd = 0.0
     for r in plan.requests:
         o = outcomes.get(r.keys[0])
         if prices and o is not None and o.text is not None:
             c = prices[min(r.endpoint, len(prices) - 1)].token_cost(o.prompt_tokens, o.completion_tokens, 1)
             answers_usd += c
             fresh_usd += 0.0 if o.cached else c
-    st = {
-        "requests_sent": stats.requests_sent, "requests_ok": stats.requests_ok,
-        "requests_cached": stats.requests_cached, "requests_failed": stats.requests_failed,
-        "attempt_errors": stats.attempt_errors, "retries": stats.retries,
-        "tokens_in": stats.tokens_in, "tokens_out": stats.tokens_out,
-        "status_counts": stats.status_counts, "wall_s": time.monotonic() - t0, "send_s": send_s,
-        "send_cpu_s": send_cpu_s,
-        "tokens_counted": stats.tokens_counted, "not_sent_budget": stats.not_sent_budget,
-        "spent_usd": meter.spent_usd() if meter else 0.0, "busy_s": busy,
-        "token_usd": meter.token_usd if meter else 0.0, "hourly_usd": meter.hourly_usd() if meter else 0.0,
-        "prompt_ratio": meter.prompt_ratio if meter and meter.ratio_known else None,
-        # usage behind every answer used (fresh or cached): what labelling these items costs
-        "answers_used": len(used), "answer_tokens_in": sum(o.prompt_tokens or 0 for o in used),
-        "answer_tokens_out": sum(o.completion_tokens or 0 for o in used),
-        "answers_usage_estimated": sum(1 for o in used if o.usage_source == "estimated"),
-        "answers_usd": answers_usd, "fresh_answers_usd": fresh_usd,
-        "requests_deduplicated": plan.deduplicated,
-        # items every answer of which came from the cache (an earlier run paid for them)
-        "items_reused": int(sum(all(c) for c in df["cached"])),
-    }
-    if logger is not None:  # one line per shard: what bench/million.py reads to compare the first and last shard
-        logger.info("shard %s/%s done: %d items, %d requests sent in %.2f s (%.1f req/s), %d cached, %.2f s in all, "
-                    "%.2f s of this process's CPU while sending", Path(in_path).parent.name, Path(in_path).stem,
-                    len(df), stats.requests_sent, send_s, stats.requests_sent / send_s if send_s > 0 else 0.0,
-                    stats.requests_cached, st["wall_s"], send_cpu_s)
-    return ShardResult(str(out), len(df), st, budget_exhausted=exhausted)
+    if meter is None:
+        return Spend(answers_usd=answers_usd, fresh_answers_usd=fresh_usd)
+    return Spend(spent_usd=meter.spent_usd(), token_usd=meter.token_usd, hourly_usd=meter.hourly_usd(),
+                 busy_s=meter.busy_seconds(), answers_usd=answers_usd, fresh_answers_usd=fresh_usd)
 
 
-def choices_per_request(cfg: DistillConfig) -> int:
-    t = cfg.teacher
-    return t.samples if (t.supports_n and t.variation == SampleVariation.temperature and t.samples > 1) else 1
+def _answer_usage(outcomes: dict[str, Outcome]) -> AnswerUsage:
+    """The usage behind every answer used, fresh or cached: what labelling these items costs."""
+    used = [o for o in outcomes.values() if o.text is not None]
+    return AnswerUsage(answers=len(used), tokens_in=sum(o.prompt_tokens or 0 for o in used),
+                       tokens_out=sum(o.completion_tokens or 0 for o in used),
+                       estimated=sum(1 for o in used if o.usage_source == "estimated"))

@@ -4,7 +4,7 @@ Why a template of its own: a labelling prompt ends in one of a closed label set 
 parsed strictly against it; a generation prompt ends in free text, so "parsing" means
 taking the answer's first line and judging its length, and the length limit belongs to
 the prompt (it is what the instruction asks for). The k samples differ by few-shot order,
-with the same distinct-variant rule as labelling (:func:`tasks.prompting.distinct_variants`).
+with the same distinct-variant rule as labelling (:func:`tasks.templates.base.distinct_variants`).
 
 The teacher sees the few-shot prefix; the student never does: :meth:`GenerationTemplate.student_instruction`
 is the zero-shot instruction it is trained and served on (shorter inputs are part of its speed).
@@ -23,8 +23,8 @@ from typing import Any, Optional
 import jinja2
 import yaml
 
-from tasks.templates.label import (MAX_VARIANTS, Example, PromptError, SlotTemplate, defuse_markup, distinct_variants,
-                                     one_line, resolve_prompt_path)
+from tasks.templates.base import (MAX_VARIANTS, Example, PromptError, SlotTemplate, defuse_markup, distinct_variants,
+                                  one_line, read_template_file)
 
 DEFAULT_GENERATION_TEMPLATE = """{{ instruction }}
 
@@ -203,11 +203,7 @@ def generation_template_from(raw: dict[str, Any], p: Path) -> GenerationTemplate
 
 
 def load_generation_prompt(path: str) -> GenerationTemplate:
-    p = resolve_prompt_path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise PromptError(f"{p}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict) or raw.get("task") != "generate":
+    raw, p = read_template_file(path)
+    if raw.get("task") != "generate":
         raise PromptError(f"{p}: not a generation template (it needs 'task: generate')")
     return generation_template_from(raw, p)

@@ -96,14 +96,3 @@ def hf_counter(path: str) -> TokenCounter:
         return len(tok(text, add_special_tokens=prompt)["input_ids"])
 
     return TokenCounter(fn, f"counted with the tokenizer at {path}")
-
-
-def counter_for(teacher: Any) -> TokenCounter:
-    """The best counter this machine has for ``teacher`` (a TeacherConfig)."""
-    if getattr(teacher, "tokenizer", None):
-        return hf_counter(teacher.tokenizer)
-    if teacher.local:
-        from tasks.teacher.local_server import default_gguf
-
-        return llama_counter(str(teacher.gguf_path or default_gguf()))
-    return heuristic_counter()
