@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -38,29 +40,53 @@ def _lp(answer: str, chat: bool) -> dict[str, Any]:
         answer, other = answer.strip(), other.strip()
     top = {answer: math.log(0.9), other: math.log(0.08), "\n": math.log(0.02)}
     if chat:
-        return {"content": [{"token": answer, "logprob": top[answer], "bytes": list(answer.encode()),
-                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
-                                              for t, v in top.items()]}]}
+        return {
+            "content": [
+                {
+                    "token": answer,
+                    "logprob": top[answer],
+                    "bytes": list(answer.encode()),
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()],
+                }
+            ]
+        }
     return {"tokens": [answer], "token_logprobs": [top[answer]], "top_logprobs": [top], "text_offset": [0]}
 
 
 def _body(answer: str, chat: bool) -> bytes:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.strip()}, "finish_reason": "stop",
-                  "logprobs": _lp(answer, True)}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": answer.strip()},
+            "finish_reason": "stop",
+            "logprobs": _lp(answer, True),
+        }
     else:
         choice = {"index": 0, "text": answer, "finish_reason": "stop", "logprobs": _lp(answer, False)}
-    return json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": "teacher", "choices": [choice],
-                       "usage": {"prompt_tokens": 60, "completion_tokens": 1, "total_tokens": 61}}).encode()
+    return json.dumps(
+        {
+            "id": "x",
+            "object": "text_completion",
+            "created": 0,
+            "model": "teacher",
+            "choices": [choice],
+            "usage": {"prompt_tokens": 60, "completion_tokens": 1, "total_tokens": 61},
+        }
+    ).encode()
 
 
 def _response(body: bytes, status: str = "200 OK") -> bytes:
-    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: keep-alive\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode() + body
 
 
-CANNED = {(chat, good): _response(_body(" positive" if good else " negative", chat))
-          for chat in (False, True) for good in (False, True)}
+CANNED = {
+    (chat, good): _response(_body(" positive" if good else " negative", chat))
+    for chat in (False, True)
+    for good in (False, True)
+}
 
 
 class Counts:
@@ -85,9 +111,14 @@ class Counts:
         cur = np.array(self.current, dtype=np.uint64)
         resent = int(np.isin(cur, self.earlier).sum()) if len(self.earlier) and len(cur) else 0
         span = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
-        return {"phase": self.phase, "received": self.received, "distinct": int(len(np.unique(cur))),
-                "resent_from_earlier_phases": resent, "seconds": span,
-                "rps": self.received / span if span > 0 else None}
+        return {
+            "phase": self.phase,
+            "received": self.received,
+            "distinct": int(len(np.unique(cur))),
+            "resent_from_earlier_phases": resent,
+            "seconds": span,
+            "rps": self.received / span if span > 0 else None,
+        }
 
     def new_phase(self, name: str, forget: bool = False) -> dict[str, Any]:
         out = self.figures()
@@ -124,8 +155,8 @@ class Proto(asyncio.Protocol):
                     length = int(value.strip())
             if len(self.buf) < end + 4 + length:
                 return
-            body = self.buf[end + 4: end + 4 + length]
-            self.buf = self.buf[end + 4 + length:]
+            body = self.buf[end + 4 : end + 4 + length]
+            self.buf = self.buf[end + 4 + length :]
             self.handle(head.split(" ", 2), body)
 
     def handle(self, line: list[str], body: bytes) -> None:
@@ -174,12 +205,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--latency", type=float, default=0.0)
     a = ap.parse_args()
-    try:
-        import uvloop  # noqa: F401  (faster when present; not required)
-
-        uvloop.install()
-    except ImportError:
-        pass
+    if importlib.util.find_spec("uvloop") is not None:  # faster when present; not required (nor pinned)
+        importlib.import_module("uvloop").install()
     print(f"fast teacher on 127.0.0.1:{a.port} pid {os.getpid()}", flush=True)
     asyncio.run(serve(a.port, a.latency))
 

@@ -40,18 +40,37 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
-KEEP = ["train_items", "teacher_macro_f1_single", "teacher_macro_f1_voted", "student_macro_f1",
-        "majority_baseline_macro_f1",
-        "student_macro_f1_on_teacher_subset", "student_accuracy_on_teacher_subset", "teacher_ece", "student_ece",
-        "requests_sent", "requests_cached", "probability_source", "val_macro_f1"]
+KEEP = [
+    "train_items",
+    "teacher_macro_f1_single",
+    "teacher_macro_f1_voted",
+    "student_macro_f1",
+    "majority_baseline_macro_f1",
+    "student_macro_f1_on_teacher_subset",
+    "student_accuracy_on_teacher_subset",
+    "teacher_ece",
+    "student_ece",
+    "requests_sent",
+    "requests_cached",
+    "probability_source",
+    "val_macro_f1",
+]
 
 
 def run(config: str, name: str, sets: list[str], tracking: str) -> dict:
     from distill.config import load_config
     from flows.distillation import distill_flow
 
-    cfg = load_config(config, sets + [f"run_name=budget-{name}", f"tracking.tracking_uri={tracking}",
-                                      "tracking.model_name=label-budget", "energy.measure=false"])
+    cfg = load_config(
+        config,
+        sets
+        + [
+            f"run_name=budget-{name}",
+            f"tracking.tracking_uri={tracking}",
+            "tracking.model_name=label-budget",
+            "energy.measure=false",
+        ],
+    )
     t0 = time.monotonic()
     s = distill_flow(cfg, show_progress=False)
     out = {k: s.get(k) for k in KEEP}
@@ -60,9 +79,12 @@ def run(config: str, name: str, sets: list[str], tracking: str) -> dict:
     out["gap_on_subset"] = s["student_macro_f1_on_teacher_subset"] - teacher
     out["seconds"] = round(time.monotonic() - t0, 1)
     out["sets"] = sets
-    print(f"{name:<14} items {out['train_items']:>5}  teacher {teacher:.3f}  student "
-          f"{out['student_macro_f1_on_teacher_subset']:.3f} (subset) {out['student_macro_f1']:.3f} (all gold)  "
-          f"gap {100 * out['gap_on_subset']:+.1f} pts  [{' '.join(sets)}]", flush=True)
+    print(
+        f"{name:<14} items {out['train_items']:>5}  teacher {teacher:.3f}  student "
+        f"{out['student_macro_f1_on_teacher_subset']:.3f} (subset) {out['student_macro_f1']:.3f} (all gold)  "
+        f"gap {100 * out['gap_on_subset']:+.1f} pts  [{' '.join(sets)}]",
+        flush=True,
+    )
     return out
 
 
@@ -77,8 +99,13 @@ def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
         xs = sorted(curve)
         ax.plot(xs, [100 * curve[x]["gap_on_subset"] for x in xs], marker="o", label=f"{name} labels")
         for x in xs:
-            ax.annotate(f"{100 * curve[x]['student_macro_f1_on_teacher_subset']:.1f}",
-                        (x, 100 * curve[x]["gap_on_subset"]), fontsize=7, xytext=(3, 4), textcoords="offset points")
+            ax.annotate(
+                f"{100 * curve[x]['student_macro_f1_on_teacher_subset']:.1f}",
+                (x, 100 * curve[x]["gap_on_subset"]),
+                fontsize=7,
+                xytext=(3, 4),
+                textcoords="offset points",
+            )
     ax.axhline(0, color="grey", lw=1)
     ax.axhline(-1, color="#c0504d", ls="--", lw=1, label="target: -1 point")
     ax.set_xscale("log")
@@ -98,30 +125,68 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--requests", type=int, default=2400, help="pool requests per configuration (R)")
     ap.add_argument("--curve", type=int, nargs="*", default=[150, 300, 600, 1200, 2400])
-    ap.add_argument("--soft", nargs="*", default=["student.soft_label_weight=1.0", "student.distill_temperature=2.0"],
-                    help="the overrides that make a run 'soft'")
+    ap.add_argument(
+        "--soft",
+        nargs="*",
+        default=["student.soft_label_weight=1.0", "student.distill_temperature=2.0"],
+        help="the overrides that make a run 'soft'",
+    )
     ap.add_argument("--png", default="bench/results/label_budget_gap.png")
     ap.add_argument("--only", nargs="*", help="grid rows to run (k1_hard k1_soft k3_hard k3_soft); no curves")
-    ap.add_argument("--curve-only", nargs="*", choices=["hard", "soft", "default"],
-                    help="skip the grid; curves for these label kinds only ('default': the config's own recipe)")
+    ap.add_argument(
+        "--curve-only",
+        nargs="*",
+        choices=["hard", "soft", "default"],
+        help="skip the grid; curves for these label kinds only ('default': the config's own recipe)",
+    )
     a = ap.parse_args()
     tracking = f"sqlite:///{tempfile.mkdtemp(prefix='label-budget-')}/mlflow.db"
     r = a.requests
-    kinds = {"hard": ["vote.aggregation=majority", "student.soft_label_weight=0.0"],
-             "soft": ["vote.aggregation=mean_probability", *a.soft], "default": []}
+    kinds = {
+        "hard": ["vote.aggregation=majority", "student.soft_label_weight=0.0"],
+        "soft": ["vote.aggregation=mean_probability", *a.soft],
+        "default": [],
+    }
     if a.curve_only:
-        curves_only = {kind: {n: run(a.config, f"{kind}_{n}", ["teacher.samples=1", f"data.pool_limit={n}", *kinds[kind]],
-                                     tracking) for n in a.curve} for kind in a.curve_only}
+        curves_only = {
+            kind: {
+                n: run(a.config, f"{kind}_{n}", ["teacher.samples=1", f"data.pool_limit={n}", *kinds[kind]], tracking)
+                for n in a.curve
+            }
+            for kind in a.curve_only
+        }
         plot(curves_only, REPO / a.png)
         print(f"gap curve: {a.png}")
-        print(json.dumps({"curves": {kind: {str(n): {k: c[n][k] for k in ("train_items", "gap_on_subset",
-                                                                           "student_macro_f1_on_teacher_subset",
-                                                                           "student_macro_f1", "teacher_best_macro_f1")}
-                                            for n in c} for kind, c in curves_only.items()}, "png": a.png}))
+        print(
+            json.dumps(
+                {
+                    "curves": {
+                        kind: {
+                            str(n): {
+                                k: c[n][k]
+                                for k in (
+                                    "train_items",
+                                    "gap_on_subset",
+                                    "student_macro_f1_on_teacher_subset",
+                                    "student_macro_f1",
+                                    "teacher_best_macro_f1",
+                                )
+                            }
+                            for n in c
+                        }
+                        for kind, c in curves_only.items()
+                    },
+                    "png": a.png,
+                }
+            )
+        )
         return
     kinds.pop("default")
-    grid = {f"k{k}_{kind}": [f"teacher.samples={k}", f"data.pool_limit={r // k}", *sets]
-            for k in (1, 3) for kind, sets in kinds.items()}
+    grid = {
+        f"k{k}_{kind}": [f"teacher.samples={k}", f"data.pool_limit={r // k}", *sets]
+        for k in (1, 3)
+        for kind, sets in kinds.items()
+    }
     results = {name: run(a.config, name, sets, tracking) for name, sets in grid.items() if not a.only or name in a.only}
     if a.only:
         print(json.dumps({"requests": r, "grid": results}))
@@ -129,21 +194,45 @@ def main() -> None:
     curves: dict[str, dict[int, dict]] = {"hard": {}, "soft": {}}
     for kind, sets in kinds.items():
         for n in a.curve:
-            curves[kind][n] = results[f"k1_{kind}"] if n == r else run(
-                a.config, f"{kind}_{n}", ["teacher.samples=1", f"data.pool_limit={n}", *sets], tracking)
+            curves[kind][n] = (
+                results[f"k1_{kind}"]
+                if n == r
+                else run(a.config, f"{kind}_{n}", ["teacher.samples=1", f"data.pool_limit={n}", *sets], tracking)
+            )
     plot(curves, REPO / a.png)
     print(f"\nat {r:,} pool requests:")
     for name, res in results.items():
-        print(f"  {name:<8} {res['train_items']:>5} labels: student macro-F1 {res['student_macro_f1']:.3f} on all gold, "
-              f"{res['student_macro_f1_on_teacher_subset']:.3f} on the teacher's subset "
-              f"(teacher {res['teacher_best_macro_f1']:.3f}, gap {100 * res['gap_on_subset']:+.1f} points)")
+        print(
+            f"  {name:<8} {res['train_items']:>5} labels: student macro-F1 {res['student_macro_f1']:.3f} on all gold, "
+            f"{res['student_macro_f1_on_teacher_subset']:.3f} on the teacher's subset "
+            f"(teacher {res['teacher_best_macro_f1']:.3f}, gap {100 * res['gap_on_subset']:+.1f} points)"
+        )
     print(f"gap curve: {a.png}")
-    print(json.dumps({"requests": r, "grid": results,
-                      "curves": {kind: {str(n): {k: c[n][k] for k in ("train_items", "gap_on_subset",
-                                                                       "student_macro_f1_on_teacher_subset",
-                                                                       "student_macro_f1", "teacher_best_macro_f1")}
-                                        for n in c} for kind, c in curves.items()},
-                      "png": a.png}))
+    print(
+        json.dumps(
+            {
+                "requests": r,
+                "grid": results,
+                "curves": {
+                    kind: {
+                        str(n): {
+                            k: c[n][k]
+                            for k in (
+                                "train_items",
+                                "gap_on_subset",
+                                "student_macro_f1_on_teacher_subset",
+                                "student_macro_f1",
+                                "teacher_best_macro_f1",
+                            )
+                        }
+                        for n in c
+                    }
+                    for kind, c in curves.items()
+                },
+                "png": a.png,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,17 +28,17 @@ set_offline_env()
 
 import pandas as pd  # noqa: E402
 
-from tasks.generate.work import _texts, medoid_shards  # noqa: E402
-from tasks.templates.generation import load_generation_prompt  # noqa: E402
+from tasks.generate.aggregate import medoid_shards  # noqa: E402
+from tasks.generate.evaluate import texts_of  # noqa: E402
 from tasks.generate.metrics import bertscore, rouge  # noqa: E402
+from tasks.templates.generation import load_generation_prompt  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", default="runs/summaries")
     ap.add_argument("--prompt", default="prompts/summary_xsum.yaml")
-    ap.add_argument("--references", nargs="+",
-                    default=["data/xsum/pool_references.parquet", "data/xsum/gold.parquet"])
+    ap.add_argument("--references", nargs="+", default=["data/xsum/pool_references.parquet", "data/xsum/gold.parquet"])
     args = ap.parse_args()
 
     template = load_generation_prompt(args.prompt)
@@ -58,20 +58,25 @@ def main() -> int:
             if sim == "rougeL":  # the single samples do not depend on the similarity
                 singles = []
                 for j in range(k):
-                    p = _texts(v[j] if ok[j] else None for v, ok in zip(df["votes"], df["sample_valid"]))
+                    p = texts_of(v[j] if ok[j] else None for v, ok in zip(df["votes"], df["sample_valid"]))
                     singles.append((bertscore(p, r).f1, rouge(p, r).rougeL))
                 result["items"] = len(df)
                 result["single_bertscore_f1_by_sample"] = [round(b, 4) for b, _ in singles]
                 result["single_bertscore_f1_mean"] = round(sum(b for b, _ in singles) / k, 4)
                 result["single_rougeL_mean"] = round(sum(x for _, x in singles) / k, 4)
-            m = _texts(df["label"])
+            m = texts_of(df["label"])
             result[f"medoid_{sim}_bertscore_f1"] = round(bertscore(m, r).f1, 4)
             result[f"medoid_{sim}_rougeL"] = round(rouge(m, r).rougeL, 4)
     print(f"{result['items']} items with a human reference, k={k}")
     print("| teacher text | BERTScore F1 | ROUGE-L |\n|---|---|---|")
-    print(f"| single sample (mean of the k) | {result['single_bertscore_f1_mean']:.4f} | {result['single_rougeL_mean']:.4f} |")
+    print(
+        f"| single sample (mean of the k) | {result['single_bertscore_f1_mean']:.4f} | "
+        f"{result['single_rougeL_mean']:.4f} |"
+    )
     for sim in ("rougeL", "embedding"):
-        print(f"| medoid by {sim} | {result[f'medoid_{sim}_bertscore_f1']:.4f} | {result[f'medoid_{sim}_rougeL']:.4f} |")
+        print(
+            f"| medoid by {sim} | {result[f'medoid_{sim}_bertscore_f1']:.4f} | {result[f'medoid_{sim}_rougeL']:.4f} |"
+        )
     print(json.dumps(result))
     return 0
 

@@ -63,12 +63,21 @@ PROMPT = (
     "  - {text: 'loved it', label: positive}\n"
 )
 PRICES = {"models": {"teacher": {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "source": "bench"}}}
-SHARD_LINE = re.compile(r"shard\s+(\w+)/(part-\d+)\s+done:\s+(\d+)\s+items,\s+(\d+)\s+requests\s+sent\s+in\s+"
-                        r"([\d.]+)\s+s\s+\(([\d.]+)\s+req/s\),\s+(\d+)\s+cached(?:,\s+[\d.]+\s+s\s+in\s+all,\s+"
-                        r"([\d.]+)\s+s\s+of\s+this\s+process's\s+CPU)?")
-ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-       "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-       "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "400"}
+SHARD_LINE = re.compile(
+    r"shard\s+(\w+)/(part-\d+)\s+done:\s+(\d+)\s+items,\s+(\d+)\s+requests\s+sent\s+in\s+"
+    r"([\d.]+)\s+s\s+\(([\d.]+)\s+req/s\),\s+(\d+)\s+cached(?:,\s+[\d.]+\s+s\s+in\s+all,\s+"
+    r"([\d.]+)\s+s\s+of\s+this\s+process's\s+CPU)?"
+)
+ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "COLUMNS": "400",
+}
 
 
 def log(msg: str) -> None:
@@ -81,22 +90,28 @@ def write_pool(path: Path, n: int) -> None:
     with open(path, "w") as fh:
         step = 50_000
         for start in range(0, n, step):
-            fh.write("".join(
-                f'{{"id":"i{i}","text":"{"bad" if i % 3 == 0 else "good"} item {i}: arrived on time, works as '
-                f'described, packaging fine"}}\n' for i in range(start, min(n, start + step))))
+            fh.write(
+                "".join(
+                    f'{{"id":"i{i}","text":"{"bad" if i % 3 == 0 else "good"} item {i}: arrived on time, works as '
+                    f'described, packaging fine"}}\n'
+                    for i in range(start, min(n, start + step))
+                )
+            )
 
 
-def write_config(folder: Path, name: str, pool: Path, base_url: str, a: argparse.Namespace,
-                 cache: Optional[Path] = None) -> Path:
+def write_config(
+    folder: Path, name: str, pool: Path, base_url: str, a: argparse.Namespace, *, cache: Optional[Path] = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     prompt = folder / "prompt.yaml"
     prompt.write_text(PROMPT)
     cfg = {
-        "run_name": name, "workdir": str(folder / "runs"), "prompt": str(prompt),
+        "run_name": name,
+        "workdir": str(folder / "runs"),
+        "prompt": str(prompt),
         "data": {"pool_path": str(pool), "chunk_rows": a.chunk_rows},
         "teacher": {"local": False, "base_url": base_url, "samples": a.k, "variation": "prompt_variants"},
-        "client": {"concurrency": a.concurrency, "cache_path": str(cache or folder / "cache.sqlite"),
-                   "timeout_s": 60},
+        "client": {"concurrency": a.concurrency, "cache_path": str(cache or folder / "cache.sqlite"), "timeout_s": 60},
         "pricing": PRICES,
     }
     p = folder / "cfg.yaml"
@@ -118,8 +133,11 @@ def get_json(url: str) -> dict[str, Any]:
 
 def start_teacher() -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([PY, str(REPO / "bench" / "fast_teacher.py"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, str(REPO / "bench" / "fast_teacher.py"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     root = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -167,21 +185,36 @@ class RssSampler:
 
 def cli(args: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen:
     fh = open(log_path, "ab")
-    return subprocess.Popen([PY, "-m", "distill.cli", *args], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [PY, "-m", "distill.cli", *args], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def shard_rates(log_path: Path) -> list[dict[str, Any]]:
     text = " ".join(log_path.read_text(errors="replace").split())  # rich may wrap long lines
     out = []
     for split, part, items, sent, send_s, rps, cached, cpu in SHARD_LINE.findall(text):
-        out.append({"split": split, "part": part, "items": int(items), "sent": int(sent), "send_s": float(send_s),
-                    "rps": float(rps), "cached": int(cached), "cpu_s": float(cpu) if cpu else None})
+        out.append(
+            {
+                "split": split,
+                "part": part,
+                "items": int(items),
+                "sent": int(sent),
+                "send_s": float(send_s),
+                "rps": float(rps),
+                "cached": int(cached),
+                "cpu_s": float(cpu) if cpu else None,
+            }
+        )
     return out
 
 
-STAGE_MARKS = [("load", "loaded "), ("plan", "plan before any request"), ("annotate", "shard pool/"),
-               ("annotate", "shard gold/")]
+STAGE_MARKS = [
+    ("load", "loaded "),
+    ("plan", "plan before any request"),
+    ("annotate", "shard pool/"),
+    ("annotate", "shard gold/"),
+]
 
 
 def rss_by_stage(log_path: Path, samples: list[tuple[float, int]]) -> dict[str, float]:
@@ -195,8 +228,9 @@ def rss_by_stage(log_path: Path, samples: list[tuple[float, int]]) -> dict[str, 
             continue
         for stage, mark in STAGE_MARKS:
             if mark in line:
-                day = dt.datetime.fromtimestamp(samples[0][0]).replace(hour=int(m[1]), minute=int(m[2]),
-                                                                      second=int(m[3]), microsecond=int(m[4]) * 1000)
+                day = dt.datetime.fromtimestamp(samples[0][0]).replace(
+                    hour=int(m[1]), minute=int(m[2]), second=int(m[3]), microsecond=int(m[4]) * 1000
+                )
                 ends[stage] = day.timestamp()  # the last such line
     out: dict[str, float] = {}
     start = samples[0][0] if samples else 0.0
@@ -209,8 +243,17 @@ def rss_by_stage(log_path: Path, samples: list[tuple[float, int]]) -> dict[str, 
     return out
 
 
-def run_annotate(name: str, folder: Path, pool: Path, base_url: str, a: argparse.Namespace, env: dict[str, str],
-                 kill_at: Optional[int] = None, teacher_root: str = "") -> dict[str, Any]:
+def run_annotate(
+    name: str,
+    folder: Path,
+    pool: Path,
+    base_url: str,
+    a: argparse.Namespace,
+    *,
+    env: dict[str, str],
+    kill_at: Optional[int] = None,
+    teacher_root: str = "",
+) -> dict[str, Any]:
     """One ``distill annotate`` to the end (or SIGKILLed once the teacher received ``kill_at`` requests)."""
     cfg = folder / "cfg.yaml"
     summary = folder / f"summary-{name}.json"
@@ -236,12 +279,20 @@ def run_annotate(name: str, folder: Path, pool: Path, base_url: str, a: argparse
     if rc != 0 and not killed:
         raise RuntimeError(f"{name}: distill annotate exited {rc}:\n" + log_path.read_text()[-4000:])
     shards = [s for s in shard_rates(log_path) if s["split"] == "pool" and s["sent"] > 0]
-    out: dict[str, Any] = {"wall_s": wall, "rc": rc, "killed": killed, "peak_rss_mb": rss.peak / 2**20,
-                           "peak_rss_main_mb": rss.peak_main / 2**20, "shards": shards,
-                           "rss_by_stage_mb": rss_by_stage(log_path, rss.samples) if rss.samples else {},
-                           "summary": json.loads(summary.read_text()) if summary.exists() else None}
-    log(f"{name}: rc={rc} killed={killed} wall {wall:.1f} s, peak RSS {out['peak_rss_mb']:.0f} MB "
-        f"(main process {out['peak_rss_main_mb']:.0f} MB), {len(shards)} pool shards that sent requests")
+    out: dict[str, Any] = {
+        "wall_s": wall,
+        "rc": rc,
+        "killed": killed,
+        "peak_rss_mb": rss.peak / 2**20,
+        "peak_rss_main_mb": rss.peak_main / 2**20,
+        "shards": shards,
+        "rss_by_stage_mb": rss_by_stage(log_path, rss.samples) if rss.samples else {},
+        "summary": json.loads(summary.read_text()) if summary.exists() else None,
+    }
+    log(
+        f"{name}: rc={rc} killed={killed} wall {wall:.1f} s, peak RSS {out['peak_rss_mb']:.0f} MB "
+        f"(main process {out['peak_rss_main_mb']:.0f} MB), {len(shards)} pool shards that sent requests"
+    )
     return out
 
 
@@ -256,15 +307,25 @@ def count_answers(cache: Path) -> int:
 def time_plan(cfg: Path, env: dict[str, str], folder: Path, name: str) -> dict[str, Any]:
     out_json = folder / f"plan-{name}.json"
     t0 = time.monotonic()
-    done = subprocess.run([PY, "-m", "distill.cli", "plan", str(cfg), "--json", str(out_json)], cwd=folder, env=env,
-                          capture_output=True, timeout=1800)
+    done = subprocess.run(
+        [PY, "-m", "distill.cli", "plan", str(cfg), "--json", str(out_json)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        timeout=1800,
+    )
     secs = time.monotonic() - t0
     if done.returncode != 0:
         raise RuntimeError(f"distill plan failed:\n{done.stderr.decode()[-3000:]}")
     plan = json.loads(out_json.read_text())
     log(f"plan {name}: {secs:.1f} s, {plan['requests_total']:,} requests, {plan['requests_cached']:,} cached")
-    return {"seconds": secs, "requests_total": plan["requests_total"], "requests_cached": plan["requests_cached"],
-            "tokens_out_method": plan.get("tokens_out_method"), "seconds_method": plan.get("seconds_method")}
+    return {
+        "seconds": secs,
+        "requests_total": plan["requests_total"],
+        "requests_cached": plan["requests_cached"],
+        "tokens_out_method": plan.get("tokens_out_method"),
+        "seconds_method": plan.get("seconds_method"),
+    }
 
 
 def time_history(cache_path: Path) -> dict[str, Any]:
@@ -281,8 +342,10 @@ def time_history(cache_path: Path) -> dict[str, Any]:
         t2 = time.perf_counter()
     finally:
         c.close()
-    same = all((abs(new[k] - old[k]) <= 1e-9 * max(1.0, abs(old[k])) if isinstance(old[k], float) else new[k] == old[k])
-               for k in old)
+    same = all(
+        (abs(new[k] - old[k]) <= 1e-9 * max(1.0, abs(old[k])) if isinstance(old[k], float) else new[k] == old[k])
+        for k in old
+    )
     return {"history_s": t1 - t0, "scan_s": t2 - t1, "same_figures": same, "history": new}
 
 
@@ -307,12 +370,22 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     teacher, troot = start_teacher()
-    res: dict[str, Any] = {"n": a.n, "baseline_n": a.baseline_n, "concurrency": a.concurrency, "k": a.k,
-                           "chunk_rows": a.chunk_rows}
+    res: dict[str, Any] = {
+        "n": a.n,
+        "baseline_n": a.baseline_n,
+        "concurrency": a.concurrency,
+        "k": a.k,
+        "chunk_rows": a.chunk_rows,
+    }
     try:
         with prefect_test_harness(server_startup_timeout=120):
-            env = {**os.environ, **ENV, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(REPO),
-                   "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect-results")}
+            env = {
+                **os.environ,
+                **ENV,
+                "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                "PYTHONPATH": str(REPO),
+                "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect-results"),
+            }
             base_url = troot + "/v1"
             runs: dict[str, dict[str, Any]] = {}
             for name, n in (("base", a.baseline_n), ("full", a.n)):
@@ -324,7 +397,7 @@ def main() -> None:
                 log(f"{name}: wrote {n:,} items in {time.monotonic() - t0:.1f} s")
                 write_config(folder, name, pool, base_url, a)
                 get_json(troot + f"/phase?name={name}")
-                runs[name] = run_annotate(name, folder, pool, base_url, a, env)
+                runs[name] = run_annotate(name, folder, pool, base_url, a, env=env)
                 runs[name]["teacher"] = get_json(troot + f"/phase?name={name}-done")
             base, full = runs["base"], runs["full"]
             res["rss_10k_mb"] = round(base["peak_rss_mb"], 1)
@@ -392,32 +465,43 @@ def main() -> None:
                 write_config(folder, "restart", pool, base_url, a)
                 total = a.n * a.k
                 get_json(troot + "/phase?name=restart-1&forget=1")  # compare the rerun with the killed run only
-                first = run_annotate("restart-1", folder, pool, base_url, a, env, kill_at=total // 2,
-                                     teacher_root=troot)
+                first = run_annotate(
+                    "restart-1", folder, pool, base_url, a, env=env, kill_at=total // 2, teacher_root=troot
+                )
                 t1 = get_json(troot + "/phase?name=restart-2")
                 committed = count_answers(folder / "cache.sqlite")
-                second = run_annotate("restart-2", folder, pool, base_url, a, env)
+                second = run_annotate("restart-2", folder, pool, base_url, a, env=env)
                 t2 = get_json(troot + "/phase?name=end")
                 s2 = second["summary"] or {}
                 import pyarrow.parquet as pq
 
                 voted = sorted((folder / "runs" / "restart" / "votes" / "pool").glob("part-*.parquet"))
                 ids = [i for v in voted for i in pq.read_table(v, columns=["id"]).column("id").to_pylist()]
-                labelled = sum(x is not None for v in voted for x in pq.read_table(v, columns=["label"]).column("label").to_pylist())
-                res.update({
-                    "restart_killed": first["killed"], "restart_received_before_kill": t1["received"],
-                    "restart_committed_at_kill": committed, "restart_remaining": total - committed,
-                    "restart_rerun_sent": t2["received"], "restart_rerun_distinct": t2["distinct"],
-                    "restart_rerun_resent_committed_or_inflight": t2["resent_from_earlier_phases"],
-                    "restart_in_flight_at_kill": t1["received"] - committed,
-                    "restart_summary_requests_sent": s2.get("requests_sent"),
-                    "restart_summary_requests_cached": s2.get("requests_cached"),
-                    "restart_summary_shards_reused": s2.get("shards_reused"),
-                    "restart_summary_items": s2.get("items"),  # counts the preflight probe's item too (flows)
-                    "restart_voted_items": len(ids), "restart_voted_distinct_ids": len(set(ids)),
-                    "restart_voted_labelled": labelled,
-                    "restart_rerun_wall_s": round(second["wall_s"], 1),
-                })
+                labelled = sum(
+                    x is not None
+                    for v in voted
+                    for x in pq.read_table(v, columns=["label"]).column("label").to_pylist()
+                )
+                res.update(
+                    {
+                        "restart_killed": first["killed"],
+                        "restart_received_before_kill": t1["received"],
+                        "restart_committed_at_kill": committed,
+                        "restart_remaining": total - committed,
+                        "restart_rerun_sent": t2["received"],
+                        "restart_rerun_distinct": t2["distinct"],
+                        "restart_rerun_resent_committed_or_inflight": t2["resent_from_earlier_phases"],
+                        "restart_in_flight_at_kill": t1["received"] - committed,
+                        "restart_summary_requests_sent": s2.get("requests_sent"),
+                        "restart_summary_requests_cached": s2.get("requests_cached"),
+                        "restart_summary_shards_reused": s2.get("shards_reused"),
+                        "restart_summary_items": s2.get("items"),  # counts the preflight probe's item too (flows)
+                        "restart_voted_items": len(ids),
+                        "restart_voted_distinct_ids": len(set(ids)),
+                        "restart_voted_labelled": labelled,
+                        "restart_rerun_wall_s": round(second["wall_s"], 1),
+                    }
+                )
     finally:
         teacher.send_signal(signal.SIGTERM)
         try:
@@ -434,11 +518,13 @@ def main() -> None:
     }
     if not a.skip_restart:
         passed["restart_sends_only_remaining"] = (
-            res["restart_killed"] and res["restart_rerun_sent"] == res["restart_remaining"]
+            res["restart_killed"]
+            and res["restart_rerun_sent"] == res["restart_remaining"]
             and res["restart_rerun_distinct"] == res["restart_rerun_sent"]
             and res["restart_summary_requests_sent"] == res["restart_rerun_sent"]
             and res["restart_voted_items"] == res["restart_voted_distinct_ids"] == res["restart_voted_labelled"] == a.n
-            and res["restart_rerun_resent_committed_or_inflight"] <= res["restart_in_flight_at_kill"])
+            and res["restart_rerun_resent_committed_or_inflight"] <= res["restart_in_flight_at_kill"]
+        )
     res["pass"] = passed
     res["all_pass"] = all(passed.values())
     for k, v in passed.items():

@@ -60,13 +60,20 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     res: dict[str, float | None] = {"items": len(texts), "batch_size": a.batch_size, "threads": torch.get_num_threads()}
 
-    pipe = pipeline("text-classification", model=str(model_dir), tokenizer=str(model_dir), device=-1,
-                    batch_size=a.batch_size, truncation=True, max_length=128)
+    pipe = pipeline(
+        "text-classification",
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        device=-1,
+        batch_size=a.batch_size,
+        truncation=True,
+        max_length=128,
+    )
     res["pipeline_items_per_s"], lab = timed(lambda ts: [o["label"] for o in pipe(ts)], texts)
     res["pipeline_accuracy"] = accuracy_score(g, lab)
     for name, q in (("distill_fp32", "fp32"), ("distill_int8", "int8"), ("distill_bf16", "bf16")):
         p = StudentPredictor(str(model_dir), precision=q)
-        res[f"{name}_items_per_s"], lab = timed(lambda ts: p.predict(ts, a.batch_size)[0], texts)
+        res[f"{name}_items_per_s"], lab = timed(lambda ts, p=p: p.predict(ts, a.batch_size)[0], texts)
         res[f"{name}_accuracy"] = accuracy_score(g, lab)
     summ = run / "annotation_summary.json"
     res["teacher_items_per_s"] = json.loads(summ.read_text()).get("teacher_items_per_s") if summ.exists() else None
@@ -83,10 +90,12 @@ def main() -> None:
     for k in ("pipeline", "distill_fp32", "distill_int8", "distill_bf16"):
         print(f"{k:<14} {res[f'{k}_items_per_s']:8.1f} items/s   gold accuracy {100 * res[f'{k}_accuracy']:.1f}%")
     print(f"teacher        {res['teacher_items_per_s'] or float('nan'):8.2f} items/s")
-    print(f"vs pipeline: fp32 {res['fp32_vs_pipeline']:.2f}x, int8 {res['int8_vs_pipeline']:.2f}x "
-          f"({res['int8_accuracy_cost_points']:+.2f} accuracy points), bf16 {res['bf16_vs_pipeline']:.2f}x "
-          f"({res['bf16_accuracy_cost_points']:+.2f} points); distill's choice here: {auto}, "
-          f"{res['auto_vs_pipeline']:.2f}x the pipeline and {res['best_vs_teacher'] or float('nan'):.0f}x the teacher")
+    print(
+        f"vs pipeline: fp32 {res['fp32_vs_pipeline']:.2f}x, int8 {res['int8_vs_pipeline']:.2f}x "
+        f"({res['int8_accuracy_cost_points']:+.2f} accuracy points), bf16 {res['bf16_vs_pipeline']:.2f}x "
+        f"({res['bf16_accuracy_cost_points']:+.2f} points); distill's choice here: {auto}, "
+        f"{res['auto_vs_pipeline']:.2f}x the pipeline and {res['best_vs_teacher'] or float('nan'):.0f}x the teacher"
+    )
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
 
 

@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 
+from distill.config import ClientConfig  # noqa: E402
 from tasks.teacher.cache import ResponseCache, request_key  # noqa: E402
-from tasks.templates.label import PromptTemplate  # noqa: E402
+from tasks.teacher.client import Endpoint, TeacherClient, TeacherRequest  # noqa: E402
 from tasks.teacher.ratelimit import RateLimiter  # noqa: E402
-from tasks.teacher.client import TeacherClient, TeacherRequest  # noqa: E402
+from tasks.templates.label import PromptTemplate  # noqa: E402
 
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 3, "stop": ["\n"], "seed": 0}
 
@@ -47,8 +48,12 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_openai", "--port", str(port), "--latency", str(latency)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_openai", "--port", str(port), "--latency", str(latency)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(200):
         try:
@@ -63,10 +68,12 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
 async def bare_aiohttp(url: str, c: int, ps: list[str]) -> float:
     sem = asyncio.Semaphore(c)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c)) as s:
+
         async def one(p: str) -> None:
             async with sem:
                 async with s.post(url + "/completions", json={"model": "m", "prompt": p, **SAMPLING}) as r:
                     await r.read()
+
         t0 = time.perf_counter()
         await asyncio.gather(*(one(p) for p in ps))
         return len(ps) / (time.perf_counter() - t0)
@@ -99,8 +106,13 @@ async def distill_client(url: str, c: int, ps: list[str], cache_path: str) -> fl
         reqs.append(TeacherRequest([key], "/completions", {"model": "m", "prompt": p, **SAMPLING}, 50))
     cache = ResponseCache(cache_path)
     limiter = RateLimiter(requests_per_minute=10_000_000, tokens_per_minute=1_000_000_000)
-    client = TeacherClient(url, "bench-key", cache, "bench", concurrency=c, timeout_s=30, max_attempts=5,
-                           limiter=limiter)
+    client = TeacherClient(
+        Endpoint(url, "bench-key"),
+        cache,
+        "bench",
+        ClientConfig(concurrency=c, timeout_s=30, max_attempts=5),
+        limiter=limiter,
+    )
     t0 = time.perf_counter()
     async with client:
         out = await client.run(reqs)
@@ -132,24 +144,42 @@ def main() -> None:
                 n = int(limit * a.seconds)  # long runs: the ramp-up and the last round are a small share
                 best = {"distill": 0.0, "bare_aiohttp": 0.0, "async_openai": 0.0}
                 for rep in range(a.repeats):  # interleaved repeats; best of each
-                    best["bare_aiohttp"] = max(best["bare_aiohttp"], run("bare", bare_aiohttp, url, c, prompts(n, f"b{c}{rep}")))
-                    best["distill"] = max(best["distill"], run("distill", distill_client, url, c, prompts(n, f"d{c}{rep}"),
-                                                                 os.path.join(tmp, f"cache-{c}-{rep}.sqlite")))
+                    best["bare_aiohttp"] = max(
+                        best["bare_aiohttp"], run("bare", bare_aiohttp, url, c, prompts(n, f"b{c}{rep}"))
+                    )
+                    best["distill"] = max(
+                        best["distill"],
+                        run(
+                            "distill",
+                            distill_client,
+                            url,
+                            c,
+                            prompts(n, f"d{c}{rep}"),
+                            os.path.join(tmp, f"cache-{c}-{rep}.sqlite"),
+                        ),
+                    )
                     if rep == 0:
                         best["async_openai"] = run("openai", async_openai, url, c, prompts(a.openai_requests, f"o{c}"))
                 r = {k: round(v, 1) for k, v in best.items()}
-                r.update({
-                    "concurrency": c, "latency_s": a.latency, "limit_rps": limit,
-                    "distill_vs_limit": round(best["distill"] / limit, 3),
-                    "bare_vs_limit": round(best["bare_aiohttp"] / limit, 3),
-                    "distill_vs_bare": round(best["distill"] / best["bare_aiohttp"], 3),
-                    "distill_vs_openai": round(best["distill"] / best["async_openai"], 2),
-                })
+                r.update(
+                    {
+                        "concurrency": c,
+                        "latency_s": a.latency,
+                        "limit_rps": limit,
+                        "distill_vs_limit": round(best["distill"] / limit, 3),
+                        "bare_vs_limit": round(best["bare_aiohttp"] / limit, 3),
+                        "distill_vs_bare": round(best["distill"] / best["bare_aiohttp"], 3),
+                        "distill_vs_openai": round(best["distill"] / best["async_openai"], 2),
+                    }
+                )
                 results[f"c{c}"] = r
-                print(f"C={c:<4} L={a.latency*1000:.0f}ms limit {limit:7.0f} req/s | distill {r['distill']:7.1f} "
-                      f"({r['distill_vs_limit']:.1%} of limit) | bare aiohttp {r['bare_aiohttp']:7.1f} "
-                      f"| AsyncOpenAI {r['async_openai']:6.1f} | distill/bare {r['distill_vs_bare']:.2f} "
-                      f"| distill/openai {r['distill_vs_openai']:.1f}x", flush=True)
+                print(
+                    f"C={c:<4} L={a.latency * 1000:.0f}ms limit {limit:7.0f} req/s | distill {r['distill']:7.1f} "
+                    f"({r['distill_vs_limit']:.1%} of limit) | bare aiohttp {r['bare_aiohttp']:7.1f} "
+                    f"| AsyncOpenAI {r['async_openai']:6.1f} | distill/bare {r['distill_vs_bare']:.2f} "
+                    f"| distill/openai {r['distill_vs_openai']:.1f}x",
+                    flush=True,
+                )
     finally:
         proc.terminate()
         proc.wait(10)

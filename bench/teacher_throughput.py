@@ -52,8 +52,13 @@ set_offline_env()
 SETTINGS = {
     "default": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True},
     "item_major": {"servers": 1, "threads": 2, "order": "item", "logprobs": True},
-    "item_major_state_cache": {"servers": 1, "threads": 2, "order": "item", "logprobs": True,
-                               "extra": ("--cache", "true")},
+    "item_major_state_cache": {
+        "servers": 1,
+        "threads": 2,
+        "order": "item",
+        "logprobs": True,
+        "extra": ("--cache", "true"),
+    },
     "no_logprobs": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False},
     "no_logprobs_lean": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False, "logits_all": False},
     "max_tokens_1": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True, "max_tokens": 1},
@@ -63,18 +68,25 @@ SETTINGS = {
 }
 
 
-def build_requests(config: str, items: int, samples: int, logprobs: bool, order: str,  # type: ignore[no-untyped-def]
-                   max_tokens: int | None = None):
+def build_requests(
+    config: str,
+    items: int,
+    samples: int,
+    logprobs: bool,
+    *,
+    order: str,
+    max_tokens: int | None = None,
+):
     import pandas as pd
 
     from distill.config import load_config
-    from tasks.teacher.shard import plan_shard
+    from tasks.teacher.requests import plan_shard
     from tasks.templates.load import load_prompt
 
     sets = [f"teacher.samples={samples}", f"teacher.logprobs={str(logprobs).lower()}"]
     cfg = load_config(config, sets + ([f"teacher.max_tokens={max_tokens}"] if max_tokens else []))
     texts = pd.read_parquet(Path(cfg.data.pool_path).with_name("dev.parquet"))["text"].tolist()[:items]
-    plan = plan_shard(texts, cfg, load_prompt(cfg.prompt))
+    plan = plan_shard(texts, cfg.teacher, load_prompt(cfg.prompt))
     reqs = plan.requests  # sample-major, as a run sends them
     if order == "item":
         by_key = {r.keys[0]: r for r in reqs}
@@ -92,16 +104,18 @@ def build_requests(config: str, items: int, samples: int, logprobs: bool, order:
 
 
 async def send(urls: list[str], reqs, per_url_concurrency: int) -> tuple[float, dict[str, str]]:  # type: ignore[no-untyped-def]
+    from distill.config import ClientConfig
     from tasks.teacher.cache import ResponseCache
-    from tasks.teacher.client import TeacherClient
+    from tasks.teacher.client import Endpoint, TeacherClient
 
-    parts = [reqs[i::len(urls)] for i in range(len(urls))]
+    parts = [reqs[i :: len(urls)] for i in range(len(urls))]
     caches = [ResponseCache(":memory:") for _ in urls]
     t0 = time.perf_counter()
 
     async def one(url: str, part, cache) -> dict:  # type: ignore[no-untyped-def]
-        async with TeacherClient(url, None, cache, "bench", concurrency=per_url_concurrency, timeout_s=120,
-                                 max_attempts=2) as cl:
+        async with TeacherClient(
+            Endpoint(url), cache, "bench", ClientConfig(concurrency=per_url_concurrency, timeout_s=120, max_attempts=2)
+        ) as cl:
             return await cl.run(part)
 
     outs = await asyncio.gather(*(one(u, p, c) for u, p, c in zip(urls, parts, caches)))
@@ -121,31 +135,52 @@ def main() -> None:
     from tasks.teacher import local_server as lt
 
     names = [n for n in SETTINGS if not a.only or n in a.only or n == "default"]
-    plans = {n: build_requests(a.config, a.items, a.samples, SETTINGS[n]["logprobs"], SETTINGS[n]["order"],
-                               SETTINGS[n].get("max_tokens")) for n in names}
+    plans = {
+        n: build_requests(
+            a.config,
+            a.items,
+            a.samples,
+            SETTINGS[n]["logprobs"],
+            order=SETTINGS[n]["order"],
+            max_tokens=SETTINGS[n].get("max_tokens"),
+        )
+        for n in names
+    }
     servers: dict[str, list] = {}
     try:
         for n in names:
             st = SETTINGS[n]
-            servers[n] = [lt.start_server(None, 2048, st["threads"], "teacher", 120, write_state=False,
-                                          extra_args=tuple(st.get("extra", ())), logits_all=st.get("logits_all", True))
-                          for _ in range(st["servers"])]
+            servers[n] = [
+                lt.start_server(
+                    None,
+                    n_ctx=2048,
+                    n_threads=st["threads"],
+                    alias="teacher",
+                    startup_timeout_s=120,
+                    write_state=False,
+                    extra_args=tuple(st.get("extra", ())),
+                    logits_all=st.get("logits_all", True),
+                )
+                for _ in range(st["servers"])
+            ]
             urls = [s.base_url for s in servers[n]]
-            asyncio.run(send(urls, plans[n][0][:len(urls)], 1))  # warm-up: first requests load pages, build graphs
+            asyncio.run(send(urls, plans[n][0][: len(urls)], 1))  # warm-up: first requests load pages, build graphs
         n_req = len(plans["default"][0])
         spent = {n: 0.0 for n in names}
         texts: dict[str, dict] = {n: {} for n in names}
         rounds = -(-n_req // a.chunk)
         for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 urls = [s.base_url for s in servers[n]]
-                chunk = plans[n][0][r * a.chunk:(r + 1) * a.chunk]
+                chunk = plans[n][0][r * a.chunk : (r + 1) * a.chunk]
                 el, got = asyncio.run(send(urls, chunk, 2 if len(urls) == 1 else 1))
                 spent[n] += el
                 texts[n].update(got)
-            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {(r + 1) * a.chunk / spent[n]:.2f}" for n in names),
-                  flush=True)
+            print(
+                f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {(r + 1) * a.chunk / spent[n]:.2f}" for n in names),
+                flush=True,
+            )
     finally:
         for group in servers.values():
             for s in group:
@@ -157,16 +192,30 @@ def main() -> None:
     for n in names:
         rps = n_req / spent[n]
         same = sum(answers[n].get(k) == v for k, v in base.items()) / len(base)
-        result[n] = {"requests_per_s": round(rps, 3), "vs_default": round(spent["default"] / spent[n], 3),
-                     "same_answers": round(same, 4), "seconds": round(spent[n], 1),
-                     **{k: v for k, v in SETTINGS[n].items() if k != "extra"},
-                     "extra_args": list(SETTINGS[n].get("extra", ()))}
+        result[n] = {
+            "requests_per_s": round(rps, 3),
+            "vs_default": round(spent["default"] / spent[n], 3),
+            "same_answers": round(same, 4),
+            "seconds": round(spent[n], 1),
+            **{k: v for k, v in SETTINGS[n].items() if k != "extra"},
+            "extra_args": list(SETTINGS[n].get("extra", ())),
+        }
         print(f"{n:<26} {rps:7.2f} {result[n]['vs_default']:9.2f}x {100 * same:12.1f}%")
     same_fast = [n for n in names if result[n]["same_answers"] == 1.0]
     fastest = max(same_fast, key=lambda n: result[n]["requests_per_s"])
     print(f"\nfastest setting with the default's answers: {fastest}")
-    print(json.dumps({"requests": n_req, "items": a.items, "samples": a.samples, "chunk": a.chunk,
-                      "settings": result, "fastest_same_answers": fastest}))
+    print(
+        json.dumps(
+            {
+                "requests": n_req,
+                "items": a.items,
+                "samples": a.samples,
+                "chunk": a.chunk,
+                "settings": result,
+                "fastest_same_answers": fastest,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,23 +34,43 @@ from distill.runtime import set_offline_env  # noqa: E402
 set_offline_env()
 
 
-def night(config: str, lineage: str, n: int, per_night: int, candidates: int, tracking: str) -> dict:
+def night(config: str, lineage: str, n: int, *, per_night: int, candidates: int, tracking: str) -> dict:
     from distill.config import load_config
     from flows.distillation import distill_flow
 
-    cfg = load_config(config, [
-        f"run_name=selection-{lineage}", "teacher.samples=1", f"data.pool_limit={candidates}",
-        f"selection.strategy={lineage}", f"selection.max_new_items={per_night}", "selection.seed=7",
-        f"tracking.tracking_uri={tracking}", f"tracking.model_name=selection-{lineage}", "gate.min_macro_f1=0.0",
-        "energy.measure=false"])
+    cfg = load_config(
+        config,
+        [
+            f"run_name=selection-{lineage}",
+            "teacher.samples=1",
+            f"data.pool_limit={candidates}",
+            f"selection.strategy={lineage}",
+            f"selection.max_new_items={per_night}",
+            "selection.seed=7",
+            f"tracking.tracking_uri={tracking}",
+            f"tracking.model_name=selection-{lineage}",
+            "gate.min_macro_f1=0.0",
+            "energy.measure=false",
+        ],
+    )
     s = distill_flow(cfg, show_progress=False)
     k = cfg.teacher.samples
-    out = {"night": n, "items_in_run": s["items"], "requests_spent": s["items"] * k, "student_macro_f1": s["student_macro_f1"],
-           "student_macro_f1_on_teacher_subset": s["student_macro_f1_on_teacher_subset"],
-           "promoted": s["promoted"], "selection_method": s.get("selection_method")}
-    print(f"night {n} {lineage:<11} {out['items_in_run']:>5} items labelled, {out['requests_spent']:>5} teacher requests: "
-          f"student macro-F1 {out['student_macro_f1']:.3f} on all gold ({'promoted' if out['promoted'] else 'kept'}) "
-          f"[{out['selection_method']}]", flush=True)
+    out = {
+        "night": n,
+        "items_in_run": s["items"],
+        "requests_spent": s["items"] * k,
+        "student_macro_f1": s["student_macro_f1"],
+        "student_macro_f1_on_teacher_subset": s["student_macro_f1_on_teacher_subset"],
+        "promoted": s["promoted"],
+        "selection_method": s.get("selection_method"),
+    }
+    print(
+        f"night {n} {lineage:<11} {out['items_in_run']:>5} items labelled, {out['requests_spent']:>5} teacher "
+        f"requests: "
+        f"student macro-F1 {out['student_macro_f1']:.3f} on all gold ({'promoted' if out['promoted'] else 'kept'}) "
+        f"[{out['selection_method']}]",
+        flush=True,
+    )
     return out
 
 
@@ -90,14 +110,21 @@ def main() -> None:
     curves: dict[str, list[dict]] = {"random": [], "uncertainty": []}
     for n in range(1, a.nights + 1):
         for lineage in curves:
-            curves[lineage].append(night(a.config, lineage, n, a.per_night, a.candidates, tracking))
+            curves[lineage].append(
+                night(a.config, lineage, n, per_night=a.per_night, candidates=a.candidates, tracking=tracking)
+            )
     plot(curves, REPO / a.png)
     last = {k: v[-1] for k, v in curves.items()}
-    print(f"\nafter {a.nights} nights ({last['random']['requests_spent']:,} teacher requests each): random "
-          f"{last['random']['student_macro_f1']:.3f}, uncertainty {last['uncertainty']['student_macro_f1']:.3f} "
-          f"macro-F1 on gold; curve: {a.png}")
-    print(json.dumps({"nights": a.nights, "per_night": a.per_night, "candidates": a.candidates, "curves": curves,
-                      "png": a.png}))
+    print(
+        f"\nafter {a.nights} nights ({last['random']['requests_spent']:,} teacher requests each): random "
+        f"{last['random']['student_macro_f1']:.3f}, uncertainty {last['uncertainty']['student_macro_f1']:.3f} "
+        f"macro-F1 on gold; curve: {a.png}"
+    )
+    print(
+        json.dumps(
+            {"nights": a.nights, "per_night": a.per_night, "candidates": a.candidates, "curves": curves, "png": a.png}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,18 @@ STRATEGIES = {
     "temperature_0.5_k3": ["teacher.variation=temperature", "teacher.temperature=0.5", "teacher.samples=3"],
     "temperature_1.0_k3": ["teacher.variation=temperature", "teacher.temperature=1.0", "teacher.samples=3"],
 }
-KEEP = ("teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_single", "teacher_macro_f1_voted",
-        "teacher_coverage_voted", "invalid_votes", "gold_items_scored", "probability_source", "requests_sent",
-        "requests_deduplicated")
+KEEP = (
+    "teacher_accuracy_single",
+    "teacher_accuracy_voted",
+    "teacher_macro_f1_single",
+    "teacher_macro_f1_voted",
+    "teacher_coverage_voted",
+    "invalid_votes",
+    "gold_items_scored",
+    "probability_source",
+    "requests_sent",
+    "requests_deduplicated",
+)
 
 
 def distinct_requests_per_item(run_dir: Path, split: str = "gold") -> float:
@@ -61,9 +70,18 @@ def main() -> None:
         if a.only and name not in a.only:
             continue
         for agg in ("majority", "mean_probability"):
-            cfg = load_config(a.config, sets + [f"run_name=bench-{name}", f"data.pool_path={dev}",
-                                                f"data.gold_path={dev}", f"data.pool_limit={a.limit}",
-                                                f"data.gold_teacher_limit={a.limit}", f"vote.aggregation={agg}"])
+            cfg = load_config(
+                a.config,
+                sets
+                + [
+                    f"run_name=bench-{name}",
+                    f"data.pool_path={dev}",
+                    f"data.gold_path={dev}",
+                    f"data.pool_limit={a.limit}",
+                    f"data.gold_teacher_limit={a.limit}",
+                    f"vote.aggregation={agg}",
+                ],
+            )
             s = annotate_flow(cfg, show_progress=False)
             r = results[f"{name}_{agg}"] = {k: s.get(k) for k in KEEP}
             k = cfg.teacher.samples
@@ -71,10 +89,13 @@ def main() -> None:
             r["distinct_prompts_per_item"] = prompts
             if cfg.teacher.variation.value == "prompt_variants":
                 assert prompts == k, f"{name}: {prompts:.2f} distinct prompts per item, expected {k}"
-            print(f"{name:<24} {agg:<17} single {r['teacher_accuracy_single']:.3f}  aggregated "
-                  f"{r['teacher_accuracy_voted']:.3f}  (macro-F1 {r['teacher_macro_f1_single']:.3f} -> "
-                  f"{r['teacher_macro_f1_voted']:.3f}, coverage {r['teacher_coverage_voted']:.3f}, "
-                  f"n={r['gold_items_scored']}, distinct prompts per item {prompts:.2f})", flush=True)
+            print(
+                f"{name:<24} {agg:<17} single {r['teacher_accuracy_single']:.3f}  aggregated "
+                f"{r['teacher_accuracy_voted']:.3f}  (macro-F1 {r['teacher_macro_f1_single']:.3f} -> "
+                f"{r['teacher_macro_f1_voted']:.3f}, coverage {r['teacher_coverage_voted']:.3f}, "
+                f"n={r['gold_items_scored']}, distinct prompts per item {prompts:.2f})",
+                flush=True,
+            )
     print(json.dumps(results))
 
 

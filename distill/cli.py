@@ -1,14 +1,14 @@
 """The ``distill`` command line.
 
-    distill data fetch                      fetch and build the bundled demo data
-    distill annotate CONFIG [--set k=v]... [--summary-json PATH] [--no-progress]
-    distill run CONFIG [--set k=v]... [--summary-json PATH] [--dry-run]   the whole DAG, ending in the gate
-    distill plan CONFIG [--set k=v]... [--json PATH]   requests, tokens, $ and time, before any request
-    distill predict FILE [--model models:/NAME@champion] [--output OUT] [--config predict.yaml]
-    distill teacher start|stop|status       a long-lived local teacher for repeated runs
-    distill up [--prefect-port P] [--mlflow-port M]   local Prefect + MLflow servers (loopback, persistent)
-    distill down | distill status           stop them / say what runs
-    distill serve [CONFIG] [--on-demand-config C] [--predict-config P]   serve the deployments
+distill data fetch                      fetch and build the bundled demo data
+distill annotate CONFIG [--set k=v]... [--summary-json PATH] [--no-progress]
+distill run CONFIG [--set k=v]... [--summary-json PATH] [--dry-run]   the whole DAG, ending in the gate
+distill plan CONFIG [--set k=v]... [--json PATH]   requests, tokens, $ and time, before any request
+distill predict FILE [--model models:/NAME@champion] [--output OUT] [--config predict.yaml]
+distill teacher start|stop|status       a long-lived local teacher for repeated runs
+distill up [--prefect-port P] [--mlflow-port M]   local Prefect + MLflow servers (loopback, persistent)
+distill down | distill status           stop them / say what runs
+distill serve [CONFIG] [--on-demand-config C] [--predict-config P]   serve the deployments
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from distill.runtime import set_offline_env
 
@@ -73,7 +73,6 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.distillation import distill_flow
-
     from tasks.pipeline.report import terminal_summary
 
     cfg = _load(args)
@@ -96,8 +95,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     raw: dict = read_yaml(Path(args.config), ConfigError, "predict config") if args.config else {}
     out = args.output or str(Path(args.file).with_suffix(".predictions.parquet"))
     raw.update({"input_path": args.file, "output_path": out})
-    for key, val in (("model_uri", args.model), ("text_column", args.text_column), ("id_column", args.id_column),
-                     ("shard_rows", args.batch_rows), ("tracking_uri", args.tracking_uri)):
+    for key, val in (
+        ("model_uri", args.model),
+        ("text_column", args.text_column),
+        ("id_column", args.id_column),
+        ("shard_rows", args.batch_rows),
+        ("tracking_uri", args.tracking_uri),
+    ):
         if val is not None:
             raw[key] = val
     cfg = config_from_dict(raw, source=args.config or "distill predict", model=PredictConfig)
@@ -105,11 +109,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     s = batch_predict_flow(cfg)
     d = s["data"]
-    print(f"labelled {s['items']:,} items -> {s['output_path']} with {s['model_uri']} (version {s['model_version']}); "
-          f"{d['empty_text']} empty texts and {d['duplicate_ids']} repeated ids set aside")
+    print(
+        f"labelled {s['items']:,} items -> {s['output_path']} with {s['model_uri']} (version {s['model_version']}); "
+        f"{d['empty_text']} empty texts and {d['duplicate_ids']} repeated ids set aside"
+    )
     if s["items_per_s"]:
-        print(f"{s['items_per_s']:.1f} items/s, ${s['usd']:.6f} ({s['usd_method']}), "
-              f"{s['kwh'] if s['kwh'] is not None else 'n/a'} kWh; MLflow run {s['mlflow_run_id']}")
+        print(
+            f"{s['items_per_s']:.1f} items/s, ${s['usd']:.6f} ({s['usd_method']}), "
+            f"{s['kwh'] if s['kwh'] is not None else 'n/a'} kWh; MLflow run {s['mlflow_run_id']}"
+        )
     import pandas as pd
 
     df = pd.read_csv(out) if out.endswith(".csv") else pd.read_parquet(out)
@@ -124,8 +132,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tasks.data.demo import prepare_demo_data
 
     for info in prepare_demo_data(args.data_dir):
-        what = (f"gold labels {info['labels']}" if "labels" in info  # a labelled corpus
-                else f"human references ({info.get('repaired_mojibake_fields', 0)} repaired fields)")  # a generation corpus (XSum)
+        what = (
+            f"gold labels {info['labels']}"
+            if "labels" in info  # a labelled corpus
+            else f"human references ({info.get('repaired_mojibake_fields', 0)} repaired fields)"
+        )  # a generation corpus (XSum)
         print(f"{info['corpus']}: pool {info['pool']}, dev {info['dev']}, gold {info['gold']}, {what}")
     return 0
 
@@ -141,8 +152,11 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         cfg = _load(args) if args.config else None
         t = cfg.teacher if cfg else None
         st = lt.start_server(
-            t.gguf_path if t else None, t.n_ctx if t else 2048, t.n_threads if t else 2,
-            t.model if t else "teacher", t.startup_timeout_s if t else 120.0,
+            t.gguf_path if t else None,
+            n_ctx=t.n_ctx if t else 2048,
+            n_threads=t.n_threads if t else 2,
+            alias=t.model if t else "teacher",
+            startup_timeout_s=t.startup_timeout_s if t else 120.0,
         )
         print(f"started: {st.base_url} (pid {st.pid}, model {st.model_path}, log {st.log_path})")
         return 0
@@ -161,13 +175,21 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from distill import servers
 
-    got = servers.up(args.workdir, args.prefect_port, args.mlflow_port, args.prefect_database_url,
-                     args.mlflow_backend_uri, args.mlflow_artifacts)
+    got = servers.up(
+        args.workdir,
+        args.prefect_port,
+        args.mlflow_port,
+        prefect_database_url=args.prefect_database_url,
+        mlflow_backend_uri=args.mlflow_backend_uri,
+        mlflow_artifacts=args.mlflow_artifacts,
+    )
     p, m = got["prefect"], got["mlflow"]
     print(f"Prefect UI   {p.ui}   (API {p.url}, pid {p.pid}, log {p.log})")
     print(f"MLflow UI    {m.ui}   (tracking and registry {m.url}, pid {m.pid}, log {m.log})")
-    print(f"written to {servers.state_dir(args.workdir) / 'servers.json'}: every distill command here uses these "
-          f"servers; elsewhere `set -a; . {servers.state_dir(args.workdir) / 'servers.env'}; set +a`")
+    print(
+        f"written to {servers.state_dir(args.workdir) / 'servers.json'}: every distill command here uses these "
+        f"servers; elsewhere `set -a; . {servers.state_dir(args.workdir) / 'servers.env'}; set +a`"
+    )
     return 0
 
 
@@ -187,8 +209,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no servers started here (distill up starts them)")
         return 1
     for name, s in st.items():
-        print(f"{name:<8} {'healthy' if s['healthy'] else 'DOWN' if not s['alive'] else 'UNHEALTHY'}  {s['ui']}  "
-              f"(pid {s['pid']}, log {s['log']})")
+        print(
+            f"{name:<8} {'healthy' if s['healthy'] else 'DOWN' if not s['alive'] else 'UNHEALTHY'}  {s['ui']}  "
+            f"(pid {s['pid']}, log {s['log']})"
+        )
     return 0 if all(s["healthy"] for s in st.values()) else 1
 
 
@@ -199,8 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from distill.servers import ServerError
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise ServerError("distill serve needs a Prefect server to register its deployments with: run `distill up` "
-                          "here first, or set PREFECT_API_URL")
+        raise ServerError(
+            "distill serve needs a Prefect server to register its deployments with: run `distill up` "
+            "here first, or set PREFECT_API_URL"
+        )
     from flows.deployments import distill_deployments, serve_deployments
 
     nightly = load_config(args.config, args.set)
@@ -212,8 +238,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         raw = read_yaml(Path(args.predict_config), ConfigError, "predict config")
         deps.append(batch_deployment(config_from_dict(raw, source=args.predict_config, model=PredictConfig)))
-    print(f"serving {', '.join(d.flow_name + '/' + d.name for d in deps)} on {os.environ['PREFECT_API_URL']} "
-          f"(nightly: {nightly.schedule.cron} {nightly.schedule.timezone}); Ctrl-C or SIGTERM stops (and pauses them)")
+    print(
+        f"serving {', '.join(d.flow_name + '/' + d.name for d in deps)} on {os.environ['PREFECT_API_URL']} "
+        f"(nightly: {nightly.schedule.cron} {nightly.schedule.timezone}); Ctrl-C or SIGTERM stops (and pauses them)"
+    )
     serve_deployments(deps, args.limit)
     return 0
 
@@ -221,11 +249,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a cheap student.")
     sub = p.add_subparsers(dest="command", required=True)
+    _run_commands(sub)
+    _local_commands(sub)
+    _server_commands(sub)
+    return p
 
+
+def _run_commands(sub: Any) -> None:
+    """annotate, run, plan, predict: the commands that take a config or a file."""
     a = sub.add_parser("annotate", help="annotate a pool with the teacher and vote the samples")
     a.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
-    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set teacher.samples=5 (repeatable)")
+    a.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set teacher.samples=5 (repeatable)",
+    )
     a.add_argument("--summary-json", help="also write the summary as JSON to this path")
     a.add_argument("--no-progress", action="store_true", help="no progress bar (logs still report progress)")
     a.add_argument("--dry-run", action="store_true", help="only the priced plan, through the flow; nothing is sent")
@@ -237,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--summary-json")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--dry-run", action="store_true", help="only the priced plan, through the flow; nothing is sent")
-    r.add_argument("--fresh", action="store_true",
-                   help="recompute every stage, even those an earlier run finished with the same inputs")
+    r.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every stage, even those an earlier run finished with the same inputs",
+    )
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="requests, tokens, $ and time of a run, before any request (no Prefect needed)")
@@ -258,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     pr.set_defaults(func=cmd_predict)
 
+
+def _local_commands(sub: Any) -> None:
+    """data, teacher: the bundled data and a long-lived local teacher."""
     d = sub.add_parser("data", help="bundled demo data")
     d.add_argument("action", choices=["fetch"])
     d.add_argument("--data-dir", default="data")
@@ -269,51 +315,73 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.set_defaults(func=cmd_teacher)
 
+
+def _server_commands(sub: Any) -> None:
+    """up, down, status, serve: local Prefect and MLflow servers and the deployments on them."""
     u = sub.add_parser("up", help="start a Prefect server and an MLflow tracking server on loopback, persistent here")
     u.add_argument("--prefect-port", type=int, default=4200)
     u.add_argument("--mlflow-port", type=int, default=5000)
-    u.add_argument("--prefect-database-url", help="Prefect's database (default: sqlite under .distill/servers; "
-                                                  "or $DISTILL_PREFECT_DATABASE_URL), e.g. postgresql+asyncpg://...")
-    u.add_argument("--mlflow-backend-uri", help="MLflow's backend store (default: sqlite under .distill/servers; "
-                                                "or $DISTILL_MLFLOW_BACKEND_URI), e.g. postgresql://...")
-    u.add_argument("--mlflow-artifacts", help="where MLflow stores artifacts (default .distill/servers/mlflow/artifacts)")
+    u.add_argument(
+        "--prefect-database-url",
+        help="Prefect's database (default: sqlite under .distill/servers; "
+        "or $DISTILL_PREFECT_DATABASE_URL), e.g. postgresql+asyncpg://...",
+    )
+    u.add_argument(
+        "--mlflow-backend-uri",
+        help="MLflow's backend store (default: sqlite under .distill/servers; "
+        "or $DISTILL_MLFLOW_BACKEND_URI), e.g. postgresql://...",
+    )
+    u.add_argument(
+        "--mlflow-artifacts", help="where MLflow stores artifacts (default .distill/servers/mlflow/artifacts)"
+    )
     u.set_defaults(func=cmd_up)
     dn = sub.add_parser("down", help="stop the servers `distill up` started")
     dn.set_defaults(func=cmd_down)
     stt = sub.add_parser("status", help="which servers run, and are they healthy")
     stt.set_defaults(func=cmd_status)
     sv = sub.add_parser("serve", help="serve the nightly and on-demand deployments on the Prefect server")
-    sv.add_argument("config", nargs="?", default="configs/demo.yaml", help="the nightly run's config (and its schedule)")
+    sv.add_argument(
+        "config", nargs="?", default="configs/demo.yaml", help="the nightly run's config (and its schedule)"
+    )
     sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sv.add_argument("--on-demand-config", help="defaults of the on-demand form (default: the nightly config)")
     sv.add_argument("--limit", type=int, help="flow runs at once (default: no limit)")
-    sv.add_argument("--predict-config", help="also serve the champion's scheduled batch job with this PredictConfig YAML")
+    sv.add_argument(
+        "--predict-config", help="also serve the champion's scheduled batch job with this PredictConfig YAML"
+    )
     sv.set_defaults(func=cmd_serve)
     for sp in (u, dn, stt):
         sp.add_argument("--workdir", default=".", help="the project folder whose .distill/ holds the servers' state")
-    return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from distill.config import ConfigError
-    from tasks.data.readers import DataError
-    from tasks.teacher.local_server import TeacherServerError
-    from tasks.templates.base import PromptError
     from distill.runtime import SecretError
+    from distill.servers import ServerError, use_servers
     from tasks.accounting.budget import BudgetExhausted
     from tasks.accounting.pricing import PricingError
+    from tasks.data.readers import DataError
     from tasks.pipeline.checkpoints import RunBusy
     from tasks.pipeline.preflight import PreflightError
-
-    from distill.servers import ServerError, use_servers
+    from tasks.teacher.local_server import TeacherServerError
+    from tasks.templates.base import PromptError
 
     args = build_parser().parse_args(argv)
     if args.command not in ("up", "down", "status"):
         use_servers()  # the servers of `distill up`, when they run (explicit env vars win)
     try:
         return args.func(args)
-    except (ConfigError, DataError, PromptError, TeacherServerError, SecretError, PricingError, ServerError, RunBusy,
-            PreflightError) as e:
+    except (
+        ConfigError,
+        DataError,
+        PromptError,
+        TeacherServerError,
+        SecretError,
+        PricingError,
+        ServerError,
+        RunBusy,
+        PreflightError,
+    ) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
     except BudgetExhausted as e:
@@ -324,23 +392,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         if type(e).__name__ == "MlflowException" and "API request to" in str(e):
             # the tracking server went away mid-run (MLflow's client had already retried with backoff)
             url = str(e).split("API request to ", 1)[1].split("/api/", 1)[0]
-            print(f"distill: error: the MLflow tracking server at {url} stopped answering during the run "
-                  f"({str(e)[-200:]}). Answers already paid for are in the response cache and finished stages are "
-                  "recorded in the run folder: start the server again and rerun the same command to finish "
-                  "without paying or training again.", file=sys.stderr)
+            print(
+                f"distill: error: the MLflow tracking server at {url} stopped answering during the run "
+                f"({str(e)[-200:]}). Answers already paid for are in the response cache and finished stages are "
+                "recorded in the run folder: start the server again and rerun the same command to finish "
+                "without paying or training again.",
+                file=sys.stderr,
+            )
             return 4
         away = _prefect_api_away(e)
         if away is not None:
             url, started = away
             if not started:
-                print(f"distill: error: the Prefect API at {url} is not reachable ({_last_cause(e)}); nothing was "
-                      "sent to the teacher. Start it (`distill up`) or unset PREFECT_API_URL to run on a temporary "
-                      "local server, then run the same command.", file=sys.stderr)
+                print(
+                    f"distill: error: the Prefect API at {url} is not reachable ({_last_cause(e)}); nothing was "
+                    "sent to the teacher. Start it (`distill up`) or unset PREFECT_API_URL to run on a temporary "
+                    "local server, then run the same command.",
+                    file=sys.stderr,
+                )
                 return 2
-            print(f"distill: error: the Prefect API at {url} stopped answering during the run "
-                  f"({_last_cause(e)}; Prefect's client had retried with backoff). Answers already paid for are in "
-                  "the response cache and finished stages are recorded in the run folder: start the server again "
-                  "and rerun the same command to finish without paying or training again.", file=sys.stderr)
+            print(
+                f"distill: error: the Prefect API at {url} stopped answering during the run "
+                f"({_last_cause(e)}; Prefect's client had retried with backoff). Answers already paid for are in "
+                "the response cache and finished stages are recorded in the run folder: start the server again "
+                "and rerun the same command to finish without paying or training again.",
+                file=sys.stderr,
+            )
             return 4
         raise
 

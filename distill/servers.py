@@ -125,22 +125,32 @@ def _write_state(workdir: str | Path, servers: dict[str, Server]) -> None:
 def _start(name: str, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **env}, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
 
 
 def _wait(server: Server, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerError(f"{server.name} server exited with code {proc.returncode}; log {server.log}:\n"
-                              + _tail(Path(server.log)))
+            raise ServerError(
+                f"{server.name} server exited with code {proc.returncode}; log {server.log}:\n"
+                + _tail(Path(server.log))
+            )
         if server.healthy(1.0):
             return
         time.sleep(0.5)
     _stop_pid(proc.pid)
-    raise ServerError(f"{server.name} server not healthy after {timeout:.0f}s at {server.health}; log {server.log}:\n"
-                      + _tail(Path(server.log)))
+    raise ServerError(
+        f"{server.name} server not healthy after {timeout:.0f}s at {server.health}; log {server.log}:\n"
+        + _tail(Path(server.log))
+    )
 
 
 def _tail(p: Path, n: int = 15) -> str:
@@ -150,9 +160,16 @@ def _tail(p: Path, n: int = 15) -> str:
         return ""
 
 
-def up(workdir: str | Path = ".", prefect_port: int = 4200, mlflow_port: int = 5000,
-       prefect_database_url: Optional[str] = None, mlflow_backend_uri: Optional[str] = None,
-       mlflow_artifacts: Optional[str] = None, timeout_s: float = 120.0) -> dict[str, Server]:
+def up(
+    workdir: str | Path = ".",
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+    *,
+    prefect_database_url: Optional[str] = None,
+    mlflow_backend_uri: Optional[str] = None,
+    mlflow_artifacts: Optional[str] = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Server]:
     """Start the Prefect server and the MLflow tracking server (with its registry); reuse healthy ones.
 
     ``prefect_database_url`` (else $DISTILL_PREFECT_DATABASE_URL, else sqlite in
@@ -168,10 +185,17 @@ def up(workdir: str | Path = ".", prefect_port: int = 4200, mlflow_port: int = 5
         home = base / "prefect"
         env = prefect_env(home, prefect_port, prefect_database_url or os.environ.get("DISTILL_PREFECT_DATABASE_URL"))
         log = base / "prefect.log"
-        proc = _start("prefect", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
-                      env, log)
-        srv = Server("prefect", proc.pid, env["PREFECT_API_URL"], f"http://{HOST}:{prefect_port}", str(log),
-                     env["PREFECT_API_URL"] + "/health")
+        proc = _start(
+            "prefect", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)], env, log
+        )
+        srv = Server(
+            "prefect",
+            proc.pid,
+            env["PREFECT_API_URL"],
+            f"http://{HOST}:{prefect_port}",
+            str(log),
+            env["PREFECT_API_URL"] + "/health",
+        )
         _wait(srv, proc, timeout_s)
         servers["prefect"] = srv
         _write_state(workdir, servers)
@@ -180,12 +204,30 @@ def up(workdir: str | Path = ".", prefect_port: int = 4200, mlflow_port: int = 5
             raise ServerError(f"port {mlflow_port} on {HOST} is in use: choose another with --mlflow-port")
         mdir = base / "mlflow"
         mdir.mkdir(parents=True, exist_ok=True)
-        backend = mlflow_backend_uri or os.environ.get("DISTILL_MLFLOW_BACKEND_URI") or f"sqlite:///{mdir / 'mlflow.db'}"
+        backend = (
+            mlflow_backend_uri or os.environ.get("DISTILL_MLFLOW_BACKEND_URI") or f"sqlite:///{mdir / 'mlflow.db'}"
+        )
         artifacts = mlflow_artifacts or str(mdir / "artifacts")
         log = base / "mlflow.log"
-        proc = _start("mlflow", [_bin("mlflow"), "server", "--host", HOST, "--port", str(mlflow_port), "--workers", "1",
-                                 "--backend-store-uri", backend, "--artifacts-destination", artifacts],
-                      {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}, log)
+        proc = _start(
+            "mlflow",
+            [
+                _bin("mlflow"),
+                "server",
+                "--host",
+                HOST,
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                artifacts,
+            ],
+            {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+            log,
+        )
         url = f"http://{HOST}:{mlflow_port}"
         srv = Server("mlflow", proc.pid, url, url, str(log), url + "/health")
         _wait(srv, proc, timeout_s)
@@ -228,8 +270,10 @@ def down(workdir: str | Path = ".") -> list[str]:
 
 def status(workdir: str | Path = ".") -> dict[str, dict]:
     """Each recorded server: its URLs, pid, and whether it is alive and healthy now."""
-    return {name: {**asdict(srv), "alive": _alive(srv.pid), "healthy": _alive(srv.pid) and srv.healthy()}
-            for name, srv in read_state(workdir).items()}
+    return {
+        name: {**asdict(srv), "alive": _alive(srv.pid), "healthy": _alive(srv.pid) and srv.healthy()}
+        for name, srv in read_state(workdir).items()
+    }
 
 
 def use_servers(workdir: str | Path = ".") -> dict[str, str]:

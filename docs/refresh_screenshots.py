@@ -35,11 +35,28 @@ def chromium() -> str:
 def shoot(url: str, path: Path, width: int = 1400, height: int = 1100, keep_width: int | None = None) -> None:
     """Screenshot ``url``; ``keep_width`` crops a side panel off the right (MLflow's assistant)."""
     profile = tempfile.mkdtemp(prefix="chromium-")
-    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={width},{height}",
-                    "--virtual-time-budget=25000", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            "--virtual-time-budget=25000",
+            f"--screenshot={path}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     from PIL import Image
 
     img = Image.open(path).convert("RGB")
@@ -62,12 +79,25 @@ def main() -> None:
         from flows.distillation import distill_flow
 
         # the demo at k=1 on 800 items: enough for a student that clears the gate (answers cached after the demo)
-        cfg = load_config(REPO / "configs/demo.yaml", ["data.pool_limit=800", "teacher.samples=1",
-                                                       "run_name=screenshots", f"workdir={work / 'runs'}",
-                                                       "energy.measure=false"])
+        cfg = load_config(
+            REPO / "configs/demo.yaml",
+            [
+                "data.pool_limit=800",
+                "teacher.samples=1",
+                "run_name=screenshots",
+                f"workdir={work / 'runs'}",
+                "energy.measure=false",
+            ],
+        )
         summary = distill_flow(cfg, show_progress=False)
-        serve = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", "configs/demo.yaml"], cwd=REPO, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "distill.cli", "serve", "configs/demo.yaml"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
@@ -80,10 +110,16 @@ def main() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         shoot(f"{up['prefect'].ui}/deployments/deployment/{dep.id}/run", OUT / "prefect-run-form.png")
         assert summary["promoted"], f"the run's student was not promoted: {summary['gate_reason']}"
-        shoot(f"{up['mlflow'].ui}/#/models/{summary['model_name']}/versions/{summary['model_version']}",
-              OUT / "mlflow-champion.png", keep_width=1040)
-        shoot(f"{up['mlflow'].ui}/#/experiments/{client_experiment(up['mlflow'].url)}/runs/{summary['mlflow_run_id']}",
-              OUT / "mlflow-run.png", keep_width=1040)
+        shoot(
+            f"{up['mlflow'].ui}/#/models/{summary['model_name']}/versions/{summary['model_version']}",
+            OUT / "mlflow-champion.png",
+            keep_width=1040,
+        )
+        shoot(
+            f"{up['mlflow'].ui}/#/experiments/{client_experiment(up['mlflow'].url)}/runs/{summary['mlflow_run_id']}",
+            OUT / "mlflow-run.png",
+            keep_width=1040,
+        )
     finally:
         if serve is not None:
             os.killpg(serve.pid, signal.SIGTERM)

@@ -14,6 +14,8 @@ for _name in ("tasks", "distill"):
     _spec = _util.find_spec(_name)
     _where = _Path(_spec.origin).resolve() if _spec is not None and _spec.origin else None
     if _where is None or _where.parent.parent != _HOME:
-        raise ImportError(f"distill's {_name!r} package is hidden by {_where or 'a namespace folder'}: distill installs "
-                          f"'flows', 'tasks' and 'distill' side by side in {_HOME}; run from another folder or rename "
-                          f"yours")
+        raise ImportError(
+            f"distill's {_name!r} package is hidden by {_where or 'a namespace folder'}: distill installs "
+            f"'flows', 'tasks' and 'distill' side by side in {_HOME}; run from another folder or rename "
+            f"yours"
+        )

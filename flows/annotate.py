@@ -35,7 +35,7 @@ def annotate_flow(config: DistillConfig, show_progress: bool = True, dry_run: bo
         clock.stage("preflight", stages.preflight, cfg, loaded)
         ann = clock.stage("annotate", stages.annotate, cfg, loaded, plan, show_progress)
         agg = clock.stage("aggregate", stages.aggregate, cfg, ann)
-        return stages.report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock), str(cfg.run_dir))
+        return stages.report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock=clock), str(cfg.run_dir))
 
 
 __all__ = ["annotate_flow"]

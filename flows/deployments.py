@@ -33,13 +33,19 @@ def distill_deployments(nightly: DistillConfig, on_demand: Optional[DistillConfi
     tags = ["distill"]
     return [
         distill_flow.to_deployment(
-            name=NIGHTLY, schedules=[Cron(nightly.schedule.cron, timezone=nightly.schedule.timezone)],
-            parameters={"config": nightly.model_dump(mode="json")}, tags=tags + ["nightly"],
-            description=(f"Nightly distillation of {nightly.run_name}: annotate what is new, retrain, evaluate on gold "
-                         f"and promote through the gate ({nightly.schedule.cron}, {nightly.schedule.timezone})."),
+            name=NIGHTLY,
+            schedules=[Cron(nightly.schedule.cron, timezone=nightly.schedule.timezone)],
+            parameters={"config": nightly.model_dump(mode="json")},
+            tags=tags + ["nightly"],
+            description=(
+                f"Nightly distillation of {nightly.run_name}: annotate what is new, retrain, evaluate on gold "
+                f"and promote through the gate ({nightly.schedule.cron}, {nightly.schedule.timezone})."
+            ),
         ),
         distill_flow.to_deployment(
-            name=ON_DEMAND, parameters={"config": on_demand.model_dump(mode="json")}, tags=tags + ["on-demand"],
+            name=ON_DEMAND,
+            parameters={"config": on_demand.model_dump(mode="json")},
+            tags=tags + ["on-demand"],
             description="Distil on demand: edit the config in the form (every field is described) and run.",
         ),
     ]
@@ -48,8 +54,10 @@ def distill_deployments(nightly: DistillConfig, on_demand: Optional[DistillConfi
 def batch_deployment(predict: PredictConfig) -> Any:
     """The champion's scheduled batch job (cron and time zone from the predict config's schedule)."""
     return batch_predict_flow.to_deployment(
-        name="scheduled", schedules=[Cron(predict.schedule.cron, timezone=predict.schedule.timezone)],
-        parameters={"config": predict.model_dump(mode="json")}, tags=["distill", "batch"],
+        name="scheduled",
+        schedules=[Cron(predict.schedule.cron, timezone=predict.schedule.timezone)],
+        parameters={"config": predict.model_dump(mode="json")},
+        tags=["distill", "batch"],
         description=f"Label {predict.input_path} with {predict.model_uri} into {predict.output_path}.",
     )
 

@@ -25,8 +25,9 @@ set_offline_env()
 
 
 @flow(name="distill", log_prints=True)
-def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: bool = False,
-                 fresh: bool = False) -> dict[str, Any]:
+def distill_flow(
+    config: DistillConfig, show_progress: bool = True, dry_run: bool = False, fresh: bool = False
+) -> dict[str, Any]:
     """Distil the teacher into a student and register it if it passes the quality gate.
 
     ``dry_run``: only the priced plan of the annotation; nothing is sent, trained or logged.
@@ -44,11 +45,11 @@ def distill_flow(config: DistillConfig, show_progress: bool = True, dry_run: boo
         run.stage("preflight", stages.preflight, cfg, loaded)
         ann = run.stage("annotate", stages.annotate, cfg, loaded, plan, show_progress, child="annotate")
         agg = run.stage("aggregate", stages.aggregate, cfg, ann, child="annotate")
-        teacher = run.teacher_report(loaded, plan, ann, agg)
+        run.teacher_report(loaded, plan, ann, agg)
         model = run.stage("train", task.train, cfg, agg, show_progress, child="train")
         ev = run.stage("evaluate", task.evaluate, cfg, agg, model, ann.speed.teacher_items_per_s, child="evaluate")
         reg = run.stage("register", task.register, cfg, agg, model, ev, run.run_id)
-        return run.report(task, ann, teacher, model, ev, reg)
+        return run.report(task, ann, model, ev, reg)
 
 
 __all__ = ["distill_flow"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -13,12 +13,14 @@ from distill.runtime import OFFLINE_ENV  # noqa: E402  (plain constants; imports
 
 _TMP = tempfile.mkdtemp(prefix="distill-tests-")
 os.environ.update(OFFLINE_ENV)
-os.environ.update({
-    "PREFECT_HOME": str(Path(_TMP) / "prefect"),
-    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(_TMP) / "prefect-results"),
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "DISTILL_STATE_DIR": str(Path(_TMP) / "distill-state"),
-})
+os.environ.update(
+    {
+        "PREFECT_HOME": str(Path(_TMP) / "prefect"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(_TMP) / "prefect-results"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "DISTILL_STATE_DIR": str(Path(_TMP) / "distill-state"),
+    }
+)
 
 from tests.fake_openai import FakeOpenAI  # noqa: E402
 
@@ -89,13 +91,15 @@ def binary_prompt(tmp_path: Path) -> Path:
     return write_binary_prompt(tmp_path)
 
 
-def shard_settings(cfg, template, base_url: str, api_key=None, run_id: str = "r", *, prices=None, counter=None,
-                   members=None):
+def shard_settings(
+    cfg, template, base_url: str, api_key=None, run_id: str = "r", *, prices=None, counter=None, members=None
+):
     """What ``annotate_shard`` asks with, from a run config: the main endpoint (and ``members`` as (url, key) pairs)."""
     from tasks.teacher.client import Endpoint
     from tasks.teacher.shard import ShardSettings
 
     check = cfg.teacher.check_model
-    endpoints = [Endpoint(base_url, api_key, 0, check)] + [Endpoint(u, k, i, check)
-                                                          for i, (u, k) in enumerate(members or [], start=1)]
+    endpoints = [Endpoint(base_url, api_key, 0, check)] + [
+        Endpoint(u, k, i, check) for i, (u, k) in enumerate(members or [], start=1)
+    ]
     return ShardSettings(template, cfg.teacher, cfg.client, endpoints, run_id, list(prices or []), counter)

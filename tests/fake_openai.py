@@ -38,10 +38,13 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-
 # prices for the fake's model names: every flow test prices its teacher like a real run
-FAKE_PRICES = {"models": {"teacher": {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "source": "test"},
-                          "contrarian": {"input_per_mtok": 3.0, "output_per_mtok": 6.0, "source": "test"}}}
+FAKE_PRICES = {
+    "models": {
+        "teacher": {"input_per_mtok": 1.0, "output_per_mtok": 2.0, "source": "test"},
+        "contrarian": {"input_per_mtok": 3.0, "output_per_mtok": 6.0, "source": "test"},
+    }
+}
 
 
 def canonical(payload: dict[str, Any]) -> str:
@@ -56,8 +59,13 @@ def item_text(payload: dict[str, Any]) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, fixed_answer: Optional[str] = None,
-                 count_tokens: Optional[Any] = None) -> None:
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        slow_s: float = 3.0,
+        fixed_answer: Optional[str] = None,
+        count_tokens: Optional[Any] = None,
+    ) -> None:
         # the server's tokenizer: a callable on text; default about 4 characters per token
         self.count_tokens = count_tokens or (lambda text: len(text) // 4 + 1)
         self.billed_in = 0  # prompt tokens reported on billed failures (500 with usage)
@@ -113,8 +121,9 @@ class FakeOpenAI:
             await asyncio.sleep(self.latency_s)
         fault = self._fault(text, attempt)
         if fault == "429":
-            return self._status(web.json_response({"error": {"message": "rate limited"}}, status=429,
-                                                  headers={"Retry-After": "1"}))
+            return self._status(
+                web.json_response({"error": {"message": "rate limited"}}, status=429, headers={"Retry-After": "1"})
+            )
         if fault == "401":
             return self._status(web.json_response({"error": {"message": "bad key"}}, status=401))
         if fault in ("500", "dead"):
@@ -126,23 +135,42 @@ class FakeOpenAI:
             with self.lock:
                 self.billed_in += pt
                 self.billed_out += ct
-            return self._status(web.json_response(
-                {"error": {"message": "overloaded after generating"},
-                 "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}, status=500))
+            return self._status(
+                web.json_response(
+                    {
+                        "error": {"message": "overloaded after generating"},
+                        "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+                    },
+                    status=500,
+                )
+            )
         if fault == "billedbad":
             with self.lock:
                 self.billed_in += pt
                 self.billed_out += ct
-            return self._status(web.json_response(
-                {"id": "x", "choices": [], "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}))
+            return self._status(
+                web.json_response(
+                    {
+                        "id": "x",
+                        "choices": [],
+                        "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+                    }
+                )
+            )
         if fault == "502html":
-            return self._status(web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
-                                             content_type="text/html"))
+            return self._status(
+                web.Response(
+                    status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html"
+                )
+            )
         if fault == "html200":
-            return self._status(web.Response(status=200, text="<html><body>maintenance</body></html>",
-                                             content_type="text/html"))
+            return self._status(
+                web.Response(status=200, text="<html><body>maintenance</body></html>", content_type="text/html")
+            )
         if fault == "badjson":
-            return self._status(web.Response(status=200, text='{"choices": [{"text": "posi', content_type="application/json"))
+            return self._status(
+                web.Response(status=200, text='{"choices": [{"text": "posi', content_type="application/json")
+            )
         if fault == "drop":
             assert request.transport is not None
             request.transport.abort()
@@ -156,8 +184,15 @@ class FakeOpenAI:
         want_lp = bool(payload.get("logprobs")) and "[nologprobs]" not in text
         lp = fake_logprobs(ans, chat, 0.6 if "[unsure]" in text else 0.9) if want_lp else None
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": ans.strip()}, "finish_reason": "stop",
-                        "logprobs": lp} for i in range(n)]
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": ans.strip()},
+                    "finish_reason": "stop",
+                    "logprobs": lp,
+                }
+                for i in range(n)
+            ]
         else:
             choices = [{"index": i, "text": ans, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
         body_json: dict[str, Any] = {"id": "x", "object": "text_completion", "choices": choices}
@@ -199,7 +234,7 @@ class FakeOpenAI:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         ready = threading.Event()
 
         def run() -> None:
@@ -253,16 +288,31 @@ def fake_logprobs(answer: str, chat: bool, p: float) -> dict[str, Any]:
         answer, other = answer.strip(), other.strip()
     top = {answer: math.log(p), other: math.log(1 - p - 0.02), "\n": math.log(0.02)}
     if chat:
-        return {"content": [{"token": answer, "logprob": top[answer], "bytes": list(answer.encode()),
-                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()]}]}
+        return {
+            "content": [
+                {
+                    "token": answer,
+                    "logprob": top[answer],
+                    "bytes": list(answer.encode()),
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()],
+                }
+            ]
+        }
     return {"tokens": [answer], "token_logprobs": [top[answer]], "top_logprobs": [top], "text_offset": [0]}
 
 
 def lean_app(latency_s: float, answer: str) -> web.Application:
     """A fixed-latency server with no bookkeeping, for client benchmarks."""
-    body = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": "fake",
-                       "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}],
-                       "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41}}).encode()
+    body = json.dumps(
+        {
+            "id": "x",
+            "object": "text_completion",
+            "created": 0,
+            "model": "fake",
+            "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41},
+        }
+    ).encode()
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
@@ -281,8 +331,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--answer", default=" positive")
     a = ap.parse_args()
-    web.run_app(lean_app(a.latency, a.answer), host="127.0.0.1", port=a.port, access_log=None, print=None,
-                backlog=4096)
+    web.run_app(lean_app(a.latency, a.answer), host="127.0.0.1", port=a.port, access_log=None, print=None, backlog=4096)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,23 @@ def test_cache_keeps_raw_logprobs_and_migrates_old_files(tmp_path):
 
     old = tmp_path / "old.sqlite"  # a cache file from before log-probabilities were stored
     db = sqlite3.connect(old)
-    db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, text TEXT NOT NULL, "
-               "finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL NOT NULL)")
+    db.execute(
+        "CREATE TABLE responses (key TEXT PRIMARY KEY, request TEXT NOT NULL, text TEXT NOT NULL, "
+        "finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL NOT NULL)"
+    )
     db.execute("INSERT INTO responses VALUES ('old', '{}', ' negative', 'stop', 5, 1, 0)")
     db.commit()
     db.close()
     c = ResponseCache(old)
     lp = {"tokens": [" positive"], "token_logprobs": [-0.1], "top_logprobs": [{" positive": -0.1, " negative": -2.4}]}
-    c.put_success([("new", CachedAnswer(" positive", "stop", 10, 1, logprobs=lp))], {"prompt": "p"}, "run", 1, 200, 0.1)
+    c.put_success(
+        [("new", CachedAnswer(" positive", "stop", 10, 1, logprobs=lp))],
+        {"prompt": "p"},
+        "run",
+        attempt=1,
+        http_status=200,
+        latency_s=0.1,
+    )
     c.close()
     c = ResponseCache(old)
     assert c.get("new").logprobs == lp and c.get("old").logprobs is None and c.get("old").text == " negative"
@@ -47,8 +56,25 @@ def test_cache_keeps_raw_logprobs_and_migrates_old_files(tmp_path):
 def test_cache_roundtrip_and_wal(tmp_path):
     c = ResponseCache(tmp_path / "c.sqlite")
     assert c.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    c.put_success([("k1", CachedAnswer(" positive", "stop", 10, 1))], {"prompt": "p"}, "run", 2, 200, 0.1)
-    c.put_attempt("k1", "run", 1, "http_500", 500, 0.05, None, None, "boom")
+    c.put_success(
+        [("k1", CachedAnswer(" positive", "stop", 10, 1))],
+        {"prompt": "p"},
+        "run",
+        attempt=2,
+        http_status=200,
+        latency_s=0.1,
+    )
+    c.put_attempt(
+        "k1",
+        "run",
+        1,
+        status="http_500",
+        http_status=500,
+        latency_s=0.05,
+        prompt_tokens=None,
+        completion_tokens=None,
+        error="boom",
+    )
     c.close()
     c = ResponseCache(tmp_path / "c.sqlite")  # persisted across connections
     assert c.get("k1").text == " positive"
@@ -98,6 +124,7 @@ def test_rpm_limit_paces_real_requests():
         for _ in range(15):
             await lim.acquire(1)
         return time.monotonic() - t0
+
     el = asyncio.run(go())
     assert 0.4 <= el < 1.5  # 10 at once, 5 more at 10/s
 

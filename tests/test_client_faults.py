@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import config_from_dict
-from tasks.teacher.shard import annotate_shard
 from tasks.teacher.cache import ResponseCache
+from tasks.teacher.shard import annotate_shard
 from tasks.templates.load import load_prompt
 from tests.conftest import shard_settings
 from tests.fake_openai import FAKE_PRICES
@@ -33,15 +33,33 @@ def make_items(tmp_path):
 
 
 def make_cfg(tmp_path, prompt, base_url, teacher=None, **client):
-    return config_from_dict({
-        "run_name": "t", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
-        "data": {"pool_path": "unused"},
-        "teacher": {"local": False, "base_url": base_url, "samples": 2, "variation": "temperature",
-                    "temperature": 0.7, "api_key_env": "FAKE_KEY", **(teacher or {})},
-        "client": {"concurrency": 8, "timeout_s": 0.5, "max_attempts": 4, "backoff_base_s": 0.01,
-                   "backoff_max_s": 0.05, "cache_path": str(tmp_path / "cache.sqlite"), **client},
-        "pricing": FAKE_PRICES,
-    })
+    return config_from_dict(
+        {
+            "run_name": "t",
+            "workdir": str(tmp_path / "runs"),
+            "prompt": str(prompt),
+            "data": {"pool_path": "unused"},
+            "teacher": {
+                "local": False,
+                "base_url": base_url,
+                "samples": 2,
+                "variation": "temperature",
+                "temperature": 0.7,
+                "api_key_env": "FAKE_KEY",
+                **(teacher or {}),
+            },
+            "client": {
+                "concurrency": 8,
+                "timeout_s": 0.5,
+                "max_attempts": 4,
+                "backoff_base_s": 0.01,
+                "backoff_max_s": 0.05,
+                "cache_path": str(tmp_path / "cache.sqlite"),
+                **client,
+            },
+            "pricing": FAKE_PRICES,
+        }
+    )
 
 
 def test_every_fault_ends_annotated_or_explicitly_failed(tmp_path, fake_teacher, binary_prompt, monkeypatch, caplog):
@@ -50,8 +68,9 @@ def test_every_fault_ends_annotated_or_explicitly_failed(tmp_path, fake_teacher,
     cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
     tpl = load_prompt(str(binary_prompt))
     out = tmp_path / "ann.parquet"
-    res = annotate_shard(str(in_path), str(out), shard_settings(cfg, tpl, fake_teacher.base_url, SECRET, "run1"),
-                         show_progress=False)
+    res = annotate_shard(
+        str(in_path), str(out), shard_settings(cfg, tpl, fake_teacher.base_url, SECRET, "run1"), show_progress=False
+    )
     df = pq.read_table(out).to_pandas().set_index("id")
 
     assert len(df) == len(items)  # nothing lost
@@ -106,8 +125,9 @@ def test_every_fault_ends_annotated_or_explicitly_failed(tmp_path, fake_teacher,
     # a rerun re-sends only what failed before
     fake_teacher.reset_counts()
     out.unlink()
-    res2 = annotate_shard(str(in_path), str(out), shard_settings(cfg, tpl, fake_teacher.base_url, SECRET, "run2"),
-                          show_progress=False)
+    res2 = annotate_shard(
+        str(in_path), str(out), shard_settings(cfg, tpl, fake_teacher.base_url, SECRET, "run2"), show_progress=False
+    )
     assert res2.client.requests_cached == s.requests_ok
     assert all("[dead]" in b or "[401]" in b for b in fake_teacher.received)
 
@@ -120,8 +140,12 @@ def test_requests_per_minute_limit_is_respected(tmp_path, fake_teacher, binary_p
     cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url, requests_per_minute=1200)  # 20/s, burst 20
     cfg.teacher.samples = 1
     t0 = time.monotonic()
-    annotate_shard(str(p), str(tmp_path / "o.parquet"),
-                   shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url), show_progress=False)
+    annotate_shard(
+        str(p),
+        str(tmp_path / "o.parquet"),
+        shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
+        show_progress=False,
+    )
     assert time.monotonic() - t0 >= 0.45  # 20 at once, 10 more at 20/s
     assert len(fake_teacher.received) == 30
 
@@ -133,8 +157,12 @@ def test_n_choices_in_one_request(tmp_path, fake_teacher, binary_prompt):
     cfg.teacher.supports_n = True
     cfg.teacher.samples = 3
     out = tmp_path / "o.parquet"
-    annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
-                   show_progress=False)
+    annotate_shard(
+        str(p),
+        str(out),
+        shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
+        show_progress=False,
+    )
     assert len(fake_teacher.received) == 2  # one request per item carrying n=3
     df = pq.read_table(out).to_pandas()
     assert [list(v) for v in df["votes"]] == [["positive"] * 3, ["negative"] * 3]
@@ -147,8 +175,12 @@ def test_chat_and_completion_modes(tmp_path, fake_teacher, binary_prompt, mode):
     cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
     cfg.teacher.mode = mode
     out = tmp_path / "o.parquet"
-    annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
-                   show_progress=False)
+    annotate_shard(
+        str(p),
+        str(out),
+        shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url),
+        show_progress=False,
+    )
     assert list(pq.read_table(out).to_pandas()["votes"][0]) == ["positive", "positive"]
     assert ("messages" in fake_teacher.received[0]) == (mode == "chat")
 
@@ -161,18 +193,29 @@ def test_votes_across_teachers(tmp_path, fake_teacher, binary_prompt, monkeypatc
     try:
         p = tmp_path / "s.parquet"
         pd.DataFrame({"id": ["a", "b"], "text": ["good one", "bad one"]}).to_parquet(p)
-        cfg = make_cfg(tmp_path, binary_prompt, fake_teacher.base_url, teacher={
-            "variation": "teachers", "samples": 3,
-            "members": [{"model": "big"}, {"model": "contrarian", "base_url": second.base_url},
-                        {"model": "small"}],
-        })
+        cfg = make_cfg(
+            tmp_path,
+            binary_prompt,
+            fake_teacher.base_url,
+            teacher={
+                "variation": "teachers",
+                "samples": 3,
+                "members": [{"model": "big"}, {"model": "contrarian", "base_url": second.base_url}, {"model": "small"}],
+            },
+        )
         out = tmp_path / "o.parquet"
         members = [(fake_teacher.base_url, None), (second.base_url, None), (fake_teacher.base_url, None)]
-        annotate_shard(str(p), str(out), shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url,
-                                                        members=members), show_progress=False)
+        annotate_shard(
+            str(p),
+            str(out),
+            shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, members=members),
+            show_progress=False,
+        )
         df = pq.read_table(out).to_pandas()
-        assert [list(v) for v in df["votes"]] == [["positive", "negative", "positive"],
-                                                  ["negative", "positive", "negative"]]
+        assert [list(v) for v in df["votes"]] == [
+            ["positive", "negative", "positive"],
+            ["negative", "positive", "negative"],
+        ]
         assert len(fake_teacher.received) == 4 and len(second.received) == 2
         assert {json.loads(b)["model"] for b in fake_teacher.received} == {"big", "small"}
     finally:
@@ -181,5 +224,6 @@ def test_votes_across_teachers(tmp_path, fake_teacher, binary_prompt, monkeypatc
 
 def test_teachers_variation_needs_members(tmp_path, binary_prompt):
     from distill.config import ConfigError
+
     with pytest.raises(ConfigError, match="teacher.members"):
         make_cfg(tmp_path, binary_prompt, "http://127.0.0.1:1/v1", teacher={"variation": "teachers"})

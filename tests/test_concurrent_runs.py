@@ -18,9 +18,23 @@ from tests.test_distill_flow import cfg_dict, write_data
 
 def start(cfg, tmp_path, prefect_api, name):
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress", "--summary-json",
-                             str(tmp_path / f"{name}.json")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "run",
+            str(cfg),
+            "--no-progress",
+            "--summary-json",
+            str(tmp_path / f"{name}.json"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_runs_at_once(tmp_path, binary_prompt, prefect_api):

@@ -19,8 +19,10 @@ def write(tmp_path, body):
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["teacher.samples=5", "client.requests_per_minute=120",
-                                              'teacher.stop=["\\n", "END"]', "data.pool_limit=10"])
+    cfg = load_config(
+        write(tmp_path, BASE),
+        ["teacher.samples=5", "client.requests_per_minute=120", 'teacher.stop=["\\n", "END"]', "data.pool_limit=10"],
+    )
     assert cfg.teacher.samples == 5 and cfg.client.requests_per_minute == 120
     assert cfg.teacher.stop == ["\n", "END"] and cfg.data.pool_limit == 10
 
@@ -59,6 +61,7 @@ def test_every_field_has_a_description():
             ann = f.annotation
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
                 walk(ann)
+
     walk(DistillConfig)
 
 
@@ -84,6 +87,7 @@ def test_shipped_configs_validate():
 def test_config_is_a_prefect_parameter_schema():
     """The flow's parameter renders as a form: Prefect builds a JSON schema with our fields."""
     from prefect.utilities.callables import parameter_schema
+
     from flows.annotate import annotate_flow
 
     schema = parameter_schema(annotate_flow.fn).model_dump()
@@ -110,13 +114,19 @@ def test_task_generate_defaults_to_a_lora_student_and_the_medoid() -> None:
     assert isinstance(again.student, GeneratorStudentConfig)
 
 
-@pytest.mark.parametrize("extra, named", [
-    ({"task": "generate", "student": {"kind": "classifier"}}, "student.kind 'classifier' does not suit task 'generate'"),
-    ({"student": {"kind": "lora_generator"}}, "student.kind 'lora_generator' does not suit task 'classify'"),
-    ({"vote": {"aggregation": "medoid"}}, "vote.aggregation 'medoid' does not suit task 'classify'"),
-    ({"task": "generate", "student": {"soft_label_weight": 0.5}}, "student.lora_generator.soft_label_weight"),
-    ({"student": {"kind": "svm"}}, "'svm'"),
-])
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (
+            {"task": "generate", "student": {"kind": "classifier"}},
+            "student.kind 'classifier' does not suit task 'generate'",
+        ),
+        ({"student": {"kind": "lora_generator"}}, "student.kind 'lora_generator' does not suit task 'classify'"),
+        ({"vote": {"aggregation": "medoid"}}, "vote.aggregation 'medoid' does not suit task 'classify'"),
+        ({"task": "generate", "student": {"soft_label_weight": 0.5}}, "student.lora_generator.soft_label_weight"),
+        ({"student": {"kind": "svm"}}, "'svm'"),
+    ],
+)
 def test_a_student_or_aggregation_that_does_not_suit_the_task_is_an_error_naming_the_field(extra, named) -> None:
     from distill.config import ConfigError, config_from_dict
 

@@ -13,12 +13,12 @@ import yaml
 
 from distill.cli import main as cli_main
 from distill.config import ModelPrice, config_from_dict
-from tasks.teacher.shard import annotate_shard
 from tasks.accounting.budget import SpendMeter
 from tasks.accounting.carbon import grid_intensity, remote_teacher_energy
 from tasks.accounting.costs import projection
 from tasks.accounting.pricing import PricingError, load_table, resolve_price, resolve_prices
 from tasks.results.accounting import TeacherPrice, figures_of
+from tasks.teacher.shard import annotate_shard
 from tasks.templates.load import load_prompt
 from tasks.templates.tokens import heuristic_counter
 from tests.conftest import REPO, shard_settings
@@ -27,11 +27,19 @@ from tests.fake_openai import FAKE_PRICES, FakeOpenAI
 
 def base_cfg(tmp_path: Path, prompt: Path, base_url: str, **over):
     raw = {
-        "run_name": "cost", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
+        "run_name": "cost",
+        "workdir": str(tmp_path / "runs"),
+        "prompt": str(prompt),
         "data": {"pool_path": str(tmp_path / "pool.jsonl"), "chunk_rows": 1000},
         "teacher": {"local": False, "base_url": base_url, "samples": 2, "variation": "prompt_variants"},
-        "client": {"concurrency": 4, "cache_path": str(tmp_path / "cache.sqlite"), "timeout_s": 5,
-                   "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_attempts": 4},
+        "client": {
+            "concurrency": 4,
+            "cache_path": str(tmp_path / "cache.sqlite"),
+            "timeout_s": 5,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.05,
+            "max_attempts": 4,
+        },
         "pricing": FAKE_PRICES,
         "energy": {"measure": False},
     }
@@ -42,8 +50,19 @@ def base_cfg(tmp_path: Path, prompt: Path, base_url: str, **over):
 
 def write_pool(tmp_path: Path, n: int, name: str = "pool.jsonl", marker: str = "") -> Path:
     p = tmp_path / name
-    p.write_text("".join(json.dumps({"id": f"{name}-{i}", "text": f"{'good' if i % 3 else 'bad'} film {marker} number {i} "
-                                     + "with quite a few more words " * (i % 4)}) + "\n" for i in range(n)))
+    p.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"{name}-{i}",
+                    "text": f"{'good' if i % 3 else 'bad'} film {marker} number {i} "
+                    + "with quite a few more words " * (i % 4),
+                }
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
     return p
 
 
@@ -77,9 +96,18 @@ def test_a_price_entry_must_price_something():
 def test_bundled_table_loads_and_run_overrides_win(tmp_path, binary_prompt):
     table = load_table(REPO / "configs/prices.yaml")
     assert table["gpt-4o-mini"].input_per_mtok == 0.15 and table["gpt-4"].output_per_mtok == 60
-    cfg = config_from_dict(base_cfg(tmp_path, binary_prompt, "http://x/v1", pricing={
-        "table": str(REPO / "configs/prices.yaml"), "models": {"gpt-4o-mini": {"input_per_mtok": 9, "output_per_mtok": 9}},
-        "batch": True}))
+    cfg = config_from_dict(
+        base_cfg(
+            tmp_path,
+            binary_prompt,
+            "http://x/v1",
+            pricing={
+                "table": str(REPO / "configs/prices.yaml"),
+                "models": {"gpt-4o-mini": {"input_per_mtok": 9, "output_per_mtok": 9}},
+                "batch": True,
+            },
+        )
+    )
     assert resolve_price("gpt-4o-mini", False, cfg.pricing).input_per_mtok == 9  # run override, no batch discount given
     assert resolve_price("gpt-4o", False, cfg.pricing).input_per_mtok == pytest.approx(1.25)  # table, at batch rate
     local = resolve_price("teacher-x", True, cfg.pricing)
@@ -128,13 +156,13 @@ def test_hourly_meter_counts_overlapping_requests_once():
     async def go() -> None:
         assert await m.acquire(0, 0.0) and await m.acquire(0, 0.0)  # two in flight from t=0
         clock.t = 10.0
-        await m.settle(0, 0.0, None, None, 0, billed=True)
+        await m.settle(0, 0.0, prompt_tokens=None, completion_tokens=None, est_prompt=0, billed=True)
         clock.t = 20.0
-        await m.settle(0, 0.0, None, None, 0, billed=True)
+        await m.settle(0, 0.0, prompt_tokens=None, completion_tokens=None, est_prompt=0, billed=True)
         clock.t = 30.0  # idle time is not charged
         assert await m.acquire(0, 0.0)
         clock.t = 35.0
-        await m.settle(0, 0.0, None, None, 0, billed=True)
+        await m.settle(0, 0.0, prompt_tokens=None, completion_tokens=None, est_prompt=0, billed=True)
 
     asyncio.run(go())
     assert m.busy_seconds() == pytest.approx(25.0)
@@ -152,7 +180,7 @@ def test_budget_refuses_a_request_that_would_cross_the_cap():
             ok = await m.acquire(0, r)
             got.append(ok)
             if ok:
-                await m.settle(0, r, 3, 0, 3, billed=True)
+                await m.settle(0, r, prompt_tokens=3, completion_tokens=0, est_prompt=3, billed=True)
         return got
 
     assert asyncio.run(go()) == [True, True, True, False, False]  # 9 + a 4 reservation would cross 10
@@ -167,8 +195,8 @@ def test_hourly_endpoints_on_one_server_share_its_busy_time():
     async def go() -> None:
         assert await m.acquire(0, 0.0) and await m.acquire(1, 0.0)
         clock.t = 10.0
-        await m.settle(0, 0.0, None, None, 0, billed=True, busy_s=10.0)
-        await m.settle(1, 0.0, None, None, 0, billed=True, busy_s=10.0)
+        await m.settle(0, 0.0, prompt_tokens=None, completion_tokens=None, est_prompt=0, billed=True, busy_s=10.0)
+        await m.settle(1, 0.0, prompt_tokens=None, completion_tokens=None, est_prompt=0, billed=True, busy_s=10.0)
 
     asyncio.run(go())
     assert m.busy_seconds() == pytest.approx(10.0) and m.spent_usd() == pytest.approx(0.01)
@@ -185,7 +213,9 @@ def test_uncalibrated_budget_sends_one_request_until_usage_is_known():
         order.append(f"start {name}")
         await asyncio.sleep(0.05)
         order.append(f"end {name}")
-        await m.settle(0, 0.001, 500, 1, 100, billed=True)  # 5x the estimate: learned before the next starts
+        await m.settle(
+            0, 0.001, prompt_tokens=500, completion_tokens=1, est_prompt=100, billed=True
+        )  # 5x the estimate: learned before the next starts
 
     async def go() -> None:
         await asyncio.gather(worker("a", 0), worker("b", 0.01), worker("c", 0.02))
@@ -200,8 +230,18 @@ def test_history_is_per_answer_when_one_request_returns_k(tmp_path):
 
     c = ResponseCache(tmp_path / "c.sqlite")
     req = {"model": "m", "prompt": "x" * 400, "n": 3}
-    c.put_success([("k0", CachedAnswer("a", "stop", 100, 6, "reported")), ("k1", CachedAnswer("b", "stop", None, None, "reported")),
-                   ("k2", CachedAnswer("c", "stop", None, None, "reported"))], req, "r", 1, 200, 0.5)
+    c.put_success(
+        [
+            ("k0", CachedAnswer("a", "stop", 100, 6, "reported")),
+            ("k1", CachedAnswer("b", "stop", None, None, "reported")),
+            ("k2", CachedAnswer("c", "stop", None, None, "reported")),
+        ],
+        req,
+        "r",
+        attempt=1,
+        http_status=200,
+        latency_s=0.5,
+    )
     h = c.model_history("m")
     assert h["completion_tokens"] == pytest.approx(2.0)  # 6 tokens over 3 answers
     assert h["tokens_per_char"] == pytest.approx(100 / 400) and h["latency_s"] == pytest.approx(0.5)
@@ -212,32 +252,54 @@ def test_history_is_per_answer_when_one_request_returns_k(tmp_path):
 
 def test_every_attempt_is_priced_retries_failures_and_missing_usage(tmp_path, binary_prompt, fake_teacher):
     rows = [{"id": f"n{i}", "text": f"good film {i}"} for i in range(6)]
-    rows += [{"id": "b", "text": "bad film [billed500]"}, {"id": "f", "text": "bad film [500]"},
-             {"id": "bb", "text": "bad film [billedbad]"},
-             {"id": "u", "text": "good film [nousage]"}, {"id": "o", "text": "good film [offlabel]"}]
+    rows += [
+        {"id": "b", "text": "bad film [billed500]"},
+        {"id": "f", "text": "bad film [500]"},
+        {"id": "bb", "text": "bad film [billedbad]"},
+        {"id": "u", "text": "good film [nousage]"},
+        {"id": "o", "text": "good film [offlabel]"},
+    ]
     in_path = tmp_path / "shard.parquet"
     pd.DataFrame(rows).to_parquet(in_path)
     cfg = config_from_dict(base_cfg(tmp_path, binary_prompt, fake_teacher.base_url))
     price = resolve_prices(cfg.teacher, cfg.pricing)[0]
-    res = annotate_shard(str(in_path), str(tmp_path / "out.parquet"),
-                         shard_settings(cfg, load_prompt(str(binary_prompt)), fake_teacher.base_url, None, "r1",
-                                        prices=[price], counter=heuristic_counter()), show_progress=False)
+    res = annotate_shard(
+        str(in_path),
+        str(tmp_path / "out.parquet"),
+        shard_settings(
+            cfg,
+            load_prompt(str(binary_prompt)),
+            fake_teacher.base_url,
+            None,
+            "r1",
+            prices=[price],
+            counter=heuristic_counter(),
+        ),
+        show_progress=False,
+    )
     # what the server reported (answers + the billed 500s) plus what distill had to estimate (no usage)
     counter = heuristic_counter()
     nousage = [json.loads(b) for b in fake_teacher.delivered_ok if "[nousage]" in b]
     est_in = sum(counter.count_prompt(b) for b in nousage)
     est_out = sum(counter.count_completion(" positive", "stop") for _ in nousage)
     assert len(nousage) == 2
-    expected = price.token_cost(fake_teacher.tokens_in + fake_teacher.billed_in + est_in,
-                                fake_teacher.tokens_out + fake_teacher.billed_out + est_out, 0)
+    expected = price.token_cost(
+        fake_teacher.tokens_in + fake_teacher.billed_in + est_in,
+        fake_teacher.tokens_out + fake_teacher.billed_out + est_out,
+        0,
+    )
     assert fake_teacher.billed_in > 0
     assert res.spend.spent_usd == pytest.approx(expected, rel=1e-9)
     assert res.client.tokens_counted == est_in + est_out
     db = sqlite3.connect(cfg.client.cache_path)
     src = dict(db.execute("SELECT usage_source, COUNT(*) FROM attempts WHERE status='ok' GROUP BY 1").fetchall())
     assert src == {"reported": len(rows) * 2 - 2, "estimated": 2}
-    billed_failures = db.execute("SELECT COUNT(*) FROM attempts WHERE status='http_500' AND prompt_tokens > 0").fetchone()[0]
-    unbilled = db.execute("SELECT COUNT(*) FROM attempts WHERE status='http_500' AND prompt_tokens IS NULL").fetchone()[0]
+    billed_failures = db.execute(
+        "SELECT COUNT(*) FROM attempts WHERE status='http_500' AND prompt_tokens > 0"
+    ).fetchone()[0]
+    unbilled = db.execute("SELECT COUNT(*) FROM attempts WHERE status='http_500' AND prompt_tokens IS NULL").fetchone()[
+        0
+    ]
     assert billed_failures == 2 and unbilled == 4  # [500] fails twice per sample, reports no usage
     bad = db.execute("SELECT COUNT(*) FROM attempts WHERE status='bad_response' AND prompt_tokens > 0").fetchone()[0]
     assert bad == 2  # 200 without choices but with usage: retried, and its usage billed
@@ -246,12 +308,17 @@ def test_every_attempt_is_priced_retries_failures_and_missing_usage(tmp_path, bi
 # --------------------------------------------------------------------------- the budget cap, end to end
 
 
-def test_budget_cap_stops_within_one_request_and_a_rerun_continues(tmp_path, binary_prompt, fake_teacher, capsys,
-                                                                   prefect_api):
+def test_budget_cap_stops_within_one_request_and_a_rerun_continues(
+    tmp_path, binary_prompt, fake_teacher, capsys, prefect_api
+):
     write_pool(tmp_path, 40)
-    raw = base_cfg(tmp_path, binary_prompt, fake_teacher.base_url,
-                   pricing={"models": {"teacher": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}},
-                   budget={"max_usd": 1.0})
+    raw = base_cfg(
+        tmp_path,
+        binary_prompt,
+        fake_teacher.base_url,
+        pricing={"models": {"teacher": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}},
+        budget={"max_usd": 1.0},
+    )
     out = tmp_path / "s.json"
     assert cli_main(["annotate", str(write_yaml(tmp_path, raw)), "--no-progress", "--summary-json", str(out)]) == 3
     err = capsys.readouterr().err
@@ -303,8 +370,13 @@ def test_plan_is_within_10_percent_of_the_run(tmp_path, binary_prompt, how, caps
         teacher = {"tokenizer": _minilm_dir()} if how == "tokenizer" else {}
         if how == "calibrated":  # an earlier run on other items teaches the plan this server's tokens per character
             write_pool(tmp_path, 30, "earlier.jsonl", marker="older")
-            raw0 = base_cfg(tmp_path, binary_prompt, srv.base_url, run_name="earlier",
-                            data={"pool_path": str(tmp_path / "earlier.jsonl")})
+            raw0 = base_cfg(
+                tmp_path,
+                binary_prompt,
+                srv.base_url,
+                run_name="earlier",
+                data={"pool_path": str(tmp_path / "earlier.jsonl")},
+            )
             assert cli_main(["annotate", str(write_yaml(tmp_path, raw0, "e.yaml")), "--no-progress"]) == 0
         write_pool(tmp_path, 60)
         raw = base_cfg(tmp_path, binary_prompt, srv.base_url, teacher=teacher)
@@ -312,7 +384,11 @@ def test_plan_is_within_10_percent_of_the_run(tmp_path, binary_prompt, how, caps
         plan_json = tmp_path / "plan.json"
         assert cli_main(["plan", str(p), "--json", str(plan_json)]) == 0
         plan = json.loads(plan_json.read_text())
-        assert ("tokenizer at" in plan["tokens_in_method"]) if how == "tokenizer" else ("calibrated on" in plan["tokens_in_method"])
+        assert (
+            ("tokenizer at" in plan["tokens_in_method"])
+            if how == "tokenizer"
+            else ("calibrated on" in plan["tokens_in_method"])
+        )
         srv.reset_counts()
         out = tmp_path / "s.json"
         assert cli_main(["annotate", str(p), "--no-progress", "--summary-json", str(out)]) == 0
@@ -362,19 +438,54 @@ def test_projection_per_million_items(tmp_path, binary_prompt):
     from tasks.results.accounting import TeacherBill
     from tasks.results.teacher import TeacherSpeed
 
-    cfg = config_from_dict(base_cfg(tmp_path, binary_prompt, "http://x/v1", teacher={"local": True},
-                                    pricing={"hardware_usd_per_hour": 0.36},
-                                    reference={"usd_per_hour": 3.6, "power_kw": 0.5, "teacher_throughput_factor": 10,
-                                               "student_throughput_factor": 40}))
+    cfg = config_from_dict(
+        base_cfg(
+            tmp_path,
+            binary_prompt,
+            "http://x/v1",
+            teacher={"local": True},
+            pricing={"hardware_usd_per_hour": 0.36},
+            reference={
+                "usd_per_hour": 3.6,
+                "power_kw": 0.5,
+                "teacher_throughput_factor": 10,
+                "student_throughput_factor": 40,
+            },
+        )
+    )
     bill = TeacherBill(
-        teacher_usd=0.0, teacher_usd_method="m", teacher_requests_billed=0, teacher_attempts=0,
-        teacher_usd_failed_attempts=0.0, teacher_busy_s=0.0, teacher_prices=[], teacher_self_hosted=True,
-        teacher_tokens_counted=0, teacher_kwh=None, teacher_gco2=None, teacher_energy_s=0.0, teacher_kwh_method="m",
-        teacher_gco2_method="m", teacher_grid_country="USA", teacher_grid_gco2_per_kwh=grid_intensity("USA"),
-        teacher_kwh_per_item=1e-5, teacher_kwh_per_item_method="measured", teacher_usd_per_item=0.36 / 3600 / 2.0,
-        teacher_usd_per_item_method="measured")
-    p = figures_of(projection(bill=bill, speed=TeacherSpeed(None, 2.0, "this run"), student=StudentSpeed(500.0, 4e-8, "m"),
-                              reference=cfg.reference, energy=cfg.energy, pricing=cfg.pricing, concurrency=2))
+        teacher_usd=0.0,
+        teacher_usd_method="m",
+        teacher_requests_billed=0,
+        teacher_attempts=0,
+        teacher_usd_failed_attempts=0.0,
+        teacher_busy_s=0.0,
+        teacher_prices=[],
+        teacher_self_hosted=True,
+        teacher_tokens_counted=0,
+        teacher_kwh=None,
+        teacher_gco2=None,
+        teacher_energy_s=0.0,
+        teacher_kwh_method="m",
+        teacher_gco2_method="m",
+        teacher_grid_country="USA",
+        teacher_grid_gco2_per_kwh=grid_intensity("USA"),
+        teacher_kwh_per_item=1e-5,
+        teacher_kwh_per_item_method="measured",
+        teacher_usd_per_item=0.36 / 3600 / 2.0,
+        teacher_usd_per_item_method="measured",
+    )
+    p = figures_of(
+        projection(
+            bill=bill,
+            speed=TeacherSpeed(None, 2.0, "this run"),
+            student=StudentSpeed(500.0, 4e-8, "m"),
+            reference=cfg.reference,
+            energy=cfg.energy,
+            pricing=cfg.pricing,
+            concurrency=2,
+        )
+    )
     assert p["teacher_hours_per_1m"] == pytest.approx(1e6 / 2 / 3600)
     assert p["teacher_usd_per_1m"] == pytest.approx(50.0)
     assert p["student_hours_per_1m"] == pytest.approx(1e6 / 500 / 3600)
@@ -391,7 +502,7 @@ def test_projection_per_million_items(tmp_path, binary_prompt):
 def test_codecarbon_offline_measures_something():
     from tasks.accounting.carbon import measure_energy
 
-    with measure_energy("unit", "USA", True, measure_power_secs=1) as r:
+    with measure_energy("unit", "USA", enabled=True, measure_power_secs=1) as r:
         s = 0
         for i in range(3_000_000):
             s += i
@@ -399,20 +510,30 @@ def test_codecarbon_offline_measures_something():
     assert r.method.startswith("estimated by codecarbon") and "OfflineEmissionsTracker" in r.method
 
 
-def test_distill_run_stopped_by_budget_exits_3_and_tags_mlflow(tmp_path, binary_prompt, fake_teacher, capsys,
-                                                               prefect_api, monkeypatch):
+def test_distill_run_stopped_by_budget_exits_3_and_tags_mlflow(
+    tmp_path, binary_prompt, fake_teacher, capsys, prefect_api, monkeypatch
+):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     write_pool(tmp_path, 30)
-    pd.DataFrame({"id": [f"g{i}" for i in range(8)], "text": [f"good gold {i}" if i % 2 else f"bad gold {i}" for i in range(8)],
-                  "label": ["positive" if i % 2 else "negative" for i in range(8)]}).to_json(
-        tmp_path / "gold.jsonl", orient="records", lines=True)
+    pd.DataFrame(
+        {
+            "id": [f"g{i}" for i in range(8)],
+            "text": [f"good gold {i}" if i % 2 else f"bad gold {i}" for i in range(8)],
+            "label": ["positive" if i % 2 else "negative" for i in range(8)],
+        }
+    ).to_json(tmp_path / "gold.jsonl", orient="records", lines=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    raw = base_cfg(tmp_path, binary_prompt, fake_teacher.base_url,
-                   data={"gold_path": str(tmp_path / "gold.jsonl")},
-                   pricing={"models": {"teacher": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}},
-                   budget={"max_usd": 0.5}, tracking={"tracking_uri": uri})
+    raw = base_cfg(
+        tmp_path,
+        binary_prompt,
+        fake_teacher.base_url,
+        data={"gold_path": str(tmp_path / "gold.jsonl")},
+        pricing={"models": {"teacher": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}},
+        budget={"max_usd": 0.5},
+        tracking={"tracking_uri": uri},
+    )
     out = tmp_path / "s.json"
     assert cli_main(["run", str(write_yaml(tmp_path, raw)), "--no-progress", "--summary-json", str(out)]) == 3
     assert "budget.max_usd=$0.5 reached" in capsys.readouterr().err
@@ -428,10 +549,22 @@ def test_history_is_scoped_to_the_answer_cap(tmp_path):
     from tasks.teacher.cache import CachedAnswer, ResponseCache
 
     c = ResponseCache(tmp_path / "c.sqlite")
-    c.put_success([("lab", CachedAnswer("pos", "stop", 100, 1, "reported"))],
-                  {"model": "m", "prompt": "x" * 400, "max_tokens": 4}, "r", 1, 200, 0.2)
-    c.put_success([("sum", CachedAnswer("a summary", "stop", 100, 40, "reported"))],
-                  {"model": "m", "prompt": "x" * 400, "max_tokens": 60}, "r", 1, 200, 3.0)
+    c.put_success(
+        [("lab", CachedAnswer("pos", "stop", 100, 1, "reported"))],
+        {"model": "m", "prompt": "x" * 400, "max_tokens": 4},
+        "r",
+        attempt=1,
+        http_status=200,
+        latency_s=0.2,
+    )
+    c.put_success(
+        [("sum", CachedAnswer("a summary", "stop", 100, 40, "reported"))],
+        {"model": "m", "prompt": "x" * 400, "max_tokens": 60},
+        "r",
+        attempt=1,
+        http_status=200,
+        latency_s=3.0,
+    )
     labels, summaries, both = c.model_history("m", 4), c.model_history("m", 60), c.model_history("m")
     assert labels["completion_tokens"] == pytest.approx(1.0) and labels["latency_s"] == pytest.approx(0.2)
     assert summaries["completion_tokens"] == pytest.approx(40.0) and summaries["latency_s"] == pytest.approx(3.0)

@@ -17,8 +17,12 @@ def collect(path, **kw):
 
 
 ROWS = [
-    {"id": "1", "text": "good"}, {"id": "2", "text": ""}, {"id": "3", "text": "good"},
-    {"id": "1", "text": "again"}, {"id": "4", "text": "  "}, {"id": "5", "text": "fine"},
+    {"id": "1", "text": "good"},
+    {"id": "2", "text": ""},
+    {"id": "3", "text": "good"},
+    {"id": "1", "text": "again"},
+    {"id": "4", "text": "  "},
+    {"id": "5", "text": "fine"},
 ]
 
 
@@ -36,6 +40,7 @@ def test_formats_and_bookkeeping(tmp_path, fmt):
         df.to_parquet(p)
     else:
         import datasets
+
         p = tmp_path / "ds"
         datasets.Dataset.from_pandas(df).save_to_disk(str(p))
     out, rep, rej = collect(p)
@@ -64,10 +69,13 @@ def test_jsonl_bad_line_is_named(tmp_path):
         collect(p)
 
 
-@pytest.mark.parametrize("name,blob", [
-    ("in.csv", b"id,text\n1,caf\xe9 ok\n2,fine\n"),
-    ("in.jsonl", b'{"id": "1", "text": "caf\xe9 ok"}\n{"id": "2", "text": "fine"}\n'),
-])
+@pytest.mark.parametrize(
+    "name,blob",
+    [
+        ("in.csv", b"id,text\n1,caf\xe9 ok\n2,fine\n"),
+        ("in.jsonl", b'{"id": "1", "text": "caf\xe9 ok"}\n{"id": "2", "text": "fine"}\n'),
+    ],
+)
 def test_invalid_utf8_counted_and_kept(tmp_path, name, blob):
     p = tmp_path / name
     p.write_bytes(blob)
@@ -97,7 +105,9 @@ def test_limit_and_missing_file(tmp_path):
 
 
 def test_write_shards_rechunks_without_loss(tmp_path):
-    frames = [pd.DataFrame({"id": [f"{j}-{i}" for i in range(n)], "text": ["t"] * n}) for j, n in enumerate([3, 7, 1, 4])]
+    frames = [
+        pd.DataFrame({"id": [f"{j}-{i}" for i in range(n)], "text": ["t"] * n}) for j, n in enumerate([3, 7, 1, 4])
+    ]
     paths = write_shards(iter(frames), tmp_path / "s", shard_rows=5)
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in paths]
     assert sizes == [5, 5, 5]

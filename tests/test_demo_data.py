@@ -9,8 +9,10 @@ from tasks.data.demo import XSUM_SPLIT, build_xsum
 
 
 def test_xsum_split_keeps_every_pair_once_and_names_what_it_left_out(tmp_path: Path) -> None:
-    rows = [{"id": str(1000 + i), "document": f"Article number {i} says something.", "summary": f"Summary {i}."}
-            for i in range(XSUM_SPLIT["gold"] + XSUM_SPLIT["dev"] + 25)]
+    rows = [
+        {"id": str(1000 + i), "document": f"Article number {i} says something.", "summary": f"Summary {i}."}
+        for i in range(XSUM_SPLIT["gold"] + XSUM_SPLIT["dev"] + 25)
+    ]
     rows.append({"id": "999", "document": "   ", "summary": "A summary of nothing."})
     src = tmp_path / "test.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows))

@@ -41,20 +41,33 @@ def write_run(wd, teacher_url: str) -> dict:
     neg = ["bad fun", "bad acting", "bad story", "bad cast"]
     pool = [(f"p{i}", (pos if i % 2 else neg)[i % 4] + f" {i}") for i in range(40)]
     pd.DataFrame(pool, columns=["id", "text"]).to_parquet(wd / "pool.parquet")
-    gold = [(f"g{i}", (pos if i % 2 else neg)[i % 4] + f" gold {i}", "positive" if i % 2 else "negative")
-            for i in range(16)]
+    gold = [
+        (f"g{i}", (pos if i % 2 else neg)[i % 4] + f" gold {i}", "positive" if i % 2 else "negative") for i in range(16)
+    ]
     pd.DataFrame(gold, columns=["id", "text", "label"]).to_parquet(wd / "gold.parquet")
-    (wd / "prompt.yaml").write_text("name: t\nlabels: [positive, negative]\ninstruction: x\nexamples:\n"
-                                    "  - {text: a good one, label: positive}\n  - {text: a bad one, label: negative}\n")
+    (wd / "prompt.yaml").write_text(
+        "name: t\nlabels: [positive, negative]\ninstruction: x\nexamples:\n"
+        "  - {text: a good one, label: positive}\n  - {text: a bad one, label: negative}\n"
+    )
     return {
-        "run_name": "served", "workdir": str(wd / "runs"), "prompt": str(wd / "prompt.yaml"),
+        "run_name": "served",
+        "workdir": str(wd / "runs"),
+        "prompt": str(wd / "prompt.yaml"),
         "data": {"pool_path": str(wd / "pool.parquet"), "gold_path": str(wd / "gold.parquet"), "gold_teacher_limit": 8},
         "teacher": {"local": False, "base_url": teacher_url, "samples": 2},
         "client": {"cache_path": str(wd / "cache.sqlite"), "concurrency": 2},
-        "student": {"epochs": 6, "batch_size": 8, "max_length": 16, "learning_rate": 3e-4, "eval_batch_size": 16,
-                    "early_stopping_patience": 20},
+        "student": {
+            "epochs": 6,
+            "batch_size": 8,
+            "max_length": 16,
+            "learning_rate": 3e-4,
+            "eval_batch_size": 16,
+            "early_stopping_patience": 20,
+        },
         "tracking": {"model_name": "served-student", "experiment": "served"},
-        "gate": {"min_macro_f1": 0.5}, "pricing": FAKE_PRICES, "energy": {"measure": False},
+        "gate": {"min_macro_f1": 0.5},
+        "pricing": FAKE_PRICES,
+        "energy": {"measure": False},
         "schedule": {"cron": "30 3 * * *", "timezone": "Europe/Berlin"},
     }
 
@@ -81,10 +94,22 @@ def test_on_demand_deployment_triggered_through_the_api_completes_and_registers(
 
     cfg_path = tmp_path / "nightly.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking, "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-           "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "serve-home")}
-    serve = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", str(cfg_path)], cwd=REPO, env=env,
-                             stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "MLFLOW_TRACKING_URI": tracking,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(tmp_path / "serve-home"),
+    }
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "serve", str(cfg_path)],
+        cwd=REPO,
+        env=env,
+        stdout=open(tmp_path / "serve.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         with temporary_settings({PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
@@ -104,11 +129,14 @@ def test_on_demand_deployment_triggered_through_the_api_completes_and_registers(
             params = {"config": {**raw, "run_name": "from-the-api"}}
             fr = run_deployment("distill/on-demand", parameters=params, timeout=900, poll_interval=2)
             assert fr.state is not None and fr.state.is_completed(), (
-                f"{fr.state}\n" + (tmp_path / "serve.log").read_text()[-4000:])
+                f"{fr.state}\n" + (tmp_path / "serve.log").read_text()[-4000:]
+            )
             with get_client(sync_client=True) as client:
                 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-                arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+                arts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))
+                )
         links = {a.key: a.data for a in arts if a.key in ("mlflow-run", "mlflow-model-version")}
         assert f"]({tracking}/#/experiments/" in links["mlflow-run"]  # Prefect -> MLflow, as a link artifact
         client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
@@ -137,7 +165,11 @@ def test_servers_listen_on_loopback_only(live):
     wd, _ = live
     for name, info in srv.status(wd).items():
         root = psutil.Process(info["pid"])
-        listening = [c.laddr for p in [root, *root.children(recursive=True)]
-                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr
+            for p in [root, *root.children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
         assert listening, f"{name}: no listening socket found (the check would pass vacuously)"
         assert all(a.ip in ("127.0.0.1", "::1") for a in listening), f"{name} listens beyond loopback: {listening}"

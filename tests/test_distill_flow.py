@@ -15,9 +15,20 @@ from distill.config import config_from_dict  # noqa: E402
 from tests.fake_openai import FAKE_PRICES
 
 REPO_TESTS = Path(__file__).parent
-KEYS = {"teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "student_accuracy",
-        "student_macro_f1", "student_items_per_s", "teacher_items_per_s", "speed_ratio", "promoted", "model_name",
-        "model_version", "mlflow_run_id"}
+KEYS = {
+    "teacher_accuracy_single",
+    "teacher_accuracy_voted",
+    "teacher_macro_f1_voted",
+    "student_accuracy",
+    "student_macro_f1",
+    "student_items_per_s",
+    "teacher_items_per_s",
+    "speed_ratio",
+    "promoted",
+    "model_name",
+    "model_version",
+    "mlflow_run_id",
+}
 POS = ["good fun", "good acting", "good story", "good cast", "good film", "good music", "good ending", "good pace"]
 NEG = ["bad fun", "bad acting", "bad story", "bad cast", "bad film", "bad music", "bad ending", "bad pace"]
 
@@ -25,20 +36,33 @@ NEG = ["bad fun", "bad acting", "bad story", "bad cast", "bad film", "bad music"
 def write_data(tmp_path, n_pool: int, n_gold: int):
     pool = [(f"p{i}", (POS if i % 2 else NEG)[i % 8] + f" {i}") for i in range(n_pool)]
     pd.DataFrame(pool, columns=["id", "text"]).to_parquet(tmp_path / "pool.parquet")
-    gold = [(f"g{i}", (POS if i % 2 else NEG)[i % 8] + f" gold {i}", "positive" if i % 2 else "negative")
-            for i in range(n_gold)]
+    gold = [
+        (f"g{i}", (POS if i % 2 else NEG)[i % 8] + f" gold {i}", "positive" if i % 2 else "negative")
+        for i in range(n_gold)
+    ]
     pd.DataFrame(gold, columns=["id", "text", "label"]).to_parquet(tmp_path / "gold.parquet")
 
 
 def cfg_dict(tmp_path, prompt, teacher) -> dict:
     return {
-        "run_name": "dag", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
-        "data": {"pool_path": str(tmp_path / "pool.parquet"), "gold_path": str(tmp_path / "gold.parquet"),
-                 "gold_teacher_limit": 10},
+        "run_name": "dag",
+        "workdir": str(tmp_path / "runs"),
+        "prompt": str(prompt),
+        "data": {
+            "pool_path": str(tmp_path / "pool.parquet"),
+            "gold_path": str(tmp_path / "gold.parquet"),
+            "gold_teacher_limit": 10,
+        },
         "teacher": teacher,
         "client": {"cache_path": str(tmp_path / "cache.sqlite"), "concurrency": 2},
-        "student": {"epochs": 8, "batch_size": 8, "max_length": 16, "learning_rate": 3e-4,
-                    "early_stopping_patience": 20, "eval_batch_size": 16},
+        "student": {
+            "epochs": 8,
+            "batch_size": 8,
+            "max_length": 16,
+            "learning_rate": 3e-4,
+            "early_stopping_patience": 20,
+            "eval_batch_size": 16,
+        },
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "dag-student"},
         "gate": {"min_macro_f1": 0.5},
         "pricing": FAKE_PRICES,
@@ -72,8 +96,16 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert 0 <= s["teacher_ece"] <= 1 and 0 <= s["student_ece"] <= 1 and s["probability_source"] == "logprobs"
     assert s["aggregation"] == "mean_probability" and s["class_balance"] == "logit_adjust" and s["val_macro_f1"] > 0.5
     assert "per 1M items" in printed and "teacher / student" in printed
-    for k in ("teacher_usd", "teacher_kwh", "teacher_gco2", "student_train_kwh", "student_usd_per_1m", "teacher_usd_per_1m",
-              "cost_ratio_per_1m", "co2_ratio_per_1m"):
+    for k in (
+        "teacher_usd",
+        "teacher_kwh",
+        "teacher_gco2",
+        "student_train_kwh",
+        "student_usd_per_1m",
+        "teacher_usd_per_1m",
+        "cost_ratio_per_1m",
+        "co2_ratio_per_1m",
+    ):
         assert isinstance(s[k], float) and s[k] > 0, k
         assert s[f"{k}_method"], k
     assert s["teacher_kwh_method"].startswith("estimated")  # a remote teacher's energy is estimated
@@ -86,8 +118,12 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert "student_macro_f1" in run.data.metrics
     assert run.data.metrics["cost_ratio_per_1m"] == pytest.approx(s["cost_ratio_per_1m"])
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(s["mlflow_run_id"], "plots")}
-    assert {"plots/confusion_student.png", "plots/teacher_coverage.png", "plots/cost_per_1m.png",
-            "plots/reliability.png"} <= arts
+    assert {
+        "plots/confusion_student.png",
+        "plots/teacher_coverage.png",
+        "plots/cost_per_1m.png",
+        "plots/reliability.png",
+    } <= arts
     assert run.data.metrics["teacher_ece"] == pytest.approx(s["teacher_ece"])
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['mlflow_run_id']}'")
     assert set(children["tags.mlflow.runName"]) == {"annotate", "train", "evaluate"}
@@ -109,8 +145,21 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     # predict a file with the champion, the way a user would
     texts = tmp_path / "new.csv"
     pd.DataFrame({"id": ["a", "b"], "text": ["good story here", "bad acting here"]}).to_csv(texts, index=False)
-    assert cli_main(["predict", "--model", "models:/dag-student@champion", str(texts),
-                     "--tracking-uri", raw["tracking"]["tracking_uri"], "--output", str(tmp_path / "pred.csv")]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--model",
+                "models:/dag-student@champion",
+                str(texts),
+                "--tracking-uri",
+                raw["tracking"]["tracking_uri"],
+                "--output",
+                str(tmp_path / "pred.csv"),
+            ]
+        )
+        == 0
+    )
     pred = pd.read_csv(tmp_path / "pred.csv")
     assert pred["label"].tolist() == ["positive", "negative"] and pred["score"].between(0, 1).all()
 
@@ -124,10 +173,18 @@ def test_whole_dag_on_the_real_local_teacher(tmp_path, prefect_api, monkeypatch)
     from tests.conftest import REPO
 
     monkeypatch.chdir(tmp_path)
-    pos = ["An absolute triumph, moving and funny.", "One of the best films of the year.",
-           "Gorgeous photography and a wonderful cast.", "A warm, witty and beautifully made story."]
-    neg = ["A tedious, badly acted mess.", "I walked out after twenty minutes of boredom.",
-           "The plot is stupid and the jokes fall flat.", "Dull, ugly and far too long."]
+    pos = [
+        "An absolute triumph, moving and funny.",
+        "One of the best films of the year.",
+        "Gorgeous photography and a wonderful cast.",
+        "A warm, witty and beautifully made story.",
+    ]
+    neg = [
+        "A tedious, badly acted mess.",
+        "I walked out after twenty minutes of boredom.",
+        "The plot is stupid and the jokes fall flat.",
+        "Dull, ugly and far too long.",
+    ]
     pool = [(f"p{i}", (pos if i % 2 else neg)[i % 4] + f" ({i})") for i in range(30)]
     pd.DataFrame(pool, columns=["id", "text"]).to_parquet(tmp_path / "pool.parquet")
     gold = [(f"g{i}", (pos if i % 2 else neg)[(i + 1) % 4], "positive" if i % 2 else "negative") for i in range(10)]

@@ -42,7 +42,9 @@ def _pins(text: str) -> dict[str, str]:
 
 def test_images_install_the_pins_of_constraints_txt():
     cpu = (DOCKER / "Dockerfile.cpu").read_text()
-    assert "RUN make setup" in cpu and "COPY pyproject.toml constraints.txt Makefile" in cpu  # make setup: -c constraints.txt
+    assert (
+        "RUN make setup" in cpu and "COPY pyproject.toml constraints.txt Makefile" in cpu
+    )  # make setup: -c constraints.txt
     assert "-c constraints.txt" in (REPO / "Makefile").read_text()
     cuda = (DOCKER / "Dockerfile.cuda").read_text()
     m = re.search(r"sed '(s/[^']+)' constraints.txt > (\S+)", cuda)
@@ -63,8 +65,11 @@ def test_prefect_yaml_deployments_point_at_real_flows_and_pools_with_workers():
 
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    pools = {re.search(r"--pool (\S+)", s["command"]).group(1) for s in compose["services"].values()
-             if "worker start" in str(s.get("command", ""))}
+    pools = {
+        re.search(r"--pool (\S+)", s["command"]).group(1)
+        for s in compose["services"].values()
+        if "worker start" in str(s.get("command", ""))
+    }
     demo = load_config(REPO / "configs/demo.yaml")
     for d in doc["deployments"]:
         path, fn = d["entrypoint"].split(":")

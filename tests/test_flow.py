@@ -9,36 +9,66 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.cli import main as cli_main
-from distill.config import config_from_dict
+from distill.config import TeacherConfig, config_from_dict
 from flows.annotate import annotate_flow
 from tests.fake_openai import FAKE_PRICES
 
-SUMMARY_KEYS = {"items", "votes", "invalid_votes", "abstained", "requests_sent", "requests_cached", "tokens_in",
-                "tokens_out", "wall_s", "teacher_accuracy_voted", "teacher_macro_f1_voted", "teacher_accuracy_single"}
+SUMMARY_KEYS = {
+    "items",
+    "votes",
+    "invalid_votes",
+    "abstained",
+    "requests_sent",
+    "requests_cached",
+    "tokens_in",
+    "tokens_out",
+    "wall_s",
+    "teacher_accuracy_voted",
+    "teacher_macro_f1_voted",
+    "teacher_accuracy_single",
+}
 
 
 def write_data(tmp_path, n_pool=30, n_gold=20):
-    pool = pd.DataFrame({"ticket_id": [f"p{i}" for i in range(n_pool)],
-                         "body": [f"{'good' if i % 2 else 'bad'} pool {i}" for i in range(n_pool)]})
+    pool = pd.DataFrame(
+        {
+            "ticket_id": [f"p{i}" for i in range(n_pool)],
+            "body": [f"{'good' if i % 2 else 'bad'} pool {i}" for i in range(n_pool)],
+        }
+    )
     pool.loc[3, "body"] = ""  # empty: set aside and counted
     pool.loc[5, "body"] = "good film [offlabel]"  # invalid votes
     pool.to_csv(tmp_path / "pool.csv", index=False)
-    gold = pd.DataFrame({"ticket_id": [f"g{i}" for i in range(n_gold)],
-                         "body": [f"{'good' if i % 2 else 'bad'} gold {i}" for i in range(n_gold)],
-                         "label": ["positive" if i % 2 else "negative" for i in range(n_gold)]})
+    gold = pd.DataFrame(
+        {
+            "ticket_id": [f"g{i}" for i in range(n_gold)],
+            "body": [f"{'good' if i % 2 else 'bad'} gold {i}" for i in range(n_gold)],
+            "label": ["positive" if i % 2 else "negative" for i in range(n_gold)],
+        }
+    )
     gold.loc[0, "label"] = "positive"  # the teacher will get this one wrong
     gold.to_json(tmp_path / "gold.jsonl", orient="records", lines=True)
 
 
 def fake_cfg(tmp_path, prompt, base_url, **teacher):
-    return config_from_dict({
-        "run_name": "flow", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
-        "data": {"pool_path": str(tmp_path / "pool.csv"), "gold_path": str(tmp_path / "gold.jsonl"),
-                 "text_column": "body", "id_column": "ticket_id", "gold_teacher_limit": 10, "chunk_rows": 8},
-        "teacher": {"local": False, "base_url": base_url, "samples": 3, **teacher},
-        "client": {"cache_path": str(tmp_path / "cache.sqlite")},
-        "pricing": FAKE_PRICES,
-    })
+    return config_from_dict(
+        {
+            "run_name": "flow",
+            "workdir": str(tmp_path / "runs"),
+            "prompt": str(prompt),
+            "data": {
+                "pool_path": str(tmp_path / "pool.csv"),
+                "gold_path": str(tmp_path / "gold.jsonl"),
+                "text_column": "body",
+                "id_column": "ticket_id",
+                "gold_teacher_limit": 10,
+                "chunk_rows": 8,
+            },
+            "teacher": {"local": False, "base_url": base_url, "samples": 3, **teacher},
+            "client": {"cache_path": str(tmp_path / "cache.sqlite")},
+            "pricing": FAKE_PRICES,
+        }
+    )
 
 
 def test_flow_on_fake_teacher_writes_votes_summary_and_artifact(tmp_path, fake_teacher, binary_prompt, prefect_api):
@@ -64,8 +94,10 @@ def test_flow_on_fake_teacher_writes_votes_summary_and_artifact(tmp_path, fake_t
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:  # the newest: other tests on this server publish the same key
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["annotation-summary"])),
-                                     sort=ArtifactSort.CREATED_DESC)
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["annotation-summary"])),
+            sort=ArtifactSort.CREATED_DESC,
+        )
     assert arts and "teacher_accuracy_voted" in arts[0].data
 
     # a second run re-sends nothing
@@ -76,13 +108,16 @@ def test_flow_on_fake_teacher_writes_votes_summary_and_artifact(tmp_path, fake_t
 
 
 @pytest.mark.parametrize("mode", ["completion", "chat"])
-def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(tmp_path, fake_teacher, binary_prompt,
-                                                                               prefect_api, mode):
+def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(
+    tmp_path, fake_teacher, binary_prompt, prefect_api, mode
+):
     """Repeated texts and k prompt variants: the server never receives the same body twice."""
     texts = ["good plot", "bad plot", "good cast [unsure]", "bad cast [nologprobs]"]
     pool = pd.DataFrame({"ticket_id": [f"p{i}" for i in range(12)], "body": [texts[i % 4] for i in range(12)]})
     pool.to_csv(tmp_path / "pool.csv", index=False)
-    gold = pd.DataFrame({"ticket_id": ["g0", "g1"], "body": ["good gold", "bad gold"], "label": ["positive", "negative"]})
+    gold = pd.DataFrame(
+        {"ticket_id": ["g0", "g1"], "body": ["good gold", "bad gold"], "label": ["positive", "negative"]}
+    )
     gold.to_json(tmp_path / "gold.jsonl", orient="records", lines=True)
     cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url, mode=mode)  # shards of 8 items: 8 + 4
     s = annotate_flow(cfg, show_progress=False)
@@ -94,7 +129,9 @@ def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(t
     assert len({b for b in fake_teacher.received if "good plot" in b}) == 3
     assert s["aggregation"] == "mean_probability" and s["probability_source"] == "mixed"
     assert s["samples_with_logprobs"] == s["valid_votes"] - 3 * 3  # the [nologprobs] text, 3 items x 3 samples
-    df = pd.concat(pd.read_parquet(p) for p in sorted((tmp_path / "runs" / "flow" / "votes" / "pool").glob("*.parquet")))
+    df = pd.concat(
+        pd.read_parquet(p) for p in sorted((tmp_path / "runs" / "flow" / "votes" / "pool").glob("*.parquet"))
+    )
     unsure = df[df["text"] == "good cast [unsure]"].iloc[0]
     assert unsure["label"] == "positive" and unsure["confidence"] == pytest.approx(0.6 / 0.98)
     assert list(unsure["label_dist"]) == pytest.approx([0.6 / 0.98, 0.38 / 0.98])
@@ -103,14 +140,16 @@ def test_identical_requests_are_sent_once_and_probabilities_come_from_logprobs(t
     assert df.groupby("text")["label"].nunique().max() == 1  # repeated texts share their answers
     # the aggregation is not in the cache key: switching it re-aggregates cached answers, sends nothing
     fake_teacher.reset_counts()
-    s2 = annotate_flow(type(cfg).model_validate({**cfg.model_dump(), "vote": {"aggregation": "majority"}}),
-                       show_progress=False)
+    s2 = annotate_flow(
+        type(cfg).model_validate({**cfg.model_dump(), "vote": {"aggregation": "majority"}}), show_progress=False
+    )
     assert s2["requests_sent"] == 0 and s2["aggregation"] == "majority"
     assert s2["probability_source"] == s["probability_source"]  # the soft targets still come from the log-probabilities
 
 
-def test_a_grown_source_annotates_only_its_new_items_and_says_what_reuse_saved(tmp_path, fake_teacher, binary_prompt,
-                                                                              prefect_api):
+def test_a_grown_source_annotates_only_its_new_items_and_says_what_reuse_saved(
+    tmp_path, fake_teacher, binary_prompt, prefect_api
+):
     """The nightly case: yesterday's items come from the cache, only today's are sent."""
     write_data(tmp_path, n_pool=20)
     cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
@@ -141,10 +180,13 @@ def test_cli_summary_json_and_clear_errors(tmp_path, fake_teacher, binary_prompt
     write_data(tmp_path)
     cfg = fake_cfg(tmp_path, binary_prompt, fake_teacher.base_url)
     import yaml
+
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     out = tmp_path / "s.json"
-    assert cli_main(["annotate", str(p), "--no-progress", "--summary-json", str(out), "--set", "teacher.samples=1"]) == 0
+    assert (
+        cli_main(["annotate", str(p), "--no-progress", "--summary-json", str(out), "--set", "teacher.samples=1"]) == 0
+    )
     s = json.loads(out.read_text())
     assert SUMMARY_KEYS <= set(s) and s["votes"] == 29
     # a wrong column name is reported with the file and column, exit code 2
@@ -160,6 +202,7 @@ def test_missing_api_key_env_is_a_clear_error(tmp_path, binary_prompt, prefect_a
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     cfg = fake_cfg(tmp_path, binary_prompt, "http://127.0.0.1:9/v1", api_key_env="NO_SUCH_KEY_VAR")
     import yaml
+
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     assert cli_main(["annotate", str(p), "--no-progress"]) == 2
@@ -171,20 +214,28 @@ def test_end_to_end_on_the_real_local_teacher(tmp_path, prefect_api):
     """About 20 items through the real llama.cpp server with SmolLM2, started and stopped by distill."""
     from tests.conftest import REPO
 
-    texts = ["An absolute triumph, moving and funny.", "A tedious, badly acted mess.",
-             "One of the best films of the year.", "I walked out after twenty minutes of boredom.",
-             "Gorgeous photography and a wonderful cast.", "The plot is stupid and the jokes fall flat."]
+    texts = [
+        "An absolute triumph, moving and funny.",
+        "A tedious, badly acted mess.",
+        "One of the best films of the year.",
+        "I walked out after twenty minutes of boredom.",
+        "Gorgeous photography and a wonderful cast.",
+        "The plot is stupid and the jokes fall flat.",
+    ]
     pool = pd.DataFrame({"id": [f"p{i}" for i in range(14)], "text": [texts[i % 6] + f" ({i})" for i in range(14)]})
     pool.to_parquet(tmp_path / "pool.parquet")
-    gold = pd.DataFrame({"id": [f"g{i}" for i in range(6)], "text": texts,
-                         "label": ["positive", "negative"] * 3})
+    gold = pd.DataFrame({"id": [f"g{i}" for i in range(6)], "text": texts, "label": ["positive", "negative"] * 3})
     gold.to_parquet(tmp_path / "gold.parquet")
-    cfg = config_from_dict({
-        "run_name": "e2e", "workdir": str(tmp_path / "runs"), "prompt": str(REPO / "prompts/sentiment_binary.yaml"),
-        "data": {"pool_path": str(tmp_path / "pool.parquet"), "gold_path": str(tmp_path / "gold.parquet")},
-        "teacher": {"local": True, "samples": 3, "max_tokens": 3},
-        "client": {"cache_path": str(tmp_path / "cache.sqlite"), "concurrency": 2},
-    })
+    cfg = config_from_dict(
+        {
+            "run_name": "e2e",
+            "workdir": str(tmp_path / "runs"),
+            "prompt": str(REPO / "prompts/sentiment_binary.yaml"),
+            "data": {"pool_path": str(tmp_path / "pool.parquet"), "gold_path": str(tmp_path / "gold.parquet")},
+            "teacher": {"local": True, "samples": 3, "max_tokens": 3},
+            "client": {"cache_path": str(tmp_path / "cache.sqlite"), "concurrency": 2},
+        }
+    )
     before = llama_servers()
     s = annotate_flow(cfg, show_progress=False)
     assert llama_servers() <= before  # the server distill started is stopped again
@@ -199,6 +250,7 @@ def llama_servers() -> set[int]:
     """llama.cpp servers started by this test process: other runs on a shared machine start and stop their own."""
     import os
     from pathlib import Path
+
     out = set()
     for d in Path("/proc").iterdir():
         try:
@@ -223,13 +275,14 @@ def test_teacher_start_status_stop(capsys):
         assert st is not None and local_teacher.healthy(st.base_url)
         import psutil  # the server has no authentication: it listens on loopback only
 
-        listening = [c.laddr for c in psutil.Process(st.pid).net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr for c in psutil.Process(st.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        ]
         assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
         assert cli_main(["teacher", "status"]) == 0
         assert cli_main(["teacher", "start"]) == 0 and "already running" in capsys.readouterr().out
         # a flow with the same model reuses it instead of starting another
-        with local_teacher.local_teacher(None, 2048, 2, "teacher", 60) as url:
+        with local_teacher.local_teacher(TeacherConfig(startup_timeout_s=60)) as url:
             assert url == st.base_url
         assert local_teacher.healthy(st.base_url)
     finally:

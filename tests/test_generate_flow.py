@@ -10,15 +10,29 @@ import pytest
 
 pytest.importorskip("peft")
 
-SUMMARY_KEYS = {"teacher_bertscore_f1_single", "teacher_bertscore_f1_medoid", "student_bertscore_f1",
-                "teacher_rougeL_medoid", "student_rougeL", "teacher_items_per_s", "student_items_per_s", "promoted",
-                "teacher_usd", "teacher_kwh", "student_train_kwh", "student_usd_per_1m", "teacher_usd_per_1m",
-                "cost_ratio_per_1m", "co2_ratio_per_1m"}
+SUMMARY_KEYS = {
+    "teacher_bertscore_f1_single",
+    "teacher_bertscore_f1_medoid",
+    "student_bertscore_f1",
+    "teacher_rougeL_medoid",
+    "student_rougeL",
+    "teacher_items_per_s",
+    "student_items_per_s",
+    "promoted",
+    "teacher_usd",
+    "teacher_kwh",
+    "student_train_kwh",
+    "student_usd_per_1m",
+    "teacher_usd_per_1m",
+    "cost_ratio_per_1m",
+    "co2_ratio_per_1m",
+}
 
 
 @pytest.mark.slow
-def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads_by_alias(tmp_path, prefect_api,
-                                                                                            monkeypatch):
+def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads_by_alias(
+    tmp_path, prefect_api, monkeypatch
+):
     """A handful of XSum articles through llama.cpp + SmolLM2 (k=2 distinct prompts), a few LoRA steps, MLflow."""
     import mlflow
 
@@ -27,12 +41,24 @@ def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads
     from tests.conftest import REPO
 
     monkeypatch.chdir(REPO)  # the student base is converted once into REPO/.distill/models and reused
-    cfg = load_config(REPO / "configs/summaries.yaml", [
-        f"workdir={tmp_path / 'runs'}", "data.pool_limit=6", "data.gold_teacher_limit=3", "teacher.samples=2",
-        "teacher.max_tokens=40", f"client.cache_path={tmp_path / 'cache.sqlite'}", "student.max_steps=3",
-        "student.batch_size=2", "student.max_new_tokens=12", "student.eval_batch_size=3",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.model_name=gen-student",
-        "energy.measure=false"])
+    cfg = load_config(
+        REPO / "configs/summaries.yaml",
+        [
+            f"workdir={tmp_path / 'runs'}",
+            "data.pool_limit=6",
+            "data.gold_teacher_limit=3",
+            "teacher.samples=2",
+            "teacher.max_tokens=40",
+            f"client.cache_path={tmp_path / 'cache.sqlite'}",
+            "student.max_steps=3",
+            "student.batch_size=2",
+            "student.max_new_tokens=12",
+            "student.eval_batch_size=3",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.model_name=gen-student",
+            "energy.measure=false",
+        ],
+    )
     s = distill_flow(cfg, show_progress=False)
     assert SUMMARY_KEYS <= set(s), SUMMARY_KEYS - set(s)
     # 6 pool + 3 gold items x 2 distinct prompts, nothing sent twice
@@ -59,10 +85,24 @@ def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads
     from distill.cli import main as cli_main
 
     src = tmp_path / "articles.csv"
-    pd.DataFrame({"id": ["a1", "a2"], "text": ["The council approved a new bridge.", "A driver crashed into a wall."]}
-                 ).to_csv(src, index=False)
+    pd.DataFrame(
+        {"id": ["a1", "a2"], "text": ["The council approved a new bridge.", "A driver crashed into a wall."]}
+    ).to_csv(src, index=False)
     dst = tmp_path / "summaries.parquet"
-    assert cli_main(["predict", str(src), "--model", "models:/gen-student@champion", "--output", str(dst),
-                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                str(src),
+                "--model",
+                "models:/gen-student@champion",
+                "--output",
+                str(dst),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+            ]
+        )
+        == 0
+    )
     got = pd.read_parquet(dst)
     assert got["id"].tolist() == ["a1", "a2"] and {"text", "finish_reason"} <= set(got.columns)

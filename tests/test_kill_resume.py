@@ -22,10 +22,15 @@ K = 2
 
 def write_config(tmp_path, base_url, prompt):
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"id": f"i{i}", "text": f"{'good' if i % 3 else 'bad'} item {i}"}) + "\n"
-                            for i in range(N_ITEMS)))
+    pool.write_text(
+        "".join(
+            json.dumps({"id": f"i{i}", "text": f"{'good' if i % 3 else 'bad'} item {i}"}) + "\n" for i in range(N_ITEMS)
+        )
+    )
     cfg = {
-        "run_name": "resume", "workdir": str(tmp_path / "runs"), "prompt": str(prompt),
+        "run_name": "resume",
+        "workdir": str(tmp_path / "runs"),
+        "prompt": str(prompt),
         "data": {"pool_path": str(pool), "chunk_rows": 100},
         "teacher": {"local": False, "base_url": base_url, "samples": K, "variation": "prompt_variants"},
         "client": {"concurrency": 4, "cache_path": str(tmp_path / "cache.sqlite"), "timeout_s": 10},
@@ -49,10 +54,19 @@ def test_sigkill_then_resume(tmp_path, binary_prompt, prefect_api):
     try:
         cfg = write_config(tmp_path, srv.base_url, binary_prompt)
         env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "distill.cli", "annotate", str(cfg), "--no-progress",
-               "--summary-json", str(tmp_path / "summary.json")]
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cmd = [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "annotate",
+            str(cfg),
+            "--no-progress",
+            "--summary-json",
+            str(tmp_path / "summary.json"),
+        ]
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 120
         while sum(srv.delivered_ok.values()) < 300:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]

@@ -13,8 +13,11 @@ L = math.log
 
 
 def completion(*steps: tuple[str, float, dict[str, float]]) -> dict:
-    return {"tokens": [t for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
-            "top_logprobs": [top for _, _, top in steps]}
+    return {
+        "tokens": [t for t, _, _ in steps],
+        "token_logprobs": [lp for _, lp, _ in steps],
+        "top_logprobs": [top for _, _, top in steps],
+    }
 
 
 def test_single_token_labels_in_both_formats():
@@ -28,8 +31,10 @@ def test_single_token_labels_in_both_formats():
 def test_labels_that_share_their_first_token_are_scored_on_their_continuations():
     # "very positive" and "very negative" share " very"; only the second token tells them apart
     m = LabelMatcher(["very positive", "very negative", "neutral"])
-    lp = completion((" very", L(0.7), {" very": L(0.7), " neutral": L(0.25), " ok": L(0.05)}),
-                    (" negative", L(0.6), {" negative": L(0.6), " positive": L(0.4)}))
+    lp = completion(
+        (" very", L(0.7), {" very": L(0.7), " neutral": L(0.25), " ok": L(0.05)}),
+        (" negative", L(0.6), {" negative": L(0.6), " positive": L(0.4)}),
+    )
     d = label_distribution(lp, m)
     raw = [0.7 * 0.4, 0.7 * 0.6, 0.25]  # very positive, very negative, neutral
     assert d.probs == pytest.approx([x / sum(raw) for x in raw])
@@ -56,8 +61,13 @@ def test_aliases_count_for_their_label_and_case_and_quotes_do_not_matter():
 def test_answer_form_counts_only_spellings_that_begin_as_the_answer_did():
     """SmolLM2's case: 'positive' greedy, an off-format ' negative' (extra space) must not tip the label."""
     m = LabelMatcher(["positive", "negative"], {"pos": "positive", "neg": "negative"})
-    lp = completion(("positive", L(0.44), {"positive": L(0.44), "negative": L(0.41), " negative": L(0.10),
-                                           " positive": L(0.02), "Neg": L(0.03)}))
+    lp = completion(
+        (
+            "positive",
+            L(0.44),
+            {"positive": L(0.44), "negative": L(0.41), " negative": L(0.10), " positive": L(0.02), "Neg": L(0.03)},
+        )
+    )
     any_form = label_distribution(lp, m, "any_form").probs
     assert any_form[0] < 0.5  # every spelling: the off-format mass flips the greedy answer
     d = label_distribution(lp, m)  # answer_form is the default

@@ -22,8 +22,12 @@ import distill  # noqa: F401  (the point: today's distill is imported before the
 from tests.conftest import REPO, use_mlflow
 
 # today's module -> the module path 0.1 gave the same code
-OLD_NAMES = {"tasks.classify.inference": "distill.tasks.inference", "tasks.generate.inference": "distill.tasks.lora_student",
-             "tasks.templates.generation": "distill.tasks.gen_prompt", "tasks.templates.base": "distill.tasks.prompting"}
+OLD_NAMES = {
+    "tasks.classify.inference": "distill.tasks.inference",
+    "tasks.generate.inference": "distill.tasks.lora_student",
+    "tasks.templates.generation": "distill.tasks.gen_prompt",
+    "tasks.templates.base": "distill.tasks.prompting",
+}
 
 
 def old_code(folder: Path, files: dict[str, str]) -> Path:
@@ -59,10 +63,14 @@ def test_a_classifier_registered_by_0_1_loads_where_distill_is_imported(tmp_path
     AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(base).save_pretrained(model_dir)
     save_label_map(model_dir, ["positive", "negative"])
-    code = old_code(tmp_path / "old", {"mlflow_model.py": "tasks/classify/pyfunc.py",
-                                       "inference.py": "tasks/classify/inference.py"})
+    code = old_code(
+        tmp_path / "old", {"mlflow_model.py": "tasks/classify/pyfunc.py", "inference.py": "tasks/classify/inference.py"}
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    register_as_0_1(tmp_path, uri, f"""
+    register_as_0_1(
+        tmp_path,
+        uri,
+        f"""
 import distill, mlflow
 from distill.tasks.mlflow_model import StudentPyfunc
 mlflow.set_registry_uri({uri!r})
@@ -73,7 +81,8 @@ with mlflow.start_run():
 v = mlflow.register_model(info.model_uri, "legacy-classifier")
 mlflow.MlflowClient().set_registered_model_alias("legacy-classifier", "champion", v.version)
 print("registered from", distill.__path__[0])
-""")
+""",
+    )
     import mlflow
 
     use_mlflow(uri)
@@ -92,27 +101,39 @@ def test_a_generator_registered_by_0_1_loads_where_distill_is_imported(tmp_path:
 
     base = base_model_dir()
     adapter = tmp_path / "adapter"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
-                           LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base)),
+        LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
     model.save_pretrained(str(adapter))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(adapter))
-    code = old_code(tmp_path / "old", {"generator_model.py": "tasks/generate/pyfunc.py",
-                                       "lora_student.py": "tasks/generate/inference.py",
-                                       "gen_prompt.py": "tasks/templates/generation.py",
-                                       "prompting.py": "tasks/templates/base.py"})
+    code = old_code(
+        tmp_path / "old",
+        {
+            "generator_model.py": "tasks/generate/pyfunc.py",
+            "lora_student.py": "tasks/generate/inference.py",
+            "gen_prompt.py": "tasks/templates/generation.py",
+            "prompting.py": "tasks/templates/base.py",
+        },
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    register_as_0_1(tmp_path, uri, f"""
+    register_as_0_1(
+        tmp_path,
+        uri,
+        f"""
 import distill, mlflow
 from distill.tasks.generator_model import GeneratorPyfunc
 mlflow.set_registry_uri({uri!r})
-py = GeneratorPyfunc("Summarise in one sentence:", 50, 6, 2, {str(base)!r}, 64)
+py = GeneratorPyfunc("Summarise in one sentence:", max_input_words=50, max_new_tokens=6, batch_size=2,
+                     base_model={str(base)!r}, max_source_tokens=64)
 with mlflow.start_run():
     info = mlflow.pyfunc.log_model(name="student", python_model=py, artifacts={{"adapter_dir": {str(adapter)!r}}},
                                    code_paths=[{str(code)!r}], pip_requirements=["torch", "transformers", "peft"])
 v = mlflow.register_model(info.model_uri, "legacy-generator")
 mlflow.MlflowClient().set_registered_model_alias("legacy-generator", "champion", v.version)
 print("registered from", distill.__path__[0])
-""")
+""",
+    )
     import mlflow
 
     use_mlflow(uri)

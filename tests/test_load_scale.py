@@ -16,7 +16,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-
 from tasks.teacher.cache import CachedAnswer, KeyMaker, ResponseCache, model_history_scan, request_key
 
 SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "stop": ["\n"], "seed": 0, "logprobs": 5}
@@ -30,18 +29,40 @@ def _fill(cache: ResponseCache, n: int, seed: int = 0) -> None:
         model = rng.choice(["m1", "m2", "m3"])
         cap = rng.choice([4, 4, 60])
         if rng.random() < 0.3:
-            req = {"model": model, "max_tokens": cap, "messages": [{"role": "system", "content": "sys é" * rng.randint(1, 4)},
-                                                                     {"role": "user", "content": f"item {i} " * rng.randint(1, 9)}]}
+            req = {
+                "model": model,
+                "max_tokens": cap,
+                "messages": [
+                    {"role": "system", "content": "sys é" * rng.randint(1, 4)},
+                    {"role": "user", "content": f"item {i} " * rng.randint(1, 9)},
+                ],
+            }
         else:
             req = {"model": model, "max_tokens": cap, "prompt": f"Review: item {i} ünï " * rng.randint(1, 9)}
         pt = None if rng.random() < 0.1 else rng.randint(10, 200)
         src = rng.choice(["reported", "reported", "counted", "estimated", None])
         n_choices = rng.choice([1, 1, 3])
-        entries = [(f"k{i}-{j}", CachedAnswer(" positive", "stop", pt if j == 0 else None,
-                                              rng.randint(1, cap) if j == 0 else None, src)) for j in range(n_choices)]
-        cache.put_success(entries, req, "run", 1, 200, rng.random())
+        entries = [
+            (
+                f"k{i}-{j}",
+                CachedAnswer(" positive", "stop", pt if j == 0 else None, rng.randint(1, cap) if j == 0 else None, src),
+            )
+            for j in range(n_choices)
+        ]
+        cache.put_success(entries, req, "run", attempt=1, http_status=200, latency_s=rng.random())
         if rng.random() < 0.05:
-            cache.put_attempt(f"k{i}-0", "run", 2, "http_500", 500, rng.random(), None, None, "boom", model)
+            cache.put_attempt(
+                f"k{i}-0",
+                "run",
+                2,
+                status="http_500",
+                http_status=500,
+                latency_s=rng.random(),
+                prompt_tokens=None,
+                completion_tokens=None,
+                error="boom",
+                model=model,
+            )
         if i % 5000 == 0:
             cache.flush()
     cache.flush()
@@ -71,9 +92,25 @@ def test_model_history_reads_an_index_and_equals_the_full_scan(tmp_path):
     # an answer replaced by a newer one for the same key (the same request) counts once, with its new figures
     for key in ("k5-0", "k7-0", "k8-0"):
         req = json.loads(c.db.execute("SELECT request FROM responses WHERE key=?", (key,)).fetchone()[0])
-        c.put_success([(key, CachedAnswer(" negative", "stop", 999, 7, "reported"))], req, "run", 1, 200, 0.3)
-        c.put_success([(key, CachedAnswer(" negative", "stop", 5, 1, "estimated")),
-                       (key, CachedAnswer(" negative", "stop", None, 2, "reported"))], req, "run", 1, 200, 0.3)
+        c.put_success(
+            [(key, CachedAnswer(" negative", "stop", 999, 7, "reported"))],
+            req,
+            "run",
+            attempt=1,
+            http_status=200,
+            latency_s=0.3,
+        )
+        c.put_success(
+            [
+                (key, CachedAnswer(" negative", "stop", 5, 1, "estimated")),
+                (key, CachedAnswer(" negative", "stop", None, 2, "reported")),
+            ],
+            req,
+            "run",
+            attempt=1,
+            http_status=200,
+            latency_s=0.3,
+        )
     for model in ("m1", "m2"):
         for cap in (None, 4, 60):
             assert _same(c.model_history(model, cap), model_history_scan(c.db, model, cap)), (model, cap)
@@ -88,8 +125,12 @@ def test_a_cache_file_from_before_the_indexed_columns_keeps_working(tmp_path):
     c.close()
     db = sqlite3.connect(path)  # make it what the previous release wrote: no history, no columns, version 0
     db.execute("DROP TABLE history")
-    for table, col in (("responses", "model"), ("responses", "max_tokens"), ("responses", "prompt_chars"),
-                       ("attempts", "max_tokens")):
+    for table, col in (
+        ("responses", "model"),
+        ("responses", "max_tokens"),
+        ("responses", "prompt_chars"),
+        ("attempts", "max_tokens"),
+    ):
         db.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
     db.execute("PRAGMA user_version=0")
     db.commit()
@@ -104,8 +145,14 @@ def test_a_cache_file_from_before_the_indexed_columns_keeps_working(tmp_path):
     for (m, cap), fig in before.items():
         assert _same(c.model_history(m, cap), fig), (m, cap)
     # rows written after the migration count too
-    c.put_success([("new", CachedAnswer(" negative", "stop", 50, 2, "reported"))],
-                  {"model": "m1", "max_tokens": 4, "prompt": "x" * 100}, "run2", 1, 200, 0.5)
+    c.put_success(
+        [("new", CachedAnswer(" negative", "stop", 50, 2, "reported"))],
+        {"model": "m1", "max_tokens": 4, "prompt": "x" * 100},
+        "run2",
+        attempt=1,
+        http_status=200,
+        latency_s=0.5,
+    )
     assert _same(c.model_history("m1", 4), model_history_scan(c.db, "m1", 4))
     c.close()
     ResponseCache(path).close()  # a second open does not migrate again (nor fail)
@@ -115,7 +162,7 @@ def test_key_maker_gives_the_request_keys():
     for choice in (None, 0, 2):
         for ep in ("", "http://127.0.0.1:1/v1"):
             m = KeyMaker("teacher", SP, choice, ep)
-            for prompt in ("Review: é \"x\" \\ \u2028\nSentiment:", [{"role": "user", "content": "a\tb"}], ""):
+            for prompt in ('Review: é "x" \\ \u2028\nSentiment:', [{"role": "user", "content": "a\tb"}], ""):
                 assert m(prompt) == request_key("teacher", prompt, SP, choice, ep)
 
 
@@ -125,8 +172,16 @@ def _plan_seconds(cfg, shards, template, prices, counter, repeats: int = 3) -> t
     best, plan = float("inf"), {}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plan = make_plan(shards, template=template, teacher=cfg.teacher, client=cfg.client, pricing=cfg.pricing,
-                         max_usd=cfg.budget.max_usd, prices=prices, counter=counter).as_dict()
+        plan = make_plan(
+            shards,
+            template=template,
+            teacher=cfg.teacher,
+            client=cfg.client,
+            pricing=cfg.pricing,
+            max_usd=cfg.budget.max_usd,
+            prices=prices,
+            counter=counter,
+        ).as_dict()
         best = min(best, time.perf_counter() - t0)
     return best, plan
 
@@ -138,37 +193,57 @@ def test_plan_time_does_not_grow_with_the_cache(tmp_path, binary_prompt):
 
     from distill.config import config_from_dict
     from tasks.accounting.pricing import resolve_prices
-    from tasks.templates.load import load_prompt
     from tasks.teacher.tokenizer import counter_for
+    from tasks.templates.load import load_prompt
     from tests.fake_openai import FAKE_PRICES
 
     shard = tmp_path / "part-00000.parquet"
-    pq.write_table(pa.table({"id": [f"i{i}" for i in range(2000)], "text": [f"good item {i}" for i in range(2000)]}),
-                   shard)
+    pq.write_table(
+        pa.table({"id": [f"i{i}" for i in range(2000)], "text": [f"good item {i}" for i in range(2000)]}), shard
+    )
     big = tmp_path / "big.sqlite"
     c = ResponseCache(big)
     c.autoflush = False
-    req = {"model": "teacher", "max_tokens": 4, "prompt": "Review: an earlier item, with a prompt of some length\n" * 8,
-           **SP}
+    req = {
+        "model": "teacher",
+        "max_tokens": 4,
+        "prompt": "Review: an earlier item, with a prompt of some length\n" * 8,
+        **SP,
+    }
     blob = json.dumps(req)
-    rows = [(f"other{i}", blob, " positive", "stop", 120, 1, 0.0, "reported", None, "teacher", 4, len(req["prompt"]))
-            for i in range(100_000)]
+    rows = [
+        (f"other{i}", blob, " positive", "stop", 120, 1, 0.0, "reported", None, "teacher", 4, len(req["prompt"]))
+        for i in range(100_000)
+    ]
     with c.db:
         c.db.execute("BEGIN")
-        c.db.executemany("INSERT INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,created,"
-                         "usage_source,logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        c.db.executemany("INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
-                         "completion_tokens,created,model,usage_source,max_tokens) VALUES (?,?,1,'ok',200,0.2,120,1,0,"
-                         "'teacher','reported',4)", [("old", r[0]) for r in rows])
+        c.db.executemany(
+            "INSERT INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,created,"
+            "usage_source,logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        c.db.executemany(
+            "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
+            "completion_tokens,created,model,usage_source,max_tokens) VALUES (?,?,1,'ok',200,0.2,120,1,0,"
+            "'teacher','reported',4)",
+            [("old", r[0]) for r in rows],
+        )
         c.db.execute("PRAGMA user_version=0")  # written behind the cache's back: the next open rebuilds its history
     c.close()
     ResponseCache(big).close()
 
     def cfg_for(cache: Path):
-        return config_from_dict({"run_name": "p", "workdir": str(tmp_path / "runs"), "prompt": str(binary_prompt),
-                                 "data": {"pool_path": str(shard)},
-                                 "teacher": {"local": False, "base_url": "http://127.0.0.1:9/v1", "samples": 1},
-                                 "client": {"cache_path": str(cache)}, "pricing": FAKE_PRICES})
+        return config_from_dict(
+            {
+                "run_name": "p",
+                "workdir": str(tmp_path / "runs"),
+                "prompt": str(binary_prompt),
+                "data": {"pool_path": str(shard)},
+                "teacher": {"local": False, "base_url": "http://127.0.0.1:9/v1", "samples": 1},
+                "client": {"cache_path": str(cache)},
+                "pricing": FAKE_PRICES,
+            }
+        )
 
     small_cfg, big_cfg = cfg_for(tmp_path / "empty.sqlite"), cfg_for(big)
     template = load_prompt(small_cfg.prompt)
@@ -192,8 +267,13 @@ def test_annotate_memory_is_flat_from_2k_to_20k_items(tmp_path, prefect_api):
 
     teacher, troot = start_teacher()
     try:
-        env = {**os.environ, **ENV, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO),
-               "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+        env = {
+            **os.environ,
+            **ENV,
+            "PREFECT_API_URL": prefect_api,
+            "PYTHONPATH": str(REPO),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+        }
         a = argparse.Namespace(chunk_rows=2000, k=1, concurrency=64)
         peaks = {}
         for name, n in (("small", 2000), ("large", 20_000)):

@@ -10,8 +10,9 @@ jobs, and there 2 threads made each step 3-5x slower than 1 (measured: 5-10 s vs
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -57,16 +58,25 @@ def base(base_dir: Path) -> tuple[Any, Any]:
 def trained(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> gt.LoraTrainResult:
     """One plain-LoRA run, overfitting 4 pairs: 8 steps at lr 3e-3, no dropout, merged copy written too."""
     out = tmp_path_factory.mktemp("lora")
-    params = gt.LoraParams(base_model=str(base_dir), learning_rate=3e-3, max_steps=8, batch_size=4,
-                           eval_fraction=0.0, dropout=0.0, quantize="none", merge=True)
+    params = gt.LoraParams(
+        base_model=str(base_dir),
+        learning_rate=3e-3,
+        max_steps=8,
+        batch_size=4,
+        eval_fraction=0.0,
+        dropout=0.0,
+        quantize="none",
+        merge=True,
+    )
     return gt.train_lora(INS, TGT, out, params, progress=False)
 
 
 # --------------------------------------------------------------------------- base model
 
 
-def test_base_model_converted_once_and_reused(base_dir: Path, base: tuple[Any, Any],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_base_model_converted_once_and_reused(
+    base_dir: Path, base: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert gi.is_complete_model_dir(base_dir)
     weights = base_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
@@ -135,8 +145,8 @@ def test_labels_mask_the_prompt_and_keep_the_answer(base: tuple[Any, Any]) -> No
         prompt = tok(gi.format_prompt(tok, inst), add_special_tokens=False).input_ids
         answer = tok(tgt, add_special_tokens=False).input_ids + [eot]
         assert f["input_ids"] == prompt + answer
-        assert f["labels"][:len(prompt)] == [-100] * len(prompt)
-        assert f["labels"][len(prompt):] == answer
+        assert f["labels"][: len(prompt)] == [-100] * len(prompt)
+        assert f["labels"][len(prompt) :] == answer
         assert len(f["attention_mask"]) == len(f["input_ids"])
     assert gi.format_prompt(tok, "hi").endswith("<|im_start|>assistant\n")
 
@@ -223,8 +233,9 @@ def test_4bit_qlora_runs_on_cpu(base_dir: Path, tmp_path: Path) -> None:
 
     ins = [f"Summarise: item {i} is here." for i in range(10)]
     tgt = [f"Item {i}." for i in range(10)]
-    params = gt.LoraParams(base_model=str(base_dir), quantize="4bit", max_steps=2, batch_size=3, eval_fraction=0.1,
-                           merge=True)
+    params = gt.LoraParams(
+        base_model=str(base_dir), quantize="4bit", max_steps=2, batch_size=3, eval_fraction=0.1, merge=True
+    )
     with pytest.warns(UserWarning, match="merge=True ignored"):
         res = gt.train_lora(ins, tgt, tmp_path, params, progress=False)
     assert res.precision.quantize_4bit and res.steps == 2 and res.merged_dir is None

@@ -5,8 +5,17 @@ import pandas as pd
 import pytest
 from rouge_score.rouge_scorer import RougeScorer
 
-from tasks.generate.medoid import (INVALID_EMPTY, INVALID_MISSING, INVALID_TOO_LONG, INVALID_TRUNCATED, medoid_frame,
-                          medoid_stats, pairwise_similarity, sample_invalid_reason, select_medoid)
+from tasks.generate.medoid import (
+    INVALID_EMPTY,
+    INVALID_MISSING,
+    INVALID_TOO_LONG,
+    INVALID_TRUNCATED,
+    medoid_frame,
+    medoid_stats,
+    pairwise_similarity,
+    sample_invalid_reason,
+    select_medoid,
+)
 
 
 def _rl(a: str, b: str) -> float:
@@ -44,9 +53,11 @@ def test_pairwise_rougeL_is_symmetric_with_unit_diagonal():
 
 
 def test_clear_winner_is_a_paraphrase_and_agreement_is_its_mean_similarity():
-    s = ["The cat sat on the mat all afternoon.",
-         "A cat was sitting on the mat all afternoon.",
-         "Quarterly revenue rose all year."]
+    s = [
+        "The cat sat on the mat all afternoon.",
+        "A cat was sitting on the mat all afternoon.",
+        "Quarterly revenue rose all year.",
+    ]
     r = select_medoid(s)
     assert r.index in (0, 1) and r.text == s[r.index]
     other = 1 - r.index
@@ -68,14 +79,16 @@ def test_ties_go_to_the_lowest_index_and_duplicates_agree_fully():
 
 
 def test_invalid_samples_are_excluded_and_counted():
-    s = [None,
-         "",
-         "   \n",
-         "good answer one two",  # truncated: would be the medoid if it counted
-         "good answer one two three",  # 5 words > max_words=4: would also win
-         "good answer one",
-         "good answer two",
-         "an unrelated reply"]
+    s = [
+        None,
+        "",
+        "   \n",
+        "good answer one two",  # truncated: would be the medoid if it counted
+        "good answer one two three",  # 5 words > max_words=4: would also win
+        "good answer one",
+        "good answer two",
+        "an unrelated reply",
+    ]
     fr = [None, "stop", "stop", "length", "stop", "stop", "stop", "stop"]
     assert select_medoid(s).index in (3, 4)  # without the rules the invalid ones win
     r = select_medoid(s, fr, max_words=4)
@@ -106,23 +119,38 @@ def _long(rows):
 
 
 def test_medoid_frame_keeps_every_item_and_counts_absent_samples():
-    df = _long([
-        ("a", 2, "Quarterly revenue rose all year.", "stop"),
-        ("b", 0, None, None),
-        ("a", 0, "The cat sat on the mat all afternoon.", "stop"),
-        ("b", 1, "", "stop"),
-        ("c", 1, "only this one", "stop"),
-        ("b", 2, "cut", "length"),
-        ("a", 1, "A cat was sitting on the mat all afternoon.", "stop"),
-        ("c", 0, "truncated", "length"),  # c has no sample 2: a request that left no row
-    ])
+    df = _long(
+        [
+            ("a", 2, "Quarterly revenue rose all year.", "stop"),
+            ("b", 0, None, None),
+            ("a", 0, "The cat sat on the mat all afternoon.", "stop"),
+            ("b", 1, "", "stop"),
+            ("c", 1, "only this one", "stop"),
+            ("b", 2, "cut", "length"),
+            ("a", 1, "A cat was sitting on the mat all afternoon.", "stop"),
+            ("c", 0, "truncated", "length"),  # c has no sample 2: a request that left no row
+        ]
+    )
     out = medoid_frame(df, k=3)
     assert list(out["item_id"]) == ["a", "b", "c"]
-    assert list(out.columns) == ["item_id", "text", "medoid_sample", "agreement", "n_valid", "n_invalid",
-                                 "invalid_reasons", "abstain_reason"]
+    assert list(out.columns) == [
+        "item_id",
+        "text",
+        "medoid_sample",
+        "agreement",
+        "n_valid",
+        "n_invalid",
+        "invalid_reasons",
+        "abstain_reason",
+    ]
     a, b, c = (out.iloc[i] for i in range(3))
-    ref = select_medoid(["The cat sat on the mat all afternoon.", "A cat was sitting on the mat all afternoon.",
-                         "Quarterly revenue rose all year."])
+    ref = select_medoid(
+        [
+            "The cat sat on the mat all afternoon.",
+            "A cat was sitting on the mat all afternoon.",
+            "Quarterly revenue rose all year.",
+        ]
+    )
     assert a["medoid_sample"] == ref.index and a["text"] == ref.text and a["agreement"] == pytest.approx(ref.agreement)
     assert b["text"] is None and b["medoid_sample"] is None and b["agreement"] is None
     assert b["abstain_reason"] == "no valid sample (1 missing, 1 empty, 1 truncated)"
@@ -133,8 +161,12 @@ def test_medoid_frame_keeps_every_item_and_counts_absent_samples():
     st = medoid_stats(out)
     assert st["items"] == 3 and st["items_abstained"] == 1
     assert st["samples_invalid"] == 5
-    assert (st["samples_invalid_missing"], st["samples_invalid_empty"], st["samples_invalid_truncated"],
-            st["samples_invalid_too_long"]) == (2, 1, 2, 0)
+    assert (
+        st["samples_invalid_missing"],
+        st["samples_invalid_empty"],
+        st["samples_invalid_truncated"],
+        st["samples_invalid_too_long"],
+    ) == (2, 1, 2, 0)
     assert st["items_with_agreement"] == 1 and st["mean_agreement"] == pytest.approx(ref.agreement)
 
 
@@ -150,10 +182,12 @@ def test_medoid_frame_rejects_duplicated_or_excess_samples_naming_the_item():
         medoid_frame(out_of_range, k=2)
 
 
-RESTAURANT = ["The food was cold and the service was slow.",  # shares most words with 1, means the opposite
-              "The food was delicious and the service was quick.",
-              "Tasty meal, friendly and fast staff.",
-              "We enjoyed a great dinner with prompt waiters."]
+RESTAURANT = [
+    "The food was cold and the service was slow.",  # shares most words with 1, means the opposite
+    "The food was delicious and the service was quick.",
+    "Tasty meal, friendly and fast staff.",
+    "We enjoyed a great dinner with prompt waiters.",
+]
 
 
 def test_embedding_picks_the_semantically_central_sample(minilm):
@@ -176,17 +210,24 @@ def test_medoid_frame_embedding_encodes_once(minilm):
             return minilm.encode(texts, normalize_embeddings=normalize_embeddings)
 
     rows = [("r", i, t, "stop") for i, t in enumerate(RESTAURANT)]
-    rows += [("s", 0, "The meeting moved to Friday.", "stop"), ("s", 1, "We meet on Friday now.", "stop"),
-             ("s", 2, "The food was cold and the service was slow.", "stop"),  # same text as in item r
-             ("t", 0, "alone", "stop")]  # one valid sample: nothing to encode
+    rows += [
+        ("s", 0, "The meeting moved to Friday.", "stop"),
+        ("s", 1, "We meet on Friday now.", "stop"),
+        ("s", 2, "The food was cold and the service was slow.", "stop"),  # same text as in item r
+        ("t", 0, "alone", "stop"),
+    ]  # one valid sample: nothing to encode
     out = medoid_frame(_long(rows), k=4, method="embedding", embedder=Counting())
     assert len(calls) == 1
     assert sorted(calls[0]) == sorted(set(RESTAURANT) | {"The meeting moved to Friday.", "We meet on Friday now."})
-    assert list(out["medoid_sample"]) == [1, select_medoid([r[2] for r in rows[4:7]], method="embedding",
-                                                           embedder=minilm).index, 0]
+    assert list(out["medoid_sample"]) == [
+        1,
+        select_medoid([r[2] for r in rows[4:7]], method="embedding", embedder=minilm).index,
+        0,
+    ]
     # the same value as item by item, up to float32 noise from batching other texts alongside
     assert out.iloc[0]["agreement"] == pytest.approx(
-        select_medoid(RESTAURANT, method="embedding", embedder=minilm).agreement, abs=1e-5)
+        select_medoid(RESTAURANT, method="embedding", embedder=minilm).agreement, abs=1e-5
+    )
 
 
 def test_shards_keep_a_sentence_cut_after_and_score_invalid_singles_as_empty(tmp_path) -> None:
@@ -197,14 +238,28 @@ def test_shards_keep_a_sentence_cut_after_and_score_invalid_singles_as_empty(tmp
     from tasks.generate.evaluate import teacher_gold_scores
 
     ref = "The council approved a new bridge over the river."
-    ann = pd.DataFrame({
-        "id": ["a"], "text": ["doc"], "label_gold": [ref],
-        "answers": [[" The council approved a new bridge. It will open in the spring and the",
-                     " The council approved a new bridge over the river", " The council approved a bridge."]],
-        "votes": [["The council approved a new bridge.", "The council approved a new bridge over the river",
-                   "The council approved a bridge."]],
-        "finish_reasons": [["length", "length", "stop"]],
-    })
+    ann = pd.DataFrame(
+        {
+            "id": ["a"],
+            "text": ["doc"],
+            "label_gold": [ref],
+            "answers": [
+                [
+                    " The council approved a new bridge. It will open in the spring and the",
+                    " The council approved a new bridge over the river",
+                    " The council approved a bridge.",
+                ]
+            ],
+            "votes": [
+                [
+                    "The council approved a new bridge.",
+                    "The council approved a new bridge over the river",
+                    "The council approved a bridge.",
+                ]
+            ],
+            "finish_reasons": [["length", "length", "stop"]],
+        }
+    )
     src = tmp_path / "ann.parquet"
     ann.to_parquet(src)
     [out] = medoid_shards([str(src)], str(tmp_path / "votes"), k=3, similarity="rougeL", max_words=40)

@@ -21,8 +21,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("distill", "flows", "tasks"):
         shutil.copytree(REPO / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
     out = src / "dist"
-    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_wheel({str(out)!r})"],
-                   cwd=src, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta as b; b.build_wheel({str(out)!r})"],
+        cwd=src,
+        check=True,
+        capture_output=True,
+    )
     return next(out.glob("*.whl"))
 
 
@@ -44,10 +48,17 @@ def test_a_tasks_package_of_your_own_that_hides_distills_is_named(wheel: Path, t
     (project / "tasks" / "__init__.py").write_text("")
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
     # -S: no site-packages (so no editable install of this checkout); the guard needs nothing but the stdlib
-    r = subprocess.run([sys.executable, "-S", "-c", "import flows"], cwd=project, env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", "import flows"], cwd=project, env=env, capture_output=True, text=True
+    )
     assert r.returncode != 0
     assert f"distill's 'tasks' package is hidden by {project / 'tasks' / '__init__.py'}" in r.stderr
-    ok = subprocess.run([sys.executable, "-S", "-c", "import flows, tasks; print(tasks.__file__)"], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, check=True)
+    ok = subprocess.run(
+        [sys.executable, "-S", "-c", "import flows, tasks; print(tasks.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert ok.stdout.strip() == str(site / "tasks" / "__init__.py")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import yaml
 
@@ -31,7 +29,9 @@ def run_cli(cfg, tmp_path, capsys):
     return rc, capsys.readouterr().err
 
 
-def test_dead_teacher_fails_the_probe_and_nothing_else_is_sent(tmp_path, binary_prompt, prefect_api, monkeypatch, capsys):
+def test_dead_teacher_fails_the_probe_and_nothing_else_is_sent(
+    tmp_path, binary_prompt, prefect_api, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/v1"
     cfg, _ = write_cfg(tmp_path, binary_prompt, url)
@@ -68,8 +68,9 @@ def test_teacher_answering_garbage_fails_the_probe(tmp_path, binary_prompt, pref
     db.close()
 
 
-def test_unreachable_tracking_store_refuses_before_any_request(tmp_path, binary_prompt, fake_teacher, prefect_api,
-                                                               monkeypatch, capsys):
+def test_unreachable_tracking_store_refuses_before_any_request(
+    tmp_path, binary_prompt, fake_teacher, prefect_api, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
@@ -92,7 +93,9 @@ def test_unwritable_run_folder_is_named(tmp_path, binary_prompt, fake_teacher, p
 def test_not_enough_disk_for_the_student(tmp_path, binary_prompt):
     cfg_path, raw = write_cfg(tmp_path, binary_prompt, "http://127.0.0.1:1/v1")
     cfg = DistillConfig(**yaml.safe_load(cfg_path.read_text()))
-    with pytest.raises(PreflightError, match=r"not enough disk for the student in .*: about [\d,]+ MB needed .*, 0 MB free"):
+    with pytest.raises(
+        PreflightError, match=r"not enough disk for the student in .*: about [\d,]+ MB needed .*, 0 MB free"
+    ):
         check_outputs(cfg, free_bytes=1024)
     figures = check_outputs(cfg)
     assert figures.student_mb_needed is not None and figures.student_mb_needed > 100 and figures.disk_free_mb > 0

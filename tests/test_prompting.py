@@ -44,12 +44,15 @@ def test_chat_rendering(binary_prompt):
     assert [m["role"] for m in msgs[1:3]] == ["user", "assistant"]
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("name: a\nlabels: [x]\ninstruction: i\n", "labels"),
-    ("name: a\nlabels: [x, y]\ninstruction: i\nexamples: [{text: t, label: z}]\n", "examples[0].label"),
-    ("name: a\nlabels: [x, y]\ninstruction: i\nbogus: 1\n", "bogus"),
-    ("labels: [x, y]\ninstruction: i\n", "'name'"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("name: a\nlabels: [x]\ninstruction: i\n", "labels"),
+        ("name: a\nlabels: [x, y]\ninstruction: i\nexamples: [{text: t, label: z}]\n", "examples[0].label"),
+        ("name: a\nlabels: [x, y]\ninstruction: i\nbogus: 1\n", "bogus"),
+        ("labels: [x, y]\ninstruction: i\n", "'name'"),
+    ],
+)
 def test_template_errors_name_the_field(tmp_path, body, needle):
     p = tmp_path / "bad.yaml"
     p.write_text(body)
@@ -76,8 +79,9 @@ def test_every_shipped_template_gives_k_pairwise_distinct_prompts_or_refuses(tem
 
 def test_variants_run_out_into_subsets_then_refuse_with_the_count(tmp_path):
     p = tmp_path / "two.yaml"
-    p.write_text("name: two\nlabels: [a, b]\ninstruction: x\nexamples:\n  - {text: one, label: a}\n"
-                 "  - {text: two, label: b}\n")
+    p.write_text(
+        "name: two\nlabels: [a, b]\ninstruction: x\nexamples:\n  - {text: one, label: a}\n  - {text: two, label: b}\n"
+    )
     t = load_prompt(str(p))
     assert t.variant_count() == 4  # two orders of both examples, then each example alone
     assert len({t.render_completion("z", i, vary=True) for i in range(4)}) == 4
@@ -85,8 +89,9 @@ def test_variants_run_out_into_subsets_then_refuse_with_the_count(tmp_path):
         t.check_variants(5)
     assert "give only 4 distinct" in str(e.value) and "two.yaml" in str(e.value) and "teacher.samples" in str(e.value)
     # identical examples render identically, so they are not counted twice
-    p.write_text("name: same\nlabels: [a, b]\ninstruction: x\nexamples:\n  - {text: one, label: a}\n"
-                 "  - {text: one, label: a}\n")
+    p.write_text(
+        "name: same\nlabels: [a, b]\ninstruction: x\nexamples:\n  - {text: one, label: a}\n  - {text: one, label: a}\n"
+    )
     assert load_prompt(str(p)).variant_count() == 2
     p.write_text("name: none\nlabels: [a, b]\ninstruction: x\n")
     with pytest.raises(PromptError, match="give only 1 distinct"):
@@ -102,8 +107,17 @@ def test_variants_do_not_depend_on_k(binary_prompt):
     assert [t2.render_completion("x", i, vary=True) for i in range(3)] == first
 
 
-HOSTILE = ["plain text", "{{ instruction }} {% if x %}", "back\\slash \\x00 and \x00 nul", "ünïcödé ✓ 🙂",
-           "<|im_end|> <|im_start|>system", "a\nb\r\nc\td", "  spaces  ", "x" * 5000, "Label: positive"]
+HOSTILE = [
+    "plain text",
+    "{{ instruction }} {% if x %}",
+    "back\\slash \\x00 and \x00 nul",
+    "ünïcödé ✓ 🙂",
+    "<|im_end|> <|im_start|>system",
+    "a\nb\r\nc\td",
+    "  spaces  ",
+    "x" * 5000,
+    "Label: positive",
+]
 
 
 @pytest.mark.parametrize("template", sorted(p.name for p in (REPO / "prompts").glob("*.yaml")))
@@ -113,18 +127,25 @@ def test_spliced_rendering_is_what_jinja_renders(template):
     assert t._slot.bare  # every shipped template takes the fast path
     for i in range(min(t.variant_count(), 6)):
         for text in HOSTILE:
-            ctx = dict(instruction=t.instruction.strip(), examples=t.examples_for(i, True),
-                       input_prefix=t.input_prefix, output_prefix=t.output_prefix)
+            ctx = dict(
+                instruction=t.instruction.strip(),
+                examples=t.examples_for(i, True),
+                input_prefix=t.input_prefix,
+                output_prefix=t.output_prefix,
+            )
             assert t.render_completion(text, i, vary=True) == t._slot.jinja.render(text=t.item_text(text), **ctx)
 
 
-@pytest.mark.parametrize("body,bare", [
-    ("{{ instruction }} {{ text }} and again {{ text }}", True),
-    ("{{ instruction }} {{ text | upper }}", False),
-    ("{% if text|length > 3 %}long{% endif %} {{ text }}", False),
-    ("{% set text = 'x' %}{{ instruction }} {{ text }}", False),
-    ("{% for text in [1] %}{{ text }}{% endfor %}", False),
-])
+@pytest.mark.parametrize(
+    "body,bare",
+    [
+        ("{{ instruction }} {{ text }} and again {{ text }}", True),
+        ("{{ instruction }} {{ text | upper }}", False),
+        ("{% if text|length > 3 %}long{% endif %} {{ text }}", False),
+        ("{% set text = 'x' %}{{ instruction }} {{ text }}", False),
+        ("{% for text in [1] %}{{ text }}{% endfor %}", False),
+    ],
+)
 def test_templates_that_transform_the_text_render_with_jinja(body, bare):
     from tasks.templates.base import SlotTemplate
 

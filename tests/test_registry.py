@@ -14,10 +14,10 @@ pytest.importorskip("mlflow")
 from distill.config import StudentConfig  # noqa: E402
 from tasks.classify.pyfunc import log_student_model  # noqa: E402
 from tasks.classify.register import register_classifier  # noqa: E402
+from tasks.classify.train import train_student  # noqa: E402
 from tasks.registry.gate import decide  # noqa: E402
 from tasks.registry.tracking import setup_tracking  # noqa: E402
 from tasks.results.stages import Registration  # noqa: E402
-from tasks.classify.train import train_student  # noqa: E402
 
 LABELS = ["positive", "negative"]
 POS = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
@@ -41,7 +41,9 @@ def student_dir(tmp_path_factory):
     p = tmp / "v.parquet"
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(rows * 3, columns=["text", "votes", "label", "confidence"])), p)
     cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20)
-    return train_student([str(p)], labels=LABELS, out_dir=str(tmp / "out"), student=cfg, min_agreement=0.6, show_progress=False).model_dir
+    return train_student(
+        [str(p)], labels=LABELS, out_dir=str(tmp / "out"), student=cfg, min_agreement=0.6, show_progress=False
+    ).model_dir
 
 
 def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
@@ -58,8 +60,17 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     def new_version(f1: float, floor: float = 0.6, margin: float = 0.0) -> Registration:
         with mlflow.start_run() as run:
             info = log_student_model(student_dir, precision="fp32", max_length=16, example_texts=texts)
-            return register_classifier(info.model_uri, model_name="m", score=f1, gold_texts=texts, gold_labels=gold,
-                                       labels=LABELS, floor=floor, margin=margin, run_id=run.info.run_id)
+            return register_classifier(
+                info.model_uri,
+                model_name="m",
+                score=f1,
+                gold_texts=texts,
+                gold_labels=gold,
+                labels=LABELS,
+                floor=floor,
+                margin=margin,
+                run_id=run.info.run_id,
+            )
 
     r = new_version(0.5)  # floor not met: registered, not champion
     assert r.promoted is False and "below the floor" in r.gate_reason
@@ -117,19 +128,48 @@ def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student
     texts, gold = POS + NEG, ["positive"] * 6 + ["negative"] * 6
     with mlflow.start_run() as run:
         good = log_student_model(student_dir, precision="fp32", max_length=16, example_texts=texts)
-        r = register_classifier(good.model_uri, model_name="m", score=0.7, gold_texts=texts, gold_labels=gold,
-                                labels=LABELS, floor=0.6, margin=0.0, run_id=run.info.run_id, candidate="good")
+        r = register_classifier(
+            good.model_uri,
+            model_name="m",
+            score=0.7,
+            gold_texts=texts,
+            gold_labels=gold,
+            labels=LABELS,
+            floor=0.6,
+            margin=0.0,
+            run_id=run.info.run_id,
+            candidate="good",
+        )
         assert r.promoted is True
         broken = mlflow.pyfunc.log_model(name="broken", python_model=_Broken()).model_uri
     with pytest.raises(RuntimeError, match="failed to load from the registry.*champion stays version 1"):
-        gated_registration(broken, "m", candidate="broken", champion=lambda: ("1", 0.5), floor=0.6, margin=0.0,
-                           metric="macro-F1", tags={"distill.score": "0.99"}, probe=pd.DataFrame({"text": texts[:2]}))
+        gated_registration(
+            broken,
+            "m",
+            candidate="broken",
+            champion=lambda: ("1", 0.5),
+            floor=0.6,
+            margin=0.0,
+            metric="macro-F1",
+            tags={"distill.score": "0.99"},
+            probe=pd.DataFrame({"text": texts[:2]}),
+        )
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
     v2 = find_candidate("m", "broken")
     assert v2.tags["gate_decision"] == "rejected" and "failed to load" in v2.tags["gate_reason"]
     # a rerun with the same trained student finds its version instead of registering another
-    again = register_classifier(lambda: pytest.fail("logged twice"), model_name="m", score=0.7, gold_texts=texts,
-                                gold_labels=gold, labels=LABELS, floor=0.6, margin=0.0, run_id="r", candidate="good")
+    again = register_classifier(
+        lambda: pytest.fail("logged twice"),
+        model_name="m",
+        score=0.7,
+        gold_texts=texts,
+        gold_labels=gold,
+        labels=LABELS,
+        floor=0.6,
+        margin=0.0,
+        run_id="r",
+        candidate="good",
+    )
     assert again.model_version == "1" and again.promoted is True
     assert len(client.search_model_versions("name='m'")) == 2

@@ -32,8 +32,9 @@ def _prefect_db() -> Path:
     return Path(url.split(":///", 1)[1])
 
 
-def test_the_key_is_used_and_appears_nowhere(tmp_path, fake_teacher, binary_prompt, prefect_api, monkeypatch, capsys,
-                                           caplog):
+def test_the_key_is_used_and_appears_nowhere(
+    tmp_path, fake_teacher, binary_prompt, prefect_api, monkeypatch, capsys, caplog
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DISTILL_CANARY_KEY", CANARY)
     write_data(tmp_path, 40, 16)
@@ -44,8 +45,11 @@ def test_the_key_is_used_and_appears_nowhere(tmp_path, fake_teacher, binary_prom
     pool.loc[1, "text"] = "[429] bad film 1"
     pool.loc[2, "text"] = "[dead] good film 2"
     pool.to_parquet(tmp_path / "pool.parquet")
-    raw = cfg_dict(tmp_path, binary_prompt, {"local": False, "base_url": fake_teacher.base_url, "samples": 3,
-                                             "api_key_env": "DISTILL_CANARY_KEY"})
+    raw = cfg_dict(
+        tmp_path,
+        binary_prompt,
+        {"local": False, "base_url": fake_teacher.base_url, "samples": 3, "api_key_env": "DISTILL_CANARY_KEY"},
+    )
     raw["client"]["max_attempts"] = 3
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))

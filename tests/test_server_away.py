@@ -17,8 +17,9 @@ from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
 
 
-def stop_mid_run_then_rerun(tmp_path, binary_prompt, stop: str, prefect_api: str = "",
-                            retries: dict[str, str] | None = None) -> tuple[str, str, dict]:
+def stop_mid_run_then_rerun(
+    tmp_path, binary_prompt, stop: str, prefect_api: str = "", retries: dict[str, str] | None = None
+) -> tuple[str, str, dict]:
     """Start `distill up`'s servers, run, stop server ``stop`` during annotation, then restart and rerun.
 
     Returns the stopped server's URL, the first run's stderr (after asserting exit 4) and the rerun's summary,
@@ -35,9 +36,22 @@ def stop_mid_run_then_rerun(tmp_path, binary_prompt, stop: str, prefect_api: str
         raw["student"]["epochs"] = 4
         cfg = tmp_path / "c.yaml"
         cfg.write_text(yaml.safe_dump(raw))
-        env = {**os.environ, "PREFECT_API_URL": prefect_api or sv["prefect"].url, "PYTHONPATH": str(REPO), **(retries or {})}
-        cmd = [sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress", "--summary-json",
-               str(tmp_path / "s.json")]
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": prefect_api or sv["prefect"].url,
+            "PYTHONPATH": str(REPO),
+            **(retries or {}),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "distill.cli",
+            "run",
+            str(cfg),
+            "--no-progress",
+            "--summary-json",
+            str(tmp_path / "s.json"),
+        ]
         run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
         while sum(teacher.delivered_ok.values()) < 20:  # annotation is under way
@@ -61,8 +75,13 @@ def stop_mid_run_then_rerun(tmp_path, binary_prompt, stop: str, prefect_api: str
 
 def test_tracking_server_goes_away_mid_run_then_rerun_completes(tmp_path, binary_prompt, prefect_api):
     # MLflow's client retries with backoff (7 retries, about 4 minutes by default); fewer here to keep CI short
-    url, err, s = stop_mid_run_then_rerun(tmp_path, binary_prompt, "mlflow", prefect_api, {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+    url, err, s = stop_mid_run_then_rerun(
+        tmp_path,
+        binary_prompt,
+        "mlflow",
+        prefect_api,
+        {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"},
+    )
     assert f"the MLflow tracking server at {url} stopped answering" in err and "rerun" in err
     assert "annotate" in s["stages_reused"] and s["model_version"] == "1" and s["promoted"] is True
 
@@ -70,8 +89,9 @@ def test_tracking_server_goes_away_mid_run_then_rerun_completes(tmp_path, binary
 def test_prefect_api_goes_away_mid_run_then_rerun_completes(tmp_path, binary_prompt):
     """Task runs go on without the API (Prefect 3 reports their states as events); the flow's own state update fails
     last, after Prefect's retries (5 by default, 1 here)."""
-    url, err, s = stop_mid_run_then_rerun(tmp_path, binary_prompt, "prefect",
-                                          retries={"PREFECT_CLIENT_MAX_RETRIES": "1"})
+    url, err, s = stop_mid_run_then_rerun(
+        tmp_path, binary_prompt, "prefect", retries={"PREFECT_CLIENT_MAX_RETRIES": "1"}
+    )
     assert f"the Prefect API at {url} stopped answering" in err and "rerun" in err
     assert "Traceback" not in err.split("distill: error:")[-1]
     assert "annotate" in s["stages_reused"] and s["model_version"] == "1" and s["promoted"] is True
@@ -85,8 +105,14 @@ def test_prefect_api_not_reachable_at_start(tmp_path, binary_prompt, fake_teache
     cfg.write_text(yaml.safe_dump(raw))
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {**os.environ, "PREFECT_API_URL": url, "PYTHONPATH": str(REPO), "PREFECT_CLIENT_MAX_RETRIES": "0"}
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the Prefect API at {url} is not reachable" in proc.stderr and "nothing was sent" in proc.stderr
     assert sum(fake_teacher.delivered_ok.values()) == 0

@@ -1,4 +1,4 @@
-"""kill -9 at each stage of ``distill run``, then rerun: the same final figures, and only what had not finished is redone.
+"""kill -9 at each stage of ``distill run``, then rerun: the same figures; only what had not finished is redone.
 
 The process is killed by a failpoint (distill/faults.py) at a chosen moment: between two
 annotation shards, after each later stage's work but before it is recorded, and at three
@@ -20,9 +20,23 @@ from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
 
 # figures that must not depend on being interrupted (timings, speeds and ids may)
-SAME = ("student_macro_f1", "student_accuracy", "student_macro_f1_on_teacher_subset", "teacher_macro_f1_voted",
-        "teacher_accuracy_single", "train_items", "val_macro_f1", "student_ece", "teacher_ece", "promoted",
-        "model_version", "items", "votes", "invalid_votes", "gold_items")
+SAME = (
+    "student_macro_f1",
+    "student_accuracy",
+    "student_macro_f1_on_teacher_subset",
+    "teacher_macro_f1_voted",
+    "teacher_accuracy_single",
+    "train_items",
+    "val_macro_f1",
+    "student_ece",
+    "teacher_ece",
+    "promoted",
+    "model_version",
+    "items",
+    "votes",
+    "invalid_votes",
+    "gold_items",
+)
 STAGES = ["annotate", "aggregate", "train", "evaluate"]
 
 
@@ -50,8 +64,14 @@ def distill_run(cfg, tmp_path, prefect_api, failpoint=None):
         env["DISTILL_FAILPOINT"] = failpoint
     out = tmp_path / "summary.json"
     out.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress", "--summary-json",
-                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", str(cfg), "--no-progress", "--summary-json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     summary = json.loads(out.read_text()) if out.exists() else None
     return proc, summary
 
@@ -76,15 +96,18 @@ def champion_predicts(tracking_uri: str, name: str) -> list[str]:
     return model.predict(pd.DataFrame({"text": ["good story here", "bad acting here"]}))["label"].tolist()
 
 
-@pytest.mark.parametrize("point,reused", [
-    ("annotate:shard", []),
-    ("aggregate:finished", STAGES[:1]),
-    ("train:finished", STAGES[:2]),
-    ("evaluate:finished", STAGES[:3]),
-    ("register:logged", STAGES),
-    ("register:created", STAGES),
-    ("register:before-champion", STAGES),
-])
+@pytest.mark.parametrize(
+    "point,reused",
+    [
+        ("annotate:shard", []),
+        ("aggregate:finished", STAGES[:1]),
+        ("train:finished", STAGES[:2]),
+        ("evaluate:finished", STAGES[:3]),
+        ("register:logged", STAGES),
+        ("register:created", STAGES),
+        ("register:before-champion", STAGES),
+    ],
+)
 def test_kill_at_each_stage_then_rerun(point, reused, tmp_path, teacher, binary_prompt, prefect_api, uninterrupted):
     cfg, raw = setup_run(tmp_path, teacher, binary_prompt)
     killed, _ = distill_run(cfg, tmp_path, prefect_api, failpoint=point)
@@ -97,7 +120,9 @@ def test_kill_at_each_stage_then_rerun(point, reused, tmp_path, teacher, binary_
         # a version exists only complete: born with its gate decision; the champion alias is not yet moved
         for v in versions:
             assert v.tags.get("gate_decision") in ("promoted", "rejected") and v.tags.get("distill.candidate")
-        with pytest.raises(Exception):
+        from mlflow.exceptions import MlflowException
+
+        with pytest.raises(MlflowException):
             client.get_model_version_by_alias(name, "champion")
 
     proc, s = distill_run(cfg, tmp_path, prefect_api)

@@ -30,11 +30,13 @@ def test_length_mismatch_raises_naming_both_lengths():
 
 @pytest.fixture(scope="module")
 def bs():
-    preds = ["The cat sat on the mat.",          # identical
-             "A cat was sitting on the mat.",    # paraphrase
-             "Stock prices fell sharply today.",  # unrelated
-             "",                                  # empty
-             "The cat"]                           # strict subset of the reference
+    preds = [
+        "The cat sat on the mat.",  # identical
+        "A cat was sitting on the mat.",  # paraphrase
+        "Stock prices fell sharply today.",  # unrelated
+        "",  # empty
+        "The cat",
+    ]  # strict subset of the reference
     refs = ["The cat sat on the mat."] * 5
     return bertscore(preds, refs)
 
@@ -64,8 +66,10 @@ def test_bertscore_subset_prediction_has_precision_above_recall():
 
 
 def test_bertscore_is_deterministic(bs):
-    again = bertscore(["The cat sat on the mat.", "A cat was sitting on the mat.", "Stock prices fell sharply today.",
-                       "", "The cat"], ["The cat sat on the mat."] * 5)
+    again = bertscore(
+        ["The cat sat on the mat.", "A cat was sitting on the mat.", "Stock prices fell sharply today.", "", "The cat"],
+        ["The cat sat on the mat."] * 5,
+    )
     assert again.per_item_f1 == pytest.approx(bs.per_item_f1, abs=1e-6)
 
 

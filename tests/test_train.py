@@ -12,8 +12,16 @@ torch = pytest.importorskip("torch")
 
 from distill.config import StudentConfig  # noqa: E402
 from tasks.classify.inference import StudentPredictor  # noqa: E402
-from tasks.classify.train import (TrainData, build_train_data, class_weights, distill_loss, soft_cross_entropy,  # noqa: E402
-                         split_train_val, target_log_prior, train_student)
+from tasks.classify.train import (  # noqa: E402
+    TrainData,
+    build_train_data,
+    class_weights,
+    distill_loss,
+    soft_cross_entropy,  # noqa: E402
+    split_train_val,
+    target_log_prior,
+    train_student,
+)
 
 
 def test_soft_ce_equals_hard_ce_for_one_hot_and_is_zero_for_certain_match():
@@ -48,19 +56,23 @@ def test_distill_loss_mixes_hard_and_soft_terms():
     soft = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
     w = torch.ones(2)
     ce = torch.nn.functional.cross_entropy(logits, hard)
-    assert distill_loss(logits, hard, soft, w, 0.0, 1.0).item() == pytest.approx(ce.item())
+    assert distill_loss(logits, hard, soft, w, soft_weight=0.0, temperature=1.0).item() == pytest.approx(ce.item())
     soft_ce = soft_cross_entropy(logits, soft)
-    assert distill_loss(logits, hard, soft, w, 1.0, 1.0).item() == pytest.approx(soft_ce.item())
-    assert distill_loss(logits, hard, soft, w, 0.25, 1.0).item() == pytest.approx(0.75 * ce.item() + 0.25 * soft_ce.item())
+    assert distill_loss(logits, hard, soft, w, soft_weight=1.0, temperature=1.0).item() == pytest.approx(soft_ce.item())
+    assert distill_loss(logits, hard, soft, w, soft_weight=0.25, temperature=1.0).item() == pytest.approx(
+        0.75 * ce.item() + 0.25 * soft_ce.item()
+    )
     # at temperature T both sides are softened and the term is scaled by T^2
     t = 3.0
     p = soft ** (1 / t)
     p = p / p.sum(-1, keepdim=True)
     expect = t * t * soft_cross_entropy(logits / t, p)
-    assert distill_loss(logits, hard, soft, w, 1.0, t).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert distill_loss(logits, hard, soft, w, soft_weight=1.0, temperature=t).item() == pytest.approx(
+        expect.item(), rel=1e-5
+    )
     # one-hot soft targets at T=1 are the hard loss
     one_hot = torch.nn.functional.one_hot(hard, 2)
-    assert distill_loss(logits, hard, one_hot, w, 1.0, 1.0).item() == pytest.approx(ce.item())
+    assert distill_loss(logits, hard, one_hot, w, soft_weight=1.0, temperature=1.0).item() == pytest.approx(ce.item())
 
 
 def test_logit_adjusted_loss_is_the_loss_on_shifted_logits_and_its_prior_is_the_mean_target():
@@ -70,12 +82,15 @@ def test_logit_adjusted_loss_is_the_loss_on_shifted_logits_and_its_prior_is_the_
     w = torch.ones(2)
     prior = torch.log(torch.tensor([0.75, 0.25]))
     for sw in (0.0, 0.5, 1.0):
-        plain = distill_loss(logits + prior, hard, soft, w, sw, 2.0)
-        assert distill_loss(logits, hard, soft, w, sw, 2.0, prior).item() == pytest.approx(plain.item())
+        plain = distill_loss(logits + prior, hard, soft, w, soft_weight=sw, temperature=2.0)
+        assert distill_loss(
+            logits, hard, soft, w, soft_weight=sw, temperature=2.0, log_prior=prior
+        ).item() == pytest.approx(plain.item())
     # a skewed prior makes predicting the majority class cheaper in training, so its raw logit learns less
     majority_only = torch.tensor([[1.0, 1.0]])
-    assert (distill_loss(majority_only, torch.tensor([0]), soft[:1], w[:1], 0.0, 1.0, prior)
-            < distill_loss(majority_only, torch.tensor([0]), soft[:1], w[:1], 0.0, 1.0))
+    assert distill_loss(
+        majority_only, torch.tensor([0]), soft[:1], w[:1], soft_weight=0.0, temperature=1.0, log_prior=prior
+    ) < distill_loss(majority_only, torch.tensor([0]), soft[:1], w[:1], soft_weight=0.0, temperature=1.0)
     data = TrainData(["a", "b", "c"], [0, 0, 1], [1.0] * 3, [[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], 0, 0)
     hard_prior = target_log_prior(data, [0, 1, 2], 0.0)
     assert np.exp(hard_prior) == pytest.approx([2 / 3, 1 / 3])
@@ -90,8 +105,15 @@ def test_class_weights_are_inverse_frequency():
 
 
 def test_training_uses_the_aggregations_distribution_as_soft_target(tmp_path):
-    df = pd.DataFrame({"text": ["a", "b"], "votes": [["pos", "pos", "neg"], ["neg", None, None]],
-                       "label": ["pos", "neg"], "confidence": [0.7, 0.3], "label_dist": [[0.7, 0.3], [0.1, 0.9]]})
+    df = pd.DataFrame(
+        {
+            "text": ["a", "b"],
+            "votes": [["pos", "pos", "neg"], ["neg", None, None]],
+            "label": ["pos", "neg"],
+            "confidence": [0.7, 0.3],
+            "label_dist": [[0.7, 0.3], [0.1, 0.9]],
+        }
+    )
     p = tmp_path / "v.parquet"
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), p)
     d = build_train_data([str(p)], ["pos", "neg"], "weight", 0.6)
@@ -103,12 +125,26 @@ def test_skewed_teacher_labels_do_not_collapse_the_student_to_the_majority_class
     """75/25 teacher labels: the minority class must still be predicted (it is learnable here)."""
     pos = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
     neg = ["awful mess", "hated it", "terrible acting", "a bore", "dreadful film", "dull and pointless"]
-    majority = [(f"{t} {i}", ["negative"], "negative", 1.0) for i in range(6) for t in neg]   # 36 items
-    minority = [(f"{t} {i}", ["positive"], "positive", 1.0) for i in range(2) for t in pos]   # 12 items
+    majority = [(f"{t} {i}", ["negative"], "negative", 1.0) for i in range(6) for t in neg]  # 36 items
+    minority = [(f"{t} {i}", ["positive"], "positive", 1.0) for i in range(2) for t in pos]  # 12 items
     p = voted_file(tmp_path, majority + minority)
-    cfg = StudentConfig(epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, val_fraction=0.25,
-                        early_stopping_patience=20, class_balance=balance)
-    r = train_student([p], labels=["positive", "negative"], out_dir=str(tmp_path / "out"), student=cfg, min_agreement=0.6, show_progress=False)
+    cfg = StudentConfig(
+        epochs=5,
+        batch_size=8,
+        learning_rate=3e-4,
+        max_length=16,
+        val_fraction=0.25,
+        early_stopping_patience=20,
+        class_balance=balance,
+    )
+    r = train_student(
+        [p],
+        labels=["positive", "negative"],
+        out_dir=str(tmp_path / "out"),
+        student=cfg,
+        min_agreement=0.6,
+        show_progress=False,
+    )
     assert r.train_label_counts["negative"] > 2 * r.train_label_counts["positive"]
     assert r.class_balance == balance and r.val_macro_f1 > 0.5
     pred, _ = StudentPredictor(r.model_dir).predict(["superb and moving", "a joy", "loved it", "awful mess"])
@@ -116,12 +152,15 @@ def test_skewed_teacher_labels_do_not_collapse_the_student_to_the_majority_class
 
 
 def test_vote_rules_for_training(tmp_path):
-    p = voted_file(tmp_path, [
-        ("a", ["pos", "pos", "neg"], "pos", 2 / 3),
-        ("b", ["pos", "neg", None], None, 1 / 3),  # tie: abstained, never trained on
-        ("c", ["neg", None, None], "neg", 1 / 3),  # low agreement
-        ("d", ["neg", "neg", "neg"], "neg", 1.0),
-    ])
+    p = voted_file(
+        tmp_path,
+        [
+            ("a", ["pos", "pos", "neg"], "pos", 2 / 3),
+            ("b", ["pos", "neg", None], None, 1 / 3),  # tie: abstained, never trained on
+            ("c", ["neg", None, None], "neg", 1 / 3),  # low agreement
+            ("d", ["neg", "neg", "neg"], "neg", 1.0),
+        ],
+    )
     f = build_train_data([p], ["pos", "neg"], "filter", 0.6)
     assert f.texts == ["a", "d"] and f.excluded_abstained == 1 and f.excluded_low_agreement == 1
     assert f.weights == [1.0, 1.0]
@@ -142,10 +181,20 @@ def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     rows = [(t, ["positive"] * 3, "positive", 1.0) for t in pos] + [(t, ["negative"] * 3, "negative", 1.0) for t in neg]
     p = voted_file(tmp_path, rows * 3)
     labels = ["positive", "negative"]
-    cfg = StudentConfig(epochs=6, batch_size=8, learning_rate=3e-4, max_length=16, soft_label_weight=1.0 if soft else 0.0,
-                        distill_temperature=2.0 if soft else 1.0, val_fraction=0.2, early_stopping_patience=20)
+    cfg = StudentConfig(
+        epochs=6,
+        batch_size=8,
+        learning_rate=3e-4,
+        max_length=16,
+        soft_label_weight=1.0 if soft else 0.0,
+        distill_temperature=2.0 if soft else 1.0,
+        val_fraction=0.2,
+        early_stopping_patience=20,
+    )
     probe = pos[:3] + neg[:3]
-    r = train_student([p], labels=labels, out_dir=str(tmp_path / "out"), student=cfg, min_agreement=0.6, show_progress=False)
+    r = train_student(
+        [p], labels=labels, out_dir=str(tmp_path / "out"), student=cfg, min_agreement=0.6, show_progress=False
+    )
     assert r.device == "cpu" and r.train_items + r.val_items == 36
     pred = StudentPredictor(r.model_dir)
     after, scores = pred.predict(probe)
@@ -153,7 +202,9 @@ def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     assert all(0.5 < s <= 1.0 for s in scores)
     # the untrained head (same base, fresh init) does not already know this
     from transformers import AutoModelForSequenceClassification
+
     from tasks.classify.train import resolve_student_path
+
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_student_path("auto"), num_labels=2)
     enc = pred.tok(probe, padding=True, return_tensors="pt")
@@ -167,7 +218,14 @@ def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
     rows += [("bad " * (i % 5 + 1), ["negative"] * 3, "negative", 1.0) for i in range(10)]
     p = voted_file(tmp_path, rows)
     cfg = StudentConfig(epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20)
-    r = train_student([p], labels=["positive", "negative"], out_dir=str(tmp_path / "o"), student=cfg, min_agreement=0.6, show_progress=False)
+    r = train_student(
+        [p],
+        labels=["positive", "negative"],
+        out_dir=str(tmp_path / "o"),
+        student=cfg,
+        min_agreement=0.6,
+        show_progress=False,
+    )
     texts = [r_[0] for r_ in rows]
     fp32, _ = StudentPredictor(r.model_dir).predict(texts, batch_size=3)
     assert fp32 == [r_[2] for r_ in rows]  # sorted by length inside, returned in caller order
@@ -180,8 +238,16 @@ def test_several_gpus_train_under_accelerate_one_or_none_in_process(monkeypatch)
 
     assert train.accelerate_command(0, "a.json", {}) is None and train.accelerate_command(1, "a.json", {}) is None
     cmd = train.accelerate_command(4, "a.json", {})
-    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "-m", "tasks.classify.train",
-                       "a.json"]
+    assert cmd[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "4",
+        "-m",
+        "tasks.classify.train",
+        "a.json",
+    ]
     assert train.accelerate_command(4, "a.json", {"LOCAL_RANK": "0"}) is None  # already a rank of a launch
     # what the device pick reports on a machine with 4 bf16 GPUs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

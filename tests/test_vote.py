@@ -1,6 +1,7 @@
-import pytest
-from tasks.classify.aggregate import majority_vote, vote_frame
 import pandas as pd
+import pytest
+
+from tasks.classify.aggregate import majority_vote, vote_frame
 
 
 def test_clear_majority_share_is_over_all_k():
@@ -39,11 +40,13 @@ def test_single_sample():
 
 
 def test_vote_frame_keeps_every_row():
-    df = pd.DataFrame({
-        "id": ["a", "b", "c"],
-        "votes": [["x", "x", "y"], [None, None, None], ["x", "y", None]],
-        "sample_status": [["ok"] * 3, ["failed", "invalid", "failed"], ["ok", "ok", "invalid"]],
-    })
+    df = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "votes": [["x", "x", "y"], [None, None, None], ["x", "y", None]],
+            "sample_status": [["ok"] * 3, ["failed", "invalid", "failed"], ["ok", "ok", "invalid"]],
+        }
+    )
     out = vote_frame(df, 0.6)
     assert list(out["id"]) == ["a", "b", "c"]
     assert list(out["label"]) == ["x", None, None]
@@ -74,15 +77,21 @@ def test_mean_probability_ties_and_empty_items_abstain_with_reasons():
     labels = ["positive", "negative"]
     r = mean_probability(["positive", "negative"], [[0.5, 0.5], [0.5, 0.5]], labels)
     assert r.label is None and r.abstain_reason == "tie between negative and positive"
-    assert mean_probability([None, None], [None, None], labels, failed=[True, True]).abstain_reason == "all requests failed"
+    assert (
+        mean_probability([None, None], [None, None], labels, failed=[True, True]).abstain_reason
+        == "all requests failed"
+    )
     assert mean_probability([None, None], [[0.9, 0.1], None], labels).abstain_reason == "no valid votes"
 
 
 def test_vote_frame_writes_the_distribution_for_either_aggregation():
-    df = pd.DataFrame({
-        "votes": [["x", "x", "y"]], "sample_status": [["ok"] * 3],
-        "sample_probs": [[[0.6, 0.4], [0.55, 0.45], [0.1, 0.9]]],
-    })
+    df = pd.DataFrame(
+        {
+            "votes": [["x", "x", "y"]],
+            "sample_status": [["ok"] * 3],
+            "sample_probs": [[[0.6, 0.4], [0.55, 0.45], [0.1, 0.9]]],
+        }
+    )
     maj = vote_frame(df, 0.6, ["x", "y"], "majority").iloc[0]
     # majority keeps the most votes as the label and the teacher's probabilities as the distribution
     assert maj["label"] == "x" and maj["confidence"] == pytest.approx(2 / 3)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tasks.results.accounting import TeacherPrice
 
@@ -142,8 +143,17 @@ class SpendMeter:
                     return False
                 await cond.wait()
 
-    async def settle(self, endpoint: int, reservation: float, prompt_tokens: Optional[int],
-                     completion_tokens: Optional[int], est_prompt: int, billed: bool, busy_s: float = 0.0) -> float:
+    async def settle(
+        self,
+        endpoint: int,
+        reservation: float,
+        *,
+        prompt_tokens: Optional[int],
+        completion_tokens: Optional[int],
+        est_prompt: int,
+        billed: bool,
+        busy_s: float = 0.0,
+    ) -> float:
         """End an attempt: release its reservation, charge what it really cost; returns its token cost."""
         p = self._price(endpoint)
         cost = p.token_cost(prompt_tokens, completion_tokens) if billed else 0.0

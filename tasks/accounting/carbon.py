@@ -15,17 +15,18 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 log = logging.getLogger("distill.carbon")
 
 MEASURED = "estimated by codecarbon from CPU/GPU power models (OfflineEmissionsTracker, {mode} mode, {country})"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _energy_mix() -> dict[str, Any]:
     import codecarbon
 
@@ -53,13 +54,25 @@ class EnergyReading:
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self, prefix: str) -> dict[str, Any]:
-        return {f"{prefix}_kwh": self.kwh, f"{prefix}_gco2": self.gco2, f"{prefix}_energy_s": round(self.duration_s, 2),
-                f"{prefix}_kwh_method": self.method, f"{prefix}_gco2_method": self.method}
+        return {
+            f"{prefix}_kwh": self.kwh,
+            f"{prefix}_gco2": self.gco2,
+            f"{prefix}_energy_s": round(self.duration_s, 2),
+            f"{prefix}_kwh_method": self.method,
+            f"{prefix}_gco2_method": self.method,
+        }
 
 
 @contextlib.contextmanager
-def measure_energy(label: str, country_iso_code: str, enabled: bool = True, cpu_power_w: Optional[float] = None,
-                   measure_power_secs: float = 5.0, tracking_mode: str = "machine") -> Iterator[EnergyReading]:
+def measure_energy(
+    label: str,
+    country_iso_code: str,
+    *,
+    enabled: bool = True,
+    cpu_power_w: Optional[float] = None,
+    measure_power_secs: float = 5.0,
+    tracking_mode: str = "machine",
+) -> Iterator[EnergyReading]:
     """Measure the energy of the ``with`` block; the reading is filled in when the block ends.
 
     ``machine`` mode counts the whole machine's CPU load, which is what a local teacher
@@ -75,9 +88,15 @@ def measure_energy(label: str, country_iso_code: str, enabled: bool = True, cpu_
 
             logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its init chatter comes before log_level applies
 
-            kw: dict[str, Any] = {"country_iso_code": country_iso_code, "log_level": "error", "output_methods": [],
-                                  "measure_power_secs": measure_power_secs, "tracking_mode": tracking_mode,
-                                  "project_name": f"distill-{label}", "allow_multiple_runs": True}
+            kw: dict[str, Any] = {
+                "country_iso_code": country_iso_code,
+                "log_level": "error",
+                "output_methods": [],
+                "measure_power_secs": measure_power_secs,
+                "tracking_mode": tracking_mode,
+                "project_name": f"distill-{label}",
+                "allow_multiple_runs": True,
+            }
             if cpu_power_w:
                 kw["force_cpu_power"] = cpu_power_w
             tracker = OfflineEmissionsTracker(**kw)
@@ -98,15 +117,25 @@ def measure_energy(label: str, country_iso_code: str, enabled: bool = True, cpu_
                 reading.kwh = float(d.energy_consumed)
                 reading.gco2 = float(d.emissions) * 1000.0
                 reading.method = MEASURED.format(mode=tracking_mode, country=country_iso_code)
-                reading.details = {"cpu_power_w": float(d.cpu_power), "ram_power_w": float(d.ram_power),
-                                   "gpu_power_w": float(d.gpu_power), "cpu_model": d.cpu_model,
-                                   "gpu_model": d.gpu_model, "cpu_utilization_percent": d.cpu_utilization_percent}
+                reading.details = {
+                    "cpu_power_w": float(d.cpu_power),
+                    "ram_power_w": float(d.ram_power),
+                    "gpu_power_w": float(d.gpu_power),
+                    "cpu_model": d.cpu_model,
+                    "gpu_model": d.gpu_model,
+                    "cpu_utilization_percent": d.cpu_utilization_percent,
+                }
             except Exception as e:  # pragma: no cover
                 reading.method = f"not measured: codecarbon failed to stop ({type(e).__name__}: {e})"
 
 
-def remote_teacher_energy(requests: int, tokens_out: int, kwh_per_request: Optional[float],
-                          kwh_per_1k_output_tokens: Optional[float], country_iso_code: str) -> EnergyReading:
+def remote_teacher_energy(
+    requests: int,
+    tokens_out: int,
+    kwh_per_request: Optional[float],
+    kwh_per_1k_output_tokens: Optional[float],
+    country_iso_code: str,
+) -> EnergyReading:
     """Energy of a remote teacher's answers: per 1k output tokens if configured, else per request."""
     gi = grid_intensity(country_iso_code)
     if kwh_per_1k_output_tokens is not None:

@@ -9,7 +9,6 @@ priced by the hours its hardware is busy with the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +16,6 @@ from pydantic import ValidationError
 
 from distill.config import ModelPrice, PricingConfig, TeacherConfig, read_yaml
 from tasks.results.accounting import TeacherPrice
-
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,27 +44,42 @@ def load_table(path: str | Path) -> dict[str, ModelPrice]:
 
 
 def _from_entry(model: str, e: ModelPrice, batch: bool, source: str) -> TeacherPrice:
-    common: dict[str, Any] = {"kwh_per_request": e.kwh_per_request, "kwh_per_1k_output_tokens": e.kwh_per_1k_output_tokens,
-                              "source": e.source or source}
+    common: dict[str, Any] = {
+        "kwh_per_request": e.kwh_per_request,
+        "kwh_per_1k_output_tokens": e.kwh_per_1k_output_tokens,
+        "source": e.source or source,
+    }
     if e.free:
         return TeacherPrice(model, "free", **common)
     if e.usd_per_hour is not None:
         return TeacherPrice(model, "hourly", usd_per_hour=e.usd_per_hour, **common)
-    tp = TeacherPrice(model, "tokens", input_per_mtok=e.input_per_mtok, output_per_mtok=e.output_per_mtok,
-                      per_request_usd=e.per_request_usd, batch_discount=e.batch_discount, **common)
+    tp = TeacherPrice(
+        model,
+        "tokens",
+        input_per_mtok=e.input_per_mtok,
+        output_per_mtok=e.output_per_mtok,
+        per_request_usd=e.per_request_usd,
+        batch_discount=e.batch_discount,
+        **common,
+    )
     return tp.batch_variant() if batch else tp
 
 
-def resolve_price(model: str, local: bool, pc: PricingConfig,
-                  table: Optional[dict[str, ModelPrice]] = None) -> TeacherPrice:
+def resolve_price(
+    model: str, local: bool, pc: PricingConfig, table: Optional[dict[str, ModelPrice]] = None
+) -> TeacherPrice:
     """Price of ``model``: run overrides, then the local hardware rate, then the table; else an error."""
     if pc.free:
         return TeacherPrice(model, "free", source="marked free by pricing.free")
     if model in pc.models:
         return _from_entry(model, pc.models[model], pc.batch, "pricing.models in the run config")
     if local:
-        return TeacherPrice(model, "hourly", usd_per_hour=pc.hardware_usd_per_hour,
-                            source=f"local teacher on {pc.hardware_name} at pricing.hardware_usd_per_hour")
+        return TeacherPrice(
+            model,
+            "hourly",
+            usd_per_hour=pc.hardware_usd_per_hour,
+            source=f"local teacher on {pc.hardware_name} at pricing.hardware_usd_per_hour",
+        )
     table = load_table(pc.table) if table is None else table
     if model in table:
         return _from_entry(model, table[model], pc.batch, pc.table)

@@ -22,15 +22,15 @@ teacher was. Beside it: its entropy, and where the probabilities came from
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.results.classify import VoteStats
-
 
 NO_LABEL = "<none>"  # how an abstention is shown beside real labels in metrics
 
@@ -57,8 +57,9 @@ class VoteResult:
     prob_source: Optional[str] = None  # "logprobs", "votes" or "mixed" (some samples had no log-probabilities)
 
 
-def majority_vote(votes: Sequence[Optional[str]], min_agreement: float = 0.0,
-                  failed: Sequence[bool] | None = None) -> VoteResult:
+def majority_vote(
+    votes: Sequence[Optional[str]], min_agreement: float = 0.0, failed: Sequence[bool] | None = None
+) -> VoteResult:
     """Majority vote over ``votes`` (None = invalid or failed sample); see the module docstring."""
     k = len(votes)
     valid = [v for v in votes if v is not None]
@@ -75,8 +76,13 @@ def majority_vote(votes: Sequence[Optional[str]], min_agreement: float = 0.0,
     return VoteResult(leaders[0], conf, len(valid), k, None, conf < min_agreement)
 
 
-def mean_probability(votes: Sequence[Optional[str]], probs: Sequence[Optional[Sequence[float]]], labels: list[str],
-                     min_agreement: float = 0.0, failed: Sequence[bool] | None = None) -> VoteResult:
+def mean_probability(
+    votes: Sequence[Optional[str]],
+    probs: Sequence[Optional[Sequence[float]]],
+    labels: list[str],
+    min_agreement: float = 0.0,
+    failed: Sequence[bool] | None = None,
+) -> VoteResult:
     """Average the k samples' label distributions; see the module docstring for the rules."""
     k = len(votes)
     idx = {lab: i for i, lab in enumerate(labels)}
@@ -116,16 +122,35 @@ def _with_distribution(r: VoteResult, dist: VoteResult) -> VoteResult:
     """A majority result carrying the teacher's label distribution (from :func:`mean_probability`)."""
     if dist.label_dist is None:
         return r
-    return VoteResult(r.label, r.confidence, r.n_valid_votes, r.n_votes, r.abstain_reason, r.low_agreement,
-                      dist.label_dist, dist.entropy, dist.prob_source)
+    return VoteResult(
+        r.label,
+        r.confidence,
+        r.n_valid_votes,
+        r.n_votes,
+        r.abstain_reason,
+        r.low_agreement,
+        dist.label_dist,
+        dist.entropy,
+        dist.prob_source,
+    )
 
 
-VOTE_COLUMNS = ["label", "confidence", "n_valid_votes", "n_votes", "abstain_reason", "low_agreement", "label_dist",
-                "entropy", "prob_source"]
+VOTE_COLUMNS = [
+    "label",
+    "confidence",
+    "n_valid_votes",
+    "n_votes",
+    "abstain_reason",
+    "low_agreement",
+    "label_dist",
+    "entropy",
+    "prob_source",
+]
 
 
-def vote_frame(ann: pd.DataFrame, min_agreement: float, labels: Optional[list[str]] = None,
-               aggregation: str = "majority") -> pd.DataFrame:
+def vote_frame(
+    ann: pd.DataFrame, min_agreement: float, labels: Optional[list[str]] = None, aggregation: str = "majority"
+) -> pd.DataFrame:
     """Add the aggregation's columns to one annotation shard (columns: votes, sample_status, ...)."""
     labels = labels if labels is not None else sorted({v for vs in ann["votes"] for v in vs if v is not None})
     probs = ann["sample_probs"] if "sample_probs" in ann else [[None] * len(v) for v in ann["votes"]]
@@ -133,16 +158,24 @@ def vote_frame(ann: pd.DataFrame, min_agreement: float, labels: Optional[list[st
     for v, st, p in zip(ann["votes"], ann["sample_status"], probs):
         failed = [s == "failed" for s in st]
         mp = mean_probability(list(v), [None if q is None else list(q) for q in p], labels, min_agreement, failed)
-        res.append(mp if aggregation == "mean_probability"
-                   else _with_distribution(majority_vote(list(v), min_agreement, failed), mp))
+        res.append(
+            mp
+            if aggregation == "mean_probability"
+            else _with_distribution(majority_vote(list(v), min_agreement, failed), mp)
+        )
     out = ann.copy()
     for c in VOTE_COLUMNS:  # object dtype: keep None as None (pandas would turn it into NaN)
         out[c] = pd.Series([getattr(r, c) for r in res], index=out.index, dtype=object)
     return out
 
 
-def vote_shards(ann_paths: list[str], out_dir: str, min_agreement: float, labels: Optional[list[str]] = None,
-                aggregation: str = "majority") -> list[str]:
+def vote_shards(
+    ann_paths: list[str],
+    out_dir: str,
+    min_agreement: float,
+    labels: Optional[list[str]] = None,
+    aggregation: str = "majority",
+) -> list[str]:
     """Aggregate each annotation shard into a voted shard; streams shard by shard."""
     from pathlib import Path
 
@@ -161,8 +194,17 @@ def vote_shards(ann_paths: list[str], out_dir: str, min_agreement: float, labels
 
 def vote_stats(voted_paths: list[str], k: int) -> VoteStats:
     """Counts over voted shards: items, votes, invalid/failed votes, abstentions, agreement, probability sources."""
-    cols = ["votes", "sample_status", "label", "confidence", "abstain_reason", "low_agreement", "sample_probs",
-            "entropy", "prob_source"]
+    cols = [
+        "votes",
+        "sample_status",
+        "label",
+        "confidence",
+        "abstain_reason",
+        "low_agreement",
+        "sample_probs",
+        "entropy",
+        "prob_source",
+    ]
     s = VoteStats()
     hist: Counter = Counter()
     dist: Counter = Counter()
@@ -180,8 +222,9 @@ def vote_stats(voted_paths: list[str], k: int) -> VoteStats:
                     s.invalid_votes += 1
                 else:
                     s.failed_votes += 1
-        for lab, conf, reason, low, ent, src in zip(df["label"], df["confidence"], df["abstain_reason"],
-                                                    df["low_agreement"], df["entropy"], df["prob_source"]):
+        for lab, conf, reason, low, ent, src in zip(
+            df["label"], df["confidence"], df["abstain_reason"], df["low_agreement"], df["entropy"], df["prob_source"]
+        ):
             hist[agreement_bin(conf, k)] += 1
             if is_missing(lab):
                 s.abstained += 1
@@ -206,11 +249,13 @@ def vote_stats(voted_paths: list[str], k: int) -> VoteStats:
     # what the aggregation used: items whose distribution came from log-probabilities, from votes, or both
     n_lp, n_ok = s.samples_with_logprobs, s.valid_votes
     used = {k: v for k, v in sources.items() if v}
-    s.probability_source = ("logprobs" if set(used) == {"logprobs"} else
-                               "vote shares" if set(used) <= {"votes"} else "mixed")
+    s.probability_source = (
+        "logprobs" if set(used) == {"logprobs"} else "vote shares" if set(used) <= {"votes"} else "mixed"
+    )
     s.probability_source_method = (
         f"{n_lp:,} of {n_ok:,} valid samples carried the teacher's log-probabilities; item distributions from "
-        + ", ".join(f"{'vote shares' if k == 'votes' else k} {v:,}" for k, v in sorted(used.items())))
+        + ", ".join(f"{'vote shares' if k == 'votes' else k} {v:,}" for k, v in sorted(used.items()))
+    )
     return s
 
 

@@ -11,9 +11,10 @@ abstained) have no confidence to judge and are left out, and counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 @dataclass
@@ -30,8 +31,9 @@ class Reliability:
         return {"name": self.name, "ece": self.ece, "items": self.items, "left_out": self.left_out, "bins": self.bins}
 
 
-def reliability(name: str, confidence: Sequence[Optional[float]], correct: Sequence[Optional[bool]],
-                n_bins: int = 10) -> Reliability:
+def reliability(
+    name: str, confidence: Sequence[Optional[float]], correct: Sequence[Optional[bool]], n_bins: int = 10
+) -> Reliability:
     """Bin (confidence, correct) pairs into ``n_bins`` equal-width bins and compute the ECE.
 
     A pair with ``correct`` None (no prediction) is left out. Confidence 1.0 falls in the

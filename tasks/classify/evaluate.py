@@ -30,8 +30,9 @@ def scores(gold: list[str], pred: list[str], labels: list[str]) -> dict[str, Any
     return {
         "accuracy": float(accuracy_score(gold, pred)),
         "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
-        "per_class": {lab: {k: float(rep[lab][k]) for k in ("precision", "recall", "f1-score", "support")}
-                      for lab in labels},
+        "per_class": {
+            lab: {k: float(rep[lab][k]) for k in ("precision", "recall", "f1-score", "support")} for lab in labels
+        },
     }
 
 
@@ -59,8 +60,9 @@ def plot_confusion(gold: list[str], pred: list[str], labels: list[str], title: s
     return str(path)
 
 
-def coverage_curve(gold: list[str], voted: list[str], conf: list[float], k: int,
-                   by_vote_share: bool = True) -> list[dict[str, float]]:
+def coverage_curve(
+    gold: list[str], voted: list[str], conf: list[float], k: int, by_vote_share: bool = True
+) -> list[dict[str, float]]:
     """Teacher accuracy when only items with confidence >= t are kept, for each threshold t.
 
     Vote shares can only be j/k, so those are the thresholds; mean probabilities get
@@ -102,14 +104,25 @@ def read_gold(gold_path: str, text_column: str, id_column: str, label_column: st
     return pd.concat(frames, ignore_index=True)
 
 
-def evaluate(gold: pd.DataFrame, teacher_gold_votes: list[str], predictor: Any, *, labels: list[str], out_dir: str,
-             batch_size: int, k: int, teacher_items_per_s: Optional[float], energy: Any = None,
-             aggregation: str = "majority", majority_label: Optional[str] = None) -> ClassifierEvaluation:
+def evaluate(
+    gold: pd.DataFrame,
+    teacher_gold_votes: list[str],
+    predictor: Any,
+    *,
+    labels: list[str],
+    out_dir: str,
+    batch_size: int,
+    k: int,
+    energy: Any = None,
+    aggregation: str = "majority",
+    majority_label: Optional[str] = None,
+) -> ClassifierEvaluation:
     """All gold metrics, plots and speed figures.
 
     ``majority_label`` is the teacher's most frequent label in the student's training
     data: a student that answers it for everything (the collapse class balancing
     prevents) scores ``majority_baseline_macro_f1``, the floor any useful student beats.
+    The teacher's speed, and so the speed ratio, are the stage's to add.
     """
     from tasks.classify.inference import measure_speed
 
@@ -123,31 +136,63 @@ def evaluate(gold: pd.DataFrame, teacher_gold_votes: list[str], predictor: Any, 
     plots = [plot_confusion(g, s_pred, labels, "student on gold", out / "confusion_student.png")]
     curves = [s_rel]
     subset = None
-    tv = (pd.concat([pq.read_table(p).to_pandas() for p in teacher_gold_votes], ignore_index=True)
-          if teacher_gold_votes else None)
+    tv = (
+        pd.concat([pq.read_table(p).to_pandas() for p in teacher_gold_votes], ignore_index=True)
+        if teacher_gold_votes
+        else None
+    )
     if tv is not None and len(tv):
-        subset, sub_curves, sub_plots = _on_teacher_subset(tv, gold, s_pred, s_conf, predictor, labels=labels,
-                                                           out=out, batch_size=batch_size, k=k,
-                                                           aggregation=aggregation, majority_label=majority_label)
+        subset, sub_curves, sub_plots = _on_teacher_subset(
+            tv,
+            dict(zip(gold["id"], zip(s_pred, s_conf))),
+            predictor,
+            labels=labels,
+            out=out,
+            batch_size=batch_size,
+            k=k,
+            aggregation=aggregation,
+            majority_label=majority_label,
+        )
         curves = [*sub_curves, s_rel]
         plots += sub_plots
     plots.append(plot_reliability(curves, out / "reliability.png"))
     speed = measure_speed(predictor, texts, batch_size, energy=energy)
     return ClassifierEvaluation(
-        gold_items=len(g), student_accuracy=student["accuracy"], student_macro_f1=student["macro_f1"],
-        student_per_class=student["per_class"], student_ece=s_rel.ece, majority_baseline_label=majority_label,
-        majority_baseline_macro_f1=(scores(g, [majority_label] * len(g), labels)["macro_f1"]
-                                    if majority_label is not None else None),
-        subset=subset, reliability=[c.as_dict() for c in curves], speed=speed,
-        student_precision=predictor.precision, teacher_items_per_s=teacher_items_per_s,
-        speed_ratio=speed.student_items_per_s / teacher_items_per_s if teacher_items_per_s else None, plots=plots)
+        gold_items=len(g),
+        student_accuracy=student["accuracy"],
+        student_macro_f1=student["macro_f1"],
+        student_per_class=student["per_class"],
+        student_ece=s_rel.ece,
+        majority_baseline_label=majority_label,
+        majority_baseline_macro_f1=(
+            scores(g, [majority_label] * len(g), labels)["macro_f1"] if majority_label is not None else None
+        ),
+        subset=subset,
+        reliability=[c.as_dict() for c in curves],
+        speed=speed,
+        student_precision=predictor.precision,
+        teacher_items_per_s=None,
+        speed_ratio=None,
+        plots=plots,
+    )
 
 
-def _on_teacher_subset(tv: pd.DataFrame, gold: pd.DataFrame, s_pred: list[str], s_conf: list[float], predictor: Any,
-                       *, labels: list[str], out: Path, batch_size: int, k: int, aggregation: str,
-                       majority_label: Optional[str]) -> tuple[TeacherSubset, list[Reliability], list[str]]:
-    """Teacher (single answer, aggregated) and student on the teacher's gold subset: scores, calibration, plots."""
-    by_id = dict(zip(gold["id"], zip(s_pred, s_conf)))
+def _on_teacher_subset(
+    tv: pd.DataFrame,
+    by_id: dict[str, tuple[str, float]],
+    predictor: Any,
+    *,
+    labels: list[str],
+    out: Path,
+    batch_size: int,
+    k: int,
+    aggregation: str,
+    majority_label: Optional[str],
+) -> tuple[TeacherSubset, list[Reliability], list[str]]:
+    """Teacher (single answer, aggregated) and student on the teacher's gold subset: scores, calibration, plots.
+
+    ``by_id``: the student's label and confidence per gold id (the subset is drawn from gold).
+    """
     tg = tv["label_gold"].tolist()
     voted = _clean(tv["label"].tolist())
     single = _clean([v[0] for v in tv["votes"]])
@@ -156,24 +201,39 @@ def _on_teacher_subset(tv: pd.DataFrame, gold: pd.DataFrame, s_pred: list[str], 
     sub = [by_id[i] if i in by_id else by_text[t] for i, t in zip(tv["id"], tv["text"])]
     s_sub = [p for p, _ in sub]
     t_conf = tv["confidence"].astype(float).tolist()
-    t_rel = reliability(f"teacher ({aggregation})", t_conf, [None if v == NO_LABEL else v == y for v, y in zip(voted, tg)])
+    t_rel = reliability(
+        f"teacher ({aggregation})", t_conf, [None if v == NO_LABEL else v == y for v, y in zip(voted, tg)]
+    )
     s_rel_sub = reliability("student, same subset", [c for _, c in sub], [p == y for p, y in zip(s_sub, tg)])
     t_single, t_voted, s_on_sub = scores(tg, single, labels), scores(tg, voted, labels), scores(tg, s_sub, labels)
     curve = coverage_curve(tg, voted, t_conf, k, by_vote_share=aggregation == "majority")
     subset = TeacherSubset(
-        teacher_subset_items=len(tg), teacher_accuracy_single=t_single["accuracy"],
-        teacher_macro_f1_single=t_single["macro_f1"], teacher_accuracy_voted=t_voted["accuracy"],
-        teacher_macro_f1_voted=t_voted["macro_f1"], student_accuracy_on_teacher_subset=s_on_sub["accuracy"],
+        teacher_subset_items=len(tg),
+        teacher_accuracy_single=t_single["accuracy"],
+        teacher_macro_f1_single=t_single["macro_f1"],
+        teacher_accuracy_voted=t_voted["accuracy"],
+        teacher_macro_f1_voted=t_voted["macro_f1"],
+        student_accuracy_on_teacher_subset=s_on_sub["accuracy"],
         student_macro_f1_on_teacher_subset=s_on_sub["macro_f1"],
         student_teacher_agreement=float(np.mean([a == b for a, b in zip(s_sub, voted)])),
-        teacher_per_class_voted=t_voted["per_class"], teacher_ece=t_rel.ece, teacher_ece_items=t_rel.items,
-        teacher_ece_left_out=t_rel.left_out, student_ece_on_teacher_subset=s_rel_sub.ece,
-        majority_baseline_macro_f1_on_teacher_subset=(scores(tg, [majority_label] * len(tg), labels)["macro_f1"]
-                                                      if majority_label is not None else None),
-        coverage_curve=curve, blind_spots=blind_spots(tg, voted, s_sub, labels))
+        teacher_per_class_voted=t_voted["per_class"],
+        teacher_ece=t_rel.ece,
+        teacher_ece_items=t_rel.items,
+        teacher_ece_left_out=t_rel.left_out,
+        student_ece_on_teacher_subset=s_rel_sub.ece,
+        majority_baseline_macro_f1_on_teacher_subset=(
+            scores(tg, [majority_label] * len(tg), labels)["macro_f1"] if majority_label is not None else None
+        ),
+        coverage_curve=curve,
+        blind_spots=blind_spots(tg, voted, s_sub, labels),
+    )
     plots = [
-        plot_confusion(tg, single, labels, "teacher (single answer) on gold subset", out / "confusion_teacher_single.png"),
-        plot_confusion(tg, voted, labels, f"teacher ({aggregation}) on gold subset", out / "confusion_teacher_voted.png"),
+        plot_confusion(
+            tg, single, labels, "teacher (single answer) on gold subset", out / "confusion_teacher_single.png"
+        ),
+        plot_confusion(
+            tg, voted, labels, f"teacher ({aggregation}) on gold subset", out / "confusion_teacher_voted.png"
+        ),
         plot_coverage(curve, out / "teacher_coverage.png"),
     ]
     return subset, [t_rel, s_rel_sub], plots
@@ -191,17 +251,27 @@ def blind_spots(gold: list[str], teacher: list[str], student: list[str], labels:
         idx = [i for i, x in enumerate(gold) if x == lab]
         t_rec = sum(teacher[i] == lab for i in idx) / len(idx) if idx else float("nan")
         s_rec = sum(student[i] == lab for i in idx) / len(idx) if idx else float("nan")
-        rows.append({"label": lab, "gold": gc[lab], "teacher_predicted": tc[lab], "student_predicted": sc[lab],
-                     "teacher_recall": t_rec, "student_recall": s_rec,
-                     "inherited_blind_spot": bool(idx) and t_rec < 0.5 and s_rec < 0.5})
+        rows.append(
+            {
+                "label": lab,
+                "gold": gc[lab],
+                "teacher_predicted": tc[lab],
+                "student_predicted": sc[lab],
+                "teacher_recall": t_rec,
+                "student_recall": s_rec,
+                "inherited_blind_spot": bool(idx) and t_rec < 0.5 and s_rec < 0.5,
+            }
+        )
     return rows
 
 
 def teacher_gold_scores(voted_paths: list[str], labels: list[str]) -> Optional[TeacherGoldScores]:
     """Teacher accuracy and macro-F1 against human gold: voted label and sample 0 alone."""
     gold, voted, single, conf = [], [], [], []
-    for df in (pq.read_table(p, columns=["label_gold", "label", "votes", "confidence", "n_votes"]).to_pandas()
-               for p in voted_paths):
+    for df in (
+        pq.read_table(p, columns=["label_gold", "label", "votes", "confidence", "n_votes"]).to_pandas()
+        for p in voted_paths
+    ):
         gold += df["label_gold"].tolist()
         conf += [agreement_bin(c, n) for c, n in zip(df["confidence"], df["n_votes"])]
         voted += or_no_label(df["label"].tolist())
@@ -215,11 +285,13 @@ def teacher_gold_scores(voted_paths: list[str], labels: list[str]) -> Optional[T
         acc = sum(voted[i] == gold[i] for i in idx) / len(idx)
         by_agree[share] = f"{acc:.3f} (n={len(idx)})"
     return TeacherGoldScores(
-        gold_items_scored=len(gold), teacher_accuracy_voted=float(accuracy_score(gold, voted)),
+        gold_items_scored=len(gold),
+        teacher_accuracy_voted=float(accuracy_score(gold, voted)),
         teacher_macro_f1_voted=float(f1_score(gold, voted, **kw)),
         teacher_coverage_voted=sum(v != NO_LABEL for v in voted) / len(gold),
         teacher_accuracy_single=float(accuracy_score(gold, single)),
         teacher_macro_f1_single=float(f1_score(gold, single, **kw)),
         gold_label_distribution=dict(sorted(Counter(gold).items())),
         teacher_label_distribution_on_gold=dict(sorted(Counter(voted).items())),
-        teacher_accuracy_by_agreement=by_agree)
+        teacher_accuracy_by_agreement=by_agree,
+    )

@@ -1,17 +1,19 @@
 """The student's inference path: what `distill predict`, evaluation and the MLflow model use.
 
 Why not a plain pipeline: sorting texts by length and padding each batch only to its own
-longest text wastes no compute on padding, and int8 the model runs in bf16 on CPUs with
-bf16 units (AMX/AVX512-BF16) or with int8 dynamic quantisation elsewhere
-(bench/student_inference.py measures each against a plain pipeline, with its accuracy). Results come back in the caller's order.
+longest text wastes no compute on padding, and the model runs in bf16 on CPUs with bf16
+units (AMX/AVX512-BF16) or with int8 dynamic quantisation elsewhere (bench/student_inference.py
+measures each against a plain pipeline, with its accuracy). Results come back in the
+caller's order.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -39,8 +41,9 @@ def choose_precision(requested: str, device: str) -> str:
 class StudentPredictor:
     """Load a saved student folder (model, tokenizer, labels.json) and label texts."""
 
-    def __init__(self, model_dir: str, precision: str = "fp32", max_length: int = 128,
-                 device: Optional[str] = None) -> None:
+    def __init__(
+        self, model_dir: str, precision: str = "fp32", max_length: int = 128, device: Optional[str] = None
+    ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -80,8 +83,13 @@ class StudentPredictor:
         with torch.inference_mode():
             for start in batches:
                 idx = order[start : start + batch_size]
-                enc = self.tok([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+                enc = self.tok(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 logits = self.model(**enc).logits
                 out[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
@@ -92,8 +100,15 @@ class StudentPredictor:
         return [self.labels[i] for i in top], [float(p[j, i]) for j, i in enumerate(top)]
 
 
-def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, single_n: int = 100,
-                  energy: Any = None, min_energy_s: float = 5.0) -> Any:
+def measure_speed(
+    pred: StudentPredictor,
+    texts: list[str],
+    batch_size: int,
+    *,
+    single_n: int = 100,
+    energy: Any = None,
+    min_energy_s: float = 5.0,
+) -> Any:
     """items/s at ``batch_size`` (after a warm-up), its energy per item, and p50/p95 single-item latency.
 
     With ``energy`` (an EnergyConfig) the batched passes run under codecarbon's offline
@@ -106,8 +121,13 @@ def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, sin
     pred.predict(texts[: min(len(texts), batch_size * 2)], batch_size)  # warm-up
     measure = energy is not None and energy.measure
     done = 0
-    with measure_energy("student-inference", energy.country_iso_code if energy else "USA", measure,
-                        getattr(energy, "cpu_power_w", None), getattr(energy, "measure_power_secs", 5.0)) as reading:
+    with measure_energy(
+        "student-inference",
+        energy.country_iso_code if energy else "USA",
+        enabled=measure,
+        cpu_power_w=getattr(energy, "cpu_power_w", None),
+        measure_power_secs=getattr(energy, "measure_power_secs", 5.0),
+    ) as reading:
         t0 = time.perf_counter()
         while True:
             pred.predict(texts, batch_size)
@@ -122,7 +142,13 @@ def measure_speed(pred: StudentPredictor, texts: list[str], batch_size: int, sin
         pred.predict([t], 1)
         lat.append(time.perf_counter() - s)
     kwh_item = reading.kwh / done if reading.kwh is not None and done else None
-    return StudentSpeed(student_items_per_s=items_per_s, student_latency_p50_ms=float(np.percentile(lat, 50) * 1000),
-                        student_latency_p95_ms=float(np.percentile(lat, 95) * 1000), student_batch_size=batch_size,
-                        student_speed_items=done, student_infer_kwh=reading.kwh, student_kwh_per_item=kwh_item,
-                        student_kwh_per_item_method=f"{reading.method}, {done:,} items in batches of {batch_size}")
+    return StudentSpeed(
+        student_items_per_s=items_per_s,
+        student_latency_p50_ms=float(np.percentile(lat, 50) * 1000),
+        student_latency_p95_ms=float(np.percentile(lat, 95) * 1000),
+        student_batch_size=batch_size,
+        student_speed_items=done,
+        student_infer_kwh=reading.kwh,
+        student_kwh_per_item=kwh_item,
+        student_kwh_per_item_method=f"{reading.method}, {done:,} items in batches of {batch_size}",
+    )

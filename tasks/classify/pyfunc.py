@@ -29,8 +29,9 @@ class StudentPyfunc(_Base):  # type: ignore[misc,valid-type]
     def load_context(self, context):  # type: ignore[no-untyped-def]
         from tasks.classify.inference import StudentPredictor
 
-        self.predictor = StudentPredictor(context.artifacts["model_dir"], precision=self.precision,
-                                          max_length=self.max_length)
+        self.predictor = StudentPredictor(
+            context.artifacts["model_dir"], precision=self.precision, max_length=self.max_length
+        )
 
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # untyped: see MLflow schema rules
         if isinstance(model_input, pd.DataFrame):
@@ -54,10 +55,19 @@ def log_student_model(model_dir: str, precision: str, max_length: int, example_t
 
     example = pd.DataFrame({"text": example_texts[:3] or ["an example"]})
     out_example = pd.DataFrame({"label": ["x"] * len(example), "score": [0.5] * len(example)})
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
-            f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"]
+    reqs = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"pandas=={pd.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
     with model_code(CLASSIFIER_CODE) as code:  # the model loads without distill installed
         return mlflow.pyfunc.log_model(
-            name="student", python_model=StudentPyfunc(precision=precision, max_length=max_length),
-            artifacts={"model_dir": model_dir}, signature=infer_signature(example, out_example),
-            input_example=example, pip_requirements=reqs, code_paths=[code])
+            name="student",
+            python_model=StudentPyfunc(precision=precision, max_length=max_length),
+            artifacts={"model_dir": model_dir},
+            signature=infer_signature(example, out_example),
+            input_example=example,
+            pip_requirements=reqs,
+            code_paths=[code],
+        )

@@ -15,8 +15,9 @@ from tasks.results.stages import Registration
 GATE_METRIC = "macro-F1"
 
 
-def champion_macro_f1(model_name: str, gold_texts: list[str], gold_labels: list[str],
-                      labels: list[str]) -> tuple[Optional[str], Optional[float]]:
+def champion_macro_f1(
+    model_name: str, gold_texts: list[str], gold_labels: list[str], labels: list[str]
+) -> tuple[Optional[str], Optional[float]]:
     """Re-measure the current champion (if any) on this gold set."""
     import mlflow
     import pandas as pd
@@ -33,14 +34,31 @@ def champion_macro_f1(model_name: str, gold_texts: list[str], gold_labels: list[
     return str(v.version), float(f1_score(gold_labels, pred, labels=labels, average="macro", zero_division=0))
 
 
-def register_classifier(model: ModelSource, *, model_name: str, score: float, gold_texts: list[str],
-                        gold_labels: list[str], labels: list[str], floor: float, margin: float, run_id: str,
-                        candidate: Optional[str] = None) -> Registration:
+def register_classifier(
+    model: ModelSource,
+    *,
+    model_name: str,
+    score: float,
+    gold_texts: list[str],
+    gold_labels: list[str],
+    labels: list[str],
+    floor: float,
+    margin: float,
+    run_id: str,
+    candidate: Optional[str] = None,
+) -> Registration:
     """Register a version (alias challenger), decide on gold macro-F1, and move ``champion`` only if it earned it."""
     import pandas as pd
 
     tags = {"distill.score": f"{score:.6f}", "gold_macro_f1": f"{score:.6f}", "source_run_id": run_id}
     return gated_registration(
-        model, model_name, candidate=candidate,
-        champion=lambda: champion_macro_f1(model_name, gold_texts, gold_labels, labels), floor=floor, margin=margin,
-        metric=GATE_METRIC, tags=tags, probe=pd.DataFrame({"text": gold_texts[:2] or ["an example"]}))
+        model,
+        model_name,
+        candidate=candidate,
+        champion=lambda: champion_macro_f1(model_name, gold_texts, gold_labels, labels),
+        floor=floor,
+        margin=margin,
+        metric=GATE_METRIC,
+        tags=tags,
+        probe=pd.DataFrame({"text": gold_texts[:2] or ["an example"]}),
+    )

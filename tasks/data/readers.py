@@ -225,6 +225,7 @@ def iter_items(
     text_column: str,
     id_column: str,
     chunk_rows: int,
+    *,
     limit: Optional[int] = None,
     label_column: Optional[str] = None,
     labels: Optional[list[str]] = None,
@@ -236,7 +237,7 @@ def iter_items(
 
     Rows set aside are appended to ``rejected`` (id, row, reason). Seen ids and texts are
     kept as 8-byte hashes, which is the only state that grows with the input. ``fit``
-    (the teacher's context, :class:`tasks.load.ContextGuard`) returns a text as it is, cut
+    (the teacher's context, :class:`tasks.data.load.ContextGuard`) returns a text as it is, cut
     to fit (with a note), or None and the reason it was rejected.
     """
     report = report if report is not None else DataReport(path=str(path))

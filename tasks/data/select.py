@@ -57,7 +57,7 @@ def champion_scores(texts: list[str], model_uri: str, batch: int = 512) -> Optio
     return scores
 
 
-def select_items(pool_shards: list[str], run_dir: Path, strategy: str, max_new: Optional[int], seed: int,
+def select_items(pool_shards: list[str], run_dir: Path, *, strategy: str, max_new: Optional[int], seed: int,
                  model_uri: str, chunk_rows: int) -> Selection:
     """Choose tonight's items (see the module docstring); 'all' changes nothing."""
     if strategy == "all":

@@ -36,8 +36,10 @@ def _effective_finishes(ann: pd.DataFrame, k: int) -> list[list[Optional[str]]]:
     if "finish_reasons" not in ann:
         return [[None] * k for _ in range(len(ann))]
     answers = ann["answers"] if "answers" in ann else [[None] * k] * len(ann)
-    return [[effective_finish_reason(a, v, fr) for a, v, fr in zip(ans, vs, frs)]
-            for ans, vs, frs in zip(answers, ann["votes"], ann["finish_reasons"])]
+    return [
+        [effective_finish_reason(a, v, fr) for a, v, fr in zip(ans, vs, frs)]
+        for ans, vs, frs in zip(answers, ann["votes"], ann["finish_reasons"])
+    ]
 
 
 def medoid_shards(ann_paths: list[str], out_dir: str, k: int, similarity: str, max_words: Optional[int]) -> list[str]:
@@ -53,17 +55,31 @@ def medoid_shards(ann_paths: list[str], out_dir: str, k: int, similarity: str, m
     for p in ann_paths:
         ann = pq.read_table(p).to_pandas()
         fins = _effective_finishes(ann, k)
-        long = [{"item_id": i, "sample": j, "text": v, "finish_reason": fr}
-                for i, (vs, frs) in enumerate(zip(ann["votes"], fins)) for j, (v, fr) in enumerate(zip(vs, frs))]
-        med = medoid_frame(pd.DataFrame(long, columns=["item_id", "sample", "text", "finish_reason"]), k=k,
-                           method=similarity, max_words=max_words)
+        long = [
+            {"item_id": i, "sample": j, "text": v, "finish_reason": fr}
+            for i, (vs, frs) in enumerate(zip(ann["votes"], fins))
+            for j, (v, fr) in enumerate(zip(vs, frs))
+        ]
+        med = medoid_frame(
+            pd.DataFrame(long, columns=["item_id", "sample", "text", "finish_reason"]),
+            k=k,
+            method=similarity,
+            max_words=max_words,
+        )
         med = med.set_index("item_id").reindex(range(len(ann)))
         out = ann.copy()
-        out["sample_valid"] = [[sample_invalid_reason(v, fr, max_words) is None for v, fr in zip(vs, frs)]
-                               for vs, frs in zip(ann["votes"], fins)]
-        for src, dst in (("text", "label"), ("agreement", "confidence"), ("medoid_sample", "medoid_sample"),
-                         ("n_valid", "n_valid_votes"), ("invalid_reasons", "invalid_reasons"),
-                         ("abstain_reason", "abstain_reason")):
+        out["sample_valid"] = [
+            [sample_invalid_reason(v, fr, max_words) is None for v, fr in zip(vs, frs)]
+            for vs, frs in zip(ann["votes"], fins)
+        ]
+        for src, dst in (
+            ("text", "label"),
+            ("agreement", "confidence"),
+            ("medoid_sample", "medoid_sample"),
+            ("n_valid", "n_valid_votes"),
+            ("invalid_reasons", "invalid_reasons"),
+            ("abstain_reason", "abstain_reason"),
+        ):
             out[dst] = pd.Series(med[src].tolist(), index=out.index, dtype=object)
         out["n_votes"] = k
         outs.append(_write(out, od / Path(p).name))
@@ -76,6 +92,11 @@ def medoid_summary(voted_paths: list[str], k: int) -> MedoidStats:
     if df.empty:
         return MedoidStats()
     st = medoid_stats(df.rename(columns={"label": "text", "confidence": "agreement"}))
-    return MedoidStats(items=int(st["items"]), votes=int(st["items"]) * k, invalid_votes=int(st["samples_invalid"]),
-                       abstained=int(st["items_abstained"]), mean_agreement=float(st["mean_agreement"]),
-                       **{f"samples_invalid_{r}": int(st[f"samples_invalid_{r}"]) for r in INVALID_REASONS})
+    return MedoidStats(
+        items=int(st["items"]),
+        votes=int(st["items"]) * k,
+        invalid_votes=int(st["samples_invalid"]),
+        abstained=int(st["items_abstained"]),
+        mean_agreement=float(st["mean_agreement"]),
+        **{f"samples_invalid_{r}": int(st[f"samples_invalid_{r}"]) for r in INVALID_REASONS},
+    )

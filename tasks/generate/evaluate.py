@@ -22,7 +22,7 @@ from tasks.results.generate import GeneratorEvaluation, GeneratorGoldScores
 from tasks.templates.generation import GenerationTemplate
 
 
-def _texts(xs: Any) -> list[str]:
+def texts_of(xs: Any) -> list[str]:
     return ["" if x is None or (isinstance(x, float) and x != x) else str(x) for x in xs]
 
 
@@ -36,30 +36,45 @@ def teacher_gold_scores(voted_gold: list[str], max_words: Optional[int]) -> Opti
     df = frames(voted_gold)
     if df.empty:
         return None
-    refs = _texts(df["label_gold"])
+    refs = texts_of(df["label_gold"])
     k = len(df["votes"].iloc[0])
     valid = df["sample_valid"] if "sample_valid" in df else [[True] * k] * len(df)
     singles_b, singles_r = [], []
     for j in range(k):
-        preds = _texts(v[j] if j < len(v) and ok[j] else None for v, ok in zip(df["votes"], valid))
+        preds = texts_of(v[j] if j < len(v) and ok[j] else None for v, ok in zip(df["votes"], valid))
         singles_b.append(bertscore(preds, refs).f1)
         singles_r.append(rouge(preds, refs).rougeL)
-    med = _texts(df["label"])
+    med = texts_of(df["label"])
     b, r = bertscore(med, refs), rouge(med, refs)
     shares = output_shares([None if t == "" else t for t in med], max_words)
     return GeneratorGoldScores(
-        gold_items_scored=len(df), teacher_bertscore_f1_single=sum(singles_b) / k,
-        teacher_rougeL_single=sum(singles_r) / k, teacher_bertscore_f1_single_by_sample=singles_b,
-        teacher_bertscore_f1_medoid=b.f1, teacher_bertscore_precision_medoid=b.precision,
-        teacher_bertscore_recall_medoid=b.recall, teacher_rouge1_medoid=r.rouge1, teacher_rouge2_medoid=r.rouge2,
-        teacher_rougeL_medoid=r.rougeL, teacher_share_empty_medoid=shares["empty"],
+        gold_items_scored=len(df),
+        teacher_bertscore_f1_single=sum(singles_b) / k,
+        teacher_rougeL_single=sum(singles_r) / k,
+        teacher_bertscore_f1_single_by_sample=singles_b,
+        teacher_bertscore_f1_medoid=b.f1,
+        teacher_bertscore_precision_medoid=b.precision,
+        teacher_bertscore_recall_medoid=b.recall,
+        teacher_rouge1_medoid=r.rouge1,
+        teacher_rouge2_medoid=r.rouge2,
+        teacher_rougeL_medoid=r.rougeL,
+        teacher_share_empty_medoid=shares["empty"],
         teacher_mean_words_medoid=sum(word_count(t) for t in med) / len(med),
-        reference_mean_words=sum(word_count(t) for t in refs) / len(refs), bertscore_model=b.model,
-        bertscore_num_layers=b.num_layers)
+        reference_mean_words=sum(word_count(t) for t in refs) / len(refs),
+        bertscore_model=b.model,
+        bertscore_num_layers=b.num_layers,
+    )
 
 
-def evaluate_generator(voted_gold: list[str], *, template: GenerationTemplate, adapter_dir: str, base_dir: str,
-                       student: GeneratorStudentConfig, out_dir: str) -> GeneratorEvaluation:
+def evaluate_generator(
+    voted_gold: list[str],
+    *,
+    template: GenerationTemplate,
+    adapter_dir: str,
+    base_dir: str,
+    student: GeneratorStudentConfig,
+    out_dir: str,
+) -> GeneratorEvaluation:
     """Generate for every gold-subset item, score against the references, time it (after a warm-up).
 
     Energy and the speed ratio to the teacher are the stage's to add (it measures the whole call).
@@ -67,34 +82,55 @@ def evaluate_generator(voted_gold: list[str], *, template: GenerationTemplate, a
     from tasks.generate.inference import generate, load_generator
 
     df = frames(voted_gold)
-    refs = _texts(df["label_gold"])
+    refs = texts_of(df["label_gold"])
     model, tok = load_generator(adapter_dir, base_dir)
     instr = [template.student_instruction(t) for t in df["text"]]
     generate(model, tok, instr[:1], max_new_tokens=4, batch_size=1)  # warm-up
     t0 = time.perf_counter()
-    outs = generate(model, tok, instr, max_new_tokens=student.max_new_tokens, batch_size=student.eval_batch_size,
-                    max_source_tokens=student.max_source_tokens)
+    outs = generate(
+        model,
+        tok,
+        instr,
+        max_new_tokens=student.max_new_tokens,
+        batch_size=student.eval_batch_size,
+        max_source_tokens=student.max_source_tokens,
+    )
     wall = time.perf_counter() - t0
     preds = [o.text for o in outs]
     b, r = bertscore(preds, refs), rouge(preds, refs)
     shares = output_shares(preds, template.max_words)
     ev = GeneratorEvaluation(
-        student_items_scored=len(preds), student_bertscore_f1=b.f1, student_bertscore_precision=b.precision,
-        student_bertscore_recall=b.recall, student_rouge1=r.rouge1, student_rouge2=r.rouge2, student_rougeL=r.rougeL,
-        student_share_empty=shares["empty"], student_share_too_long=shares["over_length"],
+        student_items_scored=len(preds),
+        student_bertscore_f1=b.f1,
+        student_bertscore_precision=b.precision,
+        student_bertscore_recall=b.recall,
+        student_rouge1=r.rouge1,
+        student_rouge2=r.rouge2,
+        student_rougeL=r.rougeL,
+        student_share_empty=shares["empty"],
+        student_share_too_long=shares["over_length"],
         student_share_truncated=sum(o.finish_reason == "length" for o in outs) / max(1, len(outs)),
         student_items_per_s=len(preds) / wall if wall > 0 else 0.0,
         student_tokens_per_s=sum(o.new_tokens for o in outs) / wall if wall > 0 else 0.0,
         student_mean_words=sum(word_count(p) for p in preds) / max(1, len(preds)),
         student_batch_size=student.eval_batch_size,
-        student_examples=[{"id": str(i), "reference": ref, "student": p,
-                   "teacher": t or f"(abstained: {why or 'no valid sample'})"}
-                  for i, ref, t, why, p in list(zip(df["id"], refs, _texts(df["label"]),
-                                                    _texts(df.get("abstain_reason", [None] * len(df))), preds))[:5]],
+        student_examples=[
+            {"id": str(i), "reference": ref, "student": p, "teacher": t or f"(abstained: {why or 'no valid sample'})"}
+            for i, ref, t, why, p in list(
+                zip(df["id"], refs, texts_of(df["label"]), texts_of(df.get("abstain_reason", [None] * len(df))), preds)
+            )[:5]
+        ],
     )
     od = Path(out_dir)
     od.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"id": df["id"], "reference": refs, "teacher_medoid": _texts(df["label"]), "student": preds,
-                  "student_finish_reason": [o.finish_reason for o in outs]}).to_parquet(od / "generations.parquet")
+    pd.DataFrame(
+        {
+            "id": df["id"],
+            "reference": refs,
+            "teacher_medoid": texts_of(df["label"]),
+            "student": preds,
+            "student_finish_reason": [o.finish_reason for o in outs],
+        }
+    ).to_parquet(od / "generations.parquet")
     (od / "student_eval.json").write_text(json.dumps(asdict(ev), indent=2))
     return ev

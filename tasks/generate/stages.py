@@ -29,68 +29,154 @@ from tasks.templates.generation import GenerationTemplate
 
 PRIMARY_METRIC = "bertscore_f1"  # the gate's default figure; gate.metric may choose rougeL
 GATE_FIGURES = {"bertscore_f1": "BERTScore F1", "rougeL": "ROUGE-L"}
-TABLE_KEYS = ["teacher_bertscore_f1_single", "teacher_bertscore_f1_medoid", "teacher_rougeL_single",
-              "teacher_rougeL_medoid", "student_bertscore_f1", "student_rougeL", "student_items_per_s",
-              "teacher_items_per_s", "speed_ratio", "promoted"]
-ANNOTATION_KEYS = ("items", "votes", "invalid_votes", "abstained", "mean_agreement", "requests_sent", "requests_cached",
-                   "tokens_in", "tokens_out", "requests_deduplicated", "variation", "aggregation", "items_new",
-                   "items_reused", "gold_items_scored", "teacher_items_per_s", "teacher_bertscore_f1_single",
-                   "teacher_rougeL_single", "teacher_bertscore_f1_single_by_sample", "teacher_bertscore_f1_medoid",
-                   "teacher_bertscore_precision_medoid", "teacher_bertscore_recall_medoid", "teacher_rouge1_medoid",
-                   "teacher_rouge2_medoid", "teacher_rougeL_medoid", "teacher_share_empty_medoid",
-                   "teacher_mean_words_medoid", "reference_mean_words", "bertscore_model", "bertscore_num_layers")
-TRAIN_KEYS = ("train_items", "val_items", "excluded_abstained", "global_steps", "train_loss_first", "train_loss",
-              "val_loss_before", "val_loss", "quantize_4bit", "student_dtype", "precision_reason", "trainable_params",
-              "lora_r", "base_model")
-
+TABLE_KEYS = [
+    "teacher_bertscore_f1_single",
+    "teacher_bertscore_f1_medoid",
+    "teacher_rougeL_single",
+    "teacher_rougeL_medoid",
+    "student_bertscore_f1",
+    "student_rougeL",
+    "student_items_per_s",
+    "teacher_items_per_s",
+    "speed_ratio",
+    "promoted",
+]
+ANNOTATION_KEYS = (
+    "items",
+    "votes",
+    "invalid_votes",
+    "abstained",
+    "mean_agreement",
+    "requests_sent",
+    "requests_cached",
+    "tokens_in",
+    "tokens_out",
+    "requests_deduplicated",
+    "variation",
+    "aggregation",
+    "items_new",
+    "items_reused",
+    "gold_items_scored",
+    "teacher_items_per_s",
+    "teacher_bertscore_f1_single",
+    "teacher_rougeL_single",
+    "teacher_bertscore_f1_single_by_sample",
+    "teacher_bertscore_f1_medoid",
+    "teacher_bertscore_precision_medoid",
+    "teacher_bertscore_recall_medoid",
+    "teacher_rouge1_medoid",
+    "teacher_rouge2_medoid",
+    "teacher_rougeL_medoid",
+    "teacher_share_empty_medoid",
+    "teacher_mean_words_medoid",
+    "reference_mean_words",
+    "bertscore_model",
+    "bertscore_num_layers",
+)
+TRAIN_KEYS = (
+    "train_items",
+    "val_items",
+    "excluded_abstained",
+    "global_steps",
+    "train_loss_first",
+    "train_loss",
+    "val_loss_before",
+    "val_loss",
+    "quantize_4bit",
+    "student_dtype",
+    "precision_reason",
+    "trainable_params",
+    "lora_r",
+    "base_model",
+)
 
 
 @task(name="aggregate", task_run_name="aggregate-{name}")
-def medoid_task(ann_paths: list[str], out_dir: str, name: str, *, samples: int, vote: VoteConfig,  # noqa: ARG001
-                max_words: Optional[int]) -> list[str]:
+def medoid_task(
+    ann_paths: list[str],
+    out_dir: str,
+    name: str,
+    *,
+    samples: int,
+    vote: VoteConfig,  # noqa: ARG001
+    max_words: Optional[int],
+) -> list[str]:
     return medoid_shards(ann_paths, out_dir, samples, vote.similarity.value, max_words)
 
 
-def aggregate_stage(pool: list[str], gold: list[str], *, vote: VoteConfig, template: GenerationTemplate, samples: int,
-                    votes_dir: Path) -> Aggregation:
+def aggregate_stage(
+    pool: list[str], gold: list[str], *, vote: VoteConfig, template: GenerationTemplate, samples: int, votes_dir: Path
+) -> Aggregation:
     """The medoid of each item's k texts, for the pool and the gold subset; the teacher scored on the references."""
-    voted = {split: medoid_task(paths, str(votes_dir / split), split, samples=samples, vote=vote,
-                                max_words=template.max_words)
-             for split, paths in (("pool", pool), ("gold", gold))}
+    voted = {
+        split: medoid_task(
+            paths, str(votes_dir / split), split, samples=samples, vote=vote, max_words=template.max_words
+        )
+        for split, paths in (("pool", pool), ("gold", gold))
+    }
     scores = teacher_gold_scores(voted["gold"], template.max_words) if voted["gold"] else None
     if scores is not None:
         g = medoid_summary(voted["gold"], samples)
         scores.gold_invalid_votes, scores.gold_abstained = g.invalid_votes, g.abstained
-    return Aggregation(voted["pool"], voted["gold"], str(votes_dir / "pool"), medoid_summary(voted["pool"], samples),
-                       scores)
+    return Aggregation(
+        voted["pool"], voted["gold"], str(votes_dir / "pool"), medoid_summary(voted["pool"], samples), scores
+    )
 
 
 @task(name="train-generator")
-def train_generator_task(voted_pool: list[str], *, template: GenerationTemplate, out_dir: str,
-                         student: GeneratorStudentConfig, show_progress: bool) -> GeneratorTraining:
-    return train_generator(voted_pool, template=template, out_dir=out_dir, student=student,
-                           show_progress=show_progress)
+def train_generator_task(
+    voted_pool: list[str],
+    *,
+    template: GenerationTemplate,
+    out_dir: str,
+    student: GeneratorStudentConfig,
+    show_progress: bool,
+) -> GeneratorTraining:
+    return train_generator(voted_pool, template=template, out_dir=out_dir, student=student, show_progress=show_progress)
 
 
-def train_stage(agg: Aggregation, *, student: GeneratorStudentConfig, template: GenerationTemplate,
-                energy: EnergyConfig, pricing: PricingConfig, out_dir: Path, show_progress: bool) -> Trained:
+def train_stage(
+    agg: Aggregation,
+    *,
+    student: GeneratorStudentConfig,
+    template: GenerationTemplate,
+    energy: EnergyConfig,
+    pricing: PricingConfig,
+    out_dir: Path,
+    show_progress: bool,
+) -> Trained:
     """LoRA-tune the generator on the pool's medoids (instruction -> text, loss on the answer tokens)."""
     if not agg.gold_paths:
         raise ValueError("task generate needs gold references to judge the student: data.gold_path gave no items")
     with training_cost(energy, pricing) as meter:
-        tr = train_generator_task(agg.pool_paths, template=template, out_dir=str(out_dir), student=student,
-                                  show_progress=show_progress)
+        tr = train_generator_task(
+            agg.pool_paths, template=template, out_dir=str(out_dir), student=student, show_progress=show_progress
+        )
     assert meter.cost is not None
     return Trained(tr.model_dir, tr, meter.cost, tr.merged_dir)
 
 
 @task(name="evaluate-generator")
-def evaluate_generator_task(voted_gold: list[str], *, template: GenerationTemplate, adapter_dir: str, base_dir: str,
-                            student: GeneratorStudentConfig, energy: EnergyConfig, out_dir: str) -> GeneratorEvaluation:
-    with measure_energy("student-generate", energy.country_iso_code, energy.measure, energy.cpu_power_w,
-                        energy.measure_power_secs) as reading:
-        ev = evaluate_generator(voted_gold, template=template, adapter_dir=adapter_dir, base_dir=base_dir,
-                                student=student, out_dir=out_dir)
+def evaluate_generator_task(
+    voted_gold: list[str],
+    *,
+    template: GenerationTemplate,
+    adapter_dir: str,
+    base_dir: str,
+    student: GeneratorStudentConfig,
+    energy: EnergyConfig,
+    out_dir: str,
+) -> GeneratorEvaluation:
+    with measure_energy(
+        "student-generate",
+        energy.country_iso_code,
+        enabled=energy.measure,
+        cpu_power_w=energy.cpu_power_w,
+        measure_power_secs=energy.measure_power_secs,
+    ) as reading:
+        ev = evaluate_generator(
+            voted_gold, template=template, adapter_dir=adapter_dir, base_dir=base_dir, student=student, out_dir=out_dir
+        )
     n = ev.student_items_scored
     ev.student_infer_kwh = reading.kwh
     ev.student_kwh_per_item = reading.kwh / n if reading.kwh is not None and n else None
@@ -98,14 +184,28 @@ def evaluate_generator_task(voted_gold: list[str], *, template: GenerationTempla
     return ev
 
 
-def evaluate_stage(agg: Aggregation, model: Trained, *, student: GeneratorStudentConfig, template: GenerationTemplate,
-                   gate_metric: str, energy: EnergyConfig, out_dir: Path,
-                   teacher_items_per_s: Optional[float]) -> Evaluation:
+def evaluate_stage(
+    agg: Aggregation,
+    model: Trained,
+    *,
+    student: GeneratorStudentConfig,
+    template: GenerationTemplate,
+    gate_metric: str,
+    energy: EnergyConfig,
+    out_dir: Path,
+    teacher_items_per_s: Optional[float],
+) -> Evaluation:
     """ROUGE and BERTScore of the student's texts against the human references, and its speed."""
     assert isinstance(model.figures, GeneratorTraining)
-    ev = evaluate_generator_task(agg.gold_paths, template=template, adapter_dir=model.model_dir,
-                                 base_dir=model.figures.base_model_dir, student=student, energy=energy,
-                                 out_dir=str(out_dir))
+    ev = evaluate_generator_task(
+        agg.gold_paths,
+        template=template,
+        adapter_dir=model.model_dir,
+        base_dir=model.figures.base_model_dir,
+        student=student,
+        energy=energy,
+        out_dir=str(out_dir),
+    )
     ev.speed_ratio = ev.student_items_per_s / teacher_items_per_s if teacher_items_per_s else None
     gen = out_dir / "generations.parquet"
     metric = PRIMARY_METRIC if gate_metric in ("auto", PRIMARY_METRIC) else "rougeL"
@@ -114,20 +214,48 @@ def evaluate_stage(agg: Aggregation, model: Trained, *, student: GeneratorStuden
 
 
 @task(name="register-generator")
-def register_generator_task(log_model: Any, *, voted_gold: list[str], model_name: str, score: float, metric: str,
-                            floor: float, margin: float, run_id: str, candidate: Optional[str]) -> Registration:
+def register_generator_task(
+    log_model: Any,
+    *,
+    voted_gold: list[str],
+    model_name: str,
+    score: float,
+    metric: str,
+    floor: float,
+    margin: float,
+    run_id: str,
+    candidate: Optional[str],
+) -> Registration:
     """Reads the gold documents itself: big lists never travel as Prefect parameters."""
     import pandas as pd
 
     df = pd.concat([pd.read_parquet(p, columns=["text", "label_gold"]) for p in voted_gold])
-    return register_generator(log_model, model_name=model_name, score=score, metric=metric,
-                              documents=df["text"].tolist(), references=df["label_gold"].tolist(), floor=floor,
-                              margin=margin, run_id=run_id, candidate=candidate)
+    return register_generator(
+        log_model,
+        model_name=model_name,
+        score=score,
+        metric=metric,
+        documents=df["text"].tolist(),
+        references=df["label_gold"].tolist(),
+        floor=floor,
+        margin=margin,
+        run_id=run_id,
+        candidate=candidate,
+    )
 
 
-def register_stage(agg: Aggregation, model: Trained, ev: Evaluation, *, student: GeneratorStudentConfig,
-                   template: GenerationTemplate, model_name: str, floor: float, margin: float,
-                   run_id: str) -> Registration:
+def register_stage(
+    agg: Aggregation,
+    model: Trained,
+    ev: Evaluation,
+    *,
+    student: GeneratorStudentConfig,
+    template: GenerationTemplate,
+    model_name: str,
+    floor: float,
+    margin: float,
+    run_id: str,
+) -> Registration:
     """Log the generator pyfunc (adapter + base, or merged), register it, gate on the configured metric."""
     import pandas as pd
 
@@ -135,9 +263,17 @@ def register_stage(agg: Aggregation, model: Trained, ev: Evaluation, *, student:
         texts = pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:2]
         return log_generator_model(model.model_dir, model.merged_dir, template, student, texts).model_uri
 
-    return register_generator_task(log_model, voted_gold=agg.gold_paths, model_name=model_name, score=ev.score,
-                                   metric=ev.primary_metric, floor=floor, margin=margin, run_id=run_id,
-                                   candidate=model.uid)
+    return register_generator_task(
+        log_model,
+        voted_gold=agg.gold_paths,
+        model_name=model_name,
+        score=ev.score,
+        metric=ev.primary_metric,
+        floor=floor,
+        margin=margin,
+        run_id=run_id,
+        candidate=model.uid,
+    )
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:
@@ -149,16 +285,19 @@ def table(s: dict[str, Any]) -> str:
     n = s.get("gold_items_scored")
     rows = [
         "== distill run (generate): teacher vs student on human references ==",
-        "| model | gold items | BERTScore F1 | BERTScore P | BERTScore R | ROUGE-1 | ROUGE-2 | ROUGE-L | empty | items/s |",
+        "| model | gold items | BERTScore F1 | BERTScore P | BERTScore R | ROUGE-1 | ROUGE-2 | ROUGE-L | empty | "
+        "items/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| teacher, 1 sample (mean of the k) | {n} | {_f(s.get('teacher_bertscore_f1_single'))} | | | | | "
         f"{_f(s.get('teacher_rougeL_single'))} | | {_f(s.get('teacher_items_per_s'), '.2f')} |",
         f"| teacher, medoid of k={s.get('samples_per_item')} | {n} | {_f(s.get('teacher_bertscore_f1_medoid'))} | "
         f"{_f(s.get('teacher_bertscore_precision_medoid'))} | {_f(s.get('teacher_bertscore_recall_medoid'))} | "
-        f"{_f(s.get('teacher_rouge1_medoid'))} | {_f(s.get('teacher_rouge2_medoid'))} | {_f(s.get('teacher_rougeL_medoid'))} | "
+        f"{_f(s.get('teacher_rouge1_medoid'))} | {_f(s.get('teacher_rouge2_medoid'))} | "
+        f"{_f(s.get('teacher_rougeL_medoid'))} | "
         f"{_f(s.get('teacher_share_empty_medoid'), '.1%')} | |",
         f"| student (LoRA, zero-shot) | {s.get('student_items_scored')} | {_f(s.get('student_bertscore_f1'))} | "
-        f"{_f(s.get('student_bertscore_precision'))} | {_f(s.get('student_bertscore_recall'))} | {_f(s.get('student_rouge1'))} | "
+        f"{_f(s.get('student_bertscore_precision'))} | {_f(s.get('student_bertscore_recall'))} | "
+        f"{_f(s.get('student_rouge1'))} | "
         f"{_f(s.get('student_rouge2'))} | {_f(s.get('student_rougeL'))} | {_f(s.get('student_share_empty'), '.1%')} | "
         f"{_f(s.get('student_items_per_s'), '.2f')} |",
         "",
@@ -167,7 +306,8 @@ def table(s: dict[str, Any]) -> str:
         f"({', '.join(f'{k[16:]} {v}' for k, v in s.items() if k.startswith('samples_invalid_') and v) or 'none'}), "
         f"{s.get('abstained')} items abstained. Student trained on {s.get('train_items')} medoids "
         f"({s.get('base_model')}, LoRA r={s.get('lora_r')}, {s.get('precision_reason')}); loss "
-        f"{_f(s.get('train_loss_first'))} -> {_f(s.get('train_loss'))}. BERTScore: {s.get('bertscore_model', 'MiniLM')}, "
+        f"{_f(s.get('train_loss_first'))} -> {_f(s.get('train_loss'))}. BERTScore: "
+        f"{s.get('bertscore_model', 'MiniLM')}, "
         f"layer {s.get('bertscore_num_layers', 6)}, no baseline rescaling.",
         f"Speed: student {_f(s.get('student_tokens_per_s'), '.1f')} tokens/s, teacher "
         f"{_f(s.get('teacher_tokens_per_s'), '.1f')} tokens/s; student items/s is "
@@ -178,7 +318,7 @@ def table(s: dict[str, Any]) -> str:
         "Stage seconds: " + ", ".join(f"{k} {v}" for k, v in (s.get("stage_seconds") or {}).items()),
     ]
     for ex in (s.get("student_examples") or [])[:2]:
-        rows.append(f"  e.g. reference: {ex['reference']}\n       teacher:   {ex['teacher']}\n       student:   {ex['student']}")
+        rows.append(
+            f"  e.g. reference: {ex['reference']}\n       teacher:   {ex['teacher']}\n       student:   {ex['student']}"
+        )
     return "\n".join(rows)
-
-

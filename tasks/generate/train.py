@@ -29,9 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import pandas as pd
-import pyarrow.parquet as pq
-
 from distill.config import GeneratorStudentConfig
 from tasks.generate.aggregate import frames
 from tasks.generate.inference import ADAPTER_META, SMOLLM2, end_of_turn_id, prompt_ids, resolve_base_model
@@ -49,8 +46,9 @@ class PrecisionChoice:
     reason: str
 
 
-def choose_precision(quantize: str = "auto", cuda_available: Optional[bool] = None,
-                     bf16_supported: Optional[bool] = None) -> PrecisionChoice:
+def choose_precision(
+    quantize: str = "auto", cuda_available: Optional[bool] = None, bf16_supported: Optional[bool] = None
+) -> PrecisionChoice:
     """Pick device, 4-bit or not, and dtype; the reason says why, for the run log.
 
     ``auto``: CUDA -> QLoRA (NF4, double quantisation, bf16 compute, or fp16 on GPUs
@@ -72,23 +70,44 @@ def choose_precision(quantize: str = "auto", cuda_available: Optional[bool] = No
     gpu_dtype = "bfloat16" if bf16_supported else "float16"
     if quantize == "auto":
         if cuda_available:
-            return PrecisionChoice("cuda", True, gpu_dtype,
-                                   f"CUDA found: QLoRA, base in 4-bit NF4 with double quantisation and {gpu_dtype} "
-                                   "compute, about 4x less base memory; LoRA adapters train in float32")
-        return PrecisionChoice("cpu", False, "float32",
-                               "no CUDA: plain LoRA in float32 on CPU (4-bit would save memory the small base does "
-                               "not need and slow every step by de-quantising)")
+            return PrecisionChoice(
+                "cuda",
+                True,
+                gpu_dtype,
+                f"CUDA found: QLoRA, base in 4-bit NF4 with double quantisation and {gpu_dtype} "
+                "compute, about 4x less base memory; LoRA adapters train in float32",
+            )
+        return PrecisionChoice(
+            "cpu",
+            False,
+            "float32",
+            "no CUDA: plain LoRA in float32 on CPU (4-bit would save memory the small base does "
+            "not need and slow every step by de-quantising)",
+        )
     if quantize == "4bit":
         if cuda_available:
-            return PrecisionChoice("cuda", True, gpu_dtype,
-                                   f"quantize=4bit: QLoRA on CUDA, NF4 with double quantisation, {gpu_dtype} compute")
-        return PrecisionChoice("cpu", True, "float32",
-                               "quantize=4bit forced on CPU: QLoRA via bitsandbytes' CPU 4-bit path (NF4, double "
-                               "quantisation, float32 compute); slower than plain LoRA here")
+            return PrecisionChoice(
+                "cuda",
+                True,
+                gpu_dtype,
+                f"quantize=4bit: QLoRA on CUDA, NF4 with double quantisation, {gpu_dtype} compute",
+            )
+        return PrecisionChoice(
+            "cpu",
+            True,
+            "float32",
+            "quantize=4bit forced on CPU: QLoRA via bitsandbytes' CPU 4-bit path (NF4, double "
+            "quantisation, float32 compute); slower than plain LoRA here",
+        )
     if cuda_available:
         dt = "bfloat16" if bf16_supported else "float32"
-        return PrecisionChoice("cuda", False, dt, f"quantize=none: plain LoRA on CUDA, base in {dt}"
-                               + ("" if bf16_supported else " (no bf16 on this GPU; fp16 weights train unstably)"))
+        return PrecisionChoice(
+            "cuda",
+            False,
+            dt,
+            f"quantize=none: plain LoRA on CUDA, base in {dt}"
+            + ("" if bf16_supported else " (no bf16 on this GPU; fp16 weights train unstably)"),
+        )
     return PrecisionChoice("cpu", False, "float32", "quantize=none: plain LoRA in float32 on CPU")
 
 
@@ -113,8 +132,9 @@ class LoraParams:
     early_stopping_patience: int = 1  # epochs without eval-loss improvement before stopping
 
 
-def build_features(tokenizer: Any, instructions: list[str], targets: list[str], max_source_tokens: int,
-                   max_target_tokens: int) -> list[dict]:
+def build_features(
+    tokenizer: Any, instructions: list[str], targets: list[str], max_source_tokens: int, max_target_tokens: int
+) -> list[dict]:
     """Training rows: input_ids = prompt + target + end-of-turn; labels = -100 on the prompt, the ids on the answer.
 
     The loss is on the answer tokens only. A target longer than ``max_target_tokens`` is
@@ -132,8 +152,13 @@ def build_features(tokenizer: Any, instructions: list[str], targets: list[str], 
         src = prompt_ids(tokenizer, inst, max_source_tokens)
         ans = tokenizer(str(tgt).strip(), add_special_tokens=False).input_ids
         ans = ans[:max_target_tokens] if len(ans) > max_target_tokens else ans + [eot]
-        rows.append({"input_ids": src + ans, "labels": [IGNORE_INDEX] * len(src) + ans,
-                     "attention_mask": [1] * (len(src) + len(ans))})
+        rows.append(
+            {
+                "input_ids": src + ans,
+                "labels": [IGNORE_INDEX] * len(src) + ans,
+                "attention_mask": [1] * (len(src) + len(ans)),
+            }
+        )
     return rows
 
 
@@ -143,9 +168,11 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, Any]:
 
     n = max(len(r["input_ids"]) for r in rows)
     pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731
-    return {"input_ids": torch.tensor([pad(r["input_ids"], pad_id) for r in rows]),
-            "attention_mask": torch.tensor([pad(r["attention_mask"], 0) for r in rows]),
-            "labels": torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows])}
+    return {
+        "input_ids": torch.tensor([pad(r["input_ids"], pad_id) for r in rows]),
+        "attention_mask": torch.tensor([pad(r["attention_mask"], 0) for r in rows]),
+        "labels": torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows]),
+    }
 
 
 def answer_loss(model: Any, features: list[dict], pad_id: int, batch_size: int = 8) -> float:
@@ -164,12 +191,17 @@ def answer_loss(model: Any, features: list[dict], pad_id: int, batch_size: int =
     total, count = 0.0, 0
     with torch.no_grad():
         for b in range(0, len(features), batch_size):
-            batch = {k: v.to(device) for k, v in collate(features[b:b + batch_size], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(features[b : b + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             lab = batch["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=IGNORE_INDEX,
-                reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    lab.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
             count += int((lab != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(1, count)
@@ -194,11 +226,17 @@ class LoraTrainResult:
 
     def metrics(self) -> dict[str, float]:
         """Numbers for ``mlflow.log_metrics`` (None values left out; MLflow wants floats)."""
-        out = {"lora_steps": float(self.steps), "lora_train_examples": float(self.train_examples),
-               "lora_eval_examples": float(self.eval_examples), "lora_first_loss": self.first_loss,
-               "lora_last_loss": self.last_loss, "lora_seconds": self.seconds,
-               "lora_trainable_params": float(self.trainable_params), "lora_total_params": float(self.total_params),
-               "lora_quantize_4bit": float(self.precision.quantize_4bit)}
+        out = {
+            "lora_steps": float(self.steps),
+            "lora_train_examples": float(self.train_examples),
+            "lora_eval_examples": float(self.eval_examples),
+            "lora_first_loss": self.first_loss,
+            "lora_last_loss": self.last_loss,
+            "lora_seconds": self.seconds,
+            "lora_trainable_params": float(self.trainable_params),
+            "lora_total_params": float(self.total_params),
+            "lora_quantize_4bit": float(self.precision.quantize_4bit),
+        }
         if self.eval_loss_before is not None:
             out["lora_eval_loss_before"] = self.eval_loss_before
         if self.eval_loss_after is not None:
@@ -246,67 +284,31 @@ def load_base_for_training(base_dir: Path, precision: PrecisionChoice) -> Any:
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=_torch_dtype(precision.dtype))
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=bnb,
-                                                     device_map={"": precision.device}, dtype=torch.float32)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_torch_dtype(precision.dtype),
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), quantization_config=bnb, device_map={"": precision.device}, dtype=torch.float32
+        )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.device == "cuda")
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=_torch_dtype(precision.dtype))
     return model.to(precision.device)
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices): the same data order, dropout and LoRA init each run."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def split_train_eval(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split; fewer than 10 rows (or fraction 0) -> no eval rows, as in the classifier's trainer."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(n * eval_fraction))) if eval_fraction > 0 and n >= 10 else 0
-    return order[n_eval:], order[:n_eval]
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def load_base_for_training(base_dir: Path, precision: PrecisionChoice) -> Any:
-    """The base model on its device: 4-bit NF4 (double quant) prepared for k-bit training, or plain weights.
-
-    ``prepare_model_for_kbit_training`` casts the small unquantised layers to float32 and
-    makes the inputs carry gradients; gradient checkpointing only on CUDA, where memory is
-    what QLoRA is for (on CPU it would only recompute activations and slow each step).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if precision.quantize_4bit:
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=_torch_dtype(precision.dtype))
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=bnb,
-                                                     device_map={"": precision.device}, dtype=torch.float32)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.device == "cuda")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=_torch_dtype(precision.dtype))
-    return model.to(precision.device)
-
-
-def train_lora(instructions: list[str], targets: list[str], out_dir: str | Path, params: LoraParams,
-               progress: bool = True, cache_root: str | Path = ".distill/models") -> LoraTrainResult:
-    """Fine-tune a LoRA adapter on instruction -> teacher text; writes ``out_dir/adapter`` (+ ``merged``, ``loss.json``).
+def train_lora(
+    instructions: list[str],
+    targets: list[str],
+    out_dir: str | Path,
+    params: LoraParams,
+    *,
+    progress: bool = True,
+    cache_root: str | Path = ".distill/models",
+) -> LoraTrainResult:
+    """Fine-tune a LoRA adapter on instruction -> teacher text; writes ``out_dir/adapter`` (+ ``merged``,
+    ``loss.json``).
 
     Steps: ``max_steps`` if set, else ``epochs`` x batches per epoch; the learning rate
     decays linearly to zero after a 5% warm-up, gradients are clipped at 1.0. With eval
@@ -331,15 +333,35 @@ def train_lora(instructions: list[str], targets: list[str], out_dir: str | Path,
     tr_idx, ev_idx = split_train_eval(len(features), params.eval_fraction, params.seed)
     train_f, eval_f = [features[i] for i in tr_idx], [features[i] for i in ev_idx]
     model, trainable, total = _lora_model(base_dir, precision, params)
-    run = _train(model, train_f, eval_f, tok.pad_token_id, params, precision, progress)
+    run = _train(model, train_f, eval_f, pad_id=tok.pad_token_id, params=params, precision=precision, progress=progress)
     adapter_dir, merged_dir = _save(model, tok, out, base_dir=base_dir, params=params, precision=precision)
-    (out / "loss.json").write_text(json.dumps({"step_loss": run.step_losses, "eval": run.eval_log,
-                                               "epochs": run.epochs, "stopped_early": run.stopped_early}, indent=1))
+    (out / "loss.json").write_text(
+        json.dumps(
+            {
+                "step_loss": run.step_losses,
+                "eval": run.eval_log,
+                "epochs": run.epochs,
+                "stopped_early": run.stopped_early,
+            },
+            indent=1,
+        )
+    )
     return LoraTrainResult(
-        adapter_dir=str(adapter_dir), base_model_dir=str(base_dir), merged_dir=merged_dir, precision=precision,
-        steps=run.steps, train_examples=len(train_f), eval_examples=len(eval_f), first_loss=run.step_losses[0],
-        last_loss=run.step_losses[-1], eval_loss_before=run.eval_before, eval_loss_after=run.eval_after,
-        seconds=time.time() - t0, trainable_params=int(trainable), total_params=int(total))
+        adapter_dir=str(adapter_dir),
+        base_model_dir=str(base_dir),
+        merged_dir=merged_dir,
+        precision=precision,
+        steps=run.steps,
+        train_examples=len(train_f),
+        eval_examples=len(eval_f),
+        first_loss=run.step_losses[0],
+        last_loss=run.step_losses[-1],
+        eval_loss_before=run.eval_before,
+        eval_loss_after=run.eval_after,
+        seconds=time.time() - t0,
+        trainable_params=int(trainable),
+        total_params=int(total),
+    )
 
 
 def _lora_model(base_dir: Path, precision: PrecisionChoice, params: LoraParams) -> tuple[Any, int, int]:
@@ -347,8 +369,14 @@ def _lora_model(base_dir: Path, precision: PrecisionChoice, params: LoraParams) 
     from peft import LoraConfig, get_peft_model
 
     model = load_base_for_training(base_dir, precision)
-    lcfg = LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                      target_modules=list(params.target_modules), bias="none", task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=params.r,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=list(params.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lcfg)
     trainable, total = model.get_nb_trainable_parameters()
     model.config.use_cache = False
@@ -404,8 +432,16 @@ class _Optimizer:
         return float(loss.detach())
 
 
-def _train(model: Any, train_f: list[dict], eval_f: list[dict], pad_id: int, params: LoraParams,
-           precision: PrecisionChoice, progress: bool) -> _Run:
+def _train(
+    model: Any,
+    train_f: list[dict],
+    eval_f: list[dict],
+    *,
+    pad_id: int,
+    params: LoraParams,
+    precision: PrecisionChoice,
+    progress: bool,
+) -> _Run:
     """Epochs of shuffled batches until the step budget or early stopping; the best epoch's adapter is kept."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -425,8 +461,10 @@ def _train(model: Any, train_f: list[dict], eval_f: list[dict], pad_id: int, par
     while run.steps < total_steps and not run.stopped_early:
         order = torch.randperm(len(train_f), generator=gen).tolist()
         for b in range(0, len(order), params.batch_size):
-            batch = {k: v.to(precision.device) for k, v in
-                     collate([train_f[i] for i in order[b:b + params.batch_size]], pad_id).items()}
+            batch = {
+                k: v.to(precision.device)
+                for k, v in collate([train_f[i] for i in order[b : b + params.batch_size]], pad_id).items()
+            }
             run.step_losses.append(opt.step(model, batch))
             run.steps += 1
             bar.update(1)
@@ -452,8 +490,9 @@ def _train(model: Any, train_f: list[dict], eval_f: list[dict], pad_id: int, par
     return run
 
 
-def _save(model: Any, tok: Any, out: Path, *, base_dir: Path, params: LoraParams,
-          precision: PrecisionChoice) -> tuple[Path, Optional[str]]:
+def _save(
+    model: Any, tok: Any, out: Path, *, base_dir: Path, params: LoraParams, precision: PrecisionChoice
+) -> tuple[Path, Optional[str]]:
     """Write the adapter (with what it was trained on) and, with ``merge`` on a float base, the merged model."""
     model.eval()
     adapter_dir = out / "adapter"
@@ -461,14 +500,25 @@ def _save(model: Any, tok: Any, out: Path, *, base_dir: Path, params: LoraParams
         shutil.rmtree(adapter_dir)
     model.save_pretrained(str(adapter_dir))
     tok.save_pretrained(str(adapter_dir))
-    (adapter_dir / ADAPTER_META).write_text(json.dumps(
-        {"base_model": params.base_model, "base_model_dir": str(base_dir), "precision": asdict(precision),
-         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}}, indent=2))
+    (adapter_dir / ADAPTER_META).write_text(
+        json.dumps(
+            {
+                "base_model": params.base_model,
+                "base_model_dir": str(base_dir),
+                "precision": asdict(precision),
+                "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()},
+            },
+            indent=2,
+        )
+    )
     if not params.merge:
         return adapter_dir, None
     if precision.quantize_4bit:
-        warnings.warn("merge=True ignored: the base was trained in 4-bit; load the adapter on a float base "
-                      "(load_generator) instead", stacklevel=2)
+        warnings.warn(
+            "merge=True ignored: the base was trained in 4-bit; load the adapter on a float base "
+            "(load_generator) instead",
+            stacklevel=2,
+        )
         return adapter_dir, None
     mdir = out / "merged"
     if mdir.exists():
@@ -487,34 +537,68 @@ def training_pairs(voted_pool: list[str], template: GenerationTemplate) -> tuple
     """(zero-shot instruction, medoid) for every item that did not abstain, and how many abstained."""
     df = frames(voted_pool)
     keep = df[df["label"].notna()] if not df.empty else df
-    return ([template.student_instruction(t) for t in keep["text"]], [str(x) for x in keep["label"]],
-            len(df) - len(keep))
+    return (
+        [template.student_instruction(t) for t in keep["text"]],
+        [str(x) for x in keep["label"]],
+        len(df) - len(keep),
+    )
 
 
 def lora_params(student: GeneratorStudentConfig) -> LoraParams:
     """The config's student section as :func:`train_lora`'s parameters."""
-    return LoraParams(base_model=student.base_model, r=student.lora_r, alpha=student.lora_alpha,
-                      dropout=student.lora_dropout, target_modules=tuple(student.target_modules),
-                      learning_rate=student.learning_rate, epochs=student.epochs, max_steps=student.max_steps,
-                      batch_size=student.batch_size, max_source_tokens=student.max_source_tokens,
-                      max_target_tokens=student.max_target_tokens, max_new_tokens=student.max_new_tokens,
-                      seed=student.seed, quantize=student.quantize, merge=student.merge)
+    return LoraParams(
+        base_model=student.base_model,
+        r=student.lora_r,
+        alpha=student.lora_alpha,
+        dropout=student.lora_dropout,
+        target_modules=tuple(student.target_modules),
+        learning_rate=student.learning_rate,
+        epochs=student.epochs,
+        max_steps=student.max_steps,
+        batch_size=student.batch_size,
+        max_source_tokens=student.max_source_tokens,
+        max_target_tokens=student.max_target_tokens,
+        max_new_tokens=student.max_new_tokens,
+        seed=student.seed,
+        quantize=student.quantize,
+        merge=student.merge,
+    )
 
 
-def train_generator(voted_pool: list[str], *, template: GenerationTemplate, out_dir: str,
-                    student: GeneratorStudentConfig, show_progress: bool = True) -> GeneratorTraining:
+def train_generator(
+    voted_pool: list[str],
+    *,
+    template: GenerationTemplate,
+    out_dir: str,
+    student: GeneratorStudentConfig,
+    show_progress: bool = True,
+) -> GeneratorTraining:
     """LoRA-tune the student on the teacher's medoids."""
     instructions, targets, abstained = training_pairs(voted_pool, template)
     if len(targets) < 4:
-        raise ValueError(f"only {len(targets)} items with a teacher text ({abstained} abstained): too few to train a student")
+        raise ValueError(
+            f"only {len(targets)} items with a teacher text ({abstained} abstained): too few to train a student"
+        )
     res = train_lora(instructions, targets, out_dir, lora_params(student), progress=show_progress)
     return GeneratorTraining(
-        model_dir=res.adapter_dir, base_model_dir=res.base_model_dir, merged_dir=res.merged_dir,
-        train_items=res.train_examples, val_items=res.eval_examples, excluded_abstained=abstained,
-        device=res.precision.device, quantize_4bit=res.precision.quantize_4bit, student_dtype=res.precision.dtype,
-        precision_reason=res.precision.reason, global_steps=res.steps, train_loss_first=res.first_loss,
-        train_loss=res.last_loss, val_loss_before=res.eval_loss_before, val_loss=res.eval_loss_after,
-        train_seconds=res.seconds, trainable_params=res.trainable_params, total_params=res.total_params,
-        lora_r=student.lora_r, base_model=student.base_model)
-
-
+        model_dir=res.adapter_dir,
+        base_model_dir=res.base_model_dir,
+        merged_dir=res.merged_dir,
+        train_items=res.train_examples,
+        val_items=res.eval_examples,
+        excluded_abstained=abstained,
+        device=res.precision.device,
+        quantize_4bit=res.precision.quantize_4bit,
+        student_dtype=res.precision.dtype,
+        precision_reason=res.precision.reason,
+        global_steps=res.steps,
+        train_loss_first=res.first_loss,
+        train_loss=res.last_loss,
+        val_loss_before=res.eval_loss_before,
+        val_loss=res.eval_loss_after,
+        train_seconds=res.seconds,
+        trainable_params=res.trainable_params,
+        total_params=res.total_params,
+        lora_r=student.lora_r,
+        base_model=student.base_model,
+    )

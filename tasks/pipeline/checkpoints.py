@@ -30,8 +30,9 @@ import os
 import pickle
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 # which config sections each stage's result depends on (beside the results it is handed)
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -93,8 +94,11 @@ class StageCheckpoints:
                 p.unlink()
 
     def key(self, stage: str, cfg: Any, inputs: tuple[Any, ...]) -> str:
-        parts: dict[str, Any] = {"stage": stage, "format": FORMAT,
-                                 "config": {s: _section(cfg, s) for s in STAGE_SECTIONS.get(stage, ())}}
+        parts: dict[str, Any] = {
+            "stage": stage,
+            "format": FORMAT,
+            "config": {s: _section(cfg, s) for s in STAGE_SECTIONS.get(stage, ())},
+        }
         upstream = []
         for a in inputs:
             if id(a) in self._keys:
@@ -139,8 +143,9 @@ class StageCheckpoints:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        blob = pickle.dumps({"key": key, "stage": stage, "files": files, "result": result, "seconds": seconds,
-                             "finished": time.time()})
+        blob = pickle.dumps(
+            {"key": key, "stage": stage, "files": files, "result": result, "seconds": seconds, "finished": time.time()}
+        )
         atomic_write(self.dir / f"{stage}.pkl", blob)
 
     def seconds(self, stage: str) -> Optional[float]:
@@ -183,10 +188,13 @@ def run_lock(run_dir: Path, what: str = "distill") -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            raise RunBusy(f"run folder {run_dir} is in use by another {what} run ({holder}); wait for it to finish, "
-                          f"or give this run another run_name") from None
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+            raise RunBusy(
+                f"run folder {run_dir} is in use by another {what} run ({holder}); wait for it to finish, "
+                f"or give this run another run_name"
+            ) from None
+        info = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         try:

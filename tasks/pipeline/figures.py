@@ -27,8 +27,9 @@ def teacher_speed(totals: ShardTotals, teacher: TeacherConfig, earlier: Optional
     if wall > 0:  # one request answers choices_per_request samples (k with `n`, else 1)
         return TeacherSpeed(ok / wall, ok * choices_per_request(teacher) / teacher.samples / wall, "this run")
     if earlier is not None and earlier.teacher_items_per_s:
-        return TeacherSpeed(earlier.teacher_requests_per_s, earlier.teacher_items_per_s,
-                            "an earlier run (all answers cached now)")
+        return TeacherSpeed(
+            earlier.teacher_requests_per_s, earlier.teacher_items_per_s, "an earlier run (all answers cached now)"
+        )
     return TeacherSpeed(None, None, None)
 
 
@@ -39,20 +40,49 @@ def reuse_of(pool: ShardTotals, usd_per_item: Optional[float]) -> Reuse:
     an earlier run (a nightly run over a source that grew annotates only what is new).
     """
     reused, total = pool.items_reused, pool.items + pool.items_in_skipped
-    return Reuse(total - reused, reused, reused * usd_per_item if usd_per_item is not None else None,
-                 (f"{reused:,} reused items x teacher_usd_per_item (what labelling one item costs, see its method)"
-                  if usd_per_item is not None else "teacher cost per item unknown"))
+    return Reuse(
+        total - reused,
+        reused,
+        reused * usd_per_item if usd_per_item is not None else None,
+        (
+            f"{reused:,} reused items x teacher_usd_per_item (what labelling one item costs, see its method)"
+            if usd_per_item is not None
+            else "teacher cost per item unknown"
+        ),
+    )
 
 
-def annotation_of(shards: AnnotatedShards, *, prices: list[TeacherPrice], ledger: LedgerSums,
-                  energy: EnergyReading, teacher: TeacherConfig, energy_cfg: EnergyConfig,
-                  earlier: Optional[EarlierRun]) -> Annotation:
+def annotation_of(
+    shards: AnnotatedShards,
+    *,
+    prices: list[TeacherPrice],
+    ledger: LedgerSums,
+    energy: EnergyReading,
+    teacher: TeacherConfig,
+    energy_cfg: EnergyConfig,
+    earlier: Optional[EarlierRun],
+) -> Annotation:
     """The annotation as the report reads it: totals, the teacher's speed, this run's bill and the reuse."""
     totals = ShardTotals.of(shards.pool + shards.gold, shards.probe)
     speed = teacher_speed(totals, teacher, earlier)
-    bill = teacher_bill(totals=totals, prices=prices, ledger=ledger, energy=energy, energy_cfg=energy_cfg,
-                        local=teacher.local, samples=teacher.samples,
-                        answers_per_request=choices_per_request(teacher), items_per_s=speed.teacher_items_per_s,
-                        earlier=earlier)
-    return Annotation(shards.pool, shards.gold, shards.probe, totals, speed, bill,
-                      reuse_of(ShardTotals.of(shards.pool), bill.teacher_usd_per_item))
+    bill = teacher_bill(
+        totals=totals,
+        prices=prices,
+        ledger=ledger,
+        energy=energy,
+        energy_cfg=energy_cfg,
+        local=teacher.local,
+        samples=teacher.samples,
+        answers_per_request=choices_per_request(teacher),
+        items_per_s=speed.teacher_items_per_s,
+        earlier=earlier,
+    )
+    return Annotation(
+        shards.pool,
+        shards.gold,
+        shards.probe,
+        totals,
+        speed,
+        bill,
+        reuse_of(ShardTotals.of(shards.pool), bill.teacher_usd_per_item),
+    )

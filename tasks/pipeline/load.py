@@ -42,8 +42,12 @@ def context_guard(cfg: DistillConfig, template: Template) -> Optional[ContextGua
 
 def prepare(cfg: DistillConfig, template: Template) -> PreparedInputs:
     """The run's pool and gold as shards under ``run_dir/input`` (no Prefect: ``distill plan`` calls it too)."""
-    return prepare_inputs(cfg.data, labels=template.labels or None, out_dir=Path(cfg.run_dir) / "input",
-                          guard=context_guard(cfg, template))
+    return prepare_inputs(
+        cfg.data,
+        labels=template.labels or None,
+        out_dir=Path(cfg.run_dir) / "input",
+        guard=context_guard(cfg, template),
+    )
 
 
 @task(name="load-data")
@@ -52,8 +56,9 @@ def load_task(cfg: DistillConfig, template_path: str) -> PreparedInputs:
 
 
 @task(name="select-items")
-def select_task(pool_shards: list[str], run_dir: str, selection: SelectionConfig, tracking: TrackingConfig,
-                chunk_rows: int) -> Selection:
+def select_task(
+    pool_shards: list[str], run_dir: str, selection: SelectionConfig, tracking: TrackingConfig, chunk_rows: int
+) -> Selection:
     """Tonight's items (tasks/data/select.py); the champion is looked up in the configured registry."""
     if selection.strategy.value != "all":
         import mlflow
@@ -61,8 +66,15 @@ def select_task(pool_shards: list[str], run_dir: str, selection: SelectionConfig
         from tasks.registry.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri(tracking.tracking_uri))
-    return select_items(pool_shards, Path(run_dir), selection.strategy.value, selection.max_new_items,
-                        selection.seed, f"models:/{tracking.model_name}@{selection.champion_alias}", chunk_rows)
+    return select_items(
+        pool_shards,
+        Path(run_dir),
+        strategy=selection.strategy.value,
+        max_new=selection.max_new_items,
+        seed=selection.seed,
+        model_uri=f"models:/{tracking.model_name}@{selection.champion_alias}",
+        chunk_rows=chunk_rows,
+    )
 
 
 def input_fingerprint(cfg: DistillConfig, template: Template, selected_shards: Optional[list[str]] = None) -> str:
@@ -71,6 +83,7 @@ def input_fingerprint(cfg: DistillConfig, template: Template, selected_shards: O
     With a selection, the chosen items change night by night in the same files, so their
     ids are part of the hash.
     """
+
     def stat(path: Optional[str]) -> Optional[list[int]]:
         if not path or not Path(path).exists():
             return None
@@ -78,10 +91,13 @@ def input_fingerprint(cfg: DistillConfig, template: Template, selected_shards: O
         return [st.st_size, st.st_mtime_ns]
 
     blob = json.dumps(
-        {"data": cfg.data.model_dump(mode="json"), "prompt": template.template_hash(),
-         "selected": _ids_hash(selected_shards) if selected_shards is not None else None,
-         "files": [stat(cfg.data.pool_path), stat(cfg.data.gold_path)],
-         "teacher": cfg.teacher.model_dump(mode="json", exclude={"startup_timeout_s", "n_threads", "tokenizer"})},
+        {
+            "data": cfg.data.model_dump(mode="json"),
+            "prompt": template.template_hash(),
+            "selected": _ids_hash(selected_shards) if selected_shards is not None else None,
+            "files": [stat(cfg.data.pool_path), stat(cfg.data.gold_path)],
+            "teacher": cfg.teacher.model_dump(mode="json", exclude={"startup_timeout_s", "n_threads", "tokenizer"}),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -111,21 +127,43 @@ def load_inputs(cfg: DistillConfig) -> Loaded:
     run_dir.mkdir(parents=True, exist_ok=True)
     inputs = load_task(cfg, template.source)
     pr = inputs.pool_report
-    logger.info("loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
-                "%d rows with invalid UTF-8)", pr.items, pr.empty_text, pr.duplicate_ids, pr.duplicate_texts,
-                pr.invalid_utf8)
+    logger.info(
+        "loaded %d pool items (%d empty texts and %d repeated ids set aside, %d repeated texts, "
+        "%d rows with invalid UTF-8)",
+        pr.items,
+        pr.empty_text,
+        pr.duplicate_ids,
+        pr.duplicate_texts,
+        pr.invalid_utf8,
+    )
     sel = select_task(inputs.pool_shards, str(run_dir), cfg.selection, cfg.tracking, cfg.data.chunk_rows)
     chosen = cfg.selection.strategy.value != "all"
     if chosen:
-        logger.info("selection: %d items labelled before, %d chosen tonight, %d deferred (%s)", sel.labelled_before,
-                    sel.selected, sel.deferred, sel.method)
+        logger.info(
+            "selection: %d items labelled before, %d chosen tonight, %d deferred (%s)",
+            sel.labelled_before,
+            sel.selected,
+            sel.deferred,
+            sel.method,
+        )
     fp = input_fingerprint(cfg, template, sel.pool_shards if chosen else None)
     manifest = run_dir / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fp:
-        logger.info("config, prompt or items changed since the last run in %s: re-annotating (from cache where "
-                    "possible)", run_dir)
+        logger.info(
+            "config, prompt or items changed since the last run in %s: re-annotating (from cache where possible)",
+            run_dir,
+        )
         for sub in ("annotations", "votes"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
     manifest.write_text(json.dumps({"fingerprint": fp, "prompt_hash": template.template_hash()}))
-    return Loaded(template, prices, sel.pool_shards, inputs.gold_shards, inputs.pool_report, inputs.gold_report,
-                  inputs.pool_rejected, sel, fp)
+    return Loaded(
+        template,
+        prices,
+        sel.pool_shards,
+        inputs.gold_shards,
+        inputs.pool_report,
+        inputs.gold_report,
+        inputs.pool_rejected,
+        sel,
+        fp,
+    )

@@ -77,6 +77,8 @@ def check_outputs(cfg: DistillConfig, free_bytes: Optional[int] = None) -> Outpu
     need = student_bytes_needed(cfg)
     free = shutil.disk_usage(cfg.run_dir).free if free_bytes is None else free_bytes
     if need is not None and free < need:
-        raise PreflightError(f"not enough disk for the student in {cfg.run_dir}: about {need / MB:,.0f} MB needed "
-                             f"({cfg.student.kind} weights while training), {free / MB:,.0f} MB free")
+        raise PreflightError(
+            f"not enough disk for the student in {cfg.run_dir}: about {need / MB:,.0f} MB needed "
+            f"({cfg.student.kind} weights while training), {free / MB:,.0f} MB free"
+        )
     return OutputsChecked(free / MB, None if need is None else need / MB)

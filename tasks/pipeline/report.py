@@ -28,19 +28,48 @@ def markdown_summary(summary: dict[str, Any], title: str = "distill annotation s
     for k in ("data_pool", "data_gold"):
         if isinstance(summary.get(k), dict):
             d = summary[k]
-            lines.append(f"| {k} | rows {d.get('rows_read')}, items {d.get('items')}, empty {d.get('empty_text')}, "
-                         f"dup ids {d.get('duplicate_ids')}, dup texts {d.get('duplicate_texts')}, "
-                         f"bad utf-8 {d.get('invalid_utf8')} |")
+            lines.append(
+                f"| {k} | rows {d.get('rows_read')}, items {d.get('items')}, empty {d.get('empty_text')}, "
+                f"dup ids {d.get('duplicate_ids')}, dup texts {d.get('duplicate_texts')}, "
+                f"bad utf-8 {d.get('invalid_utf8')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def terminal_summary(summary: dict[str, Any]) -> str:
-    keys = ["items", "votes", "invalid_votes", "failed_votes", "abstained", "low_agreement", "requests_sent",
-            "requests_cached", "tokens_in", "tokens_out", "wall_s", "teacher_items_per_s", "gold_items_scored",
-            "teacher_accuracy_single", "teacher_accuracy_voted", "teacher_macro_f1_voted", "teacher_coverage_voted",
-            "teacher_speed_source", "teacher_accuracy_by_agreement", "agreement_histogram", "teacher_label_distribution",
-            "teacher_label_distribution_on_gold", "gold_label_distribution", "plan_requests", "plan_usd", "teacher_usd",
-            "teacher_usd_failed_attempts", "teacher_kwh", "teacher_gco2", "teacher_usd_per_item", "stage_seconds"]
+    keys = [
+        "items",
+        "votes",
+        "invalid_votes",
+        "failed_votes",
+        "abstained",
+        "low_agreement",
+        "requests_sent",
+        "requests_cached",
+        "tokens_in",
+        "tokens_out",
+        "wall_s",
+        "teacher_items_per_s",
+        "gold_items_scored",
+        "teacher_accuracy_single",
+        "teacher_accuracy_voted",
+        "teacher_macro_f1_voted",
+        "teacher_coverage_voted",
+        "teacher_speed_source",
+        "teacher_accuracy_by_agreement",
+        "agreement_histogram",
+        "teacher_label_distribution",
+        "teacher_label_distribution_on_gold",
+        "gold_label_distribution",
+        "plan_requests",
+        "plan_usd",
+        "teacher_usd",
+        "teacher_usd_failed_attempts",
+        "teacher_kwh",
+        "teacher_gco2",
+        "teacher_usd_per_item",
+        "stage_seconds",
+    ]
     width = max(len(k) for k in keys)
     out = []
     for k in keys:

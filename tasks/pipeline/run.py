@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 from distill.config import DistillConfig
 from distill.faults import failpoint
@@ -30,8 +31,15 @@ from tasks.accounting.budget import BudgetExhausted
 from tasks.accounting.costs import StudentSpeed, projection
 from tasks.pipeline.checkpoints import STAGE_SECTIONS, StageCheckpoints, run_lock
 from tasks.pipeline.preflight import PreflightError
-from tasks.pipeline.summary import (annotation_summary, distill_summary, evaluation_figures, numeric, run_costs,
-                                    stage_metrics, training_params)
+from tasks.pipeline.summary import (
+    annotation_summary,
+    distill_summary,
+    evaluation_figures,
+    numeric,
+    run_costs,
+    stage_metrics,
+    training_params,
+)
 from tasks.pipeline.task_types import TaskKind
 from tasks.registry.tracking import setup_tracking, tracking_uri
 from tasks.results.classify import ClassifierEvaluation
@@ -39,7 +47,6 @@ from tasks.results.stages import Aggregation, Annotation, Evaluation, Loaded, Pl
 from tasks.templates.load import Template, load_prompt
 
 T = TypeVar("T")
-
 
 
 class StageClock:
@@ -82,6 +89,7 @@ class DistillRun(StageClock):
         self.tracking_uri = ""
         self._children: dict[str, str] = {}
         self._logged: dict[str, set[str]] = {}  # metric keys already logged per nested run
+        self.annotation: dict[str, Any] = {}  # the annotation summary (teacher_report), which the run's summary shows
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> DistillRun:
@@ -93,9 +101,11 @@ class DistillRun(StageClock):
             self._open_tracking(template)
         except Exception as e:
             self._stack.close()
-            raise PreflightError(f"MLflow tracking store {self.tracking_uri or tracking_uri(cfg.tracking.tracking_uri)} "
-                                 f"is not reachable or not writable ({type(e).__name__}: {str(e)[:300]}); "
-                                 "nothing was sent to the teacher") from e
+            raise PreflightError(
+                f"MLflow tracking store {self.tracking_uri or tracking_uri(cfg.tracking.tracking_uri)} "
+                f"is not reachable or not writable ({type(e).__name__}: {str(e)[:300]}); "
+                "nothing was sent to the teacher"
+            ) from e
         return self
 
     def _open_tracking(self, template: Template) -> None:
@@ -119,8 +129,14 @@ class DistillRun(StageClock):
         import mlflow
 
         if isinstance(exc, BudgetExhausted):
-            mlflow.log_metrics(numeric({k: exc.summary.get(k) for k in ("teacher_usd", "requests_sent", "not_sent_budget",
-                                                                        "budget_max_usd")}))
+            mlflow.log_metrics(
+                numeric(
+                    {
+                        k: exc.summary.get(k)
+                        for k in ("teacher_usd", "requests_sent", "not_sent_budget", "budget_max_usd")
+                    }
+                )
+            )
             mlflow.set_tags({"stopped": "budget", "stop_message": str(exc)[:5000]})
         self._stack.__exit__(exc_type, exc, tb)
 
@@ -150,8 +166,11 @@ class DistillRun(StageClock):
         result = ck.load(name, key) if key and ck is not None else None
         if result is not None:
             self.seconds[name] = 0.0
-            run_logger().info("stage %s: finished in an earlier run with the same inputs (%.1f s then): reused",
-                              name, ck.seconds(name) or 0.0)  # type: ignore[union-attr]
+            run_logger().info(
+                "stage %s: finished in an earlier run with the same inputs (%.1f s then): reused",
+                name,
+                ck.seconds(name) or 0.0,
+            )  # type: ignore[union-attr]
         else:
             if key and ck is not None and name in ck.why_not:
                 run_logger().info("stage %s: recomputed, %s", name, ck.why_not[name])
@@ -183,14 +202,16 @@ class DistillRun(StageClock):
             mlflow.log_table(pd.read_parquet(path), artifact)
 
     def teacher_report(self, loaded: Loaded, plan: Plan, ann: Annotation, agg: Aggregation) -> dict[str, Any]:
-        """The annotation summary, written to the run folder (the next run reads it) and logged with its data sets."""
+        """The annotation summary, written to the run folder (the next run reads it), logged with its data sets and
+        kept for the run's summary."""
         import mlflow
         import pandas as pd
 
         from tasks.pipeline.stages import report_task
 
         cfg = self.cfg
-        summary = report_task(annotation_summary(cfg, loaded, plan, ann, agg, self), str(cfg.run_dir))
+        summary = report_task(annotation_summary(cfg, loaded, plan, ann, agg, clock=self), str(cfg.run_dir))
+        self.annotation = summary
         with self.child("annotate"):
             done = self._logged.get("annotate", set())
             mlflow.log_metrics({k: v for k, v in numeric(summary).items() if k not in done})
@@ -198,16 +219,20 @@ class DistillRun(StageClock):
             with contextlib.suppress(Exception):
                 if cfg.data.gold_path and cfg.data.gold_path.endswith(".parquet"):
                     gold_df = pd.read_parquet(cfg.data.gold_path)
-                    mlflow.log_input(mlflow.data.from_pandas(gold_df, source=cfg.data.gold_path, name="gold"),
-                                     context="evaluation")
-                votes_df = pd.concat([pd.read_parquet(p, columns=["id", "text", "label", "confidence"])
-                                      for p in agg.pool_paths])
-                mlflow.log_input(mlflow.data.from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"),
-                                 context="training")
+                    mlflow.log_input(
+                        mlflow.data.from_pandas(gold_df, source=cfg.data.gold_path, name="gold"), context="evaluation"
+                    )
+                votes_df = pd.concat(
+                    [pd.read_parquet(p, columns=["id", "text", "label", "confidence"]) for p in agg.pool_paths]
+                )
+                mlflow.log_input(
+                    mlflow.data.from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"), context="training"
+                )
         return summary
 
-    def report(self, kind: TaskKind, ann: Annotation, annotation: dict[str, Any], model: Trained, ev: Evaluation,
-               reg: Registration) -> dict[str, Any]:
+    def report(
+        self, kind: TaskKind, ann: Annotation, model: Trained, ev: Evaluation, reg: Registration
+    ) -> dict[str, Any]:
         """Costs per 1M items, the summary and its table: logged to MLflow, written, published and returned."""
         import mlflow
 
@@ -217,8 +242,15 @@ class DistillRun(StageClock):
         f = ev.figures
         speed = f.speed if isinstance(f, ClassifierEvaluation) else f
         student = StudentSpeed(speed.student_items_per_s, speed.student_kwh_per_item, speed.student_kwh_per_item_method)
-        proj = projection(bill=ann.bill, speed=ann.speed, student=student, reference=cfg.reference, energy=cfg.energy,
-                          pricing=cfg.pricing, concurrency=cfg.client.concurrency)
+        proj = projection(
+            bill=ann.bill,
+            speed=ann.speed,
+            student=student,
+            reference=cfg.reference,
+            energy=cfg.energy,
+            pricing=cfg.pricing,
+            concurrency=cfg.client.concurrency,
+        )
         costs = run_costs(ann, model, proj)
         with contextlib.suppress(Exception):
             mlflow.log_artifact(cost_chart(costs, cfg.run_dir / "evaluation" / "cost_per_1m.png"), "plots")
@@ -226,11 +258,17 @@ class DistillRun(StageClock):
             mlflow.log_artifact(p, "plots")
         mlflow.log_metrics(numeric(costs))
         mlflow.log_dict(costs, "costs.json")
-        summary = distill_summary(cfg, kind.summary(annotation, model, ev, reg, costs), self.run_id, self.tracking_uri,
-                                  self)
+        summary = distill_summary(
+            cfg, kind.summary(self.annotation, model, ev, reg, costs), self.run_id, self.tracking_uri, self
+        )
         mlflow.log_metrics(numeric({k: summary.get(k) for k in kind.table_keys}))
-        mlflow.set_tags({"gate_decision": "promoted" if reg.promoted else "rejected", "task": kind.name,
-                         "model_version": reg.model_version})
+        mlflow.set_tags(
+            {
+                "gate_decision": "promoted" if reg.promoted else "rejected",
+                "task": kind.name,
+                "model_version": reg.model_version,
+            }
+        )
         table = kind.table(summary) + "\n\n" + cost_table(summary)
         mlflow.log_text(table, "summary.md")
         (cfg.run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -242,8 +280,12 @@ class DistillRun(StageClock):
         from prefect.artifacts import create_markdown_artifact
 
         with contextlib.suppress(Exception):
-            publish_links({"mlflow-model-version": mlflow_model_version_url(self.tracking_uri, reg.model_name,
-                                                                            reg.model_version)})
-            create_markdown_artifact(markdown="# distill run\n\n" + table, key="distill-summary",
-                                     description="teacher vs student on human gold, speed and the gate decision")
+            publish_links(
+                {"mlflow-model-version": mlflow_model_version_url(self.tracking_uri, reg.model_name, reg.model_version)}
+            )
+            create_markdown_artifact(
+                markdown="# distill run\n\n" + table,
+                key="distill-summary",
+                description="teacher vs student on human gold, speed and the gate decision",
+            )
         run_logger().info("distill run finished:\n%s", table)

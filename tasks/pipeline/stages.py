@@ -47,8 +47,14 @@ def load(cfg: DistillConfig) -> Loaded:
 
 def plan(cfg: DistillConfig, loaded: Loaded) -> Plan:
     """The priced plan of what annotation will send, before any request."""
-    return plan_annotation(loaded, teacher=cfg.teacher, client=cfg.client, pricing=cfg.pricing,
-                           max_usd=cfg.budget.max_usd, run_dir=cfg.run_dir)
+    return plan_annotation(
+        loaded,
+        teacher=cfg.teacher,
+        client=cfg.client,
+        pricing=cfg.pricing,
+        max_usd=cfg.budget.max_usd,
+        run_dir=cfg.run_dir,
+    )
 
 
 def plan_run(cfg: DistillConfig) -> PlanFigures:
@@ -59,16 +65,26 @@ def plan_run(cfg: DistillConfig) -> PlanFigures:
 
     template = load_prompt(cfg.prompt)
     inputs = prepare(cfg, template)
-    return make_plan(inputs.gold_shards + inputs.pool_shards, template=template, teacher=cfg.teacher,
-                     client=cfg.client, pricing=cfg.pricing, max_usd=cfg.budget.max_usd,
-                     prices=resolve_prices(cfg.teacher, cfg.pricing), counter=counter_for(cfg.teacher))
+    return make_plan(
+        inputs.gold_shards + inputs.pool_shards,
+        template=template,
+        teacher=cfg.teacher,
+        client=cfg.client,
+        pricing=cfg.pricing,
+        max_usd=cfg.budget.max_usd,
+        prices=resolve_prices(cfg.teacher, cfg.pricing),
+        counter=counter_for(cfg.teacher),
+    )
 
 
 def dry_run_result(cfg: DistillConfig, plan: Plan) -> dict[str, Any]:
     """What ``--dry-run`` returns: the plan, published as an artifact; nothing was sent."""
     with contextlib.suppress(Exception):
-        create_markdown_artifact(markdown="# distill plan (dry run: nothing sent)\n\n" + plan.text, key="distill-plan",
-                                 description="priced plan of the annotation, before any request")
+        create_markdown_artifact(
+            markdown="# distill plan (dry run: nothing sent)\n\n" + plan.text,
+            key="distill-plan",
+            description="priced plan of the annotation, before any request",
+        )
     return {"dry_run": True, "plan": plan.figures.as_dict(), "plan_text": plan.text, "run_name": cfg.run_name}
 
 
@@ -77,8 +93,11 @@ def preflight(cfg: DistillConfig, loaded: Loaded) -> OutputsChecked:
     written when the run opened); the teacher's probe follows once its endpoint is up."""
     del loaded  # the inputs are checked: what is left is where the outputs go
     checked = check_outputs(cfg)
-    run_logger().info("preflight: outputs writable, %.0f MB free (student needs about %s MB)", checked.disk_free_mb,
-                      "?" if checked.student_mb_needed is None else f"{checked.student_mb_needed:.0f}")
+    run_logger().info(
+        "preflight: outputs writable, %.0f MB free (student needs about %s MB)",
+        checked.disk_free_mb,
+        "?" if checked.student_mb_needed is None else f"{checked.student_mb_needed:.0f}",
+    )
     return checked
 
 
@@ -91,11 +110,24 @@ def annotate(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress: bool
     """
     e, t = cfg.energy, cfg.teacher
     stopped: Optional[BudgetExhausted] = None
-    with measure_energy("teacher", e.country_iso_code, e.measure and t.local, e.cpu_power_w,
-                        e.measure_power_secs) as energy:
+    with measure_energy(
+        "teacher",
+        e.country_iso_code,
+        enabled=e.measure and t.local,
+        cpu_power_w=e.cpu_power_w,
+        measure_power_secs=e.measure_power_secs,
+    ) as energy:
         try:
-            shards = annotate_items(loaded, plan, teacher=t, client=cfg.client, max_usd=cfg.budget.max_usd,
-                                    runtime=cfg.runtime, run_dir=cfg.run_dir, show_progress=show_progress)
+            shards = annotate_items(
+                loaded,
+                plan,
+                teacher=t,
+                client=cfg.client,
+                max_usd=cfg.budget.max_usd,
+                runtime=cfg.runtime,
+                run_dir=cfg.run_dir,
+                show_progress=show_progress,
+            )
         except BudgetExhausted as stop:
             stopped, shards = stop, stop.shards
     ann = _figures(cfg, loaded, shards, energy)
@@ -113,19 +145,33 @@ def _figures(cfg: DistillConfig, loaded: Loaded, shards: AnnotatedShards, energy
         cache.close()
     prev = cfg.run_dir / "annotation_summary.json"
     earlier = EarlierRun.from_summary(json.loads(prev.read_text()) if prev.exists() else None)
-    return annotation_of(shards, prices=loaded.prices, ledger=ledger, energy=energy, teacher=cfg.teacher,
-                         energy_cfg=cfg.energy, earlier=earlier)
+    return annotation_of(
+        shards,
+        prices=loaded.prices,
+        ledger=ledger,
+        energy=energy,
+        teacher=cfg.teacher,
+        energy_cfg=cfg.energy,
+        earlier=earlier,
+    )
 
 
 def _budget_stop(cfg: DistillConfig, plan: Plan, ann: Annotation, shards: AnnotatedShards) -> BudgetExhausted:
-    partial = budget_stop_summary(cfg, plan_usd=plan.figures.usd, totals=ShardTotals.of(shards.pool + shards.gold,
-                                                                                         shards.probe),
-                                  bill=ann.bill, shards_not_started=shards.shards_not_started)
+    partial = budget_stop_summary(
+        cfg,
+        plan_usd=plan.figures.usd,
+        totals=ShardTotals.of(shards.pool + shards.gold, shards.probe),
+        bill=ann.bill,
+        shards_not_started=shards.shards_not_started,
+    )
     (cfg.run_dir / "budget_stop.json").write_text(json.dumps(partial, indent=2, default=str))
     run_logger().error(partial["message"])
     with contextlib.suppress(Exception):
-        create_markdown_artifact(markdown="# distill stopped at its budget\n\n" + partial["message"],
-                                 key="distill-budget-stop", description="the run reached budget.max_usd")
+        create_markdown_artifact(
+            markdown="# distill stopped at its budget\n\n" + partial["message"],
+            key="distill-budget-stop",
+            description="the run reached budget.max_usd",
+        )
     return BudgetExhausted(partial["message"], partial)
 
 

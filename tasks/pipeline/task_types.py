@@ -19,9 +19,8 @@ whole config. Rendering and parsing live with the template (``PromptTemplate`` /
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
-
 from types import ModuleType
+from typing import Any, Optional, Protocol
 
 from distill.config import DistillConfig, GeneratorStudentConfig, StudentConfig, TaskType
 from tasks.pipeline.summary import task_summary
@@ -38,14 +37,17 @@ class TaskKind(Protocol):
 
     def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained: ...
 
-    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
-                 teacher_items_per_s: Optional[float]) -> Evaluation: ...
+    def evaluate(
+        self, cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]
+    ) -> Evaluation: ...
 
-    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
-                 run_id: str) -> Registration: ...
+    def register(
+        self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str
+    ) -> Registration: ...
 
-    def summary(self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
-                costs: dict[str, Any]) -> dict[str, Any]: ...
+    def summary(
+        self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration, costs: dict[str, Any]
+    ) -> dict[str, Any]: ...
 
     def table(self, summary: dict[str, Any]) -> str: ...
 
@@ -90,34 +92,75 @@ class Classify:
         return list(_classify().TABLE_KEYS)
 
     def aggregate(self, cfg: DistillConfig, ann: Annotation) -> Aggregation:
-        return _classify().aggregate_stage(ann.paths("pool"), ann.paths("gold"), vote=cfg.vote, labels=_labels(cfg),
-                                        samples=cfg.teacher.samples, votes_dir=cfg.run_dir / "votes")
+        return _classify().aggregate_stage(
+            ann.paths("pool"),
+            ann.paths("gold"),
+            vote=cfg.vote,
+            labels=_labels(cfg),
+            samples=cfg.teacher.samples,
+            votes_dir=cfg.run_dir / "votes",
+        )
 
     def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
         assert isinstance(cfg.student, StudentConfig)
-        return _classify().train_stage(agg, student=cfg.student, labels=_labels(cfg), min_agreement=cfg.vote.min_agreement,
-                                    energy=cfg.energy, pricing=cfg.pricing, out_dir=cfg.run_dir / "student",
-                                    show_progress=show_progress)
+        return _classify().train_stage(
+            agg,
+            student=cfg.student,
+            labels=_labels(cfg),
+            min_agreement=cfg.vote.min_agreement,
+            energy=cfg.energy,
+            pricing=cfg.pricing,
+            out_dir=cfg.run_dir / "student",
+            show_progress=show_progress,
+        )
 
-    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
-                 teacher_items_per_s: Optional[float]) -> Evaluation:
+    def evaluate(
+        self, cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]
+    ) -> Evaluation:
         assert isinstance(cfg.student, StudentConfig)
-        return _classify().evaluate_stage(agg, model, data=cfg.data, student=cfg.student, labels=_labels(cfg),
-                                       samples=cfg.teacher.samples, aggregation=cfg.vote.aggregation.value,
-                                       energy=cfg.energy, out_dir=cfg.run_dir / "evaluation",
-                                       teacher_items_per_s=teacher_items_per_s)
+        return _classify().evaluate_stage(
+            agg,
+            model,
+            data=cfg.data,
+            student=cfg.student,
+            labels=_labels(cfg),
+            samples=cfg.teacher.samples,
+            aggregation=cfg.vote.aggregation.value,
+            energy=cfg.energy,
+            out_dir=cfg.run_dir / "evaluation",
+            teacher_items_per_s=teacher_items_per_s,
+        )
 
-    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
-                 run_id: str) -> Registration:
+    def register(
+        self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str
+    ) -> Registration:
         assert isinstance(cfg.student, StudentConfig)
-        return _classify().register_stage(agg, model, ev, data=cfg.data, student=cfg.student, labels=_labels(cfg),
-                                       model_name=cfg.tracking.model_name, floor=cfg.gate.min_macro_f1,
-                                       margin=cfg.gate.min_improvement, run_id=run_id)
+        return _classify().register_stage(
+            agg,
+            model,
+            ev,
+            data=cfg.data,
+            student=cfg.student,
+            labels=_labels(cfg),
+            model_name=cfg.tracking.model_name,
+            floor=cfg.gate.min_macro_f1,
+            margin=cfg.gate.min_improvement,
+            run_id=run_id,
+        )
 
-    def summary(self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
-                costs: dict[str, Any]) -> dict[str, Any]:
-        return task_summary(self.name, annotation, model, ev, reg, costs, _classify().ANNOTATION_KEYS,
-                            _classify().TRAIN_KEYS)
+    def summary(
+        self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration, costs: dict[str, Any]
+    ) -> dict[str, Any]:
+        return task_summary(
+            self.name,
+            annotation,
+            model,
+            ev,
+            reg,
+            costs=costs,
+            annotation_keys=_classify().ANNOTATION_KEYS,
+            train_keys=_classify().TRAIN_KEYS,
+        )
 
     def table(self, summary: dict[str, Any]) -> str:
         return _classify().table(summary)
@@ -133,32 +176,71 @@ class Generate:
         return list(_generate().TABLE_KEYS)
 
     def aggregate(self, cfg: DistillConfig, ann: Annotation) -> Aggregation:
-        return _generate().aggregate_stage(ann.paths("pool"), ann.paths("gold"), vote=cfg.vote, template=_writing(cfg),
-                                        samples=cfg.teacher.samples, votes_dir=cfg.run_dir / "votes")
+        return _generate().aggregate_stage(
+            ann.paths("pool"),
+            ann.paths("gold"),
+            vote=cfg.vote,
+            template=_writing(cfg),
+            samples=cfg.teacher.samples,
+            votes_dir=cfg.run_dir / "votes",
+        )
 
     def train(self, cfg: DistillConfig, agg: Aggregation, show_progress: bool) -> Trained:
         assert isinstance(cfg.student, GeneratorStudentConfig)
-        return _generate().train_stage(agg, student=cfg.student, template=_writing(cfg), energy=cfg.energy,
-                                    pricing=cfg.pricing, out_dir=cfg.run_dir / "student", show_progress=show_progress)
+        return _generate().train_stage(
+            agg,
+            student=cfg.student,
+            template=_writing(cfg),
+            energy=cfg.energy,
+            pricing=cfg.pricing,
+            out_dir=cfg.run_dir / "student",
+            show_progress=show_progress,
+        )
 
-    def evaluate(self, cfg: DistillConfig, agg: Aggregation, model: Trained,
-                 teacher_items_per_s: Optional[float]) -> Evaluation:
+    def evaluate(
+        self, cfg: DistillConfig, agg: Aggregation, model: Trained, teacher_items_per_s: Optional[float]
+    ) -> Evaluation:
         assert isinstance(cfg.student, GeneratorStudentConfig)
-        return _generate().evaluate_stage(agg, model, student=cfg.student, template=_writing(cfg),
-                                       gate_metric=cfg.gate.metric, energy=cfg.energy,
-                                       out_dir=cfg.run_dir / "evaluation", teacher_items_per_s=teacher_items_per_s)
+        return _generate().evaluate_stage(
+            agg,
+            model,
+            student=cfg.student,
+            template=_writing(cfg),
+            gate_metric=cfg.gate.metric,
+            energy=cfg.energy,
+            out_dir=cfg.run_dir / "evaluation",
+            teacher_items_per_s=teacher_items_per_s,
+        )
 
-    def register(self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation,
-                 run_id: str) -> Registration:
+    def register(
+        self, cfg: DistillConfig, agg: Aggregation, model: Trained, ev: Evaluation, run_id: str
+    ) -> Registration:
         assert isinstance(cfg.student, GeneratorStudentConfig)
-        return _generate().register_stage(agg, model, ev, student=cfg.student, template=_writing(cfg),
-                                       model_name=cfg.tracking.model_name, floor=cfg.gate.min_score,
-                                       margin=cfg.gate.min_improvement, run_id=run_id)
+        return _generate().register_stage(
+            agg,
+            model,
+            ev,
+            student=cfg.student,
+            template=_writing(cfg),
+            model_name=cfg.tracking.model_name,
+            floor=cfg.gate.min_score,
+            margin=cfg.gate.min_improvement,
+            run_id=run_id,
+        )
 
-    def summary(self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration,
-                costs: dict[str, Any]) -> dict[str, Any]:
-        return task_summary(self.name, annotation, model, ev, reg, costs, _generate().ANNOTATION_KEYS,
-                            _generate().TRAIN_KEYS)
+    def summary(
+        self, annotation: dict[str, Any], model: Trained, ev: Evaluation, reg: Registration, costs: dict[str, Any]
+    ) -> dict[str, Any]:
+        return task_summary(
+            self.name,
+            annotation,
+            model,
+            ev,
+            reg,
+            costs=costs,
+            annotation_keys=_generate().ANNOTATION_KEYS,
+            train_keys=_generate().TRAIN_KEYS,
+        )
 
     def table(self, summary: dict[str, Any]) -> str:
         return _generate().table(summary)
@@ -173,6 +255,8 @@ def check_template_suits(task_type: TaskType, template: Template, source: str) -
     """A classify config with a writing prompt (or the reverse) is refused before anything is loaded or sent."""
     is_gen = isinstance(template, GenerationTemplate)
     if is_gen != (task_type == TaskType.generate):
-        raise ValueError(f"prompt {source}: a {'generation' if is_gen else 'labelling'} template does not suit "
-                         f"task '{task_type.value}' (set task: {'generate' if is_gen else 'classify'} or pick another "
-                         "prompt)")
+        raise ValueError(
+            f"prompt {source}: a {'generation' if is_gen else 'labelling'} template does not suit "
+            f"task '{task_type.value}' (set task: {'generate' if is_gen else 'classify'} or pick another "
+            "prompt)"
+        )

@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from distill.faults import failpoint
 from tasks.results.stages import Registration
 
-def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float,
-           metric: str = "macro-F1") -> tuple[bool, str]:
+
+def decide(
+    challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float, metric: str = "macro-F1"
+) -> tuple[bool, str]:
     """The gate rule as a pure function (see the module docstring); ``metric`` names the figure in the reason."""
     if challenger_f1 < floor:
         return False, f"{metric} {challenger_f1:.4f} is below the floor {floor:.4f}"
@@ -30,9 +33,14 @@ def decide(challenger_f1: float, champion_f1: Optional[float], floor: float, mar
         return True, f"first model: {metric} {challenger_f1:.4f} clears the floor {floor:.4f}"
     diff = challenger_f1 - champion_f1
     if diff > 0 and diff >= margin:
-        return True, f"{metric} {challenger_f1:.4f} beats the champion's {champion_f1:.4f} by {diff:+.4f} (margin {margin:.4f})"
-    return False, (f"{metric} {challenger_f1:.4f} does not beat the champion's {champion_f1:.4f} by more than zero "
-                   f"and at least the margin {margin:.4f} ({diff:+.4f})")
+        return (
+            True,
+            f"{metric} {challenger_f1:.4f} beats the champion's {champion_f1:.4f} by {diff:+.4f} (margin {margin:.4f})",
+        )
+    return False, (
+        f"{metric} {challenger_f1:.4f} does not beat the champion's {champion_f1:.4f} by more than zero "
+        f"and at least the margin {margin:.4f} ({diff:+.4f})"
+    )
 
 
 CANDIDATE_TAG = "distill.candidate"  # the trained student's identity (Trained.uid): a rerun finds its version by it
@@ -62,7 +70,9 @@ def _current_champion(client: Any, model_name: str) -> Optional[str]:
         return None
 
 
-def _set_aliases(model_name: str, version: str, promote: bool, compared_with: Optional[str], probe: Any) -> tuple[bool, str]:
+def _set_aliases(
+    model_name: str, version: str, promote: bool, compared_with: Optional[str], probe: Any
+) -> tuple[bool, str]:
     """``challenger`` on the new version; ``champion`` only once that version loads from the registry and predicts.
 
     Called again by a rerun that finds the version already registered, so every step is
@@ -110,7 +120,7 @@ def gate_lock(model_name: str) -> Iterator[None]:
 
     uri = mlflow.get_tracking_uri()
     digest = hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
-    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(".distill")
+    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(".distill")
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / f".gate-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -120,11 +130,23 @@ def gate_lock(model_name: str) -> Iterator[None]:
         os.close(fd)
 
 
-ChampionScore = Callable[[], tuple[Optional[str], Optional[float]]]  # the champion's version and score now, or (None, None)
+ChampionScore = Callable[
+    [], tuple[Optional[str], Optional[float]]
+]  # the champion's version and score now, or (None, None)
 
 
-def gated_registration(model: ModelSource, model_name: str, *, candidate: Optional[str], champion: ChampionScore,
-                       floor: float, margin: float, metric: str, tags: dict[str, str], probe: Any) -> Registration:
+def gated_registration(
+    model: ModelSource,
+    model_name: str,
+    *,
+    candidate: Optional[str],
+    champion: ChampionScore,
+    floor: float,
+    margin: float,
+    metric: str,
+    tags: dict[str, str],
+    probe: Any,
+) -> Registration:
     """Register once per trained student, born with its gate decision; move aliases last.
 
     Order: re-measure the champion, decide, log the model, create the version with every
@@ -134,12 +156,31 @@ def gated_registration(model: ModelSource, model_name: str, *, candidate: Option
     at a version that loaded.
     """
     with gate_lock(model_name):
-        return _gated_registration(model, model_name, candidate, champion, floor, margin, metric, tags, probe)
+        return _gated_registration(
+            model,
+            model_name,
+            candidate=candidate,
+            champion=champion,
+            floor=floor,
+            margin=margin,
+            metric=metric,
+            tags=tags,
+            probe=probe,
+        )
 
 
-def _gated_registration(model: ModelSource, model_name: str, candidate: Optional[str],  # noqa: PLR0913
-                        champion: ChampionScore, floor: float, margin: float, metric: str, tags: dict[str, str],
-                        probe: Any) -> Registration:
+def _gated_registration(
+    model: ModelSource,
+    model_name: str,
+    *,
+    candidate: Optional[str],
+    champion: ChampionScore,
+    floor: float,
+    margin: float,
+    metric: str,
+    tags: dict[str, str],
+    probe: Any,
+) -> Registration:
     import mlflow
 
     done = find_candidate(model_name, candidate)
@@ -149,17 +190,30 @@ def _gated_registration(model: ModelSource, model_name: str, candidate: Optional
         champ_v = t.get("compared_with_version") or None
         champ_s = float(t["distill.champion_score_now"]) if t.get("distill.champion_score_now") else None
         promoted, note = _set_aliases(model_name, str(done.version), promote, champ_v, probe)
-        return Registration(model_name, str(done.version), promoted, t.get("gate_reason", "") + (f" ({note})" if note else ""),
-                            metric, champ_v, champ_s)
+        return Registration(
+            model_name,
+            str(done.version),
+            promoted,
+            t.get("gate_reason", "") + (f" ({note})" if note else ""),
+            metric,
+            champ_v,
+            champ_s,
+        )
     champ_v, champ_s = champion()
     promote, reason = decide(float(tags["distill.score"]), champ_s, floor, margin, metric=metric)
     uri = model() if callable(model) else model
     failpoint("register:logged")
-    born = {**tags, CANDIDATE_TAG: candidate or "", "gate_decision": "promoted" if promote else "rejected",
-            "gate_reason": reason, "compared_with_version": champ_v or "",
-            "distill.champion_score_now": "" if champ_s is None else f"{champ_s:.6f}"}
+    born = {
+        **tags,
+        CANDIDATE_TAG: candidate or "",
+        "gate_decision": "promoted" if promote else "rejected",
+        "gate_reason": reason,
+        "compared_with_version": champ_v or "",
+        "distill.champion_score_now": "" if champ_s is None else f"{champ_s:.6f}",
+    }
     mv = mlflow.register_model(uri, model_name, tags=born)
     failpoint("register:created")
     promoted, note = _set_aliases(model_name, str(mv.version), promote, champ_v, probe)
-    return Registration(model_name, str(mv.version), promoted, reason + (f" ({note})" if note else ""), metric,
-                        champ_v, champ_s)
+    return Registration(
+        model_name, str(mv.version), promoted, reason + (f" ({note})" if note else ""), metric, champ_v, champ_s
+    )

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 TASKS_DIR = Path(__file__).resolve().parents[1]
 

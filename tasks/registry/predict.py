@@ -38,7 +38,7 @@ def resolve_model(model_uri: str) -> tuple[str, Optional[str]]:
         return model_uri, None
     import mlflow
 
-    name, alias = model_uri[len("models:/"):].split("@", 1)
+    name, alias = model_uri[len("models:/") :].split("@", 1)
     v = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     return f"models:/{name}/{v.version}", str(v.version)
 
@@ -59,12 +59,16 @@ def predict_shard(model_uri: str, tracking_uri: str, in_path: str, out_path: str
     df = pq.read_table(in_path).to_pandas()
     model = _model(model_uri, tracking_uri)
     t0 = time.perf_counter()
-    parts = [model.predict(pd.DataFrame({"text": df["text"].iloc[i:i + batch_size * 16]}))
-             for i in range(0, len(df), batch_size * 16)]
+    parts = [
+        model.predict(pd.DataFrame({"text": df["text"].iloc[i : i + batch_size * 16]}))
+        for i in range(0, len(df), batch_size * 16)
+    ]
     pred = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"label": [], "score": []})
     seconds = time.perf_counter() - t0
     if len(pred) != len(df):
-        raise ValueError(f"{model_uri} returned {len(pred)} rows for the {len(df)} items of {in_path}: no row may be lost")
+        raise ValueError(
+            f"{model_uri} returned {len(pred)} rows for the {len(df)} items of {in_path}: no row may be lost"
+        )
     # a classifier returns label and score, a generator text and finish_reason: every column is kept, after the id
     res = pd.DataFrame({"id": df["id"].values, **{c: pred[c].values for c in pred.columns}})
     if "score" in res:

@@ -27,7 +27,7 @@ def setup_tracking(configured_uri: Optional[str], experiment: str) -> str:
     if mlflow.get_experiment_by_name(experiment) is None:
         loc = None
         if uri.startswith("sqlite:///"):
-            loc = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            loc = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(experiment, artifact_location=loc)
     mlflow.set_experiment(experiment)
     return uri

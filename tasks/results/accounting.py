@@ -126,16 +126,23 @@ class TeacherPrice:
         """USD for token usage (0 for hourly and free endpoints: those are priced by time)."""
         if self.kind != "tokens":
             return 0.0
-        return ((prompt_tokens or 0) * self.input_per_mtok + (completion_tokens or 0) * self.output_per_mtok) / 1e6 \
-            + requests * self.per_request_usd
+        return (
+            (prompt_tokens or 0) * self.input_per_mtok + (completion_tokens or 0) * self.output_per_mtok
+        ) / 1e6 + requests * self.per_request_usd
 
-    def batch_variant(self) -> "TeacherPrice":
+    def batch_variant(self) -> TeacherPrice:
         """The same model billed through the provider's batch API."""
         if self.kind != "tokens" or self.batch or not self.batch_discount:
             return self
         f = 1.0 - self.batch_discount
-        return TeacherPrice(**{**self.__dict__, "input_per_mtok": self.input_per_mtok * f,
-                               "output_per_mtok": self.output_per_mtok * f, "batch": True})
+        return TeacherPrice(
+            **{
+                **self.__dict__,
+                "input_per_mtok": self.input_per_mtok * f,
+                "output_per_mtok": self.output_per_mtok * f,
+                "batch": True,
+            }
+        )
 
     def describe(self) -> str:
         if self.kind == "free":
@@ -144,5 +151,7 @@ class TeacherPrice:
             return f"{self.model}: ${self.usd_per_hour:g}/hour of busy hardware ({self.source})"
         fee = f" + ${self.per_request_usd:g}/request" if self.per_request_usd else ""
         batch = " at batch rate" if self.batch else ""
-        return (f"{self.model}: ${self.input_per_mtok:g} in / ${self.output_per_mtok:g} out per 1M tokens{fee}{batch} "
-                f"({self.source})")
+        return (
+            f"{self.model}: ${self.input_per_mtok:g} in / ${self.output_per_mtok:g} out per 1M tokens{fee}{batch} "
+            f"({self.source})"
+        )

@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 @dataclass
 class VoteStats:
-    """Counts over the voted shards: items, votes, invalid or failed votes, abstentions, agreement, probability sources."""
+    """Counts over the voted shards: items, votes, invalid or failed votes, abstentions, agreement, probability
+    sources."""
 
     items: int = 0
     votes: int = 0

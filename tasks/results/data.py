@@ -56,6 +56,10 @@ class Selection:
     method: str
 
     def summary(self) -> dict[str, Any]:
-        return {"items_labelled_before": self.labelled_before, "items_selected": self.selected,
-                "items_deferred": self.deferred, "selection_method": self.method,
-                "pool_deferred_file": self.deferred_file}
+        return {
+            "items_labelled_before": self.labelled_before,
+            "items_selected": self.selected,
+            "items_deferred": self.deferred,
+            "selection_method": self.method,
+            "pool_deferred_file": self.deferred_file,
+        }

@@ -30,8 +30,11 @@ EvaluationFigures = Union[ClassifierEvaluation, GeneratorEvaluation]
 
 def numeric(figures: dict[str, Any]) -> dict[str, float]:
     """The figures MLflow can log as metrics: numbers and booleans, never None or NaN."""
-    return {k: float(v) for k, v in figures.items()
-            if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and math.isnan(v))}
+    return {
+        k: float(v)
+        for k, v in figures.items()
+        if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and math.isnan(v))
+    }
 
 
 @dataclass

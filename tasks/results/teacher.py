@@ -10,8 +10,9 @@ MLflow metrics (tasks/pipeline/summary.py). As Curator's ``TokenUsage``/``CostIn
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T", bound="_Summable")
 
@@ -228,8 +229,12 @@ class EarlierRun:
             v = summary.get(key)
             return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-        return cls(num("teacher_items_per_s"), num("teacher_requests_per_s"), num("teacher_kwh_per_item"),
-                   num("teacher_usd_per_item"))
+        return cls(
+            num("teacher_items_per_s"),
+            num("teacher_requests_per_s"),
+            num("teacher_kwh_per_item"),
+            num("teacher_usd_per_item"),
+        )
 
 
 @dataclass
@@ -296,15 +301,32 @@ class PlanFigures:
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "items": self.items, "samples_per_item": self.samples_per_item, "variation": self.variation,
-            "requests_total": self.requests_total, "requests_cached": self.requests_cached,
-            "requests_to_send": self.requests_to_send, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-            "usd": self.usd, "usd_batch": self.usd_batch, "seconds": self.seconds,
-            "usd_per_1m_items": self.usd_per_1m_items, "budget_max_usd": self.budget_max_usd,
-            "endpoints": [vars(r).copy() for r in self.endpoints], "shard_requests": self.shard_requests,
-            "over_budget": self.over_budget}
+            "items": self.items,
+            "samples_per_item": self.samples_per_item,
+            "variation": self.variation,
+            "requests_total": self.requests_total,
+            "requests_cached": self.requests_cached,
+            "requests_to_send": self.requests_to_send,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "usd": self.usd,
+            "usd_batch": self.usd_batch,
+            "seconds": self.seconds,
+            "usd_per_1m_items": self.usd_per_1m_items,
+            "budget_max_usd": self.budget_max_usd,
+            "endpoints": [vars(r).copy() for r in self.endpoints],
+            "shard_requests": self.shard_requests,
+            "over_budget": self.over_budget,
+        }
         if len(self.endpoints) == 1:
             r = self.endpoints[0]
-            out.update({"tokens_in_method": r.tokens_in_method, "tokens_out_method": r.tokens_out_method,
-                        "usd_method": r.usd_method, "seconds_method": r.seconds_method, "price": r.price})
+            out.update(
+                {
+                    "tokens_in_method": r.tokens_in_method,
+                    "tokens_out_method": r.tokens_out_method,
+                    "usd_method": r.usd_method,
+                    "seconds_method": r.seconds_method,
+                    "price": r.price,
+                }
+            )
         return out

@@ -7,8 +7,9 @@ changes the answer: the endpoint, model, rendered prompt and sampling parameters
 for an ``n``-choice request, the choice's index). Nothing else is in the key: two samples
 or two items that make the very same request share one answer, and the parser, the label
 set and the aggregation are not in it, so re-parsing and re-aggregating cached answers
-(their raw log-probabilities are stored with them) is free. Errors are never cached. Every attempt, failed ones included, is written to the ledger with its status,
-latency and the token usage it returned, so the bill can be reconciled.
+(their raw log-probabilities are stored with them) is free. Errors are never cached.
+Every attempt, failed ones included, is written to the ledger with its status, latency
+and the token usage it returned, so the bill can be reconciled.
 API keys never reach this file: only request bodies are stored, never headers.
 """
 
@@ -30,6 +31,7 @@ try:  # orjson ships with prefect; it is several times faster than json for the 
 
     _loads = orjson.loads
 except ImportError:  # pragma: no cover
+
     def _dumps(obj: Any) -> str:
         return json.dumps(obj, ensure_ascii=False)
 
@@ -69,9 +71,16 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id);
 """
 # columns added after the first release; older cache files get them on open
-MIGRATIONS = {"responses": [("usage_source", "TEXT"), ("logprobs", "TEXT"), ("model", "TEXT"), ("max_tokens", "INTEGER"),
-                            ("prompt_chars", "INTEGER")],
-              "attempts": [("model", "TEXT"), ("usage_source", "TEXT"), ("max_tokens", "INTEGER")]}
+MIGRATIONS = {
+    "responses": [
+        ("usage_source", "TEXT"),
+        ("logprobs", "TEXT"),
+        ("model", "TEXT"),
+        ("max_tokens", "INTEGER"),
+        ("prompt_chars", "INTEGER"),
+    ],
+    "attempts": [("model", "TEXT"), ("usage_source", "TEXT"), ("max_tokens", "INTEGER")],
+}
 # What ``model_history`` reads, kept up to date at insert: one row per (model, max_tokens) with
 # the sums the plan's calibration needs. Without it the plan parsed every cached request's JSON
 # (json_extract) to find one model's answers: seconds per 100,000 answers, on every plan.
@@ -107,12 +116,14 @@ UPDATE attempts SET max_tokens = (SELECT r.max_tokens FROM responses r WHERE r.k
   WHERE status = 'ok' AND max_tokens IS NULL;
 DELETE FROM history;
 INSERT INTO history(model, max_tokens, answers, usage_n, prompt_tokens, prompt_chars, completion_n, completion_tokens)
-  SELECT COALESCE(model, char(0)), COALESCE(max_tokens, -1), COUNT(*), COUNT(prompt_tokens), COALESCE(SUM(prompt_tokens), 0),
-         COALESCE(SUM(CASE WHEN prompt_tokens IS NOT NULL THEN prompt_chars END), 0), COUNT(completion_tokens),
+  SELECT COALESCE(model, char(0)), COALESCE(max_tokens, -1), COUNT(*), COUNT(prompt_tokens),
+         COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(CASE WHEN prompt_tokens IS NOT NULL THEN prompt_chars END), 0),
+         COUNT(completion_tokens),
          COALESCE(SUM(completion_tokens), 0)
   FROM responses WHERE COALESCE(usage_source, 'reported') != 'estimated' GROUP BY 1, 2;
 INSERT INTO history(model, max_tokens, ok_attempts, latency_n, latency_sum)
-  SELECT COALESCE(a.model, char(0)), COALESCE(r.max_tokens, -1), COUNT(*), COUNT(a.latency_s), COALESCE(SUM(a.latency_s), 0)
+  SELECT COALESCE(a.model, char(0)), COALESCE(r.max_tokens, -1), COUNT(*), COUNT(a.latency_s),
+         COALESCE(SUM(a.latency_s), 0)
   FROM attempts a LEFT JOIN responses r ON r.key = a.key WHERE a.status = 'ok' GROUP BY 1, 2
   ON CONFLICT(model, max_tokens) DO UPDATE SET ok_attempts = excluded.ok_attempts, latency_n = excluded.latency_n,
     latency_sum = excluded.latency_sum;
@@ -120,13 +131,14 @@ INSERT INTO history(model, max_tokens, ok_attempts, latency_n, latency_sum)
 # indexes of a development version of this migration, replaced by the table
 DROP_V2 = "DROP INDEX IF EXISTS responses_model; DROP INDEX IF EXISTS attempts_model;"
 HISTORY_UPSERT = """
-INSERT INTO history(model, max_tokens, ok_attempts, latency_n, latency_sum, answers, usage_n, prompt_tokens, prompt_chars,
-                    completion_n, completion_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+INSERT INTO history(model, max_tokens, ok_attempts, latency_n, latency_sum, answers, usage_n, prompt_tokens,
+                    prompt_chars, completion_n, completion_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT(model, max_tokens) DO UPDATE SET ok_attempts = ok_attempts + excluded.ok_attempts,
   latency_n = latency_n + excluded.latency_n, latency_sum = latency_sum + excluded.latency_sum,
   answers = answers + excluded.answers, usage_n = usage_n + excluded.usage_n,
   prompt_tokens = prompt_tokens + excluded.prompt_tokens, prompt_chars = prompt_chars + excluded.prompt_chars,
-  completion_n = completion_n + excluded.completion_n, completion_tokens = completion_tokens + excluded.completion_tokens
+  completion_n = completion_n + excluded.completion_n,
+  completion_tokens = completion_tokens + excluded.completion_tokens
 """
 
 
@@ -134,8 +146,9 @@ def _group(model: Any, max_tokens: Any) -> tuple[Any, Any]:
     return (NO_MODEL if model is None else model, NO_CAP if max_tokens is None else max_tokens)
 
 
-def _add_answer(sums: dict[tuple, list], model: Any, cap: Any, usage_source: Any, pt: Any, ct: Any, chars: Any,
-                sign: int) -> None:
+def _add_answer(
+    sums: dict[tuple, list], model: Any, cap: Any, usage_source: Any, pt: Any, *, ct: Any, chars: Any, sign: int
+) -> None:
     """Add (sign 1) or take out (sign -1) one answer's figures in ``sums`` (history's columns from ``answers`` on)."""
     if usage_source == "estimated":
         return
@@ -152,6 +165,7 @@ def _add_answer(sums: dict[tuple, list], model: Any, cap: Any, usage_source: Any
 
 def prompt_chars(request: dict[str, Any]) -> Optional[int]:
     """Characters of a request's prompt, as sqlite's LENGTH counts them (what the plan calibrates tokens on)."""
+
     def length(v: Any) -> Optional[int]:
         if v is None:
             return None
@@ -167,8 +181,9 @@ def prompt_chars(request: dict[str, Any]) -> Optional[int]:
     return sum(parts) if parts else None
 
 
-def request_key(model: str, prompt: Any, sampling: dict[str, Any], choice: Optional[int] = None,
-                endpoint: str = "") -> str:
+def request_key(
+    model: str, prompt: Any, sampling: dict[str, Any], choice: Optional[int] = None, endpoint: str = ""
+) -> str:
     """Hash of everything that changes the teacher's answer (never the parser, never secrets).
 
     ``choice`` is the index of one of the ``n`` choices of a single request; a request for
@@ -268,8 +283,11 @@ class ResponseCache:
         out: dict[str, CachedAnswer] = {}
         for i in range(0, len(keys), 500):
             part = keys[i : i + 500]
-            q = ("SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source, logprobs FROM responses"
-                 " WHERE key IN (%s)" % ",".join("?" * len(part)))
+            q = (
+                "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source, logprobs FROM "
+                "responses"
+                f" WHERE key IN ({','.join('?' * len(part))})"
+            )
             for k, text, fr, pt, ct, src, lp in self.db.execute(q, part):
                 out[k] = CachedAnswer(text, fr, pt, ct, src, _loads(lp) if lp else None)
         return out
@@ -279,13 +297,19 @@ class ResponseCache:
         out: set[str] = set()
         for i in range(0, len(keys), 900):
             part = keys[i : i + 900]
-            q = "SELECT key FROM responses WHERE key IN (%s)" % ",".join("?" * len(part))
+            q = f"SELECT key FROM responses WHERE key IN ({','.join('?' * len(part))})"
             out.update(k for (k,) in self.db.execute(q, part))
         return out
 
     def put_success(
-        self, entries: list[tuple[str, CachedAnswer]], request: dict[str, Any], run_id: str, attempt: int,
-        http_status: int, latency_s: float,
+        self,
+        entries: list[tuple[str, CachedAnswer]],
+        request: dict[str, Any],
+        run_id: str,
+        *,
+        attempt: int,
+        http_status: int,
+        latency_s: float,
     ) -> None:
         """Queue the answer(s) of one request and its attempt; written at the next :meth:`flush`.
 
@@ -298,23 +322,76 @@ class ResponseCache:
         req_json = _dumps(request)
         first = entries[0][1]
         model, cap, chars = request.get("model"), request.get("max_tokens"), prompt_chars(request)
-        self._resp.extend((k, req_json, a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens, now,
-                           a.usage_source, _dumps(a.logprobs) if a.logprobs is not None else None, model, cap, chars)
-                          for k, a in entries)
-        self._att.append((run_id, entries[0][0], attempt, "ok", http_status, latency_s, first.prompt_tokens,
-                          first.completion_tokens, None, now, model, first.usage_source, cap))
+        self._resp.extend(
+            (
+                k,
+                req_json,
+                a.text,
+                a.finish_reason,
+                a.prompt_tokens,
+                a.completion_tokens,
+                now,
+                a.usage_source,
+                _dumps(a.logprobs) if a.logprobs is not None else None,
+                model,
+                cap,
+                chars,
+            )
+            for k, a in entries
+        )
+        self._att.append(
+            (
+                run_id,
+                entries[0][0],
+                attempt,
+                "ok",
+                http_status,
+                latency_s,
+                first.prompt_tokens,
+                first.completion_tokens,
+                None,
+                now,
+                model,
+                first.usage_source,
+                cap,
+            )
+        )
         if self.autoflush:
             self.flush()
 
     def put_attempt(
-        self, key: str, run_id: str, attempt: int, status: str, http_status: Optional[int], latency_s: float,
-        prompt_tokens: Optional[int], completion_tokens: Optional[int], error: Optional[str],
+        self,
+        key: str,
+        run_id: str,
+        attempt: int,
+        *,
+        status: str,
+        http_status: Optional[int],
+        latency_s: float,
+        prompt_tokens: Optional[int],
+        completion_tokens: Optional[int],
+        error: Optional[str],
         model: Optional[str] = None,
     ) -> None:
         """Record a failed attempt (never cached as an answer), with any usage it reported."""
         source = "reported" if prompt_tokens is not None or completion_tokens is not None else None
-        self._att.append((run_id, key, attempt, status, http_status, latency_s, prompt_tokens, completion_tokens,
-                          (error or "")[:500], time.time(), model, source, None))
+        self._att.append(
+            (
+                run_id,
+                key,
+                attempt,
+                status,
+                http_status,
+                latency_s,
+                prompt_tokens,
+                completion_tokens,
+                (error or "")[:500],
+                time.time(),
+                model,
+                source,
+                None,
+            )
+        )
         if self.autoflush:
             self.flush()
 
@@ -334,7 +411,8 @@ class ResponseCache:
                 self.db.executemany(
                     "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
                     "completion_tokens,error,created,model,usage_source,max_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    att)
+                    att,
+                )
                 for a in att:
                     if a[3] == "ok":
                         g = sums.setdefault(_group(a[10], a[12]), [0, 0, 0.0, 0, 0, 0, 0, 0, 0])
@@ -351,26 +429,33 @@ class ResponseCache:
         Each is inserted unless its key exists (the usual case: no extra lookup); the few whose
         key had an answer are taken out of the sums with their old figures and replaced.
         """
-        cols = ("INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,created,usage_source,"
-                "logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+        cols = (
+            "INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,created,usage_source,"
+            "logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+        )
         last = {r[0]: r for r in resp}  # a key queued twice: the later row is the one that stays
         clash = []
         for r in last.values():
             if self.db.execute("INSERT OR IGNORE " + cols, r).rowcount == 0:
                 clash.append(r)
-            _add_answer(sums, r[9], r[10], r[7], r[4], r[5], r[11], 1)
+            _add_answer(sums, r[9], r[10], r[7], r[4], ct=r[5], chars=r[11], sign=1)
         for r in clash:
-            old = self.db.execute("SELECT model, max_tokens, usage_source, prompt_tokens, completion_tokens, prompt_chars"
-                                  " FROM responses WHERE key=?", (r[0],)).fetchone()
+            old = self.db.execute(
+                "SELECT model, max_tokens, usage_source, prompt_tokens, completion_tokens, prompt_chars"
+                " FROM responses WHERE key=?",
+                (r[0],),
+            ).fetchone()
             if old is not None:
-                _add_answer(sums, *old, -1)
+                _add_answer(sums, *old[:4], ct=old[4], chars=old[5], sign=-1)
             self.db.execute("INSERT OR REPLACE " + cols, r)
 
     def ledger_totals(self, run_id: str) -> dict[str, int]:
         self.flush()
         row = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(status='ok'),0), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0)"
-            " FROM attempts WHERE run_id=?", (run_id,),
+            "SELECT COUNT(*), COALESCE(SUM(status='ok'),0), COALESCE(SUM(prompt_tokens),0), "
+            "COALESCE(SUM(completion_tokens),0)"
+            " FROM attempts WHERE run_id=?",
+            (run_id,),
         ).fetchone()
         return {"attempts": row[0], "ok": row[1], "tokens_in": row[2], "tokens_out": row[3]}
 
@@ -380,10 +465,21 @@ class ResponseCache:
         rows = self.db.execute(
             "SELECT model, status='ok', usage_source, COUNT(*), COALESCE(SUM(prompt_tokens),0),"
             " COALESCE(SUM(completion_tokens),0), COALESCE(SUM(latency_s),0) FROM attempts WHERE run_id=?"
-            " GROUP BY 1,2,3", (run_id,),
+            " GROUP BY 1,2,3",
+            (run_id,),
         ).fetchall()
-        return [{"model": m, "ok": bool(ok), "usage_source": src, "attempts": n, "tokens_in": pt, "tokens_out": ct,
-                 "latency_s": lat} for m, ok, src, n, pt, ct, lat in rows]
+        return [
+            {
+                "model": m,
+                "ok": bool(ok),
+                "usage_source": src,
+                "attempts": n,
+                "tokens_in": pt,
+                "tokens_out": ct,
+                "latency_s": lat,
+            }
+            for m, ok, src, n, pt, ct, lat in rows
+        ]
 
     def model_history(self, model: str, max_tokens: int | None = None) -> dict[str, Any]:
         """What earlier runs measured for ``model``: mean latency, prompt tokens per character, completion tokens.
@@ -400,12 +496,20 @@ class ResponseCache:
         cap = "" if max_tokens is None else " AND max_tokens=?"
         args: tuple[Any, ...] = (model,) if max_tokens is None else (model, max_tokens)
         (ok, lat_n, lat_sum, answers, usage_n, pt, chars, ct_n, ct) = self.db.execute(
-            "SELECT COALESCE(SUM(ok_attempts),0), COALESCE(SUM(latency_n),0), SUM(latency_sum), COALESCE(SUM(answers),0),"
+            "SELECT COALESCE(SUM(ok_attempts),0), COALESCE(SUM(latency_n),0), SUM(latency_sum), "
+            "COALESCE(SUM(answers),0),"
             " COALESCE(SUM(usage_n),0), SUM(prompt_tokens), SUM(prompt_chars), COALESCE(SUM(completion_n),0),"
-            " SUM(completion_tokens) FROM history WHERE model=?" + cap, args).fetchone()
+            " SUM(completion_tokens) FROM history WHERE model=?" + cap,
+            args,
+        ).fetchone()
         lat = (ok, lat_sum / lat_n if lat_n else None)
-        tok = (answers, pt if usage_n else None, chars if usage_n else None,
-               ct * 1.0 / answers if ct_n and answers else None, usage_n)
+        tok = (
+            answers,
+            pt if usage_n else None,
+            chars if usage_n else None,
+            ct * 1.0 / answers if ct_n and answers else None,
+            usage_n,
+        )
         return _history(lat, tok)
 
     def close(self) -> None:
@@ -414,9 +518,13 @@ class ResponseCache:
 
 
 def _history(lat: tuple, tok: tuple) -> dict[str, Any]:
-    return {"latency_n": lat[0], "latency_s": lat[1], "usage_n": tok[4] or 0,
-            "tokens_per_char": (tok[1] / tok[2]) if tok[4] and tok[2] else None,
-            "completion_tokens": tok[3] if tok[4] else None}
+    return {
+        "latency_n": lat[0],
+        "latency_s": lat[1],
+        "usage_n": tok[4] or 0,
+        "tokens_per_char": (tok[1] / tok[2]) if tok[4] and tok[2] else None,
+        "completion_tokens": tok[3] if tok[4] else None,
+    }
 
 
 def model_history_scan(db: sqlite3.Connection, model: str, max_tokens: int | None = None) -> dict[str, Any]:
@@ -430,16 +538,21 @@ def model_history_scan(db: sqlite3.Connection, model: str, max_tokens: int | Non
     args: tuple[Any, ...] = (model,) if max_tokens is None else (model, max_tokens)
     if max_tokens is None:
         lat = db.execute(
-            "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)).fetchone()
+            "SELECT COUNT(*), AVG(latency_s) FROM attempts WHERE model=? AND status='ok'", (model,)
+        ).fetchone()
     else:
         lat = db.execute(
             "SELECT COUNT(*), AVG(a.latency_s) FROM attempts a JOIN responses r ON r.key=a.key"
-            " WHERE a.model=? AND a.status='ok'" + cap, args).fetchone()
+            " WHERE a.model=? AND a.status='ok'" + cap,
+            args,
+        ).fetchone()
     tok = db.execute(
         "SELECT COUNT(*), SUM(prompt_tokens),"
         " SUM(CASE WHEN prompt_tokens IS NOT NULL THEN COALESCE(LENGTH(json_extract(request,'$.prompt')),"
         "   (SELECT SUM(LENGTH(json_extract(m.value,'$.content'))) FROM json_each(request,'$.messages') AS m)) END),"
         " SUM(completion_tokens) * 1.0 / COUNT(*), SUM(prompt_tokens IS NOT NULL)"
         " FROM responses r WHERE json_extract(request,'$.model')=? AND COALESCE(usage_source,'reported') != 'estimated'"
-        + cap, args).fetchone()
+        + cap,
+        args,
+    ).fetchone()
     return _history(lat, tok)

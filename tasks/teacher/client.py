@@ -19,8 +19,9 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import aiohttp
 
@@ -29,9 +30,19 @@ from tasks.accounting.budget import SpendMeter
 from tasks.results.teacher import ClientStats
 from tasks.teacher.cache import CachedAnswer, ResponseCache
 from tasks.teacher.ratelimit import RateLimiter
-from tasks.teacher.responses import (MAX_UNUSABLE_ATTEMPTS, RETRYABLE_STATUS, ServerError, backoff_delay,
-                                     extract_answers, is_context_error, model_matches, parse_retry_after, redact,
-                                     snippet, usage_of)
+from tasks.teacher.responses import (
+    MAX_UNUSABLE_ATTEMPTS,
+    RETRYABLE_STATUS,
+    ServerError,
+    backoff_delay,
+    extract_answers,
+    is_context_error,
+    model_matches,
+    parse_retry_after,
+    redact,
+    snippet,
+    usage_of,
+)
 from tasks.templates.tokens import TokenCounter, heuristic_counter
 
 try:  # orjson ships with prefect; fall back to the stdlib
@@ -103,10 +114,20 @@ class _Attempt:
 class TeacherClient:
     """Async client; use as ``async with TeacherClient(...) as c: await c.run(requests)``."""
 
-    def __init__(self, endpoint: Endpoint, cache: ResponseCache, run_id: str, settings: ClientConfig, *,
-                 limiter: Optional[RateLimiter] = None, meter: Optional[SpendMeter] = None,
-                 counter: Optional[TokenCounter] = None, on_result: Optional[Callable[[ClientStats], None]] = None,
-                 logger: Any = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        cache: ResponseCache,
+        run_id: str,
+        settings: ClientConfig,
+        *,
+        limiter: Optional[RateLimiter] = None,
+        meter: Optional[SpendMeter] = None,
+        counter: Optional[TokenCounter] = None,
+        on_result: Optional[Callable[[ClientStats], None]] = None,
+        logger: Any = None,
+        seed: int = 0,
+    ) -> None:
         self.endpoint = endpoint
         self.base_url = endpoint.base_url.rstrip("/")
         self.cache = cache
@@ -153,9 +174,15 @@ class TeacherClient:
             if all(k in hits for k in r.keys):
                 for k in r.keys:
                     h = hits[k]
-                    results[k] = Outcome(h.text, cached=True, prompt_tokens=h.prompt_tokens,
-                                         completion_tokens=h.completion_tokens, usage_source=h.usage_source,
-                                         logprobs=h.logprobs, finish_reason=h.finish_reason)
+                    results[k] = Outcome(
+                        h.text,
+                        cached=True,
+                        prompt_tokens=h.prompt_tokens,
+                        completion_tokens=h.completion_tokens,
+                        usage_source=h.usage_source,
+                        logprobs=h.logprobs,
+                        finish_reason=h.finish_reason,
+                    )
                 self.stats.requests_cached += len(r.keys)
             else:
                 todo.append(r)
@@ -193,8 +220,12 @@ class TeacherClient:
             last_error = a.msg
             if a.final_invalid:
                 self.stats.invalid_answers += 1
-                return self._give_up(req, f"invalid answer: {a.msg} ({unusable} unusable answers; not retried "
-                                          f"further)", attempt, invalid=True)
+                return self._give_up(
+                    req,
+                    f"invalid answer: {a.msg} ({unusable} unusable answers; not retried further)",
+                    attempt,
+                    invalid=True,
+                )
             if attempt == s.max_attempts:
                 break
             self.stats.retries += 1
@@ -228,8 +259,9 @@ class TeacherClient:
         return out
 
     # ------------------------------------------------------------------ one attempt
-    async def _attempt(self, req: TeacherRequest, attempt: int, reservation: float, est_prompt: int,
-                       unusable: int) -> _Attempt:
+    async def _attempt(
+        self, req: TeacherRequest, attempt: int, reservation: float, est_prompt: int, unusable: int
+    ) -> _Attempt:
         """Send once and read the answer; its real cost is settled with the meter whatever happens."""
         assert self._session is not None
         usage: tuple[Optional[int], Optional[int]] = (None, None)
@@ -247,21 +279,43 @@ class TeacherClient:
                 if status == 200:
                     usage, billed, result = self._answered(req, attempt, body, latency, unusable)
                     return result
-                usage, billed, result = self._refused(req, attempt, status, body, ra_header, latency)
+                usage, billed, result = self._refused(req, attempt, status, body, ra_header=ra_header, latency=latency)
                 return result
-            except asyncio.TimeoutError:
-                return self._failed(req, attempt, "timeout", f"no answer within {self.timeout.total:.0f}s", None,
-                                    time.perf_counter() - t0, usage)
+            except TimeoutError:
+                return self._failed(
+                    req,
+                    attempt,
+                    "timeout",
+                    f"no answer within {self.timeout.total:.0f}s",
+                    status=None,
+                    latency=time.perf_counter() - t0,
+                    usage=usage,
+                )
             except (aiohttp.ClientError, ConnectionError, OSError) as e:
-                return self._failed(req, attempt, "connection", f"{type(e).__name__}: {e}", None,
-                                    time.perf_counter() - t0, usage)
+                return self._failed(
+                    req,
+                    attempt,
+                    "connection",
+                    f"{type(e).__name__}: {e}",
+                    status=None,
+                    latency=time.perf_counter() - t0,
+                    usage=usage,
+                )
         finally:
             if self.meter is not None:
-                await self.meter.settle(self.endpoint.index, reservation, usage[0], usage[1], est_prompt, billed,
-                                        time.perf_counter() - t_attempt)
+                await self.meter.settle(
+                    self.endpoint.index,
+                    reservation,
+                    prompt_tokens=usage[0],
+                    completion_tokens=usage[1],
+                    est_prompt=est_prompt,
+                    billed=billed,
+                    busy_s=time.perf_counter() - t_attempt,
+                )
 
-    def _answered(self, req: TeacherRequest, attempt: int, body: bytes, latency: float,
-                  unusable: int) -> tuple[tuple[Optional[int], Optional[int]], bool, _Attempt]:
+    def _answered(
+        self, req: TeacherRequest, attempt: int, body: bytes, latency: float, unusable: int
+    ) -> tuple[tuple[Optional[int], Optional[int]], bool, _Attempt]:
         """An HTTP 200: the answers, cached and counted; or an unusable body (still billed if it says so)."""
         data = None
         model = req.payload.get("model")
@@ -277,28 +331,55 @@ class TeacherClient:
             if isinstance(e, ValueError):
                 kind, unusable_now = "bad_json", False
             else:
-                kind, unusable_now = ("wrong_model" if str(e).startswith("answer is for model") else "bad_response",
-                                      True)
+                kind, unusable_now = (
+                    "wrong_model" if str(e).startswith("answer is for model") else "bad_response",
+                    True,
+                )
             msg = f"HTTP 200 but {kind}: {e}; body starts {snippet(body)!r}"
             final = unusable_now and unusable + 1 >= MAX_UNUSABLE_ATTEMPTS
-            return usage, billed, self._failed(req, attempt, kind, msg, 200, latency, usage, unusable=unusable_now,
-                                               final=final)
+            return (
+                usage,
+                billed,
+                self._failed(
+                    req,
+                    attempt,
+                    kind,
+                    msg,
+                    status=200,
+                    latency=latency,
+                    usage=usage,
+                    unusable=unusable_now,
+                    final=final,
+                ),
+            )
         pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
-        self.cache.put_success(list(zip(req.keys, answers)), req.payload, self.run_id, attempt, 200, latency)
+        self.cache.put_success(
+            list(zip(req.keys, answers)), req.payload, self.run_id, attempt=attempt, http_status=200, latency_s=latency
+        )
         self._schedule_flush()
         self._count_usage(pt, ct)
         if self.limiter is not None:
             self.limiter.reconcile(req.est_tokens, pt + ct)
         self.stats.requests_ok += 1
         self.stats.bump("ok")
-        outcomes = {k: Outcome(a.text, cached=False, attempts=attempt, prompt_tokens=a.prompt_tokens,
-                               completion_tokens=a.completion_tokens, usage_source=source, logprobs=a.logprobs,
-                               finish_reason=a.finish_reason)
-                    for k, a in zip(req.keys, answers)}
+        outcomes = {
+            k: Outcome(
+                a.text,
+                cached=False,
+                attempts=attempt,
+                prompt_tokens=a.prompt_tokens,
+                completion_tokens=a.completion_tokens,
+                usage_source=source,
+                logprobs=a.logprobs,
+                finish_reason=a.finish_reason,
+            )
+            for k, a in zip(req.keys, answers)
+        }
         return (pt, ct), True, _Attempt(outcomes=outcomes)
 
-    def _refused(self, req: TeacherRequest, attempt: int, status: int, body: bytes, ra_header: Optional[str],
-                 latency: float) -> tuple[tuple[Optional[int], Optional[int]], bool, _Attempt]:
+    def _refused(
+        self, req: TeacherRequest, attempt: int, status: int, body: bytes, *, ra_header: Optional[str], latency: float
+    ) -> tuple[tuple[Optional[int], Optional[int]], bool, _Attempt]:
         """An error status: its usage read anyway (some servers bill failed calls); final, or worth a retry."""
         try:
             usage = usage_of(_loads(body))
@@ -309,28 +390,56 @@ class TeacherClient:
         if status not in RETRYABLE_STATUS and is_context_error(body):
             # the prompt does not fit the model: the same request fails the same way every time
             self.stats.context_exceeded += 1
-            self._record_failure(req, attempt, "context_length", status, latency, usage, msg)
+            self._record_failure(
+                req, attempt, "context_length", http_status=status, latency=latency, usage=usage, msg=msg
+            )
             msg = redact(msg, [self.endpoint.api_key or ""])
-            return usage, billed, _Attempt(outcomes=self._give_up(
-                req, f"prompt longer than the teacher's context: {msg} (not retried)", attempt, invalid=True))
+            return (
+                usage,
+                billed,
+                _Attempt(
+                    outcomes=self._give_up(
+                        req, f"prompt longer than the teacher's context: {msg} (not retried)", attempt, invalid=True
+                    )
+                ),
+            )
         if status not in RETRYABLE_STATUS and status < 500:
-            self._record_failure(req, attempt, f"http_{status}", status, latency, usage, msg)
+            self._record_failure(
+                req, attempt, f"http_{status}", http_status=status, latency=latency, usage=usage, msg=msg
+            )
             msg = redact(msg, [self.endpoint.api_key or ""])
             return usage, billed, _Attempt(outcomes=self._give_up(req, f"{msg} (not retryable)", attempt))
-        attempt_result = self._failed(req, attempt, f"http_{status}", msg, status, latency, usage)
+        attempt_result = self._failed(req, attempt, f"http_{status}", msg, status=status, latency=latency, usage=usage)
         attempt_result.retry_after = parse_retry_after(ra_header)
         return usage, billed, attempt_result
 
-    def _failed(self, req: TeacherRequest, attempt: int, kind: str, msg: str, status: Optional[int], latency: float,
-                usage: tuple[Optional[int], Optional[int]], *, unusable: bool = False, final: bool = False) -> _Attempt:
+    def _failed(
+        self,
+        req: TeacherRequest,
+        attempt: int,
+        kind: str,
+        msg: str,
+        *,
+        status: Optional[int],
+        latency: float,
+        usage: tuple[Optional[int], Optional[int]],
+        unusable: bool = False,
+        final: bool = False,
+    ) -> _Attempt:
         """A failed attempt, recorded in the ledger; the retry loop decides what follows."""
-        self._record_failure(req, attempt, kind, status, latency, usage, msg)
-        return _Attempt(kind=kind, msg=redact(msg, [self.endpoint.api_key or ""]), http_status=status,
-                        final_invalid=final, unusable=unusable)
+        self._record_failure(req, attempt, kind, http_status=status, latency=latency, usage=usage, msg=msg)
+        return _Attempt(
+            kind=kind,
+            msg=redact(msg, [self.endpoint.api_key or ""]),
+            http_status=status,
+            final_invalid=final,
+            unusable=unusable,
+        )
 
     # ------------------------------------------------------------------ bookkeeping
-    def _fill_usage(self, payload: dict[str, Any], answers: list[CachedAnswer], pt: Optional[int],
-                    ct: Optional[int]) -> tuple[int, int, str]:
+    def _fill_usage(
+        self, payload: dict[str, Any], answers: list[CachedAnswer], pt: Optional[int], ct: Optional[int]
+    ) -> tuple[int, int, str]:
         """Usage of an answered request; counted (or estimated) by distill when the server sent none."""
         source = "reported"
         if pt is None or ct is None:
@@ -362,14 +471,33 @@ class TeacherClient:
         self.stats.tokens_in += pt or 0
         self.stats.tokens_out += ct or 0
 
-    def _record_failure(self, req: TeacherRequest, attempt: int, kind: str, http_status: Optional[int],
-                        latency: float, usage: tuple[Optional[int], Optional[int]], msg: str) -> None:
+    def _record_failure(
+        self,
+        req: TeacherRequest,
+        attempt: int,
+        kind: str,
+        *,
+        http_status: Optional[int],
+        latency: float,
+        usage: tuple[Optional[int], Optional[int]],
+        msg: str,
+    ) -> None:
         msg = redact(msg, [self.endpoint.api_key or ""])
         self.stats.attempt_errors += 1
         self.stats.bump(kind)
         self._count_usage(*usage)
-        self.cache.put_attempt(req.keys[0], self.run_id, attempt, kind, http_status, latency, usage[0], usage[1], msg,
-                               req.payload.get("model"))
+        self.cache.put_attempt(
+            req.keys[0],
+            self.run_id,
+            attempt,
+            status=kind,
+            http_status=http_status,
+            latency_s=latency,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
+            error=msg,
+            model=req.payload.get("model"),
+        )
         self._schedule_flush()
         if attempt == 1 or kind != "http_429":
             self.log.warning("teacher attempt %d failed: %s", attempt, msg[:300])

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 _LEAD = re.compile(r"^[\s\"'`*.:;,!()\[\]-]+")  # what normalise_answer trims at the start of an answer
 
@@ -64,19 +65,22 @@ def steps_from_logprobs(lp: Any) -> Optional[list[TokenStep]]:
         for c in lp["content"]:
             if not isinstance(c, dict) or not isinstance(c.get("token"), str) or not _num(c.get("logprob")):
                 return None
-            top = {t["token"]: float(t["logprob"]) for t in c.get("top_logprobs") or []
-                   if isinstance(t, dict) and isinstance(t.get("token"), str) and _num(t.get("logprob"))}
+            top = {
+                t["token"]: float(t["logprob"])
+                for t in c.get("top_logprobs") or []
+                if isinstance(t, dict) and isinstance(t.get("token"), str) and _num(t.get("logprob"))
+            }
             steps.append(TokenStep(c["token"], float(c["logprob"]), top))
         return steps or None
     tokens, lps, tops = lp.get("tokens"), lp.get("token_logprobs"), lp.get("top_logprobs")
     if not isinstance(tokens, list) or not isinstance(lps, list) or len(tokens) != len(lps):
         return None
     tops = tops if isinstance(tops, list) and len(tops) == len(tokens) else [None] * len(tokens)
-    for tok, l, top in zip(tokens, lps, tops):
-        if not isinstance(tok, str) or not _num(l):
+    for tok, logp, top in zip(tokens, lps, tops):
+        if not isinstance(tok, str) or not _num(logp):
             return None
         alt = {t: float(v) for t, v in (top or {}).items() if isinstance(t, str) and _num(v)}
-        steps.append(TokenStep(tok, float(l), alt))
+        steps.append(TokenStep(tok, float(logp), alt))
     return steps or None
 
 
@@ -94,7 +98,7 @@ def _in_form(text: str, lead: str) -> Optional[str]:
         return "" if lead.startswith(text) else None
     if not text.startswith(lead):
         return None
-    rest = text[len(lead):]
+    rest = text[len(lead) :]
     return None if _LEAD.match(rest) else rest.lower()
 
 
@@ -112,7 +116,7 @@ class LabelMatcher:
         """Label index whose surface ``c`` spells out in full (only non-letters after it), longest first."""
         best: Optional[tuple[int, int]] = None
         for s, i in self.surfaces:
-            if c.startswith(s) and not any(ch.isalnum() for ch in c[len(s):]):
+            if c.startswith(s) and not any(ch.isalnum() for ch in c[len(s) :]):
                 if best is None or len(s) > best[0]:
                     best = (len(s), i)
         return best[1] if best else None
@@ -151,14 +155,7 @@ def label_distribution(lp: Any, matcher: LabelMatcher, forms: str = "answer_form
 
     committed = False
     for step in steps:
-        for alt, alt_lp in step.top.items():  # branches the answer did not take
-            if alt == step.token:
-                continue
-            c = norm(prefix + alt)
-            if not c:
-                continue  # has not begun any label, or is spelled unlike the answer
-            done, more = matcher.completes(c), matcher.continues(c)
-            give(({done} | more) if done is not None else more, math.exp(logp + alt_lp))
+        _give_branches(step, prefix, logp, norm=norm, matcher=matcher, give=give)
         prefix += step.token
         logp += step.logprob
         c = norm(prefix)
@@ -181,6 +178,26 @@ def label_distribution(lp: Any, matcher: LabelMatcher, forms: str = "answer_form
     if total <= 0:
         return None
     return LabelDistribution([m / total for m in mass], min(1.0, total), ambiguous)
+
+
+def _give_branches(
+    step: TokenStep,
+    prefix: str,
+    logp: float,
+    *,
+    norm: Callable[[str], Optional[str]],
+    matcher: LabelMatcher,
+    give: Callable[[set[int], float], None],
+) -> None:
+    """The probability of the branches the answer did not take at ``step``, given to the labels they begin."""
+    for alt, alt_lp in step.top.items():
+        if alt == step.token:
+            continue
+        c = norm(prefix + alt)
+        if not c:
+            continue  # has not begun any label, or is spelled unlike the answer
+        done, more = matcher.completes(c), matcher.continues(c)
+        give(({done} | more) if done is not None else more, math.exp(logp + alt_lp))
 
 
 def entropy(probs: Sequence[float]) -> float:

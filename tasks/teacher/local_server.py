@@ -19,9 +19,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
+
+from distill.config import TeacherConfig
 
 STATE_DIR = Path(os.environ.get("DISTILL_STATE_DIR", ".distill"))
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,9 +100,16 @@ def read_state(state_dir: Path = STATE_DIR) -> Optional[ServerState]:
 
 
 def start_server(
-    gguf: Optional[str] = None, n_ctx: int = 2048, n_threads: int = 2, alias: str = "teacher",
-    startup_timeout_s: float = 120.0, state_dir: Path = STATE_DIR, write_state: bool = True,
-    extra_args: tuple[str, ...] = (), logits_all: bool = True,
+    gguf: Optional[str] = None,
+    *,
+    n_ctx: int = 2048,
+    n_threads: int = 2,
+    alias: str = "teacher",
+    startup_timeout_s: float = 120.0,
+    state_dir: Path = STATE_DIR,
+    write_state: bool = True,
+    extra_args: tuple[str, ...] = (),
+    logits_all: bool = True,
 ) -> ServerState:
     """Start llama_cpp.server on a free loopback port and wait until /v1/models answers.
 
@@ -116,23 +126,44 @@ def start_server(
     state_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = state_dir / f"teacher-{port}.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
-           "--logits_all", "true" if logits_all else "false", *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(n_threads),
+        "--logits_all",
+        "true" if logits_all else "false",
+        *extra_args,
+    ]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     st = ServerState(proc.pid, port, str(model), alias, str(log_path), time.time(), logits_all)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise TeacherServerError(f"local teacher exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}")
+            raise TeacherServerError(
+                f"local teacher exited with code {proc.returncode}; log {log_path}:\n{_tail(log_path)}"
+            )
         if healthy(st.base_url, timeout=1.0):
             if write_state:
                 state_path(state_dir).write_text(json.dumps(asdict(st)))
             return st
         time.sleep(0.3)
     _kill(proc.pid)
-    raise TeacherServerError(f"local teacher not healthy after {startup_timeout_s:.0f}s; log {log_path}:\n{_tail(log_path)}")
+    raise TeacherServerError(
+        f"local teacher not healthy after {startup_timeout_s:.0f}s; log {log_path}:\n{_tail(log_path)}"
+    )
 
 
 def _tail(p: Path, n: int = 20) -> str:
@@ -174,21 +205,34 @@ def stop_server(state_dir: Path = STATE_DIR) -> bool:
 
 
 @contextlib.contextmanager
-def local_teacher(gguf: Optional[str], n_ctx: int, n_threads: int, alias: str, startup_timeout_s: float,
-                  state_dir: Path = STATE_DIR, logprobs: bool = True) -> Iterator[str]:
+def local_teacher(teacher: TeacherConfig, state_dir: Path = STATE_DIR) -> Iterator[str]:
     """Yield a healthy base URL: reuse a server from `distill teacher start` with the same model, else own one.
 
     A run that needs no log-probabilities starts its own server lean (``logits_all`` off);
     a reused server must give log-probabilities if the run asks for them.
     """
-    model = str(Path(gguf) if gguf else default_gguf())
+    model = str(Path(teacher.gguf_path) if teacher.gguf_path else default_gguf())
+    alias, logprobs = teacher.model, teacher.logprobs
     st = read_state(state_dir)
-    if (st is not None and st.model_path == model and st.model_alias == alias and (st.logits_all or not logprobs)
-            and healthy(st.base_url)):
+    if (
+        st is not None
+        and st.model_path == model
+        and st.model_alias == alias
+        and (st.logits_all or not logprobs)
+        and healthy(st.base_url)
+    ):
         yield st.base_url
         return
-    st = start_server(model, n_ctx, n_threads, alias, startup_timeout_s, state_dir, write_state=False,
-                      logits_all=logprobs)
+    st = start_server(
+        model,
+        n_ctx=teacher.n_ctx,
+        n_threads=teacher.n_threads,
+        alias=alias,
+        startup_timeout_s=teacher.startup_timeout_s,
+        state_dir=state_dir,
+        write_state=False,
+        logits_all=logprobs,
+    )
     try:
         yield st.base_url
     finally:

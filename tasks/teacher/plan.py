@@ -10,7 +10,7 @@ characters per token), and prices the result, one typed row per endpoint
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow.parquet as pq
@@ -19,14 +19,12 @@ from distill.config import ClientConfig, PricingConfig, SampleVariation, Teacher
 from distill.runtime import long_lived_heap_frozen
 from tasks.accounting.pricing import busy_cost
 from tasks.results.accounting import TeacherPrice
-from tasks.results.accounting import figures_of
-from tasks.results.teacher import PlanFigures
-from tasks.results.teacher import PlanRow
+from tasks.results.teacher import PlanFigures, PlanRow
 from tasks.teacher.cache import ResponseCache
 from tasks.teacher.requests import plan_shard
-from tasks.templates.tokens import CHARS_PER_TOKEN, TokenCounter
 from tasks.templates.base import PromptError
 from tasks.templates.load import Template
+from tasks.templates.tokens import CHARS_PER_TOKEN, TokenCounter
 
 
 @dataclass
@@ -66,7 +64,7 @@ def _label_tokens(counter: TokenCounter, labels: list[str], chat: bool, max_toke
     return min(float(max_tokens), sum(per) / len(per))
 
 
-def check_max_tokens(template: PromptTemplate, max_tokens: int, counter: TokenCounter) -> None:
+def check_max_tokens(template: Template, max_tokens: int, counter: TokenCounter) -> None:
     """Refuse a ``teacher.max_tokens`` that cannot hold some label, when the teacher's tokenizer can tell.
 
     A label is written either right after the prompt's output prefix or after a space, so
@@ -78,19 +76,32 @@ def check_max_tokens(template: PromptTemplate, max_tokens: int, counter: TokenCo
     for lab in template.labels:
         need = min(counter.count(lab), counter.count(" " + lab))
         if need > max_tokens:
-            raise PromptError(f"teacher.max_tokens={max_tokens} cannot hold the label {lab!r} ({need} tokens with "
-                              f"{counter.method}): raise teacher.max_tokens to at least {need}")
+            raise PromptError(
+                f"teacher.max_tokens={max_tokens} cannot hold the label {lab!r} ({need} tokens with "
+                f"{counter.method}): raise teacher.max_tokens to at least {need}"
+            )
 
 
 @long_lived_heap_frozen()
-def make_plan(shard_paths: list[str], *, template: Template, teacher: TeacherConfig, client: ClientConfig,
-              pricing: PricingConfig, max_usd: Optional[float], prices: list[TeacherPrice], counter: TokenCounter,
-              sample_prompts: int = 2000) -> PlanFigures:
+def make_plan(
+    shard_paths: list[str],
+    *,
+    template: Template,
+    teacher: TeacherConfig,
+    client: ClientConfig,
+    pricing: PricingConfig,
+    max_usd: Optional[float],
+    prices: list[TeacherPrice],
+    counter: TokenCounter,
+    sample_prompts: int = 2000,
+) -> PlanFigures:
     """Estimate requests, tokens, USD and time for annotating ``shard_paths``: one priced row per endpoint."""
     check_max_tokens(template, teacher.max_tokens, counter)
     cache = ResponseCache(client.cache_path)
     try:
-        counts, items, per_shard = _count_requests(shard_paths, template, teacher, cache, counter, sample_prompts)
+        counts, items, per_shard = _count_requests(
+            shard_paths, template, teacher, cache=cache, counter=counter, sample_prompts=sample_prompts
+        )
         models = [teacher.model] + [m.model for m in teacher.members]
         history = {i: cache.model_history(models[i], teacher.max_tokens) for i in counts}
     finally:
@@ -98,18 +109,31 @@ def make_plan(shard_paths: list[str], *, template: Template, teacher: TeacherCon
     rows = []
     for i, c in sorted(counts.items()):
         mode = (teacher.members[i - 1].mode or teacher.mode) if i > 0 else teacher.mode
-        ep = _Endpoint(i, models[i], mode == TeacherMode.chat,
-                       teacher.local and (i == 0 or teacher.members[i - 1].base_url is None),
-                       prices[i] if i < len(prices) else prices[0], history[i])
-        rows.append(_plan_row(ep, c, template=template, teacher=teacher, client=client, pricing=pricing,
-                              counter=counter))
+        ep = _Endpoint(
+            i,
+            models[i],
+            mode == TeacherMode.chat,
+            teacher.local and (i == 0 or teacher.members[i - 1].base_url is None),
+            prices[i] if i < len(prices) else prices[0],
+            history[i],
+        )
+        rows.append(
+            _plan_row(ep, c, template=template, teacher=teacher, client=client, pricing=pricing, counter=counter)
+        )
     parallel = teacher.variation == SampleVariation.teachers
-    seconds = (max((r.seconds for r in rows), default=0.0) if parallel else sum(r.seconds for r in rows))
+    seconds = max((r.seconds for r in rows), default=0.0) if parallel else sum(r.seconds for r in rows)
     return PlanFigures(items, teacher.samples, teacher.variation.value, rows, seconds, max_usd, per_shard)
 
 
-def _count_requests(shard_paths: list[str], template: Template, teacher: TeacherConfig, cache: ResponseCache,
-                    counter: TokenCounter, sample_prompts: int) -> tuple[dict[int, _Counts], int, dict[str, int]]:
+def _count_requests(
+    shard_paths: list[str],
+    template: Template,
+    teacher: TeacherConfig,
+    *,
+    cache: ResponseCache,
+    counter: TokenCounter,
+    sample_prompts: int,
+) -> tuple[dict[int, _Counts], int, dict[str, int]]:
     """Every request the run will make, by endpoint: cached or to send, its prompt characters, a tokenized sample."""
     counts: dict[int, _Counts] = {}
     items = 0
@@ -138,8 +162,16 @@ def _count_requests(shard_paths: list[str], template: Template, teacher: Teacher
     return counts, items, per_shard
 
 
-def _plan_row(ep: _Endpoint, c: _Counts, *, template: Template, teacher: TeacherConfig, client: ClientConfig,
-              pricing: PricingConfig, counter: TokenCounter) -> PlanRow:
+def _plan_row(
+    ep: _Endpoint,
+    c: _Counts,
+    *,
+    template: Template,
+    teacher: TeacherConfig,
+    client: ClientConfig,
+    pricing: PricingConfig,
+    counter: TokenCounter,
+) -> PlanRow:
     tin, tin_how = _prompt_tokens(ep, c, counter)
     per_answer, tout_how = _answer_tokens(ep, template, teacher.max_tokens, counter)
     tout = round(c.choices * per_answer)
@@ -153,10 +185,23 @@ def _plan_row(ep: _Endpoint, c: _Counts, *, template: Template, teacher: Teacher
         usd, usd_how, usd_batch = busy_cost(price, seconds), f"estimated: hours above x {price.describe()}", None
     else:
         usd, usd_how, usd_batch = 0.0, price.describe(), None
-    return PlanRow(endpoint=ep.index, model=ep.model, price=price.describe(), requests_total=c.requests_total,
-                   requests_cached=c.requests_cached, requests_to_send=c.to_send, tokens_in=tin, tokens_out=tout,
-                   usd=usd, usd_batch=usd_batch, seconds=seconds, tokens_in_method=tin_how,
-                   tokens_out_method=tout_how, usd_method=usd_how, seconds_method=time_how)
+    return PlanRow(
+        endpoint=ep.index,
+        model=ep.model,
+        price=price.describe(),
+        requests_total=c.requests_total,
+        requests_cached=c.requests_cached,
+        requests_to_send=c.to_send,
+        tokens_in=tin,
+        tokens_out=tout,
+        usd=usd,
+        usd_batch=usd_batch,
+        seconds=seconds,
+        tokens_in_method=tin_how,
+        tokens_out_method=tout_how,
+        usd_method=usd_how,
+        seconds_method=time_how,
+    )
 
 
 def _prompt_tokens(ep: _Endpoint, c: _Counts, counter: TokenCounter) -> tuple[int, str]:
@@ -166,9 +211,11 @@ def _prompt_tokens(ep: _Endpoint, c: _Counts, counter: TokenCounter) -> tuple[in
         scaled = "" if c.sampled == c.to_send else f", on {c.sampled:,} of {c.to_send:,} prompts, scaled by characters"
         return round(c.chars * c.sample_tokens / max(1, c.sample_chars)), counter.method + scaled
     if h["tokens_per_char"]:
-        return (round(c.chars * h["tokens_per_char"]),
-                f"calibrated on {h['usage_n']:,} earlier answers of {ep.model} ({1 / h['tokens_per_char']:.2f} "
-                "chars/token)")
+        return (
+            round(c.chars * h["tokens_per_char"]),
+            f"calibrated on {h['usage_n']:,} earlier answers of {ep.model} ({1 / h['tokens_per_char']:.2f} "
+            "chars/token)",
+        )
     how = counter.method if not counter.exact else f"estimated at {CHARS_PER_TOKEN:g} characters per token"
     return round(c.chars / CHARS_PER_TOKEN) + c.to_send, how
 
@@ -177,33 +224,46 @@ def _answer_tokens(ep: _Endpoint, template: Template, max_tokens: int, counter: 
     """Tokens per answer: the mean of earlier answers at this max_tokens, else the labels' (or examples') length."""
     h = ep.history
     if h["completion_tokens"] is not None:
-        return float(h["completion_tokens"]), f"mean of {h['usage_n']:,} earlier answers of {ep.model} at max_tokens={max_tokens}"
+        return float(
+            h["completion_tokens"]
+        ), f"mean of {h['usage_n']:,} earlier answers of {ep.model} at max_tokens={max_tokens}"
     if template.labels:
-        return (_label_tokens(counter, template.labels, ep.chat, max_tokens),
-                f"mean label length + 1 stop token, capped at max_tokens ({counter.method})")
+        return (
+            _label_tokens(counter, template.labels, ep.chat, max_tokens),
+            f"mean label length + 1 stop token, capped at max_tokens ({counter.method})",
+        )
     # free text: as long as the template's example outputs
-    return (_label_tokens(counter, [e.label for e in template.examples] or ["x" * 4 * max_tokens], ep.chat, max_tokens),
-            f"mean length of the template's example outputs + 1 stop token, capped at max_tokens ({counter.method})")
+    return (
+        _label_tokens(counter, [e.label for e in template.examples] or ["x" * 4 * max_tokens], ep.chat, max_tokens),
+        f"mean length of the template's example outputs + 1 stop token, capped at max_tokens ({counter.method})",
+    )
 
 
-def _send_time(ep: _Endpoint, c: _Counts, tin: int, tout: int, *, client: ClientConfig, pricing: PricingConfig,
-               max_tokens: int) -> tuple[float, str]:
+def _send_time(
+    ep: _Endpoint, c: _Counts, tin: int, tout: int, *, client: ClientConfig, pricing: PricingConfig, max_tokens: int
+) -> tuple[float, str]:
     """Seconds to send at the configured limits: measured latency, else the assumed local or remote speed."""
     h = ep.history
     per_req_tokens = (tin + tout) / c.to_send if c.to_send else 0.0
     if h["latency_s"]:
         rps = client.concurrency / h["latency_s"]
-        how = (f"measured mean latency {h['latency_s']:.2f} s over {h['latency_n']:,} earlier requests"
-               f" at max_tokens={max_tokens}, concurrency {client.concurrency}")
+        how = (
+            f"measured mean latency {h['latency_s']:.2f} s over {h['latency_n']:,} earlier requests"
+            f" at max_tokens={max_tokens}, concurrency {client.concurrency}"
+        )
     elif ep.local:
         lat = (tin / c.to_send if c.to_send else 0.0) / pricing.assumed_local_tokens_per_s
         rps = 1.0 / lat if lat else float("inf")
-        how = (f"assumed {pricing.assumed_local_tokens_per_s:g} prompt tokens/s of the local server "
-               f"(pricing.assumed_local_tokens_per_s; nothing measured yet)")
+        how = (
+            f"assumed {pricing.assumed_local_tokens_per_s:g} prompt tokens/s of the local server "
+            f"(pricing.assumed_local_tokens_per_s; nothing measured yet)"
+        )
     else:
         rps = client.concurrency / pricing.assumed_remote_latency_s
-        how = (f"assumed {pricing.assumed_remote_latency_s:g} s per request (pricing.assumed_remote_latency_s), "
-               f"concurrency {client.concurrency}")
+        how = (
+            f"assumed {pricing.assumed_remote_latency_s:g} s per request (pricing.assumed_remote_latency_s), "
+            f"concurrency {client.concurrency}"
+        )
     limits = []
     if client.requests_per_minute:
         rps = min(rps, client.requests_per_minute / 60.0)
@@ -237,8 +297,10 @@ def plan_text(p: PlanFigures) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in p.endpoints:
-        lines.append(f"| {r.model} | {r.requests_total:,} | {r.requests_cached:,} | {r.requests_to_send:,} | "
-                     f"{r.tokens_in:,} | {r.tokens_out:,} | {_money(r.usd)} | {_dur(r.seconds)} |")
+        lines.append(
+            f"| {r.model} | {r.requests_total:,} | {r.requests_cached:,} | {r.requests_to_send:,} | "
+            f"{r.tokens_in:,} | {r.tokens_out:,} | {_money(r.usd)} | {_dur(r.seconds)} |"
+        )
     lines += [
         "",
         f"{p.items:,} items x k={p.samples_per_item} ({p.variation}): {p.requests_to_send:,} requests to send, "
@@ -247,15 +309,21 @@ def plan_text(p: PlanFigures) -> str:
         + (f" Per 1M items: {_money(p.usd_per_1m_items)}." if p.usd_per_1m_items is not None else ""),
     ]
     if p.budget_max_usd is not None:
-        lines.append(f"Budget: {_money(p.budget_max_usd)}" + (" - the plan is OVER budget: the run will stop at the cap."
-                                                              if p.over_budget else " - the plan fits."))
+        lines.append(
+            f"Budget: {_money(p.budget_max_usd)}"
+            + (" - the plan is OVER budget: the run will stop at the cap." if p.over_budget else " - the plan fits.")
+        )
     lines.append("")
     lines.append("How each figure was estimated:")
     for r in p.endpoints:
         pre = f"{r.model}: " if len(p.endpoints) > 1 else ""
-        lines += [f"- {pre}price: {r.price}", f"- {pre}input tokens: {r.tokens_in_method}",
-                  f"- {pre}output tokens: {r.tokens_out_method}", f"- {pre}USD: {r.usd_method}",
-                  f"- {pre}time: {r.seconds_method}"]
+        lines += [
+            f"- {pre}price: {r.price}",
+            f"- {pre}input tokens: {r.tokens_in_method}",
+            f"- {pre}output tokens: {r.tokens_out_method}",
+            f"- {pre}USD: {r.usd_method}",
+            f"- {pre}time: {r.seconds_method}",
+        ]
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 
 class TokenBucket:
@@ -65,8 +66,12 @@ class TokenBucket:
 class RateLimiter:
     """Both limits together; either may be None (no limit)."""
 
-    def __init__(self, requests_per_minute: Optional[float], tokens_per_minute: Optional[float],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        requests_per_minute: Optional[float],
+        tokens_per_minute: Optional[float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.requests = TokenBucket(requests_per_minute, clock=clock) if requests_per_minute else None
         # a tokens bucket holds up to one second's budget or one big request, whichever is larger
         self.tokens = TokenBucket(tokens_per_minute, burst_s=1.0, clock=clock) if tokens_per_minute else None

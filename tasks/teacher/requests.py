@@ -74,8 +74,14 @@ def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
     return url or ""
 
 
-def plan_shard(texts: list[str], t: TeacherConfig, template: Template, *, endpoints: Optional[list[str]] = None,
-               samples: bool = True) -> ShardPlan:
+def plan_shard(
+    texts: list[str],
+    t: TeacherConfig,
+    template: Template,
+    *,
+    endpoints: Optional[list[str]] = None,
+    samples: bool = True,
+) -> ShardPlan:
     """Build the requests (and the per-sample bookkeeping) for one shard of texts.
 
     A request identical to one already planned (same endpoint, model, rendered prompt and
@@ -128,8 +134,16 @@ def plan_shard(texts: list[str], t: TeacherConfig, template: Template, *, endpoi
             payload = {"model": model, **base, "n": k} if use_n else {"model": model, **sp}
             payload["messages" if chat else "prompt"] = rendered
             chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
-            reqs.append(TeacherRequest(keys, path, payload, estimate_tokens(chars, t.max_tokens, len(keys)), endpoint,
-                                       est_out=t.max_tokens * len(keys)))
+            reqs.append(
+                TeacherRequest(
+                    keys,
+                    path,
+                    payload,
+                    estimate_tokens(chars, t.max_tokens, len(keys)),
+                    endpoint,
+                    est_out=t.max_tokens * len(keys),
+                )
+            )
     return ShardPlan(reqs, planned_samples, dedup)
 
 

@@ -11,7 +11,8 @@ import email.utils
 import random
 import re
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 from tasks.teacher.cache import CachedAnswer
 
@@ -33,7 +34,8 @@ _CONTEXT_ERROR = re.compile(
     r"context[_ ]length[_ ]exceeded|maximum context length|exceeds? (?:the )?(?:model'?s? )?context|"
     r"exceeds? the available context|context window|prompt is too long|too many (?:input |prompt )?tokens|"
     r"input (?:is )?too long|must be <= \d+|longer than the model'?s? (?:maximum )?context",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def is_context_error(body: bytes) -> bool:
@@ -43,8 +45,9 @@ def is_context_error(body: bytes) -> bool:
 
 # a dated snapshot or version of the model asked for: gpt-4o-mini -> gpt-4o-mini-2024-07-18, gpt-4-0613,
 # claude-3-5-sonnet -> claude-3-5-sonnet-20241022 or @20241022, llama3 -> llama3:latest (Ollama's tags)
-_VERSION_SUFFIX = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|[-@]\d{8}|-\d{4}|:[\w.-]+|-latest|-v\d+(?:[.:]\d+)*)",
-                             re.IGNORECASE)
+_VERSION_SUFFIX = re.compile(
+    r"(?:-\d{4}-\d{2}-\d{2}|[-@]\d{8}|-\d{4}|:[\w.-]+|-latest|-v\d+(?:[.:]\d+)*)", re.IGNORECASE
+)
 _MODEL_FILE = re.compile(r"\.(?:gguf|ggml|bin|safetensors)$", re.IGNORECASE)
 
 
@@ -66,10 +69,14 @@ def model_matches(asked: Optional[str], answered: Any) -> bool:
     if _MODEL_FILE.search(g) or g.startswith(("/", "./", "~")):
         return True
     for x, y in ((a, g), (a.rsplit("/", 1)[-1], g.rsplit("/", 1)[-1])):
-        if x == y or (y.startswith(x) and _VERSION_SUFFIX.fullmatch(y[len(x):])):
+        if x == y or (y.startswith(x) and _VERSION_SUFFIX.fullmatch(y[len(x) :])):
             return True
         # "-latest" asked, a dated snapshot answered (claude-3-5-sonnet-latest -> claude-3-5-sonnet-20241022)
-        if x.endswith("-latest") and y.startswith(x[:-len("latest")]) and _VERSION_SUFFIX.fullmatch("-" + y[len(x) - 6:]):
+        if (
+            x.endswith("-latest")
+            and y.startswith(x[: -len("latest")])
+            and _VERSION_SUFFIX.fullmatch("-" + y[len(x) - 6 :])
+        ):
             return True
     return False
 
@@ -134,8 +141,9 @@ def extract_answers(data: Any, n: int) -> tuple[list[CachedAnswer], Optional[int
         else:
             raise ServerError("choice has neither text nor message.content")
         lp = ch.get("logprobs") if isinstance(ch.get("logprobs"), dict) else None
-        out.append(CachedAnswer(text, ch.get("finish_reason"), pt if i == 0 else None, ct if i == 0 else None,
-                                logprobs=lp))
+        out.append(
+            CachedAnswer(text, ch.get("finish_reason"), pt if i == 0 else None, ct if i == 0 else None, logprobs=lp)
+        )
     return out, pt, ct
 
 

@@ -32,8 +32,8 @@ from tasks.teacher.client import Endpoint, Outcome, TeacherClient, TeacherReques
 from tasks.teacher.label_probs import LabelMatcher, label_distribution
 from tasks.teacher.ratelimit import RateLimiter
 from tasks.teacher.requests import ShardPlan, choices_per_request, plan_shard
-from tasks.templates.tokens import TokenCounter
 from tasks.templates.load import Template
+from tasks.templates.tokens import TokenCounter
 
 log = logging.getLogger("distill.annotate")
 
@@ -51,8 +51,15 @@ class ShardSettings:
     counter: Optional[TokenCounter] = None
 
 
-def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome], template: Template,
-             k: int, label_forms: str = "answer_form") -> pd.DataFrame:
+def assemble(
+    items: pd.DataFrame,
+    plan: ShardPlan,
+    outcomes: dict[str, Outcome],
+    template: Template,
+    *,
+    k: int,
+    label_forms: str = "answer_form",
+) -> pd.DataFrame:
     """One row per item with its k answers, parsed votes, label distributions, per-sample status and errors.
 
     ``sample_probs[j]`` is sample j's label distribution read from its log-probabilities
@@ -111,10 +118,19 @@ def assemble(items: pd.DataFrame, plan: ShardPlan, outcomes: dict[str, Outcome],
 class Progress:
     """Terminal bar (items, req/s, errors, tokens) and a periodic line through the run logger."""
 
-    def __init__(self, total_requests: int, desc: str, logger: Optional[logging.Logger | Any] = None,
-                 every_s: float = 10.0, enabled: bool = True, samples_per_item: int = 1) -> None:
-        self.bar = tqdm(total=total_requests, desc=desc, unit="sample", disable=not enabled, mininterval=0.5,
-                        dynamic_ncols=True)
+    def __init__(
+        self,
+        total_requests: int,
+        desc: str,
+        *,
+        logger: Optional[logging.Logger | Any] = None,
+        every_s: float = 10.0,
+        enabled: bool = True,
+        samples_per_item: int = 1,
+    ) -> None:
+        self.bar = tqdm(
+            total=total_requests, desc=desc, unit="sample", disable=not enabled, mininterval=0.5, dynamic_ncols=True
+        )
         self.k = max(1, samples_per_item)
         self.logger = logger
         self.every_s = every_s
@@ -134,16 +150,24 @@ class Progress:
             self.last_post = now
             el = max(now - self.t0, 1e-9)
             self.bar.set_postfix(
-                **{"items≈": done // self.k}, rps=f"{stats.requests_sent / el:.1f}", err=stats.attempt_errors,
+                **{"items≈": done // self.k},
+                rps=f"{stats.requests_sent / el:.1f}",
+                err=stats.attempt_errors,
                 cached=stats.requests_cached,
-                tok=stats.tokens_in + stats.tokens_out, refresh=False,
+                tok=stats.tokens_in + stats.tokens_out,
+                refresh=False,
             )
         if self.logger is not None and (now - self.last_log >= self.every_s or done == self.total):
             self.last_log = now
             el = max(now - self.t0, 1e-9)
             self.logger.info(
                 "annotate: %d/%d samples done (~%d items; %.1f req/s sent, %d cached, %d attempt errors, %d tokens)",
-                done, self.total, done // self.k, stats.requests_sent / el, stats.requests_cached, stats.attempt_errors,
+                done,
+                self.total,
+                done // self.k,
+                stats.requests_sent / el,
+                stats.requests_cached,
+                stats.attempt_errors,
                 stats.tokens_in + stats.tokens_out,
             )
 
@@ -162,8 +186,16 @@ def run_async(coro: Any) -> Any:
 
 
 @long_lived_heap_frozen()
-def annotate_shard(in_path: str, out_path: str, run: ShardSettings, *, budget_left_usd: Optional[float] = None,
-                   prompt_ratio: Optional[float] = None, logger: Any = None, show_progress: bool = True) -> ShardResult:
+def annotate_shard(
+    in_path: str,
+    out_path: str,
+    run: ShardSettings,
+    *,
+    budget_left_usd: Optional[float] = None,
+    prompt_ratio: Optional[float] = None,
+    logger: Any = None,
+    show_progress: bool = True,
+) -> ShardResult:
     """Annotate one input shard into ``out_path``; a no-op if that part already exists.
 
     With prices, every attempt is priced, and with ``budget_left_usd`` the shard starts no
@@ -178,42 +210,70 @@ def annotate_shard(in_path: str, out_path: str, run: ShardSettings, *, budget_le
     items = pq.read_table(in_path).to_pandas()
     plan = plan_shard(items["text"].tolist(), run.teacher, run.template)
     meter = _spend_meter(run, budget_left_usd, prompt_ratio)
-    progress = Progress(plan.answers, f"teacher {Path(in_path).parent.name}/{Path(in_path).stem}", logger,
-                        enabled=show_progress, samples_per_item=run.teacher.samples)
+    progress = Progress(
+        plan.answers,
+        f"teacher {Path(in_path).parent.name}/{Path(in_path).stem}",
+        logger=logger,
+        enabled=show_progress,
+        samples_per_item=run.teacher.samples,
+    )
     t0 = time.monotonic()  # the shard's wall time: from its first request to its written part
     t_send, cpu_send = time.monotonic(), time.process_time()
     outcomes, stats = _send(plan, run, meter, progress, logger)
     times = ShardTimes(send_s=time.monotonic() - t_send, send_cpu_s=time.process_time() - cpu_send)
-    df = assemble(items, plan, outcomes, run.template, run.teacher.samples, run.teacher.label_forms.value)
+    df = assemble(items, plan, outcomes, run.template, k=run.teacher.samples, label_forms=run.teacher.label_forms.value)
     exhausted = stats.not_sent_budget > 0
     path = _write_part(df, out, partial=exhausted)
     times.wall_s = time.monotonic() - t0
     result = ShardResult(
-        path, len(df), client=stats, spend=_spend(plan, outcomes, run.prices, meter), usage=_answer_usage(outcomes),
-        times=times, requests_deduplicated=plan.deduplicated,
+        path,
+        len(df),
+        client=stats,
+        spend=_spend(plan, outcomes, run.prices, meter),
+        usage=_answer_usage(outcomes),
+        times=times,
+        requests_deduplicated=plan.deduplicated,
         items_reused=int(sum(all(c) for c in df["cached"])),
-        prompt_ratio=meter.prompt_ratio if meter and meter.ratio_known else None, budget_exhausted=exhausted)
+        prompt_ratio=meter.prompt_ratio if meter and meter.ratio_known else None,
+        budget_exhausted=exhausted,
+    )
     if logger is not None:  # one line per shard: what bench/million.py reads to compare the first and last shard
         s = times.send_s
-        logger.info("shard %s/%s done: %d items, %d requests sent in %.2f s (%.1f req/s), %d cached, %.2f s in all, "
-                    "%.2f s of this process's CPU while sending", Path(in_path).parent.name, Path(in_path).stem,
-                    len(df), stats.requests_sent, s, stats.requests_sent / s if s > 0 else 0.0,
-                    stats.requests_cached, times.wall_s, times.send_cpu_s)
+        logger.info(
+            "shard %s/%s done: %d items, %d requests sent in %.2f s (%.1f req/s), %d cached, %.2f s in all, "
+            "%.2f s of this process's CPU while sending",
+            Path(in_path).parent.name,
+            Path(in_path).stem,
+            len(df),
+            stats.requests_sent,
+            s,
+            stats.requests_sent / s if s > 0 else 0.0,
+            stats.requests_cached,
+            times.wall_s,
+            times.send_cpu_s,
+        )
     return result
 
 
-def _spend_meter(run: ShardSettings, budget_left_usd: Optional[float],
-                 prompt_ratio: Optional[float]) -> Optional[SpendMeter]:
+def _spend_meter(
+    run: ShardSettings, budget_left_usd: Optional[float], prompt_ratio: Optional[float]
+) -> Optional[SpendMeter]:
     if not run.prices:
         return None
     exact = run.counter is not None and run.counter.exact
-    return SpendMeter(run.prices, budget_left_usd, servers=[e.base_url for e in run.endpoints],
-                      max_request_s=run.client.timeout_s, prompt_ratio=max(1.0, prompt_ratio or 1.0),
-                      ratio_known=exact or bool(prompt_ratio))
+    return SpendMeter(
+        run.prices,
+        budget_left_usd,
+        servers=[e.base_url for e in run.endpoints],
+        max_request_s=run.client.timeout_s,
+        prompt_ratio=max(1.0, prompt_ratio or 1.0),
+        ratio_known=exact or bool(prompt_ratio),
+    )
 
 
-def _send(plan: ShardPlan, run: ShardSettings, meter: Optional[SpendMeter], progress: Progress,
-          logger: Any) -> tuple[dict[str, Outcome], ClientStats]:
+def _send(
+    plan: ShardPlan, run: ShardSettings, meter: Optional[SpendMeter], progress: Progress, logger: Any
+) -> tuple[dict[str, Outcome], ClientStats]:
     """Every request of the shard through one client per endpoint (at once), the cache first."""
     by_endpoint: dict[int, list[TeacherRequest]] = {}
     for r in plan.requests:
@@ -232,9 +292,17 @@ def _send(plan: ShardPlan, run: ShardSettings, meter: Optional[SpendMeter], prog
     for e in by_endpoint:
         if e >= len(run.endpoints):
             raise ValueError(f"teacher.members[{e - 1}] has no endpoint: pass every member's endpoint")
-        clients[e] = TeacherClient(run.endpoints[e], cache, run.run_id, c, on_result=on_result, logger=logger,
-                                   limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute), meter=meter,
-                                   counter=run.counter)
+        clients[e] = TeacherClient(
+            run.endpoints[e],
+            cache,
+            run.run_id,
+            c,
+            on_result=on_result,
+            logger=logger,
+            limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute),
+            meter=meter,
+            counter=run.counter,
+        )
 
     async def one(e: int) -> dict[str, Outcome]:
         async with clients[e] as cl:
@@ -267,8 +335,9 @@ def _write_part(df: pd.DataFrame, out: Path, *, partial: bool) -> str:
     return str(out)
 
 
-def _spend(plan: ShardPlan, outcomes: dict[str, Outcome], prices: list[TeacherPrice],
-           meter: Optional[SpendMeter]) -> Spend:
+def _spend(
+    plan: ShardPlan, outcomes: dict[str, Outcome], prices: list[TeacherPrice], meter: Optional[SpendMeter]
+) -> Spend:
     """The meter's bill, and the token price of the answers used (usage sits on a request's first key)."""
     answers_usd = fresh_usd = 0.0
     for r in plan.requests:
@@ -279,13 +348,22 @@ def _spend(plan: ShardPlan, outcomes: dict[str, Outcome], prices: list[TeacherPr
             fresh_usd += 0.0 if o.cached else c
     if meter is None:
         return Spend(answers_usd=answers_usd, fresh_answers_usd=fresh_usd)
-    return Spend(spent_usd=meter.spent_usd(), token_usd=meter.token_usd, hourly_usd=meter.hourly_usd(),
-                 busy_s=meter.busy_seconds(), answers_usd=answers_usd, fresh_answers_usd=fresh_usd)
+    return Spend(
+        spent_usd=meter.spent_usd(),
+        token_usd=meter.token_usd,
+        hourly_usd=meter.hourly_usd(),
+        busy_s=meter.busy_seconds(),
+        answers_usd=answers_usd,
+        fresh_answers_usd=fresh_usd,
+    )
 
 
 def _answer_usage(outcomes: dict[str, Outcome]) -> AnswerUsage:
     """The usage behind every answer used, fresh or cached: what labelling these items costs."""
     used = [o for o in outcomes.values() if o.text is not None]
-    return AnswerUsage(answers=len(used), tokens_in=sum(o.prompt_tokens or 0 for o in used),
-                       tokens_out=sum(o.completion_tokens or 0 for o in used),
-                       estimated=sum(1 for o in used if o.usage_source == "estimated"))
+    return AnswerUsage(
+        answers=len(used),
+        tokens_in=sum(o.prompt_tokens or 0 for o in used),
+        tokens_out=sum(o.completion_tokens or 0 for o in used),
+        estimated=sum(1 for o in used if o.usage_source == "estimated"),
+    )

@@ -10,11 +10,13 @@ another process. Stages hand each other Parquet paths and typed results, never b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 from prefect import task, unmapped
 
@@ -24,15 +26,14 @@ from distill.runtime import resolve_api_key, run_logger, task_runner_for, worker
 from tasks.accounting.budget import BudgetExhausted
 from tasks.results.accounting import TeacherPrice
 from tasks.results.stages import Loaded, Plan
-from tasks.results.teacher import ClientStats, Probe, ShardResult, Spend
+from tasks.results.teacher import ClientStats, PlanFigures, Probe, ShardResult, Spend
 from tasks.teacher.client import Endpoint
 from tasks.teacher.local_server import TeacherServerError, local_teacher
-from tasks.results.teacher import PlanFigures
 from tasks.teacher.plan import budget_shares, make_plan, plan_text
 from tasks.teacher.requests import choices_per_request
 from tasks.teacher.shard import ShardSettings, annotate_shard
 from tasks.teacher.tokenizer import counter_for
-from tasks.templates.load import load_prompt
+from tasks.templates.load import Template
 
 
 class ProbeError(TeacherServerError):
@@ -59,36 +60,100 @@ def endpoints_for(teacher: TeacherConfig, base_url: str) -> list[Endpoint]:
     out = [Endpoint(base_url, key, 0, teacher.check_model)]
     for i, m in enumerate(teacher.members, start=1):
         own_key = m.api_key_env or m.api_key_secret_block
-        out.append(Endpoint(m.base_url or base_url, resolve_api_key(m.api_key_env, m.api_key_secret_block)
-                            if own_key else key, i, teacher.check_model))
+        out.append(
+            Endpoint(
+                m.base_url or base_url,
+                resolve_api_key(m.api_key_env, m.api_key_secret_block) if own_key else key,
+                i,
+                teacher.check_model,
+            )
+        )
     return out
 
 
+@dataclass(frozen=True)
+class ShardAsk:
+    """What every shard task of a run is given (the same for all): picklable, secret-free; the API keys, the
+    tokenizer and the template's compiled jinja are made again where the shard runs (on Dask, another process)."""
+
+    template: Template
+    teacher: TeacherConfig
+    client: ClientConfig
+    base_url: str
+    run_id: str
+    prices: list[TeacherPrice]
+
+
 @task(name="annotate-shard", task_run_name="annotate-{name}")
-def annotate_shard_task(in_path: str, out_path: str, name: str, *, prompt: str, teacher: TeacherConfig,  # noqa: ARG001
-                        client: ClientConfig, base_url: str, run_id: str, prices: list[TeacherPrice],
-                        budget_left_usd: Optional[float] = None, prompt_ratio: Optional[float] = None,
-                        show_progress: bool = True) -> ShardResult:
-    """Thin Prefect task over :func:`annotate_shard` (``name`` names the task run)."""
-    settings = ShardSettings(load_prompt(prompt), teacher, client, endpoints_for(teacher, base_url), run_id, prices,
-                             counter_for(teacher))
-    return annotate_shard(in_path, out_path, settings, budget_left_usd=budget_left_usd, prompt_ratio=prompt_ratio,
-                          logger=run_logger(), show_progress=show_progress)
+def annotate_shard_task(
+    in_path: str,
+    out_path: str,
+    name: str,  # noqa: ARG001  (names the task run)
+    *,
+    ask: ShardAsk,
+    budget_left_usd: Optional[float] = None,
+    prompt_ratio: Optional[float] = None,
+    show_progress: bool = True,
+) -> ShardResult:
+    """Thin Prefect task over :func:`annotate_shard`."""
+    t = ask.teacher
+    settings = ShardSettings(
+        ask.template, t, ask.client, endpoints_for(t, ask.base_url), ask.run_id, ask.prices, counter_for(t)
+    )
+    return annotate_shard(
+        in_path,
+        out_path,
+        settings,
+        budget_left_usd=budget_left_usd,
+        prompt_ratio=prompt_ratio,
+        logger=run_logger(),
+        show_progress=show_progress,
+    )
 
 
 @task(name="plan")
-def plan_task(shard_paths: list[str], *, prompt: str, teacher: TeacherConfig, client: ClientConfig,
-              pricing: PricingConfig, max_usd: Optional[float], prices: list[TeacherPrice]) -> PlanFigures:
+def plan_task(
+    shard_paths: list[str],
+    *,
+    template: Template,
+    teacher: TeacherConfig,
+    client: ClientConfig,
+    pricing: PricingConfig,
+    max_usd: Optional[float],
+    prices: list[TeacherPrice],
+) -> PlanFigures:
     """The priced plan (no request sent); the counter is built here, where the tokenizer lives."""
-    return make_plan(shard_paths, template=load_prompt(prompt), teacher=teacher, client=client, pricing=pricing,
-                     max_usd=max_usd, prices=prices, counter=counter_for(teacher))
+    return make_plan(
+        shard_paths,
+        template=template,
+        teacher=teacher,
+        client=client,
+        pricing=pricing,
+        max_usd=max_usd,
+        prices=prices,
+        counter=counter_for(teacher),
+    )
 
 
-def plan_annotation(loaded: Loaded, *, teacher: TeacherConfig, client: ClientConfig, pricing: PricingConfig,
-                    max_usd: Optional[float], run_dir: Path) -> Plan:
+def plan_annotation(
+    loaded: Loaded,
+    *,
+    teacher: TeacherConfig,
+    client: ClientConfig,
+    pricing: PricingConfig,
+    max_usd: Optional[float],
+    run_dir: Path,
+) -> Plan:
     """The priced plan of what annotation will send (tokens, requests, time, dollars), written and logged."""
-    figures = plan_task(loaded.gold_shards + loaded.pool_shards, prompt=loaded.template.source, teacher=teacher,
-                        client=client, pricing=pricing, max_usd=max_usd, prices=loaded.prices)
+    figures = plan_task(
+        loaded.gold_shards + loaded.pool_shards,
+        template=loaded.template,
+        teacher=teacher,
+        client=client,
+        pricing=pricing,
+        max_usd=max_usd,
+        prices=loaded.prices,
+    )
     text = plan_text(figures)
     (run_dir / "plan.json").write_text(json.dumps(figures.as_dict(), indent=2, default=str))
     run_logger().info("plan before any request:\n%s", text)
@@ -99,8 +164,7 @@ def plan_annotation(loaded: Loaded, *, teacher: TeacherConfig, client: ClientCon
 def teacher_endpoint(teacher: TeacherConfig) -> Iterator[str]:
     """The teacher's base URL: distill's own local server for the run's duration, or the configured one."""
     if teacher.local:
-        with local_teacher(teacher.gguf_path, teacher.n_ctx, teacher.n_threads, teacher.model,
-                           teacher.startup_timeout_s, logprobs=teacher.logprobs) as url:
+        with local_teacher(teacher) as url:
             yield url
     else:
         assert teacher.base_url
@@ -117,8 +181,16 @@ def current_run_id() -> str:
         return uuid.uuid4().hex
 
 
-def probe_teacher(loaded: Loaded, *, teacher: TeacherConfig, client: ClientConfig, base_url: str, run_id: str,
-                  max_usd: Optional[float], run_dir: Path) -> Optional[Probe]:
+def probe_teacher(
+    loaded: Loaded,
+    *,
+    teacher: TeacherConfig,
+    client: ClientConfig,
+    base_url: str,
+    run_id: str,
+    max_usd: Optional[float],
+    run_dir: Path,
+) -> Optional[Probe]:
     """One real item's requests through the run's client, cache and price meter, before any other request.
 
     Its answers stay in the cache (annotation takes them from there and counts the item) and
@@ -132,21 +204,33 @@ def probe_teacher(loaded: Loaded, *, teacher: TeacherConfig, client: ClientConfi
         return None
     out = probe_dir / "probe.parquet"
     out.unlink(missing_ok=True)
-    r = annotate_shard_task(str(src), str(out), "preflight-probe", prompt=loaded.template.source, teacher=teacher,
-                            client=client, base_url=base_url, run_id=run_id, prices=loaded.prices,
-                            budget_left_usd=max_usd, show_progress=False)
+    r = annotate_shard_task(
+        str(src),
+        str(out),
+        "preflight-probe",
+        ask=ShardAsk(loaded.template, teacher, client, base_url, run_id, loaded.prices),
+        budget_left_usd=max_usd,
+        show_progress=False,
+    )
     row = pd.read_parquet(r.path).iloc[0]
     if not any(s in ("ok", "invalid") for s in row["sample_status"]):  # an answer outside the label set is the model's
         errors = sorted({str(e) for e in row["sample_errors"] if e})
-        raise ProbeError(f"teacher at {base_url} (model {teacher.model!r}) did not answer a probe request for item "
-                         f"{row['id']!r}: {'; '.join(errors)[:600] or 'no answer'}; no other request was sent")
-    run_logger().info("preflight: the teacher answered a probe (%d requests sent, %d from the cache)",
-                      r.client.requests_sent, r.client.requests_cached)
+        raise ProbeError(
+            f"teacher at {base_url} (model {teacher.model!r}) did not answer a probe request for item "
+            f"{row['id']!r}: {'; '.join(errors)[:600] or 'no answer'}; no other request was sent"
+        )
+    run_logger().info(
+        "preflight: the teacher answered a probe (%d requests sent, %d from the cache)",
+        r.client.requests_sent,
+        r.client.requests_cached,
+    )
     paid = ClientStats(**{**vars(r.client), "requests_cached": 0, "status_counts": dict(r.client.status_counts)})
-    spend = Spend(r.spend.spent_usd, r.spend.token_usd, r.spend.hourly_usd, r.spend.busy_s, 0.0,
-                  r.spend.fresh_answers_usd)
-    return Probe(paid, spend, answers=r.client.requests_ok * choices_per_request(teacher), wall_s=r.times.wall_s,
-                 path=r.path)
+    spend = Spend(
+        r.spend.spent_usd, r.spend.token_usd, r.spend.hourly_usd, r.spend.busy_s, 0.0, r.spend.fresh_answers_usd
+    )
+    return Probe(
+        paid, spend, answers=r.client.requests_ok * choices_per_request(teacher), wall_s=r.times.wall_s, path=r.path
+    )
 
 
 def _probe_item(shards: list[str], out_dir: Path) -> Optional[Path]:
@@ -163,9 +247,17 @@ def _probe_item(shards: list[str], out_dir: Path) -> Optional[Path]:
     return None
 
 
-def annotate_items(loaded: Loaded, plan: Plan, *, teacher: TeacherConfig, client: ClientConfig,
-                   max_usd: Optional[float], runtime: RuntimeConfig, run_dir: Path,
-                   show_progress: bool = True) -> AnnotatedShards:
+def annotate_items(
+    loaded: Loaded,
+    plan: Plan,
+    *,
+    teacher: TeacherConfig,
+    client: ClientConfig,
+    max_usd: Optional[float],
+    runtime: RuntimeConfig,
+    run_dir: Path,
+    show_progress: bool = True,
+) -> AnnotatedShards:
     """Ask the teacher k samples per item, shard by shard (or all shards at once on Dask), within the budget.
 
     At the cap it raises :class:`BudgetExhausted` carrying the shards so far; what was paid
@@ -173,24 +265,39 @@ def annotate_items(loaded: Loaded, plan: Plan, *, teacher: TeacherConfig, client
     """
     logger = run_logger()
     if plan.over_budget:
-        logger.warning("the plan (about $%.4f) is over budget.max_usd=$%g: the run will stop at the cap",
-                       plan.figures.usd, max_usd)
+        logger.warning(
+            "the plan (about $%.4f) is over budget.max_usd=$%g: the run will stop at the cap", plan.figures.usd, max_usd
+        )
     done = AnnotatedShards(run_id=current_run_id())
     with teacher_endpoint(teacher) as base_url:
-        logger.info("teacher endpoint %s healthy; model %r, k=%d (%s)", base_url, teacher.model, teacher.samples,
-                    teacher.variation.value)
-        done.probe = probe_teacher(loaded, teacher=teacher, client=client, base_url=base_url, run_id=done.run_id,
-                                   max_usd=max_usd, run_dir=run_dir)
-        jobs = [_Job(split, p, str(run_dir / "annotations" / split / Path(p).name), f"{split}-{Path(p).stem}")
-                for split in ("gold", "pool") for p in loaded.shards(split)]
-        ask = dict(prompt=loaded.template.source, teacher=teacher, base_url=base_url, run_id=done.run_id,
-                   prices=loaded.prices)
+        logger.info(
+            "teacher endpoint %s healthy; model %r, k=%d (%s)",
+            base_url,
+            teacher.model,
+            teacher.samples,
+            teacher.variation.value,
+        )
+        done.probe = probe_teacher(
+            loaded,
+            teacher=teacher,
+            client=client,
+            base_url=base_url,
+            run_id=done.run_id,
+            max_usd=max_usd,
+            run_dir=run_dir,
+        )
+        jobs = [
+            _Job(split, p, str(run_dir / "annotations" / split / Path(p).name), f"{split}-{Path(p).stem}")
+            for split in ("gold", "pool")
+            for p in loaded.shards(split)
+        ]
+        ask = ShardAsk(loaded.template, teacher, client, base_url, done.run_id, loaded.prices)
         if runtime.task_runner.value == "dask":
-            results = _all_at_once(jobs, client, runtime, budget_shares(max_usd, plan.figures.shard_requests), ask)
+            results = _all_at_once(jobs, runtime, budget_shares(max_usd, plan.figures.shard_requests), ask)
             for job, r in zip(jobs, results):
                 done.split(job.split).append(r)
         else:
-            _one_by_one(jobs, client, max_usd, done, ask, show_progress)
+            _one_by_one(jobs, max_usd=max_usd, done=done, ask=ask, show_progress=show_progress)
     if any(r.budget_exhausted for r in done.pool + done.gold):
         done.shards_not_started = sum(len(loaded.shards(s)) - len(done.split(s)) for s in ("gold", "pool"))
         raise BudgetExhausted("budget.max_usd reached", shards=done)
@@ -205,15 +312,28 @@ class _Job:
     name: str
 
 
-def _one_by_one(jobs: list[_Job], client: ClientConfig, max_usd: Optional[float], done: AnnotatedShards,
-                ask: dict[str, Any], show_progress: bool) -> None:
+def _one_by_one(
+    jobs: list[_Job],
+    *,
+    max_usd: Optional[float],
+    done: AnnotatedShards,
+    ask: ShardAsk,
+    show_progress: bool,
+) -> None:
     """Shards in this process, each starting with what is left of the budget and the prompt-token ratio learned."""
     spent = done.probe.spend.spent_usd if done.probe else 0.0
     ratio: Optional[float] = None
     for job in jobs:
         left = None if max_usd is None else max(0.0, max_usd - spent)
-        r = annotate_shard_task(job.in_path, job.out_path, job.name, client=client, budget_left_usd=left,
-                                prompt_ratio=ratio, show_progress=show_progress, **ask)
+        r = annotate_shard_task(
+            job.in_path,
+            job.out_path,
+            job.name,
+            ask=ask,
+            budget_left_usd=left,
+            prompt_ratio=ratio,
+            show_progress=show_progress,
+        )
         spent += r.spend.spent_usd
         ratio = r.prompt_ratio or ratio  # the next shard starts from what this one learned
         done.split(job.split).append(r)
@@ -222,8 +342,12 @@ def _one_by_one(jobs: list[_Job], client: ClientConfig, max_usd: Optional[float]
             return
 
 
-def _all_at_once(jobs: list[_Job], client: ClientConfig, runtime: RuntimeConfig,
-                 shares: dict[str, Optional[float]], ask: dict[str, Any]) -> list[ShardResult]:
+def _all_at_once(
+    jobs: list[_Job],
+    runtime: RuntimeConfig,
+    shares: dict[str, Optional[float]],
+    ask: ShardAsk,
+) -> list[ShardResult]:
     """All shards at once on the configured task runner (Dask), keeping one process's guarantees.
 
     The budget cap is split across the shards from the plan (``shares``: they sum to the
@@ -233,14 +357,24 @@ def _all_at_once(jobs: list[_Job], client: ClientConfig, runtime: RuntimeConfig,
     paid twice and a rerun after a crash resumes as in-process. The shards are task runs
     of the flow run itself, submitted to the runner directly (no subflow in between).
     """
-    w = workers(runtime)
-    per_worker = client.model_copy(update={
-        "requests_per_minute": client.requests_per_minute / w if client.requests_per_minute else None,
-        "tokens_per_minute": client.tokens_per_minute / w if client.tokens_per_minute else None})
+    w, client = workers(runtime), ask.client
+    per_worker = client.model_copy(
+        update={
+            "requests_per_minute": client.requests_per_minute / w if client.requests_per_minute else None,
+            "tokens_per_minute": client.tokens_per_minute / w if client.tokens_per_minute else None,
+        }
+    )
     with task_runner_for(runtime) as runner:
-        futures = runner.map(annotate_shard_task, {
-            "in_path": [j.in_path for j in jobs], "out_path": [j.out_path for j in jobs],
-            "name": [j.name for j in jobs], "client": unmapped(per_worker), "show_progress": unmapped(False),
-            "budget_left_usd": [shares.get(j.in_path) for j in jobs], "prompt_ratio": unmapped(None),
-            **{k: unmapped(v) for k, v in ask.items()}})
+        futures = runner.map(
+            annotate_shard_task,
+            {
+                "in_path": [j.in_path for j in jobs],
+                "out_path": [j.out_path for j in jobs],
+                "name": [j.name for j in jobs],
+                "ask": unmapped(dataclasses.replace(ask, client=per_worker)),
+                "show_progress": unmapped(False),
+                "budget_left_usd": [shares.get(j.in_path) for j in jobs],
+                "prompt_ratio": unmapped(None),
+            },
+        )
         return [f.result() for f in futures]

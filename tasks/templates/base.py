@@ -33,15 +33,24 @@ class SlotTemplate:
     test or assignment, which jinja's syntax tree shows), the output is the frame rendered
     once per sample with a sentinel in the slot, with the item's text put where the sentinel
     was: the same string jinja would give. Any other use of ``text`` renders with jinja.
+    Pickled as its source (a compiled jinja template is not picklable), so a template can be
+    handed to a shard that runs in another process (Dask) and is compiled again there.
     """
 
     SENTINEL = "\x00\x01distill-slot\x01\x00"
 
     def __init__(self, source: str) -> None:
+        self.source = source
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         self.jinja = env.from_string(source)
         self.bare = _text_only_printed(env.parse(source))
         self._frames: dict[Any, list[str]] = {}
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"source": self.source}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(state["source"])  # type: ignore[misc]
 
     def render(self, frame_key: Any, text: str, **context: Any) -> str:
         """``frame_key`` names the context (it must change whenever the context does)."""
@@ -56,8 +65,12 @@ class SlotTemplate:
 def _text_only_printed(tree: Any) -> bool:
     from jinja2 import nodes
 
-    printed = {id(n) for out in tree.find_all(nodes.Output) for n in out.nodes
-               if isinstance(n, nodes.Name) and n.name == "text"}
+    printed = {
+        id(n)
+        for out in tree.find_all(nodes.Output)
+        for n in out.nodes
+        if isinstance(n, nodes.Name) and n.name == "text"
+    }
     return all(id(n) in printed for n in tree.find_all(nodes.Name) if n.name == "text")
 
 
@@ -93,8 +106,9 @@ def one_line(text: str) -> str:
 # Chat and control tokens written as text. llama.cpp tokenizes a prompt with special tokens parsed
 # (llama-cpp-python: special=True when there is no suffix), so "<|im_end|>" or "</s>" in an item would become
 # the real control token and end the item's turn, or the document, from inside the data.
-_MARKUP = re.compile(r"<\|[^<>|\s]{0,48}\|>|</?s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk)>",
-                     re.IGNORECASE)
+_MARKUP = re.compile(
+    r"<\|[^<>|\s]{0,48}\|>|</?s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk)>", re.IGNORECASE
+)
 
 
 def has_markup(text: str) -> bool:
@@ -166,8 +180,9 @@ def distinct_variants(examples: list[Example], k: int, seed: str) -> list[tuple[
     for size in range(n, 0, -1):
         if len(chosen) >= k:
             break
-        subsets = sorted(itertools.combinations(range(n), size),
-                         key=lambda s: -len({examples[i].label for i in s} & all_labels))
+        subsets = sorted(
+            itertools.combinations(range(n), size), key=lambda s: -len({examples[i].label for i in s} & all_labels)
+        )
         pool: list[tuple[int, ...]] = []
         for sub in subsets:
             pool.extend(_orders(sub, rng))

@@ -23,8 +23,16 @@ from typing import Any, Optional
 import jinja2
 import yaml
 
-from tasks.templates.base import (MAX_VARIANTS, Example, PromptError, SlotTemplate, defuse_markup, distinct_variants,
-                                  one_line, read_template_file)
+from tasks.templates.base import (
+    MAX_VARIANTS,
+    Example,
+    PromptError,
+    SlotTemplate,
+    defuse_markup,
+    distinct_variants,
+    one_line,
+    read_template_file,
+)
 
 DEFAULT_GENERATION_TEMPLATE = """{{ instruction }}
 
@@ -54,11 +62,13 @@ def first_sentences(text: str, n: Optional[int]) -> str:
         return text
     for count, m in enumerate(_SENTENCE_END.finditer(text), start=1):
         if count == n:
-            return text[:m.start() + len(m.group(1))].strip()
+            return text[: m.start() + len(m.group(1))].strip()
     return text
 
 
-def effective_finish_reason(answer: Optional[str], parsed: Optional[str], finish_reason: Optional[str]) -> Optional[str]:
+def effective_finish_reason(
+    answer: Optional[str], parsed: Optional[str], finish_reason: Optional[str]
+) -> Optional[str]:
     """``length`` only when the cut reached the text that was kept.
 
     An answer cut at ``max_tokens`` whose kept part (first line, first sentences) ended before
@@ -102,8 +112,10 @@ class GenerationTemplate:
     def check_variants(self, k: int) -> None:
         n = self.variant_count(max(k, 1))
         if n < k:
-            raise PromptError(f"{self.source or self.name}: teacher.samples={k} with variation 'prompt_variants' needs {k} "
-                              f"distinct prompts, but this template's {len(self.examples)} example(s) give only {n}")
+            raise PromptError(
+                f"{self.source or self.name}: teacher.samples={k} with variation 'prompt_variants' needs {k} "
+                f"distinct prompts, but this template's {len(self.examples)} example(s) give only {n}"
+            )
 
     def _orders(self) -> list[tuple[int, ...]]:
         if self._variants is None:
@@ -124,9 +136,13 @@ class GenerationTemplate:
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._slot.render(
-            sample_index if vary else 0, self.item_text(text),
-            instruction=self.instruction.strip(), examples=self.examples_for(sample_index, vary),
-            input_prefix=self.input_prefix, output_prefix=self.output_prefix)
+            sample_index if vary else 0,
+            self.item_text(text),
+            instruction=self.instruction.strip(),
+            examples=self.examples_for(sample_index, vary),
+            input_prefix=self.input_prefix,
+            output_prefix=self.output_prefix,
+        )
 
     def render_chat(self, text: str, sample_index: int = 0, vary: bool = False) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.instruction.strip()}]
@@ -138,7 +154,8 @@ class GenerationTemplate:
 
     def student_instruction(self, text: str) -> str:
         """The student's zero-shot input: the instruction and the (cut) document, no examples."""
-        return f"{(self.student_instruction_text or self.instruction).strip()}\n\n{cut_words(text, self.max_input_words)[0]}"
+        instruction = (self.student_instruction_text or self.instruction).strip()
+        return f"{instruction}\n\n{cut_words(text, self.max_input_words)[0]}"
 
     # -- parsing -------------------------------------------------------------------
     def parse(self, answer: Optional[str]) -> Optional[str]:
@@ -158,18 +175,36 @@ class GenerationTemplate:
         return None
 
     def template_hash(self) -> str:
-        blob = yaml.safe_dump({"instruction": self.instruction, "examples": [(e.text, e.label) for e in self.examples],
-                               "max_words": self.max_words, "max_input_words": self.max_input_words,
-                               **({"max_sentences": self.max_sentences} if self.max_sentences else {}),
-                               "student": self.student_instruction_text, "input_prefix": self.input_prefix,
-                               "output_prefix": self.output_prefix, "template": self.completion_template},
-                              sort_keys=True)
+        blob = yaml.safe_dump(
+            {
+                "instruction": self.instruction,
+                "examples": [(e.text, e.label) for e in self.examples],
+                "max_words": self.max_words,
+                "max_input_words": self.max_input_words,
+                **({"max_sentences": self.max_sentences} if self.max_sentences else {}),
+                "student": self.student_instruction_text,
+                "input_prefix": self.input_prefix,
+                "output_prefix": self.output_prefix,
+                "template": self.completion_template,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-GENERATION_FIELDS = {"name", "task", "instruction", "student_instruction", "examples", "max_words", "max_input_words",
-                     "max_sentences",
-                     "input_prefix", "output_prefix", "completion_template"}
+GENERATION_FIELDS = {
+    "name",
+    "task",
+    "instruction",
+    "student_instruction",
+    "examples",
+    "max_words",
+    "max_input_words",
+    "max_sentences",
+    "input_prefix",
+    "output_prefix",
+    "completion_template",
+}
 
 
 def generation_template_from(raw: dict[str, Any], p: Path) -> GenerationTemplate:
@@ -191,13 +226,21 @@ def generation_template_from(raw: dict[str, Any], p: Path) -> GenerationTemplate
         if not out or len(out.split()) > raw["max_words"]:
             raise PromptError(f"{p}: examples[{i}].output must be 1 to max_words={raw['max_words']} words")
         examples.append(Example(text=str(ex["text"]), label=out))
-    kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template", "max_input_words",
-                                                  "max_sentences")
-                              if k in raw}
+    kwargs: dict[str, Any] = {
+        k: raw[k]
+        for k in ("input_prefix", "output_prefix", "completion_template", "max_input_words", "max_sentences")
+        if k in raw
+    }
     try:
-        return GenerationTemplate(name=raw["name"], instruction=raw["instruction"], examples=examples,
-                                  max_words=raw["max_words"], student_instruction_text=raw.get("student_instruction", ""),
-                                  source=str(p), **kwargs)
+        return GenerationTemplate(
+            name=raw["name"],
+            instruction=raw["instruction"],
+            examples=examples,
+            max_words=raw["max_words"],
+            student_instruction_text=raw.get("student_instruction", ""),
+            source=str(p),
+            **kwargs,
+        )
     except jinja2.TemplateSyntaxError as e:
         raise PromptError(f"{p}: completion_template: {e}") from None
 

@@ -16,8 +16,16 @@ from typing import Any, Optional
 
 import jinja2
 
-from tasks.templates.base import (MAX_VARIANTS, Example, PromptError, SlotTemplate, defuse_markup, distinct_variants,
-                                  normalise_answer, one_line)
+from tasks.templates.base import (
+    MAX_VARIANTS,
+    Example,
+    PromptError,
+    SlotTemplate,
+    defuse_markup,
+    distinct_variants,
+    normalise_answer,
+    one_line,
+)
 
 DEFAULT_COMPLETION_TEMPLATE = """{{ instruction }}
 
@@ -26,7 +34,6 @@ DEFAULT_COMPLETION_TEMPLATE = """{{ instruction }}
 
 {% endfor %}{{ input_prefix }}{{ text }}
 {{ output_prefix }}"""
-
 
 
 @dataclass
@@ -65,7 +72,8 @@ class PromptTemplate:
         if n < k:
             raise PromptError(
                 f"{self.source or self.name}: teacher.samples={k} with variation 'prompt_variants' needs {k} distinct "
-                f"prompts, but this template's {len(self.examples)} few-shot example(s) give only {n} distinct variant(s) "
+                f"prompts, but this template's {len(self.examples)} few-shot example(s) give only {n} distinct "
+                f"variant(s) "
                 f"(orders of all examples, then orders of subsets; a zero-shot prompt is not a variant). Lower "
                 f"teacher.samples to {n}, add examples to the template, or use variation 'temperature' or 'teachers'."
             )
@@ -95,7 +103,8 @@ class PromptTemplate:
 
     def render_completion(self, text: str, sample_index: int = 0, vary: bool = False) -> str:
         return self._slot.render(
-            sample_index if vary else 0, self.item_text(text),
+            sample_index if vary else 0,
+            self.item_text(text),
             instruction=self.instruction.strip(),
             examples=self.examples_for(sample_index, vary),
             input_prefix=self.input_prefix,
@@ -103,7 +112,12 @@ class PromptTemplate:
         )
 
     def render_chat(self, text: str, sample_index: int = 0, vary: bool = False) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.instruction.strip() + "\nAnswer with one of: " + ", ".join(self.labels) + "."}]
+        msgs = [
+            {
+                "role": "system",
+                "content": self.instruction.strip() + "\nAnswer with one of: " + ", ".join(self.labels) + ".",
+            }
+        ]
         for ex in self.examples_for(sample_index, vary):
             msgs.append({"role": "user", "content": one_line(ex.text)})
             msgs.append({"role": "assistant", "content": ex.label})
@@ -120,14 +134,31 @@ class PromptTemplate:
 
     def template_hash(self) -> str:
         """Hash of everything in the template that shapes a request."""
-        blob = repr((self.labels, self.instruction, [(e.text, e.label) for e in self.examples], self.input_prefix,
-                     self.output_prefix, self.completion_template))
+        blob = repr(
+            (
+                self.labels,
+                self.instruction,
+                [(e.text, e.label) for e in self.examples],
+                self.input_prefix,
+                self.output_prefix,
+                self.completion_template,
+            )
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def label_template_from(raw: dict[str, Any], p: Path) -> PromptTemplate:
     """Validate a labelling template mapping; errors name the file and the field."""
-    allowed = {"name", "labels", "instruction", "examples", "input_prefix", "output_prefix", "aliases", "completion_template"}
+    allowed = {
+        "name",
+        "labels",
+        "instruction",
+        "examples",
+        "input_prefix",
+        "output_prefix",
+        "aliases",
+        "completion_template",
+    }
     unknown = set(raw) - allowed
     if unknown:
         raise PromptError(f"{p}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -149,8 +180,13 @@ def label_template_from(raw: dict[str, Any], p: Path) -> PromptTemplate:
     kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template") if k in raw}
     try:
         return PromptTemplate(
-            name=raw["name"], labels=labels, instruction=raw["instruction"], examples=examples,
-            aliases=dict(raw.get("aliases") or {}), source=str(p), **kwargs,
+            name=raw["name"],
+            labels=labels,
+            instruction=raw["instruction"],
+            examples=examples,
+            aliases=dict(raw.get("aliases") or {}),
+            source=str(p),
+            **kwargs,
         )
     except jinja2.TemplateSyntaxError as e:
         raise PromptError(f"{p}: completion_template: {e}") from None

@@ -14,7 +14,8 @@ import contextlib
 import math
 import os
 import sys
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English text
 
