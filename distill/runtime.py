@@ -19,7 +19,10 @@ import gc
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
+
+if TYPE_CHECKING:  # the config imports nothing of this module; annotations only
+    from distill.config import RuntimeConfig
 
 OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -88,7 +91,8 @@ def resolve_api_key(api_key_env: Optional[str], secret_block: Optional[str]) -> 
         from prefect.blocks.system import Secret
 
         try:
-            return Secret.load(secret_block).get()
+            block = cast(Secret, Secret.load(secret_block))  # a sync call returns the block (Prefect dispatches)
+            return block.get()
         except Exception as e:  # the block's value never appears in the message
             raise SecretError(
                 f"teacher.api_key_secret_block: cannot load Prefect Secret block {secret_block!r} ({type(e).__name__})"
@@ -96,10 +100,10 @@ def resolve_api_key(api_key_env: Optional[str], secret_block: Optional[str]) -> 
     return None
 
 
-def task_runner_for(runtime: Any) -> Any:
+def task_runner_for(runtime: RuntimeConfig) -> Any:
     """The Prefect task runner a ``RuntimeConfig`` asks for."""
     if runtime.task_runner.value == "dask":
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask.task_runners import DaskTaskRunner
 
         if runtime.dask_address:
             return DaskTaskRunner(address=runtime.dask_address)
@@ -117,7 +121,7 @@ def task_runner_for(runtime: Any) -> Any:
     return ThreadPoolTaskRunner(max_workers=1)
 
 
-def workers(runtime: Any) -> int:
+def workers(runtime: RuntimeConfig) -> int:
     """Shards that may run at once under ``runtime`` (what rate-limit shares divide by): 1 in-process,
     ``dask_workers`` on Dask (for a cluster given by address, the number of its workers to plan for)."""
     return runtime.dask_workers if runtime.task_runner.value == "dask" else 1

@@ -169,71 +169,75 @@ def up(
     mlflow_backend_uri: Optional[str] = None,
     mlflow_artifacts: Optional[str] = None,
     timeout_s: float = 120.0,
+    which: tuple[str, ...] = ("prefect", "mlflow"),
 ) -> dict[str, Server]:
     """Start the Prefect server and the MLflow tracking server (with its registry); reuse healthy ones.
 
     ``prefect_database_url`` (else $DISTILL_PREFECT_DATABASE_URL, else sqlite in
     ``.distill/servers/prefect``) and ``mlflow_backend_uri`` (else
     $DISTILL_MLFLOW_BACKEND_URI, else sqlite in ``.distill/servers/mlflow``) pick each
-    server's database; ``mlflow_artifacts`` the folder or URI its artifacts go to.
+    server's database; ``mlflow_artifacts`` the folder or URI its artifacts go to;
+    ``which`` the servers to start. Both start at once and are then waited for (each takes
+    seconds to answer its health check), so ``distill up`` takes the longer of the two.
     """
     base = state_dir(workdir) / "servers"
     servers = {k: v for k, v in read_state(workdir).items() if _alive(v.pid) and v.healthy()}
-    if "prefect" not in servers:
-        if not _port_free(prefect_port):
-            raise ServerError(f"port {prefect_port} on {HOST} is in use: choose another with --prefect-port")
-        home = base / "prefect"
-        env = prefect_env(home, prefect_port, prefect_database_url or os.environ.get("DISTILL_PREFECT_DATABASE_URL"))
-        log = base / "prefect.log"
-        proc = _start(
-            "prefect", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)], env, log
-        )
-        srv = Server(
-            "prefect",
-            proc.pid,
-            env["PREFECT_API_URL"],
-            f"http://{HOST}:{prefect_port}",
-            str(log),
-            env["PREFECT_API_URL"] + "/health",
-        )
-        _wait(srv, proc, timeout_s)
-        servers["prefect"] = srv
-        _write_state(workdir, servers)
-    if "mlflow" not in servers:
-        if not _port_free(mlflow_port):
-            raise ServerError(f"port {mlflow_port} on {HOST} is in use: choose another with --mlflow-port")
-        mdir = base / "mlflow"
-        mdir.mkdir(parents=True, exist_ok=True)
-        backend = (
-            mlflow_backend_uri or os.environ.get("DISTILL_MLFLOW_BACKEND_URI") or f"sqlite:///{mdir / 'mlflow.db'}"
-        )
-        artifacts = mlflow_artifacts or str(mdir / "artifacts")
-        log = base / "mlflow.log"
-        proc = _start(
-            "mlflow",
-            [
-                _bin("mlflow"),
-                "server",
-                "--host",
-                HOST,
-                "--port",
-                str(mlflow_port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                backend,
-                "--artifacts-destination",
-                artifacts,
-            ],
-            {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
-            log,
-        )
-        url = f"http://{HOST}:{mlflow_port}"
-        srv = Server("mlflow", proc.pid, url, url, str(log), url + "/health")
-        _wait(srv, proc, timeout_s)
-        servers["mlflow"] = srv
-        _write_state(workdir, servers)
+    started: list[tuple[Server, subprocess.Popen]] = []
+    if "prefect" in which and "prefect" not in servers:
+        started.append(_start_prefect(base, prefect_port, prefect_database_url))
+    if "mlflow" in which and "mlflow" not in servers:
+        started.append(_start_mlflow(base, mlflow_port, mlflow_backend_uri, mlflow_artifacts))
+    try:
+        for srv, proc in started:
+            _wait(srv, proc, timeout_s)
+            servers[srv.name] = srv
+    except BaseException:
+        for srv, proc in started:  # one failed: none of those started now is left running unrecorded
+            if srv.name not in servers:
+                _stop_pid(proc.pid)
+        raise
+    finally:
+        if servers:
+            _write_state(workdir, servers)
     return servers
+
+
+def _start_prefect(base: Path, port: int, database_url: Optional[str]) -> tuple[Server, subprocess.Popen]:
+    if not _port_free(port):
+        raise ServerError(f"port {port} on {HOST} is in use: choose another with --prefect-port")
+    env = prefect_env(base / "prefect", port, database_url or os.environ.get("DISTILL_PREFECT_DATABASE_URL"))
+    log = base / "prefect.log"
+    proc = _start("prefect", [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port)], env, log)
+    api = env["PREFECT_API_URL"]
+    return Server("prefect", proc.pid, api, f"http://{HOST}:{port}", str(log), api + "/health"), proc
+
+
+def _start_mlflow(
+    base: Path, port: int, backend_uri: Optional[str], artifacts: Optional[str]
+) -> tuple[Server, subprocess.Popen]:
+    if not _port_free(port):
+        raise ServerError(f"port {port} on {HOST} is in use: choose another with --mlflow-port")
+    mdir = base / "mlflow"
+    mdir.mkdir(parents=True, exist_ok=True)
+    backend = backend_uri or os.environ.get("DISTILL_MLFLOW_BACKEND_URI") or f"sqlite:///{mdir / 'mlflow.db'}"
+    log = base / "mlflow.log"
+    cmd = [
+        _bin("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        artifacts or str(mdir / "artifacts"),
+    ]
+    proc = _start("mlflow", cmd, {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}, log)
+    url = f"http://{HOST}:{port}"
+    return Server("mlflow", proc.pid, url, url, str(log), url + "/health"), proc
 
 
 def _stop_pid(pid: int, grace_s: float = 15.0) -> None:

@@ -25,11 +25,14 @@ from tasks.results.classify import ClassifierEvaluation, TeacherGoldScores, Teac
 _clean = or_no_label
 
 
+ZERO: dict[str, Any] = {"zero_division": 0}  # a class never predicted scores 0 (sklearn's stubs type the value as str)
+
+
 def scores(gold: list[str], pred: list[str], labels: list[str]) -> dict[str, Any]:
-    rep = classification_report(gold, pred, labels=labels, output_dict=True, zero_division=0)
+    rep: dict[str, Any] = classification_report(gold, pred, labels=labels, output_dict=True, **ZERO)  # type: ignore[assignment]
     return {
         "accuracy": float(accuracy_score(gold, pred)),
-        "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", **ZERO)),
         "per_class": {
             lab: {k: float(rep[lab][k]) for k in ("precision", "recall", "f1-score", "support")} for lab in labels
         },
@@ -52,7 +55,7 @@ def plot_confusion(gold: list[str], pred: list[str], labels: list[str], title: s
     ax.set_ylabel("human gold")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="black")
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="black")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -278,7 +281,7 @@ def teacher_gold_scores(voted_paths: list[str], labels: list[str]) -> Optional[T
         single += or_no_label([v[0] for v in df["votes"]])
     if not gold:
         return None
-    kw = dict(labels=labels, average="macro", zero_division=0)
+    kw: dict[str, Any] = {"labels": labels, "average": "macro", **ZERO}
     by_agree: dict[str, str] = {}
     for share in sorted(set(conf)):
         idx = [i for i, c in enumerate(conf) if c == share]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from tasks.classify.evaluate import ZERO
 from tasks.registry.gate import ModelSource, gated_registration
 from tasks.results.stages import Registration
 
@@ -31,7 +32,7 @@ def champion_macro_f1(
         return None, None
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
     pred = model.predict(pd.DataFrame({"text": gold_texts}))["label"].tolist()
-    return str(v.version), float(f1_score(gold_labels, pred, labels=labels, average="macro", zero_division=0))
+    return str(v.version), float(f1_score(gold_labels, pred, labels=labels, average="macro", **ZERO))
 
 
 def register_classifier(

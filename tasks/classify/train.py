@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from distill.config import StudentConfig
 from tasks.classify.aggregate import is_missing as _missing
+from tasks.classify.evaluate import ZERO
 from tasks.results.classify import ClassifierTraining
 
 
@@ -283,7 +284,7 @@ def macro_f1_metric(eval_pred: Any) -> dict[str, float]:
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     ce = float(-logp[np.arange(len(labels)), labels].mean()) if len(labels) else 0.0
-    f1 = float(f1_score(labels, pred, average="macro", zero_division=0))
+    f1 = float(f1_score(labels, pred, average="macro", **ZERO))
     return {"macro_f1": f1, "accuracy": float(accuracy_score(labels, pred)), "selection": f1 - 1e-3 * min(ce, 100.0)}
 
 
@@ -356,8 +357,8 @@ def train_student(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=rows(data, tr_idx),
-        eval_dataset=rows(data, va_idx) if va_idx else None,
+        train_dataset=rows(data, tr_idx),  # type: ignore[arg-type]  (a list of dicts is a map-style dataset)
+        eval_dataset=rows(data, va_idx) if va_idx else None,  # type: ignore[arg-type]
         data_collator=_Collator(tok, student.max_length),
         processing_class=tok,
         callbacks=[EarlyStoppingCallback(student.early_stopping_patience)] if va_idx else [],
@@ -408,8 +409,8 @@ def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]]
     import os
     import sys
 
-    env = os.environ if env is None else env
-    if n_gpu < 2 or "LOCAL_RANK" in env:
+    environ = os.environ if env is None else env
+    if n_gpu < 2 or "LOCAL_RANK" in environ:
         return None
     return [
         sys.executable,

@@ -86,7 +86,7 @@ def read_ratings(path: Path) -> pd.DataFrame:
 
 def to_labels(df: pd.DataFrame, classes: int) -> pd.DataFrame:
     if classes == 2:
-        df = df[df["mean"].abs() > AMBIGUOUS].copy()
+        df = pd.DataFrame(df[df["mean"].abs() > AMBIGUOUS]).copy()
         df["label"] = ["positive" if m > 0 else "negative" for m in df["mean"]]
     else:
         df = df.copy()
@@ -94,13 +94,19 @@ def to_labels(df: pd.DataFrame, classes: int) -> pd.DataFrame:
     return df
 
 
+def _split(df: pd.DataFrame, *, test_size: int, stratify: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded split of ``df`` (by label when ``stratify``): the rest, and ``test_size`` rows."""
+    a, b = train_test_split(df, test_size=test_size, random_state=SEED, stratify=df["label"] if stratify else None)
+    return pd.DataFrame(a), pd.DataFrame(b)
+
+
 def build_corpus(name: str, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     spec = CORPORA[name]
     df = to_labels(read_ratings(raw_dir / spec["file"]), spec["classes"])
-    df = df[df["text"].str.len() > 0]
+    df = pd.DataFrame(df[df["text"].str.len() > 0])
     df["id"] = name + "-" + df["id"].astype(str)
-    rest, gold = train_test_split(df, test_size=spec["gold_size"], random_state=SEED, stratify=df["label"])
-    pool, dev = train_test_split(rest, test_size=spec["dev_size"], random_state=SEED, stratify=rest["label"])
+    rest, gold = _split(df, test_size=spec["gold_size"], stratify=True)
+    pool, dev = _split(rest, test_size=spec["dev_size"], stratify=True)
     pool = pool.sample(frac=1.0, random_state=SEED).reset_index(drop=True)  # shuffled: pool_limit takes a fair sample
     d = out_dir / name
     d.mkdir(parents=True, exist_ok=True)
@@ -170,8 +176,8 @@ def build_xsum(jsonl: Path, out_dir: Path) -> dict[str, Any]:
         fixed = [repair_mojibake(t) for t in df[col]]
         df[col] = [t for t, _ in fixed]
         repaired += sum(1 for _, k in fixed if k)
-    rest, gold = train_test_split(df, test_size=XSUM_SPLIT["gold"], random_state=SEED)
-    pool, dev = train_test_split(rest, test_size=XSUM_SPLIT["dev"], random_state=SEED)
+    rest, gold = _split(df, test_size=XSUM_SPLIT["gold"])
+    pool, dev = _split(rest, test_size=XSUM_SPLIT["dev"])
     d = out_dir / "xsum"
     d.mkdir(parents=True, exist_ok=True)
     pool[["id", "text"]].reset_index(drop=True).to_parquet(d / "pool.parquet", index=False)

@@ -67,7 +67,7 @@ def select_items(pool_shards: list[str], run_dir: Path, *, strategy: str, max_ne
     sel_dir = run_dir / "selection"
     ledger = set(_read_ids(sel_dir / "labelled_ids.parquet"))
     pool = pd.concat([pq.read_table(p).to_pandas() for p in pool_shards], ignore_index=True)
-    candidates = pool[~pool["id"].isin(ledger)]
+    candidates = pd.DataFrame(pool[~pool["id"].isin(list(ledger))])
     pending = sel_dir / "pending.parquet"
     if pending.exists():  # an earlier attempt tonight chose these and did not finish: keep its choice
         chosen = set(_read_ids(pending)) & set(candidates["id"])
@@ -75,15 +75,16 @@ def select_items(pool_shards: list[str], run_dir: Path, *, strategy: str, max_ne
     else:
         chosen, method = _choose(candidates, strategy, max_new, seed + len(ledger), model_uri)
         _write(pd.DataFrame({"id": sorted(chosen)}), pending)
-    keep = pool[pool["id"].isin(ledger) | pool["id"].isin(chosen)]
-    deferred = candidates[~candidates["id"].isin(chosen)]
+    keep = pd.DataFrame(pool[pool["id"].isin(list(ledger)) | pool["id"].isin(list(chosen))])
+    deferred = pd.DataFrame(candidates[~candidates["id"].isin(list(chosen))])
     deferred_file = None
     out_dir = run_dir / "input" / "pool_selected"
     if len(deferred):
         deferred_file = str(run_dir / "input" / "pool_deferred.parquet")
         _write(pd.DataFrame({"id": deferred["id"], "reason": f"not chosen tonight ({method})"}), Path(deferred_file))
     shards = [str(p) for p in write_shards(iter([keep]), out_dir, chunk_rows)] if len(keep) else []
-    return Selection(shards, int(pool["id"].isin(ledger).sum()), len(chosen), len(deferred), deferred_file, method)
+    labelled_before = len(ledger & set(pool["id"]))  # pool ids are unique (the loader sets repeats aside)
+    return Selection(shards, labelled_before, len(chosen), len(deferred), deferred_file, method)
 
 
 def _choose(candidates: pd.DataFrame, strategy: str, n: int, seed: int, model_uri: str) -> tuple[set[str], str]:

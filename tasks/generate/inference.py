@@ -74,7 +74,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     cfg = src.config
     if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
+        delattr(cfg, "quantization_config")
     cfg._name_or_path = SMOLLM2
     clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     missing, unexpected = clean.load_state_dict(src.state_dict(), strict=False)
@@ -266,7 +266,7 @@ def load_generator(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.config.use_cache = True
-    return model.to(device).eval(), tok
+    return model.to(device).eval(), tok  # type: ignore[arg-type]  (transformers' stub: .to takes a str)
 
 
 @dataclass(frozen=True)

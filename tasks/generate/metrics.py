@@ -88,7 +88,8 @@ def rouge(preds: list[str], refs: list[str]) -> RougeScores:
     for p, r in zip(preds, refs):
         p, r = _text(p), _text(r)
         if not p.strip() or not r.strip():
-            r1.append(0.0), r2.append(0.0), rl.append(0.0)
+            for scores in (r1, r2, rl):
+                scores.append(0.0)
             continue
         s = scorer.score(r, p)  # score(target, prediction)
         r1.append(float(s["rouge1"].fmeasure))
@@ -143,7 +144,7 @@ def bertscore(
     return BertScores(sum(p_out) / n, sum(r_out) / n, sum(f_out) / n, f_out, model, num_layers)
 
 
-def output_shares(preds: list[str | None], max_words: int | None) -> dict[str, float]:
+def output_shares(preds: Sequence[str | None], max_words: int | None) -> dict[str, float]:
     """Share of predictions that are empty (None or whitespace only) and over ``max_words`` words.
 
     Both shares are over all predictions; with ``max_words`` None nothing is over-length.

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlflow.pyfunc
+import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 
-class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
+class GeneratorPyfunc(PythonModel):
     def __init__(
         self,
         instruction: str,
@@ -50,9 +52,8 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
             raise FileNotFoundError(f"the generator's base model {self.base_model!r} is not at {base} on this machine")
         self.model, self.tok = load_generator(arts["adapter_dir"], base)
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  (no hints: MLflow would read them as a schema)
-        import pandas as pd
-
+    # ``pd.DataFrame`` is a hint MLflow infers no schema from: the logged signature stays the only one
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:  # pyright: ignore[reportIncompatibleMethodOverride]  (MLflow 3.17 declares -> None)
         from tasks.generate.inference import generate
         from tasks.templates.generation import cut_words
 

@@ -295,7 +295,7 @@ def load_base_for_training(base_dir: Path, precision: PrecisionChoice) -> Any:
         )
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.device == "cuda")
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=_torch_dtype(precision.dtype))
-    return model.to(precision.device)
+    return model.to(precision.device)  # type: ignore[arg-type]  (transformers' stub: .to takes a str)
 
 
 def train_lora(
@@ -333,7 +333,8 @@ def train_lora(
     tr_idx, ev_idx = split_train_eval(len(features), params.eval_fraction, params.seed)
     train_f, eval_f = [features[i] for i in tr_idx], [features[i] for i in ev_idx]
     model, trainable, total = _lora_model(base_dir, precision, params)
-    run = _train(model, train_f, eval_f, pad_id=tok.pad_token_id, params=params, precision=precision, progress=progress)
+    pad_id: int = tok.pad_token_id  # type: ignore[assignment]  (set just above when the tokenizer had none)
+    run = _train(model, train_f, eval_f, pad_id=pad_id, params=params, precision=precision, progress=progress)
     adapter_dir, merged_dir = _save(model, tok, out, base_dir=base_dir, params=params, precision=precision)
     (out / "loss.json").write_text(
         json.dumps(

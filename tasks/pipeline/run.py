@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, cast
 
 from distill.config import DistillConfig
 from distill.faults import failpoint
@@ -115,8 +115,9 @@ class DistillRun(StageClock):
         self.tracking_uri = setup_tracking(cfg.tracking.tracking_uri, cfg.tracking.experiment)
         fr_id, fr_name = _flow_run()
         tags = {"prefect.flow_run_id": fr_id, "prefect.flow_run_name": fr_name, "distill.run_name": cfg.run_name}
-        if prefect_flow_run_url(fr_id):
-            tags["prefect.flow_run_url"] = prefect_flow_run_url(fr_id)
+        link = prefect_flow_run_url(fr_id)
+        if link:
+            tags["prefect.flow_run_url"] = link
         parent = self._stack.enter_context(mlflow.start_run(run_name=cfg.run_name, tags=tags))
         self.run_id = parent.info.run_id
         publish_links({"mlflow-run": mlflow_run_url(self.tracking_uri, parent.info.experiment_id, self.run_id)})
@@ -163,14 +164,14 @@ class DistillRun(StageClock):
 
         ck = self.checkpoints
         key = ck.key(name, self.cfg, args) if ck is not None and name in STAGE_SECTIONS else ""
-        result = ck.load(name, key) if key and ck is not None else None
-        if result is not None:
+        result: Any = ck.load(name, key) if key and ck is not None else None
+        if result is not None and ck is not None:
             self.seconds[name] = 0.0
             run_logger().info(
                 "stage %s: finished in an earlier run with the same inputs (%.1f s then): reused",
                 name,
                 ck.seconds(name) or 0.0,
-            )  # type: ignore[union-attr]
+            )
         else:
             if key and ck is not None and name in ck.why_not:
                 run_logger().info("stage %s: recomputed, %s", name, ck.why_not[name])
@@ -186,7 +187,7 @@ class DistillRun(StageClock):
                 mlflow.log_params(training_params(result))
             if isinstance(result, Evaluation):
                 self._log_evaluation(result)
-        return result
+        return cast(T, result)
 
     @staticmethod
     def _log_evaluation(ev: Evaluation) -> None:
@@ -206,6 +207,7 @@ class DistillRun(StageClock):
         kept for the run's summary."""
         import mlflow
         import pandas as pd
+        from mlflow.data.pandas_dataset import from_pandas
 
         from tasks.pipeline.stages import report_task
 
@@ -219,14 +221,12 @@ class DistillRun(StageClock):
             with contextlib.suppress(Exception):
                 if cfg.data.gold_path and cfg.data.gold_path.endswith(".parquet"):
                     gold_df = pd.read_parquet(cfg.data.gold_path)
-                    mlflow.log_input(
-                        mlflow.data.from_pandas(gold_df, source=cfg.data.gold_path, name="gold"), context="evaluation"
-                    )
+                    mlflow.log_input(from_pandas(gold_df, source=cfg.data.gold_path, name="gold"), context="evaluation")
                 votes_df = pd.concat(
                     [pd.read_parquet(p, columns=["id", "text", "label", "confidence"]) for p in agg.pool_paths]
                 )
                 mlflow.log_input(
-                    mlflow.data.from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"), context="training"
+                    from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"), context="training"
                 )
         return summary
 

@@ -118,9 +118,10 @@ def plan_shard(
         if use_n:
             base = sampling_params(t, 0, mode)
             makers = [KeyMaker(model, {**base, "n": k}, j, ep) for j in range(k)]
+            makers_sampling = base
         else:
-            sp = sampling_params(t, i, mode)
-            makers = [KeyMaker(model, sp, endpoint=ep)]
+            makers_sampling = sampling_params(t, i, mode)
+            makers = [KeyMaker(model, makers_sampling, endpoint=ep)]
         for idx, text in enumerate(texts):
             rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)
             keys = [m(rendered) for m in makers]
@@ -131,7 +132,7 @@ def plan_shard(
                 dedup += 1
                 continue
             planned.add(keys[0])
-            payload = {"model": model, **base, "n": k} if use_n else {"model": model, **sp}
+            payload = {"model": model, **makers_sampling, "n": k} if use_n else {"model": model, **makers_sampling}
             payload["messages" if chat else "prompt"] = rendered
             chars = sum(len(m["content"]) for m in rendered) if chat else len(rendered)
             reqs.append(

@@ -116,7 +116,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 def usage_of(data: Any) -> tuple[Optional[int], Optional[int]]:
     """(prompt_tokens, completion_tokens) of an OpenAI-style body, None where absent."""
-    usage = data.get("usage") if isinstance(data, dict) and isinstance(data.get("usage"), dict) else {}
+    usage: dict[str, Any] = data["usage"] if isinstance(data, dict) and isinstance(data.get("usage"), dict) else {}
     pt = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else None
     ct = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
     return pt, ct

@@ -67,7 +67,8 @@ def assemble(
     is the probability the teacher put on the label set at all.
     """
     n = len(items)
-    matcher = LabelMatcher(template.labels, template.aliases) if template.labels else None  # None: free text
+    aliases = getattr(template, "aliases", {})  # a writing template has labels [] and no aliases
+    matcher = LabelMatcher(template.labels, aliases) if template.labels else None  # None: free text
     answers: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     votes: list[list[Optional[str]]] = [[None] * k for _ in range(n)]
     status: list[list[str]] = [["failed"] * k for _ in range(n)]
@@ -150,11 +151,13 @@ class Progress:
             self.last_post = now
             el = max(now - self.t0, 1e-9)
             self.bar.set_postfix(
-                **{"items≈": done // self.k},
-                rps=f"{stats.requests_sent / el:.1f}",
-                err=stats.attempt_errors,
-                cached=stats.requests_cached,
-                tok=stats.tokens_in + stats.tokens_out,
+                {
+                    "items≈": done // self.k,
+                    "rps": f"{stats.requests_sent / el:.1f}",
+                    "err": stats.attempt_errors,
+                    "cached": stats.requests_cached,
+                    "tok": stats.tokens_in + stats.tokens_out,
+                },
                 refresh=False,
             )
         if self.logger is not None and (now - self.last_log >= self.every_s or done == self.total):
