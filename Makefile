@@ -1,6 +1,9 @@
 # distill: two commands do all the set-up.
-#   make demo   set up (venv, deps, local teacher server, demo data) and run the whole demo DAG
-#   make test   set up and run the test suite (what CI runs via .ci/run)
+#   make demo       set up (venv, deps, local teacher server, demo data) and run the whole demo DAG
+#   make test       set up, check the house (make lint) and run every test (what CI runs via .ci/run)
+# and for the edit loop:
+#   make lint       ruff format --check, ruff check, basedpyright (imports and types), import-linter (layers, no loops)
+#   make test-fast  the unit and fake-teacher tests (no real servers, kills or training runs), in a few minutes
 # Both are idempotent: a second call reuses the venv, the built llama.cpp wheel and the data.
 
 SHELL := /bin/bash
@@ -29,7 +32,7 @@ export HF_DATASETS_OFFLINE := 1
 # llama-cpp-python builds from source; a portable build (no -march=native)
 export CMAKE_ARGS := -DGGML_NATIVE=OFF
 
-.PHONY: setup demo test bench screenshots clean
+.PHONY: setup demo test test-fast lint bench screenshots clean
 
 setup: $(STAMP) data/xsum/info.json
 
@@ -50,8 +53,20 @@ data/xsum/info.json: $(STAMP)
 demo: setup
 	$(BIN)/distill run $(CONFIG) --summary-json runs/demo-summary.json
 
-test: setup
-	$(BIN)/python -m pytest -q --durations=10
+# workers for the test suite: most of the slow tests wait on servers and subprocesses, not on the CPU
+TEST_WORKERS ?= 4
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/basedpyright
+	$(BIN)/lint-imports
+
+test: lint
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not system" --durations=5
 
 bench: setup
 	$(BIN)/python bench/teacher_client.py

@@ -65,7 +65,12 @@ class FakeOpenAI:
         slow_s: float = 3.0,
         fixed_answer: Optional[str] = None,
         count_tokens: Optional[Any] = None,
+        hold_after: Optional[int] = None,
     ) -> None:
+        # with hold_after, requests past that many wait until release(): a run held mid-annotation as long as a test
+        # needs (not a fixed latency guessed long enough for a slow machine)
+        self.hold_after = hold_after
+        self.released = threading.Event()
         # the server's tokenizer: a callable on text; default about 4 characters per token
         self.count_tokens = count_tokens or (lambda text: len(text) // 4 + 1)
         self.billed_in = 0  # prompt tokens reported on billed failures (500 with usage)
@@ -85,6 +90,10 @@ class FakeOpenAI:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._runner: Optional[web.AppRunner] = None
         self._thread: Optional[threading.Thread] = None
+
+    def release(self) -> None:
+        """Answer the requests held since ``hold_after`` (and every later one)."""
+        self.released.set()
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
@@ -117,6 +126,9 @@ class FakeOpenAI:
             attempt = self.attempts[body]
             self.auth_headers.append(request.headers.get("Authorization", ""))
         text = item_text(payload)
+        if self.hold_after is not None and len(self.received) > self.hold_after:
+            while not self.released.is_set():
+                await asyncio.sleep(0.05)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         fault = self._fault(text, attempt)

@@ -24,6 +24,8 @@ from tasks.classify.register import register_classifier  # noqa: E402
 from tasks.classify.train import train_student  # noqa: E402
 from tasks.registry.tracking import setup_tracking  # noqa: E402
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 LABELS = ["positive", "negative"]
 POS = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
 NEG = ["awful mess", "hated it", "terrible acting", "a bore", "dreadful film", "dull and pointless"]

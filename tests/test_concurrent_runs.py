@@ -9,11 +9,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, use_mlflow
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
+
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
 
 
 def start(cfg, tmp_path, prefect_api, name):
@@ -40,7 +43,7 @@ def start(cfg, tmp_path, prefect_api, name):
 def test_two_runs_at_once(tmp_path, binary_prompt, prefect_api):
     import mlflow
 
-    srv = FakeOpenAI(latency_s=0.6).start()  # slow enough (about a minute of annotation) that the runs overlap
+    srv = FakeOpenAI(hold_after=5).start()  # x holds the folder, mid-annotation, until the refused run has gone
     try:
         write_data(tmp_path, 64, 24)
         cfgs = {}
@@ -62,6 +65,7 @@ def test_two_runs_at_once(tmp_path, binary_prompt, prefect_api):
         assert b.returncode == 2, b_err[-3000:]
         assert "is in use by another distill run" in b_err and f'"pid": {a.pid}' in b_err
         assert a.poll() is None, "the refused run must not have disturbed the first"
+        srv.release()  # x and y annotate at once from here, on one cache file
         for p in (a, c):
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err[-3000:]

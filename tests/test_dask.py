@@ -13,6 +13,8 @@ from flows.annotate import annotate_flow
 from tasks.accounting.budget import BudgetExhausted
 from tests.fake_openai import FAKE_PRICES
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 
 def cfg(tmp_path, prompt, url, name, runtime, **over):
     pool = pd.DataFrame(

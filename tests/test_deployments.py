@@ -24,6 +24,8 @@ from distill import servers as srv
 from tests.conftest import REPO, free_port
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):

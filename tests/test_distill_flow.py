@@ -14,6 +14,8 @@ from distill.cli import main as cli_main  # noqa: E402
 from distill.config import config_from_dict  # noqa: E402
 from tests.fake_openai import FAKE_PRICES
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 REPO_TESTS = Path(__file__).parent
 KEYS = {
     "teacher_accuracy_single",
@@ -43,7 +45,8 @@ def write_data(tmp_path, n_pool: int, n_gold: int):
     pd.DataFrame(gold, columns=["id", "text", "label"]).to_parquet(tmp_path / "gold.parquet")
 
 
-def cfg_dict(tmp_path, prompt, teacher) -> dict:
+def cfg_dict(tmp_path, prompt, teacher, measure_energy: bool = False) -> dict:
+    """A small run on the fake teacher; codecarbon off unless the test is about energy (it costs seconds a stage)."""
     return {
         "run_name": "dag",
         "workdir": str(tmp_path / "runs"),
@@ -66,6 +69,7 @@ def cfg_dict(tmp_path, prompt, teacher) -> dict:
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "dag-student"},
         "gate": {"min_macro_f1": 0.5},
         "pricing": FAKE_PRICES,
+        "energy": {"measure": measure_energy},
     }
 
 
@@ -75,7 +79,9 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
 
     monkeypatch.chdir(tmp_path)
     write_data(tmp_path, 64, 24)
-    raw = cfg_dict(tmp_path, binary_prompt, {"local": False, "base_url": fake_teacher.base_url, "samples": 3})
+    raw = cfg_dict(
+        tmp_path, binary_prompt, {"local": False, "base_url": fake_teacher.base_url, "samples": 3}, measure_energy=True
+    )
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(raw))
     out = tmp_path / "s.json"

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 pytest.importorskip("peft")
 
 SUMMARY_KEYS = {

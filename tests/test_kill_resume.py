@@ -11,10 +11,13 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.conftest import REPO
 from tests.fake_openai import FAKE_PRICES, FakeOpenAI, canonical
+
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
 
 N_ITEMS = 400
 K = 2

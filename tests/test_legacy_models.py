@@ -21,6 +21,8 @@ import pytest
 import distill  # noqa: F401  (the point: today's distill is imported before the old model is loaded)
 from tests.conftest import REPO, use_mlflow
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 # today's module -> the module path 0.1 gave the same code
 OLD_NAMES = {
     "tasks.classify.inference": "distill.tasks.inference",

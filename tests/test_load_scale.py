@@ -16,6 +16,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from tasks.teacher.cache import CachedAnswer, KeyMaker, ResponseCache, model_history_scan, request_key
 
 SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "stop": ["\n"], "seed": 0, "logprobs": 5}
@@ -257,6 +259,7 @@ def test_plan_time_does_not_grow_with_the_cache(tmp_path, binary_prompt):
     assert t_big < 1.5 * t_small + 0.1, (t_small, t_big)
 
 
+@pytest.mark.system
 def test_annotate_memory_is_flat_from_2k_to_20k_items(tmp_path, prefect_api):
     """Peak RSS of ``distill annotate`` (CLI, k=1, C=64) over 20,000 items within 15% of 2,000 items."""
     import argparse
@@ -281,7 +284,7 @@ def test_annotate_memory_is_flat_from_2k_to_20k_items(tmp_path, prefect_api):
             folder.mkdir()
             write_pool(folder / "pool.jsonl", n)
             write_config(folder, name, folder / "pool.jsonl", troot + "/v1", a)
-            r = run_annotate(name, folder, folder / "pool.jsonl", troot + "/v1", a, env)
+            r = run_annotate(name, folder, folder / "pool.jsonl", troot + "/v1", a, env=env)
             assert r["summary"]["requests_sent"] == n
             peaks[name] = r["peak_rss_mb"]
         assert get_json(troot + "/stats")["received"] >= 22_000

@@ -19,6 +19,8 @@ import pytest
 from tasks.generate import inference as gi
 from tasks.generate import train as gt
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".distill" / "models"
 

@@ -46,6 +46,7 @@ def student_dir(tmp_path_factory):
     ).model_dir
 
 
+@pytest.mark.system
 def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
     import mlflow
 
@@ -113,10 +114,11 @@ class _Broken(__import__("mlflow").pyfunc.PythonModel):
     def load_context(self, context):  # noqa: ANN001
         raise ImportError("no module named 'missing_dependency'")
 
-    def predict(self, context, model_input):  # noqa: ANN001
+    def predict(self, context: object, model_input: pd.DataFrame, params: object = None) -> pd.DataFrame:  # pyright: ignore[reportIncompatibleMethodOverride]
         return model_input
 
 
+@pytest.mark.system
 def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student_dir, monkeypatch):
     import mlflow
 

@@ -18,6 +18,8 @@ pytest.importorskip("mlflow")
 from distill.cli import main as cli_main  # noqa: E402
 from tests.test_distill_flow import cfg_dict, write_data  # noqa: E402
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 CANARY = "sk-distill-LEAK-CANARY-7f3a9c"
 
 

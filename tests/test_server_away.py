@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from distill import servers
 from tests.conftest import REPO, free_port
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
+
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
 
 
 def stop_mid_run_then_rerun(
@@ -26,7 +29,7 @@ def stop_mid_run_then_rerun(
     having asserted that the rerun succeeded and sent no new teacher request.
     """
     pp, mp = free_port(), free_port()
-    sv = servers.up(tmp_path, pp, mp)
+    sv = servers.up(tmp_path, pp, mp, which=(stop,))  # the other server is the session's (or sqlite)
     teacher = FakeOpenAI(latency_s=0.1).start()
     try:
         write_data(tmp_path, 64, 24)
@@ -63,7 +66,7 @@ def stop_mid_run_then_rerun(
         assert run.returncode == 4, err[-3000:]
         paid = sum(teacher.delivered_ok.values())
 
-        servers.up(tmp_path, pp, mp)  # the server comes back, on its own database
+        servers.up(tmp_path, pp, mp, which=(stop,))  # the server comes back, on its own database
         rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
     finally:

@@ -19,6 +19,8 @@ from tests.conftest import REPO, use_mlflow
 from tests.fake_openai import FakeOpenAI
 from tests.test_distill_flow import cfg_dict, write_data
 
+pytestmark = pytest.mark.system  # make test-fast leaves it out (README "Tests")
+
 # figures that must not depend on being interrupted (timings, speeds and ids may)
 SAME = (
     "student_macro_f1",

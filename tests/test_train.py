@@ -104,6 +104,7 @@ def test_class_weights_are_inverse_frequency():
     assert class_weights([0, 0], 3) == pytest.approx([1.0, 0.0, 0.0])
 
 
+@pytest.mark.system
 def test_training_uses_the_aggregations_distribution_as_soft_target(tmp_path):
     df = pd.DataFrame(
         {
@@ -120,6 +121,7 @@ def test_training_uses_the_aggregations_distribution_as_soft_target(tmp_path):
     assert d.soft == [pytest.approx([0.7, 0.3]), pytest.approx([0.1, 0.9])] and d.weights == pytest.approx([0.7, 0.3])
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("balance", ["loss", "sampling", "logit_adjust"])
 def test_skewed_teacher_labels_do_not_collapse_the_student_to_the_majority_class(tmp_path, balance):
     """75/25 teacher labels: the minority class must still be predicted (it is learnable here)."""
@@ -174,6 +176,7 @@ def test_split_is_seeded_and_disjoint():
     assert len(b) == 10 and not set(a) & set(b) and (a, b) == split_train_val(100, 0.1, 3)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("soft", [False, True])
 def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     pos = ["great fun", "loved it", "wonderful acting", "a joy", "brilliant film", "superb and moving"]
@@ -213,6 +216,7 @@ def test_tiny_training_runs_in_seconds_and_changes_predictions(tmp_path, soft):
     assert before != [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.system
 def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
     rows = [("good " * (i % 7 + 1), ["positive"] * 3, "positive", 1.0) for i in range(10)]
     rows += [("bad " * (i % 5 + 1), ["negative"] * 3, "negative", 1.0) for i in range(10)]
