@@ -354,6 +354,10 @@ def _server_commands(sub: Any) -> None:
         sp.add_argument("--workdir", default=".", help="the project folder whose .distill/ holds the servers' state")
 
 
+# sysexits' EX_TEMPFAIL, "try again later": the run stopped waiting for its batches (teacher.batch.max_wait_s)
+EXIT_BATCHES_PENDING = 75
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from distill.config import ConfigError
     from distill.runtime import SecretError
@@ -363,6 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tasks.data.readers import DataError
     from tasks.pipeline.checkpoints import RunBusy
     from tasks.pipeline.preflight import PreflightError
+    from tasks.teacher.batch import BatchesPending
     from tasks.teacher.local_server import TeacherServerError
     from tasks.templates.base import PromptError
 
@@ -384,6 +389,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    except BatchesPending as e:  # not a failure: the batches run on at the provider; the next run collects them
+        print(f"distill: waiting: {e}", file=sys.stderr)
+        _write_summary_json(getattr(args, "summary_json", None), e.summary)
+        return EXIT_BATCHES_PENDING
     except BudgetExhausted as e:
         print(f"distill: stopped: {e}", file=sys.stderr)
         _write_summary_json(getattr(args, "summary_json", None), e.summary)

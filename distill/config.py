@@ -47,6 +47,54 @@ class SampleVariation(str, Enum):
     teachers = "teachers"
 
 
+class Transport(str, Enum):
+    """How requests reach a remote teacher: one HTTP call each, or the provider's Batch API."""
+
+    online = "online"
+    batch = "batch"
+
+
+class BatchConfig(_Strict):
+    """The Batch API transport (OpenAI's ``/v1/files`` + ``/v1/batches``; vLLM's batch runner reads the same JSONL).
+
+    Defaults are OpenAI's limits. A batch answers within its completion window at the
+    provider's batch price (half, at OpenAI); distill records every batch before it submits
+    it, so a run killed at any point re-attaches to what it had submitted instead of paying
+    twice.
+    """
+
+    max_requests: int = Field(default=50_000, ge=1, le=1_000_000, description="Requests per batch (OpenAI: 50,000).")
+    max_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1024, description="Bytes per batch input file (OpenAI: 200 MB)."
+    )
+    max_in_flight: int = Field(default=4, ge=1, le=1000, description="Batches submitted and not yet finished at once.")
+    completion_window: str = Field(default="24h", min_length=1, description="The batch's completion window.")
+    poll_interval_s: float = Field(default=10.0, gt=0, description="First wait between status polls.")
+    poll_max_interval_s: float = Field(default=300.0, gt=0, description="Longest wait between polls (it doubles).")
+    max_wait_s: Optional[float] = Field(
+        default=None,
+        gt=0,
+        description=(
+            "How long a run waits for its batches (None: until they finish or their window ends). Past it the run "
+            "stops with what it has, the batches still running at the provider; the next run (tonight's schedule, "
+            "or `distill run` again) collects them without submitting anything twice."
+        ),
+    )
+    max_rounds: int = Field(
+        default=3,
+        ge=1,
+        le=50,
+        description=(
+            "Batches a request may go through: requests that failed inside a batch, or whose batch expired, failed "
+            "or was cancelled, go into the next one, up to this many in all."
+        ),
+    )
+    retry_online: bool = Field(
+        default=False,
+        description="Retry what failed inside a batch online (at the online price) instead of in the next batch.",
+    )
+
+
 class TeacherMember(_Strict):
     """One more teacher for ``variation: teachers``; unset fields fall back to the main teacher's."""
 
@@ -59,6 +107,9 @@ class TeacherMember(_Strict):
     )
     api_key_secret_block: Optional[str] = Field(default=None, description="Prefect Secret block holding its API key.")
     mode: Optional[TeacherMode] = Field(default=None, description="completion or chat (None: the main teacher's mode).")
+    transport: Optional[Transport] = Field(
+        default=None, description="online or batch (None: the main teacher's transport)."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -198,6 +249,14 @@ class TeacherConfig(_Strict):
             "off for a gateway that renames models (an Azure deployment name)."
         ),
     )
+    transport: Transport = Field(
+        default=Transport.online,
+        description=(
+            "online: one HTTP request per answer; batch: the provider's Batch API (teacher.batch), billed at its "
+            "batch price (pricing: batch_discount), answers within its completion window."
+        ),
+    )
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="The batch transport's limits and waits.")
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads of the local server.")
     startup_timeout_s: float = Field(
         default=120.0, gt=0, description="Seconds to wait for the local server's health check."
@@ -212,6 +271,11 @@ class TeacherConfig(_Strict):
     def _endpoint(self) -> TeacherConfig:
         if not self.local and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.local is false")
+        if self.transport == Transport.batch and self.local:
+            raise ValueError(
+                "teacher.transport 'batch' needs a remote endpoint with a Batch API (teacher.base_url); the local "
+                "teacher answers online"
+            )
         if self.variation == SampleVariation.teachers and not self.members:
             raise ValueError("teacher.members must list at least one teacher when teacher.variation is 'teachers'")
         if self.variation == SampleVariation.temperature and self.samples > 1 and self.temperature == 0:
@@ -487,7 +551,13 @@ class PricingConfig(_Strict):
     free: bool = Field(
         default=False, description="Mark every teacher of this run free; without it an unpriced model is an error."
     )
-    batch: bool = Field(default=False, description="Requests are billed at the provider's batch rate (batch_discount).")
+    batch: bool = Field(
+        default=False,
+        description=(
+            "Removed: answers are priced by how they were sent. Set teacher.transport: batch to send through the "
+            "provider's Batch API (billed at its batch rate); true is refused."
+        ),
+    )
     hardware_usd_per_hour: float = Field(
         default=0.10,
         gt=0,
@@ -510,6 +580,18 @@ class PricingConfig(_Strict):
         gt=0,
         description="Plan only, until a run has measured it: seconds per request of a remote teacher.",
     )
+
+    @field_validator("batch")
+    @classmethod
+    def _no_blanket_batch(cls, v: bool) -> bool:
+        if v:
+            # a blanket flag billed online requests at the batch rate: the spend and the cap counted half of what
+            # the provider charged. The rate now follows the transport each answer came through.
+            raise ValueError(
+                "pricing.batch is gone: it billed requests sent online at the batch rate. Set teacher.transport: "
+                "batch to send through the provider's Batch API; those answers are billed at its batch rate"
+            )
+        return v
 
 
 class BudgetConfig(_Strict):

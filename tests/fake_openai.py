@@ -25,6 +25,16 @@ them in the OpenAI format of that endpoint: the answer at probability 0.9 (0.6 w
 It counts what it received and what it delivered (a response the client hung up on is
 not delivered), so tests can check the client's request and token totals against it.
 Run standalone for benchmarks: ``python -m tests.fake_openai --port P --latency 0.1``.
+
+It also speaks OpenAI's Batch API (``/v1/files``, ``/v1/batches``): a batch moves
+validating -> in_progress -> finalizing -> completed, one state per status poll (or stays
+in_progress while ``hold_batches`` is set: a slow batch). Each line is answered as the
+online endpoint would answer it, its [429]/[500]/[dead]/[401] faults becoming per-request
+errors in the batch's error file. Markers that act on the whole batch, the first time a
+line carrying them is in one: [batch_failed] (fails validation, no output), [batch_expired]
+(expires; the lines without the marker are answered, the rest are not), [batch_cancelled].
+``batch_lines`` counts each line body the fake answered or failed in a batch (a body
+counted twice was paid twice).
 """
 
 from __future__ import annotations
@@ -85,6 +95,15 @@ class FakeOpenAI:
         self.tokens_in = 0
         self.tokens_out = 0
         self.auth_headers: list[str] = []
+        # the Batch API
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_lines: Counter = Counter()  # line body -> times it was processed in a batch
+        self.batch_marks: Counter = Counter()  # (marker, body) -> batches it has been in
+        self.batch_tokens_in = 0
+        self.batch_tokens_out = 0
+        self.batches_created = 0
+        self.hold_batches = threading.Event()  # set: batches stay in_progress until cleared
         self.lock = threading.Lock()
         self.port = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -101,7 +120,188 @@ class FakeOpenAI:
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/files", self.upload_file)
+        app.router.add_get("/v1/files", self.list_files)
+        app.router.add_get("/v1/files/{fid}/content", self.file_content)
+        app.router.add_post("/v1/batches", self.create_batch)
+        app.router.add_get("/v1/batches", self.list_batches)
+        app.router.add_get("/v1/batches/{bid}", self.get_batch)
         return app
+
+    # ------------------------------------------------------------------ the Batch API
+    def _new_file(self, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
+        fid = f"file-{len(self.files) + 1:06d}"
+        f = {"id": fid, "object": "file", "bytes": len(data), "filename": filename, "purpose": purpose, "data": data}
+        self.files[fid] = f
+        return f
+
+    @staticmethod
+    def _public(obj: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in obj.items() if k not in ("data", "_polls")}
+
+    async def upload_file(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        upload = form.get("file")
+        purpose = str(form.get("purpose", ""))
+        if purpose != "batch" or upload is None or isinstance(upload, (str, bytes, bytearray)):
+            return web.json_response({"error": {"message": "purpose=batch and a file are required"}}, status=400)
+        data = upload.file.read()
+        with self.lock:
+            f = self._new_file(upload.filename or "upload.jsonl", purpose, data)
+        return web.json_response(self._public(f))
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        purpose = request.query.get("purpose")
+        with self.lock:
+            data = [self._public(f) for f in self.files.values() if purpose in (None, f["purpose"])]
+        return web.json_response({"object": "list", "data": data})
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["fid"])
+        if f is None:
+            return web.json_response({"error": {"message": "no such file"}}, status=404)
+        return web.Response(body=f["data"], content_type="application/jsonl")
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        fid = body.get("input_file_id")
+        if fid not in self.files:
+            return web.json_response({"error": {"message": f"no file {fid}"}}, status=400)
+        with self.lock:
+            self.batches_created += 1
+            bid = f"batch_{len(self.batches) + 1:06d}"
+            n = sum(1 for line in self.files[fid]["data"].splitlines() if line.strip())
+            b = {
+                "id": bid,
+                "object": "batch",
+                "endpoint": body.get("endpoint"),
+                "input_file_id": fid,
+                "completion_window": body.get("completion_window"),
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "metadata": body.get("metadata") or {},
+                "request_counts": {"total": n, "completed": 0, "failed": 0},
+                "errors": None,
+                "_polls": 0,
+            }
+            self.batches[bid] = b
+        return web.json_response(self._public(b))
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        with self.lock:
+            data = [self._public(b) for b in reversed(list(self.batches.values()))]  # newest first, as OpenAI
+        after = request.query.get("after")
+        if after:
+            ids = [b["id"] for b in data]
+            data = data[ids.index(after) + 1 :] if after in ids else []
+        limit = int(request.query.get("limit", 20))
+        return web.json_response({"object": "list", "data": data[:limit], "has_more": len(data) > limit})
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        b = self.batches.get(request.match_info["bid"])
+        if b is None:
+            return web.json_response({"error": {"message": "no such batch"}}, status=404)
+        with self.lock:
+            self._advance(b)
+            return web.json_response(self._public(b))
+
+    def _advance(self, b: dict[str, Any]) -> None:
+        """One state further per poll; the lines are processed on the way into ``finalizing``."""
+        st = b["status"]
+        if st == "validating":
+            lines = self._lines(b)
+            for marker, status in (("[batch_failed]", "failed"), ("[batch_cancelled]", "cancelled")):
+                marked = [ln for ln in lines if marker in item_text(ln["body"])]
+                if marked and self._first_time(marker, marked):
+                    b["status"] = status
+                    if status == "failed":
+                        b["errors"] = {"data": [{"code": "invalid_request", "message": "fake validation failure"}]}
+                    return
+            b["status"] = "in_progress"
+        elif st == "in_progress" and not self.hold_batches.is_set():
+            lines = self._lines(b)
+            marked = [ln for ln in lines if "[batch_expired]" in item_text(ln["body"])]
+            expire = bool(marked) and self._first_time("[batch_expired]", marked)
+            todo = [ln for ln in lines if "[batch_expired]" not in item_text(ln["body"])] if expire else lines
+            self._process(b, todo)
+            b["status"] = "expired" if expire else "finalizing"
+        elif st == "finalizing":
+            b["status"] = "completed"
+
+    def _lines(self, b: dict[str, Any]) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.files[b["input_file_id"]]["data"].splitlines() if x.strip()]
+
+    def _first_time(self, marker: str, lines: list[dict[str, Any]]) -> bool:
+        first = False
+        for ln in lines:
+            key = (marker, canonical(ln["body"]))
+            self.batch_marks[key] += 1
+            first = first or self.batch_marks[key] == 1
+        return first
+
+    def _process(self, b: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+        out, err = [], []
+        for ln in lines:
+            payload = ln["body"]
+            body = canonical(payload)
+            self.batch_lines[body] += 1
+            text = item_text(payload)
+            fault = self._fault(text, self.batch_lines[body])
+            rid = f"batch_req_{len(out) + len(err)}"
+            if fault in ("429", "500", "dead", "401"):
+                code = {"dead": 500}.get(fault, int(fault) if fault.isdigit() else 500)
+                err.append(
+                    {
+                        "id": rid,
+                        "custom_id": ln["custom_id"],
+                        "response": {"status_code": code, "body": {"error": {"message": f"fake {fault}"}}},
+                        "error": None,
+                    }
+                )
+                continue
+            resp = self._completion(payload, text)
+            self.batch_tokens_in += resp["usage"]["prompt_tokens"]
+            self.batch_tokens_out += resp["usage"]["completion_tokens"]
+            self.tokens_in += resp["usage"]["prompt_tokens"]
+            self.tokens_out += resp["usage"]["completion_tokens"]
+            out.append(
+                {"id": rid, "custom_id": ln["custom_id"], "response": {"status_code": 200, "body": resp}, "error": None}
+            )
+        b["request_counts"] = {"total": b["request_counts"]["total"], "completed": len(out), "failed": len(err)}
+        if out:
+            b["output_file_id"] = self._new_file("out.jsonl", "batch_output", _jsonl(out))["id"]
+        if err:
+            b["error_file_id"] = self._new_file("err.jsonl", "batch_output", _jsonl(err))["id"]
+
+    def _completion(self, payload: dict[str, Any], text: str) -> dict[str, Any]:
+        """The answer the online endpoint gives (no faults), with usage."""
+        n = int(payload.get("n", 1) or 1)
+        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
+        pt, ct = self.count_tokens(prompt), 1 * n
+        ans = self._answer(text, str(payload.get("model", "")))
+        chat = "messages" in payload
+        want_lp = bool(payload.get("logprobs")) and "[nologprobs]" not in text
+        lp = fake_logprobs(ans, chat, 0.6 if "[unsure]" in text else 0.9) if want_lp else None
+        if chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": ans.strip()},
+                    "finish_reason": "stop",
+                    "logprobs": lp,
+                }
+                for i in range(n)
+            ]
+        else:
+            choices = [{"index": i, "text": ans, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
+        return {
+            "id": "x",
+            "object": "chat.completion" if chat else "text_completion",
+            "model": payload.get("model"),
+            "choices": choices,
+            "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
+        }
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
@@ -289,6 +489,10 @@ class FakeOpenAI:
             self.delivered_ok.clear()
             self.statuses.clear()
             self.tokens_in = self.tokens_out = 0
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
 def fake_logprobs(answer: str, chat: bool, p: float) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distill.cli import main as cli_main
-from distill.config import ModelPrice, config_from_dict
+from distill.config import ConfigError, ModelPrice, config_from_dict
 from tasks.accounting.budget import SpendMeter
 from tasks.accounting.carbon import grid_intensity, remote_teacher_energy
 from tasks.accounting.costs import projection
@@ -104,16 +104,23 @@ def test_bundled_table_loads_and_run_overrides_win(tmp_path, binary_prompt):
             pricing={
                 "table": str(REPO / "configs/prices.yaml"),
                 "models": {"gpt-4o-mini": {"input_per_mtok": 9, "output_per_mtok": 9}},
-                "batch": True,
             },
         )
     )
     assert resolve_price("gpt-4o-mini", False, cfg.pricing).input_per_mtok == 9  # run override, no batch discount given
-    assert resolve_price("gpt-4o", False, cfg.pricing).input_per_mtok == pytest.approx(1.25)  # table, at batch rate
+    gpt4o = resolve_price("gpt-4o", False, cfg.pricing)
+    assert gpt4o.input_per_mtok == pytest.approx(2.5) and not gpt4o.batch  # the table's online price
+    assert gpt4o.batch_variant().input_per_mtok == pytest.approx(1.25)  # what the batch transport bills
     local = resolve_price("teacher-x", True, cfg.pricing)
     assert local.kind == "hourly" and local.usd_per_hour == cfg.pricing.hardware_usd_per_hour
     with pytest.raises(PricingError, match="'mystery'.*pricing.free"):
         resolve_price("mystery", False, cfg.pricing)
+
+
+def test_blanket_batch_pricing_is_refused_naming_the_transport(tmp_path, binary_prompt):
+    """pricing.batch billed online requests at the batch rate (a cap that counted half): refused, with the way on."""
+    with pytest.raises(ConfigError, match=r"pricing\.batch.*teacher\.transport: batch"):
+        config_from_dict(base_cfg(tmp_path, binary_prompt, "http://x/v1", pricing={"batch": True}))
 
 
 def test_bad_table_names_file_and_model(tmp_path):

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.teacher.cache import CachedAnswer, KeyMaker, ResponseCache, model_history_scan, request_key
+from tasks.teacher.cache import (
+    SCHEMA_VERSION,
+    CachedAnswer,
+    KeyMaker,
+    ResponseCache,
+    model_history_scan,
+    request_key,
+)
 
 SP = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "stop": ["\n"], "seed": 0, "logprobs": 5}
 
@@ -141,7 +148,7 @@ def test_a_cache_file_from_before_the_indexed_columns_keeps_working(tmp_path):
     db.close()
 
     c = ResponseCache(path)
-    assert c.db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert c.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     got = c.get_many(list(answers))
     assert {k: a.text for k, a in got.items()} == answers
     for (m, cap), fig in before.items():

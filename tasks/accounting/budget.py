@@ -104,9 +104,9 @@ class SpendMeter:
     def spent_usd(self) -> float:
         return self.token_usd + self.hourly_usd()
 
-    def estimate(self, endpoint: int, est_prompt: int, est_completion: int) -> float:
-        """Worst-case cost of one attempt, for its reservation."""
-        p = self._price(endpoint)
+    def estimate(self, endpoint: int, est_prompt: int, est_completion: int, *, batch: bool = False) -> float:
+        """Worst-case cost of one attempt, for its reservation (``batch``: at the provider's batch price)."""
+        p = self._price(endpoint).batch_variant() if batch else self._price(endpoint)
         if p.kind == "tokens":
             return p.token_cost(int(est_prompt * self.prompt_ratio) + 1, est_completion)
         if p.kind == "hourly":
@@ -170,6 +170,42 @@ class SpendMeter:
             async with cond:
                 cond.notify_all()
         return cost
+
+    # ------------------------------------------------------------------ batches
+    def try_reserve(self, reservation: float) -> bool:
+        """Hold a batch's worst-case cost before it is submitted; False where it could cross the cap.
+
+        A batch cannot be stopped halfway like a stream of requests: once submitted, all of it
+        may be billed. So it is submitted only if spend + every reservation + its own worst
+        case fits under the cap.
+        """
+        if self.limit_usd is None:
+            return True
+        if self.spent_usd() + self.reserved_usd + reservation > self.limit_usd:
+            return False
+        self.reserved_usd += reservation
+        return True
+
+    def hold(self, reservation: float) -> None:
+        """Count a batch submitted by an earlier run against the cap (it is at the provider whatever the cap says)."""
+        if self.limit_usd is not None:
+            self.reserved_usd += reservation
+
+    def charge_batch(
+        self, endpoint: int, *, prompt_tokens: Optional[int], completion_tokens: Optional[int], est_prompt: int = 0
+    ) -> float:
+        """Bill one answer (or one billed failure) that came through the batch transport, at the batch price."""
+        cost = self._price(endpoint).batch_variant().token_cost(prompt_tokens, completion_tokens)
+        self.token_usd += cost
+        if prompt_tokens and est_prompt > 0:
+            self.prompt_ratio = max(self.prompt_ratio, prompt_tokens / est_prompt)
+            self.ratio_known = True
+        return cost
+
+    def release(self, reservation: float) -> None:
+        """Give back what a batch held once its answers are charged (or it never ran)."""
+        if self.limit_usd is not None:
+            self.reserved_usd = max(0.0, self.reserved_usd - reservation)
 
     # ------------------------------------------------------------------ busy time
     def _in_flight(self) -> int:

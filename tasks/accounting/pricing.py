@@ -43,7 +43,7 @@ def load_table(path: str | Path) -> dict[str, ModelPrice]:
     return out
 
 
-def _from_entry(model: str, e: ModelPrice, batch: bool, source: str) -> TeacherPrice:
+def _from_entry(model: str, e: ModelPrice, source: str) -> TeacherPrice:
     common: dict[str, Any] = {
         "kwh_per_request": e.kwh_per_request,
         "kwh_per_1k_output_tokens": e.kwh_per_1k_output_tokens,
@@ -53,7 +53,7 @@ def _from_entry(model: str, e: ModelPrice, batch: bool, source: str) -> TeacherP
         return TeacherPrice(model, "free", **common)
     if e.usd_per_hour is not None:
         return TeacherPrice(model, "hourly", usd_per_hour=e.usd_per_hour, **common)
-    tp = TeacherPrice(
+    return TeacherPrice(
         model,
         "tokens",
         input_per_mtok=e.input_per_mtok,
@@ -62,17 +62,20 @@ def _from_entry(model: str, e: ModelPrice, batch: bool, source: str) -> TeacherP
         batch_discount=e.batch_discount,
         **common,
     )
-    return tp.batch_variant() if batch else tp
 
 
 def resolve_price(
     model: str, local: bool, pc: PricingConfig, table: Optional[dict[str, ModelPrice]] = None
 ) -> TeacherPrice:
-    """Price of ``model``: run overrides, then the local hardware rate, then the table; else an error."""
+    """Price of ``model``: run overrides, then the local hardware rate, then the table; else an error.
+
+    The online price: answers that come through the Batch API are billed at
+    :meth:`TeacherPrice.batch_variant` of it, by the transport that fetched them.
+    """
     if pc.free:
         return TeacherPrice(model, "free", source="marked free by pricing.free")
     if model in pc.models:
-        return _from_entry(model, pc.models[model], pc.batch, "pricing.models in the run config")
+        return _from_entry(model, pc.models[model], "pricing.models in the run config")
     if local:
         return TeacherPrice(
             model,
@@ -82,7 +85,7 @@ def resolve_price(
         )
     table = load_table(pc.table) if table is None else table
     if model in table:
-        return _from_entry(model, table[model], pc.batch, pc.table)
+        return _from_entry(model, table[model], pc.table)
     raise PricingError(
         f"teacher model {model!r} has no price: add it to {pc.table} or to pricing.models in the run config "
         f"(input_per_mtok/output_per_mtok, or usd_per_hour for a self-hosted server), or set pricing.free: true "

@@ -63,7 +63,7 @@ def annotation_of(
     earlier: Optional[EarlierRun],
 ) -> Annotation:
     """The annotation as the report reads it: totals, the teacher's speed, this run's bill and the reuse."""
-    totals = ShardTotals.of(shards.pool + shards.gold, shards.probe)
+    totals = shards.totals()
     speed = teacher_speed(totals, teacher, earlier)
     bill = teacher_bill(
         totals=totals,
@@ -84,5 +84,5 @@ def annotation_of(
         totals,
         speed,
         bill,
-        reuse_of(ShardTotals.of(shards.pool), bill.teacher_usd_per_item),
+        reuse_of(shards.totals(("pool",)), bill.teacher_usd_per_item),
     )

@@ -27,10 +27,11 @@ from tasks.pipeline.figures import annotation_of
 from tasks.pipeline.load import load_inputs
 from tasks.pipeline.preflight import OutputsChecked, check_outputs
 from tasks.pipeline.report import markdown_summary
-from tasks.pipeline.summary import budget_stop_summary
+from tasks.pipeline.summary import batches_pending_summary, budget_stop_summary
 from tasks.pipeline.task_types import task_kind
 from tasks.results.stages import Aggregation, Annotation, Loaded, Plan
-from tasks.results.teacher import EarlierRun, ShardTotals
+from tasks.results.teacher import EarlierRun
+from tasks.teacher.batch import BatchesPending
 from tasks.teacher.cache import ResponseCache
 from tasks.teacher.plan import PlanFigures
 from tasks.teacher.stages import AnnotatedShards, annotate_items, plan_annotation
@@ -132,7 +133,7 @@ def annotate(cfg: DistillConfig, loaded: Loaded, plan: Plan, show_progress: bool
             stopped, shards = stop, stop.shards
     ann = _figures(cfg, loaded, shards, energy)
     if stopped is not None:
-        raise _budget_stop(cfg, plan, ann, shards) from None
+        raise _budget_stop(cfg, plan, ann, shards, stopped) from None
     commit_selection(cfg.run_dir)  # tonight's items are annotated: they join the run's ledger
     return ann
 
@@ -156,11 +157,15 @@ def _figures(cfg: DistillConfig, loaded: Loaded, shards: AnnotatedShards, energy
     )
 
 
-def _budget_stop(cfg: DistillConfig, plan: Plan, ann: Annotation, shards: AnnotatedShards) -> BudgetExhausted:
+def _budget_stop(
+    cfg: DistillConfig, plan: Plan, ann: Annotation, shards: AnnotatedShards, stopped: BudgetExhausted
+) -> BudgetExhausted:
+    if isinstance(stopped, BatchesPending):
+        return _batches_pending(cfg, plan, ann, shards)
     partial = budget_stop_summary(
         cfg,
         plan_usd=plan.figures.usd,
-        totals=ShardTotals.of(shards.pool + shards.gold, shards.probe),
+        totals=shards.totals(),
         bill=ann.bill,
         shards_not_started=shards.shards_not_started,
     )
@@ -173,6 +178,20 @@ def _budget_stop(cfg: DistillConfig, plan: Plan, ann: Annotation, shards: Annota
             description="the run reached budget.max_usd",
         )
     return BudgetExhausted(partial["message"], partial)
+
+
+def _batches_pending(cfg: DistillConfig, plan: Plan, ann: Annotation, shards: AnnotatedShards) -> BatchesPending:
+    """The run ends, its batches still at the provider: a nightly must not hold a worker for a 24-hour window."""
+    partial = batches_pending_summary(cfg, plan_usd=plan.figures.usd, totals=shards.totals(), bill=ann.bill)
+    (cfg.run_dir / "batches_pending.json").write_text(json.dumps(partial, indent=2, default=str))
+    run_logger().warning(partial["message"])
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(
+            markdown="# distill is waiting for its batches\n\n" + partial["message"],
+            key="distill-batches-pending",
+            description="batches still at the provider",
+        )
+    return BatchesPending(partial["message"], partial)
 
 
 def aggregate(cfg: DistillConfig, ann: Annotation) -> Aggregation:

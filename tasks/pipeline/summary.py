@@ -137,6 +137,35 @@ def budget_stop_summary(
     }
 
 
+def batches_pending_summary(
+    cfg: DistillConfig, *, plan_usd: float, totals: ShardTotals, bill: TeacherBill
+) -> dict[str, Any]:
+    """What a run that stopped waiting for its batches reports: what is at the provider, what it cost, how to go on."""
+    c = totals.client
+    msg = (
+        f"teacher.batch.max_wait_s={cfg.teacher.batch.max_wait_s:g} s passed with {c.batch_pending:,} requests still "
+        f"in batches at the provider ({c.batches_submitted:,} batches submitted by this run, {c.batches_collected:,} "
+        f"collected; ${bill.teacher_usd:.4f} spent so far). Nothing is lost or submitted twice: the batches are "
+        f"recorded in {cfg.client.cache_path}; run the same command again (or let the schedule) and it collects "
+        "them and goes on."
+    )
+    return {
+        "run_name": cfg.run_name,
+        "stopped": "batches_pending",
+        "message": msg,
+        "plan_usd": plan_usd,
+        "requests_sent": c.requests_sent,
+        "requests_ok": c.requests_ok,
+        "requests_cached": c.requests_cached,
+        "batch_pending": c.batch_pending,
+        "batches_submitted": c.batches_submitted,
+        "batches_collected": c.batches_collected,
+        "not_sent_budget": c.not_sent_budget,
+        "budget_max_usd": cfg.budget.max_usd,
+        **_bill(bill, all_fields=True),
+    }
+
+
 def training_figures(model: Trained) -> dict[str, Any]:
     return {**figures_of(model.figures), **figures_of(model.cost)}
 

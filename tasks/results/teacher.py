@@ -57,6 +57,10 @@ class ClientStats(_Summable):
     not_sent_budget: int = 0  # requests never sent because the budget was exhausted
     invalid_answers: int = 0  # requests given up on an unusable 200 (another model's answer, no choices)
     context_exceeded: int = 0  # requests the server refused as longer than its context (never retried)
+    batches_submitted: int = 0  # Batch API: batches this client submitted
+    batches_collected: int = 0  # batches whose answers it wrote to the cache (re-attached ones included)
+    batch_requests: int = 0  # requests that went out inside a batch (retries in a later batch count again)
+    batch_pending: int = 0  # requests still in a batch at the provider when the run stopped waiting
     status_counts: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic, metadata={"combine": "min"})
 
@@ -116,6 +120,7 @@ class ShardResult:
     prompt_ratio: Optional[float] = None  # real / estimated prompt tokens learned here (the next shard starts from it)
     skipped: bool = False
     budget_exhausted: bool = False
+    batch_pending: bool = False  # requests are still in batches at the provider: written as ``*.partial.parquet``
 
 
 @dataclass
@@ -133,9 +138,14 @@ class ShardTotals:
     sending_wall_s: float = 0.0  # wall time of the shards that sent at least one request
 
     @classmethod
-    def of(cls, shards: Iterable[ShardResult], probe: Optional[Probe] = None) -> ShardTotals:
-        """The shards added up; with the preflight ``probe``, what it sent and paid too (no item of it)."""
+    def of(
+        cls, shards: Iterable[ShardResult], probe: Optional[Probe] = None, submitted: Optional[ClientStats] = None
+    ) -> ShardTotals:
+        """The shards added up; with the preflight ``probe``, what it sent and paid too (no item of it); with
+        ``submitted``, the batches a batch run's first pass submitted (the shards then collected them)."""
         t = cls(client=ClientStats(status_counts={}))
+        if submitted is not None:
+            t.client.add(submitted)
         for s in shards:
             t.client.add(s.client)
             t.spend.add(s.spend)
@@ -190,13 +200,15 @@ class PlanRow:
     requests_to_send: int
     tokens_in: int
     tokens_out: int
-    usd: float
+    usd: float  # at the price of the endpoint's transport (teacher.transport)
     usd_batch: Optional[float]  # the same at the provider's batch-API price, where it has one
     seconds: float
     tokens_in_method: str
     tokens_out_method: str
     usd_method: str
     seconds_method: str
+    transport: str = "online"
+    usd_online: Optional[float] = None  # the same sent online, where the endpoint sends through batches
 
 
 @dataclass
@@ -285,6 +297,15 @@ class PlanFigures:
         return sum(r.usd_batch if r.usd_batch is not None else r.usd for r in self.endpoints)
 
     @property
+    def usd_online(self) -> float:
+        """The plan with every endpoint sending online (one request per answer)."""
+        return sum(r.usd_online if r.usd_online is not None else r.usd for r in self.endpoints)
+
+    @property
+    def batch_transport(self) -> bool:
+        return any(r.transport == "batch" for r in self.endpoints)
+
+    @property
     def usd_per_1m_items(self) -> Optional[float]:
         """USD per 1M items as if nothing were cached (the to-send cost scaled to all requests)."""
         total = 0.0
@@ -311,6 +332,7 @@ class PlanFigures:
             "tokens_out": self.tokens_out,
             "usd": self.usd,
             "usd_batch": self.usd_batch,
+            "usd_online": self.usd_online,
             "seconds": self.seconds,
             "usd_per_1m_items": self.usd_per_1m_items,
             "budget_max_usd": self.budget_max_usd,

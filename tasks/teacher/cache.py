@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS responses (
   logprobs TEXT,
   model TEXT,
   max_tokens INTEGER,
-  prompt_chars INTEGER
+  prompt_chars INTEGER,
+  transport TEXT
 );
 CREATE TABLE IF NOT EXISTS attempts (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,9 +67,37 @@ CREATE TABLE IF NOT EXISTS attempts (
   created REAL NOT NULL,
   model TEXT,
   usage_source TEXT,
-  max_tokens INTEGER
+  max_tokens INTEGER,
+  transport TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_run ON attempts(run_id);
+"""
+# The Batch API transport's own ledger (tasks/teacher/batch.py): every batch is written here before it is uploaded
+# and submitted, so a run killed at any point finds what it had submitted and collects it instead of paying twice.
+# In the same file as the answers: a batch's answers and its "collected" mark commit in one transaction.
+BATCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batch_jobs (
+  local_id TEXT PRIMARY KEY,     -- distill's name for the batch, also in its metadata at the provider
+  endpoint TEXT NOT NULL,        -- the server's base URL
+  url TEXT NOT NULL,             -- /v1/completions or /v1/chat/completions
+  input_path TEXT NOT NULL,      -- the JSONL written before anything was uploaded
+  n_requests INTEGER NOT NULL,
+  reserved_usd REAL NOT NULL DEFAULT 0,  -- its worst-case cost, held against budget.max_usd until collected
+  file_id TEXT,
+  batch_id TEXT,
+  state TEXT NOT NULL,           -- written, uploaded, submitted, the provider's status, then collected
+  round INTEGER NOT NULL DEFAULT 1,
+  run_id TEXT,
+  created REAL NOT NULL,
+  updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (
+  custom_id TEXT NOT NULL,       -- the request's first cache key
+  local_id TEXT NOT NULL,
+  keys TEXT NOT NULL,            -- every cache key the request answers (k with n)
+  PRIMARY KEY (custom_id, local_id)
+);
+CREATE INDEX IF NOT EXISTS batch_requests_local ON batch_requests(local_id);
 """
 # columns added after the first release; older cache files get them on open
 MIGRATIONS = {
@@ -78,8 +107,9 @@ MIGRATIONS = {
         ("model", "TEXT"),
         ("max_tokens", "INTEGER"),
         ("prompt_chars", "INTEGER"),
+        ("transport", "TEXT"),
     ],
-    "attempts": [("model", "TEXT"), ("usage_source", "TEXT"), ("max_tokens", "INTEGER")],
+    "attempts": [("model", "TEXT"), ("usage_source", "TEXT"), ("max_tokens", "INTEGER"), ("transport", "TEXT")],
 }
 # What ``model_history`` reads, kept up to date at insert: one row per (model, max_tokens) with
 # the sums the plan's calibration needs. Without it the plan parsed every cached request's JSON
@@ -87,8 +117,9 @@ MIGRATIONS = {
 # ``model``, ``max_tokens`` and ``prompt_chars`` are also stored on each answer, so an answer
 # replaced by a newer one (INSERT OR REPLACE) can be taken out of the sums exactly.
 # Version 3 of the file (``PRAGMA user_version``): the columns filled for rows written before
-# and the table built from them, once, at the first open by this version.
-SCHEMA_VERSION = 3
+# and the table built from them, once, at the first open by this version. Version 4: the transport
+# an answer or attempt went through (NULL, written before: online).
+SCHEMA_VERSION = 4
 HISTORY = """
 CREATE TABLE IF NOT EXISTS history (
   model TEXT NOT NULL,           -- the request's model ('' + NUL when it had none)
@@ -233,6 +264,7 @@ class CachedAnswer:
     completion_tokens: Optional[int]
     usage_source: Optional[str] = None  # "reported" by the server, "counted" or "estimated" by distill
     logprobs: Any = None  # the choice's raw ``logprobs`` object, as the server sent it
+    transport: str = "online"  # how it was fetched: "batch" answers were billed at the provider's batch rate
 
 
 class ResponseCache:
@@ -246,7 +278,7 @@ class ResponseCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.executescript(SCHEMA + HISTORY)
+        self.db.executescript(SCHEMA + HISTORY + BATCH_SCHEMA)
         if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
             self._migrate()
         self.autoflush = True
@@ -284,12 +316,11 @@ class ResponseCache:
         for i in range(0, len(keys), 500):
             part = keys[i : i + 500]
             q = (
-                "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source, logprobs FROM "
-                "responses"
-                f" WHERE key IN ({','.join('?' * len(part))})"
+                "SELECT key, text, finish_reason, prompt_tokens, completion_tokens, usage_source, logprobs, transport"
+                f" FROM responses WHERE key IN ({','.join('?' * len(part))})"
             )
-            for k, text, fr, pt, ct, src, lp in self.db.execute(q, part):
-                out[k] = CachedAnswer(text, fr, pt, ct, src, _loads(lp) if lp else None)
+            for k, text, fr, pt, ct, src, lp, tr in self.db.execute(q, part):
+                out[k] = CachedAnswer(text, fr, pt, ct, src, _loads(lp) if lp else None, tr or "online")
         return out
 
     def has_many(self, keys: list[str]) -> set[str]:
@@ -309,7 +340,8 @@ class ResponseCache:
         *,
         attempt: int,
         http_status: int,
-        latency_s: float,
+        latency_s: Optional[float],
+        transport: str = "online",
     ) -> None:
         """Queue the answer(s) of one request and its attempt; written at the next :meth:`flush`.
 
@@ -336,6 +368,7 @@ class ResponseCache:
                 model,
                 cap,
                 chars,
+                transport,
             )
             for k, a in entries
         )
@@ -354,12 +387,13 @@ class ResponseCache:
                 model,
                 first.usage_source,
                 cap,
+                transport,
             )
         )
         if self.autoflush:
             self.flush()
 
-    def put_attempt(
+    def put_attempt(  # noqa: PLR0913  (one ledger row: each argument is a column)
         self,
         key: str,
         run_id: str,
@@ -372,6 +406,7 @@ class ResponseCache:
         completion_tokens: Optional[int],
         error: Optional[str],
         model: Optional[str] = None,
+        transport: str = "online",
     ) -> None:
         """Record a failed attempt (never cached as an answer), with any usage it reported."""
         source = "reported" if prompt_tokens is not None or completion_tokens is not None else None
@@ -390,14 +425,19 @@ class ResponseCache:
                 model,
                 source,
                 None,
+                transport,
             )
         )
         if self.autoflush:
             self.flush()
 
-    def flush(self) -> None:
-        """Commit everything queued in one transaction, the history's sums with it."""
-        if not self._resp and not self._att:
+    def flush(self, also: tuple[tuple[str, tuple], ...] = ()) -> None:
+        """Commit everything queued in one transaction, the history's sums with it.
+
+        ``also``: statements committed in the same transaction (a batch's "collected" mark
+        with its answers, so a kill between the two cannot happen).
+        """
+        if not self._resp and not self._att and not also:
             return
         resp, att = self._resp, self._att
         self._resp, self._att = [], []
@@ -410,7 +450,8 @@ class ResponseCache:
             if att:
                 self.db.executemany(
                     "INSERT INTO attempts(run_id,key,attempt,status,http_status,latency_s,prompt_tokens,"
-                    "completion_tokens,error,created,model,usage_source,max_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "completion_tokens,error,created,model,usage_source,max_tokens,transport)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     att,
                 )
                 for a in att:
@@ -422,6 +463,8 @@ class ResponseCache:
                             g[2] += a[5]
             if sums:
                 self.db.executemany(HISTORY_UPSERT, [(*g, *v) for g, v in sums.items()])
+            for sql, args in also:
+                self.db.execute(sql, args)
 
     def _put_answers(self, resp: list[tuple], sums: dict[tuple, list]) -> None:
         """Insert answers, replacing any of the same key (the newest wins), and add them to the history's sums.
@@ -431,7 +474,7 @@ class ResponseCache:
         """
         cols = (
             "INTO responses(key,request,text,finish_reason,prompt_tokens,completion_tokens,created,usage_source,"
-            "logprobs,model,max_tokens,prompt_chars) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+            "logprobs,model,max_tokens,prompt_chars,transport) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
         last = {r[0]: r for r in resp}  # a key queued twice: the later row is the one that stays
         clash = []

@@ -86,6 +86,35 @@ class Outcome:
     # the server answered but the answer is unusable (another model's, no choices) or the prompt can never fit
     # (context length exceeded): a final outcome with its reason, not a transport failure worth more attempts
     invalid: bool = False
+    transport: str = "online"  # how the answer was fetched ("batch": billed at the provider's batch rate)
+    pending: bool = False  # still in a batch at the provider when the run stopped waiting (the next run collects it)
+
+
+def from_cache(
+    cache: ResponseCache, requests: list[TeacherRequest], stats: ClientStats
+) -> tuple[dict[str, Outcome], list[TeacherRequest]]:
+    """The outcomes the cache holds (every key of a request, or none of it) and the requests still to send."""
+    results: dict[str, Outcome] = {}
+    hits = cache.get_many([k for r in requests for k in r.keys])
+    todo: list[TeacherRequest] = []
+    for r in requests:
+        if all(k in hits for k in r.keys):
+            for k in r.keys:
+                h = hits[k]
+                results[k] = Outcome(
+                    h.text,
+                    cached=True,
+                    prompt_tokens=h.prompt_tokens,
+                    completion_tokens=h.completion_tokens,
+                    usage_source=h.usage_source,
+                    logprobs=h.logprobs,
+                    finish_reason=h.finish_reason,
+                    transport=h.transport,
+                )
+            stats.requests_cached += len(r.keys)
+        else:
+            todo.append(r)
+    return results, todo
 
 
 @dataclass(frozen=True)
@@ -167,26 +196,8 @@ class TeacherClient:
 
     async def run(self, requests: list[TeacherRequest]) -> dict[str, Outcome]:
         """Answer every request: from the cache where possible, otherwise over HTTP."""
-        results: dict[str, Outcome] = {}
-        hits = self.cache.get_many([k for r in requests for k in r.keys])
-        todo: list[TeacherRequest] = []
-        for r in requests:
-            if all(k in hits for k in r.keys):
-                for k in r.keys:
-                    h = hits[k]
-                    results[k] = Outcome(
-                        h.text,
-                        cached=True,
-                        prompt_tokens=h.prompt_tokens,
-                        completion_tokens=h.completion_tokens,
-                        usage_source=h.usage_source,
-                        logprobs=h.logprobs,
-                        finish_reason=h.finish_reason,
-                    )
-                self.stats.requests_cached += len(r.keys)
-            else:
-                todo.append(r)
-        if self.on_result and hits:
+        results, todo = from_cache(self.cache, requests, self.stats)
+        if self.on_result and results:
             self.on_result(self.stats)
         it = iter(todo)
 

@@ -15,13 +15,13 @@ from typing import Any, Optional
 
 import pyarrow.parquet as pq
 
-from distill.config import ClientConfig, PricingConfig, SampleVariation, TeacherConfig, TeacherMode
+from distill.config import ClientConfig, PricingConfig, SampleVariation, TeacherConfig, TeacherMode, Transport
 from distill.runtime import long_lived_heap_frozen
 from tasks.accounting.pricing import busy_cost
 from tasks.results.accounting import TeacherPrice
 from tasks.results.teacher import PlanFigures, PlanRow
 from tasks.teacher.cache import ResponseCache
-from tasks.teacher.requests import plan_shard
+from tasks.teacher.requests import plan_shard, transport_of
 from tasks.templates.base import PromptError
 from tasks.templates.load import Template
 from tasks.templates.tokens import CHARS_PER_TOKEN, TokenCounter
@@ -177,10 +177,15 @@ def _plan_row(
     tout = round(c.choices * per_answer)
     seconds, time_how = _send_time(ep, c, tin, tout, client=client, pricing=pricing, max_tokens=teacher.max_tokens)
     price = ep.price
+    transport = transport_of(teacher, ep.index)
+    usd_online: Optional[float] = None
     if price.kind == "tokens":
         usd, usd_how = price.token_cost(tin, tout, c.to_send), f"estimated: tokens above x {price.describe()}"
         b = price.batch_variant()
         usd_batch = b.token_cost(tin, tout, c.to_send) if b is not price else None
+        if transport == Transport.batch:  # what the run will be billed: the batch price; online beside it
+            usd_online, usd = usd, b.token_cost(tin, tout, c.to_send)
+            usd_how = f"estimated: tokens above x {b.describe()} (teacher.transport: batch)"
     elif price.kind == "hourly":
         usd, usd_how, usd_batch = busy_cost(price, seconds), f"estimated: hours above x {price.describe()}", None
     else:
@@ -196,6 +201,8 @@ def _plan_row(
         tokens_out=tout,
         usd=usd,
         usd_batch=usd_batch,
+        usd_online=usd_online,
+        transport=transport.value,
         seconds=seconds,
         tokens_in_method=tin_how,
         tokens_out_method=tout_how,
@@ -304,8 +311,17 @@ def plan_text(p: PlanFigures) -> str:
     lines += [
         "",
         f"{p.items:,} items x k={p.samples_per_item} ({p.variation}): {p.requests_to_send:,} requests to send, "
-        f"about {_money(p.usd)} and {_dur(p.seconds)}."
-        + (f" With the provider's batch API: {_money(p.usd_batch)}." if p.usd_batch is not None else "")
+        + (
+            f"about {_money(p.usd)} through the provider's Batch API (answers within its completion window); "
+            f"online it would be {_money(p.usd_online)} and {_dur(p.seconds)}."
+            if p.batch_transport
+            else f"about {_money(p.usd)} and {_dur(p.seconds)}."
+            + (
+                f" With the provider's Batch API (teacher.transport: batch): {_money(p.usd_batch)}."
+                if p.usd_batch is not None
+                else ""
+            )
+        )
         + (f" Per 1M items: {_money(p.usd_per_1m_items)}." if p.usd_per_1m_items is not None else ""),
     ]
     if p.budget_max_usd is not None:

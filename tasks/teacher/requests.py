@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distill.config import SampleVariation, TeacherConfig, TeacherMode
+from distill.config import SampleVariation, TeacherConfig, TeacherMode, Transport
 from tasks.teacher.cache import KeyMaker
 from tasks.teacher.client import TeacherRequest
 from tasks.teacher.local_server import default_gguf
@@ -72,6 +72,13 @@ def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
         size = gguf.stat().st_size if gguf.exists() else 0
         return f"local:{gguf.name}:{size}"
     return url or ""
+
+
+def transport_of(teacher: TeacherConfig, endpoint: int) -> Transport:
+    """Endpoint ``endpoint``'s transport: a member's own, else the main teacher's."""
+    if endpoint > 0 and teacher.members[endpoint - 1].transport is not None:
+        return teacher.members[endpoint - 1].transport or teacher.transport
+    return teacher.transport
 
 
 def plan_shard(

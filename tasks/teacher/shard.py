@@ -22,16 +22,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from distill.config import ClientConfig, TeacherConfig
+from distill.config import ClientConfig, TeacherConfig, Transport
 from distill.runtime import long_lived_heap_frozen
 from tasks.accounting.budget import SpendMeter
 from tasks.results.accounting import TeacherPrice
 from tasks.results.teacher import AnswerUsage, ClientStats, ShardResult, ShardTimes, Spend
+from tasks.teacher.batch import BatchClient
 from tasks.teacher.cache import ResponseCache
 from tasks.teacher.client import Endpoint, Outcome, TeacherClient, TeacherRequest
 from tasks.teacher.label_probs import LabelMatcher, label_distribution
 from tasks.teacher.ratelimit import RateLimiter
-from tasks.teacher.requests import ShardPlan, choices_per_request, plan_shard
+from tasks.teacher.requests import ShardPlan, choices_per_request, plan_shard, transport_of
 from tasks.templates.load import Template
 from tasks.templates.tokens import TokenCounter
 
@@ -49,6 +50,15 @@ class ShardSettings:
     run_id: str
     prices: list[TeacherPrice] = field(default_factory=list)  # one per endpoint; none: nothing is priced or capped
     counter: Optional[TokenCounter] = None
+    batch_deadline: Optional[float] = None  # epoch seconds: the batch transport stops waiting then
+
+
+@dataclass(frozen=True)
+class SubmitStats:
+    """What the first pass of a batch run submitted for one shard."""
+
+    client: ClientStats = field(default_factory=ClientStats)  # its batches and requests submitted
+    reserved_usd: float = 0.0  # worst-case cost held against budget.max_usd until the batches are collected
 
 
 def assemble(
@@ -86,7 +96,7 @@ def assemble(
             errors[i][j] = "no outcome recorded"
             continue
         cached[i][j] = o.cached
-        if o.budget_stop:
+        if o.budget_stop or o.pending:
             status[i][j] = "not_sent"
         if o.text is None:
             errors[i][j] = o.error
@@ -226,7 +236,8 @@ def annotate_shard(
     times = ShardTimes(send_s=time.monotonic() - t_send, send_cpu_s=time.process_time() - cpu_send)
     df = assemble(items, plan, outcomes, run.template, k=run.teacher.samples, label_forms=run.teacher.label_forms.value)
     exhausted = stats.not_sent_budget > 0
-    path = _write_part(df, out, partial=exhausted)
+    pending = stats.batch_pending > 0
+    path = _write_part(df, out, partial=exhausted or pending)
     times.wall_s = time.monotonic() - t0
     result = ShardResult(
         path,
@@ -239,6 +250,7 @@ def annotate_shard(
         items_reused=int(sum(all(c) for c in df["cached"])),
         prompt_ratio=meter.prompt_ratio if meter and meter.ratio_known else None,
         budget_exhausted=exhausted,
+        batch_pending=pending,
     )
     if logger is not None:  # one line per shard: what bench/million.py reads to compare the first and last shard
         s = times.send_s
@@ -256,6 +268,42 @@ def annotate_shard(
             times.send_cpu_s,
         )
     return result
+
+
+def submit_shard(
+    in_path: str, out_path: str, run: ShardSettings, *, budget_left_usd: Optional[float] = None, logger: Any = None
+) -> SubmitStats:
+    """Submit a shard's batches (its batch-transport endpoints' requests) without waiting for them.
+
+    The first of a batch run's two passes over its shards (tasks/teacher/stages.py): every
+    shard's batches are at the provider before the run waits on the first one. Nothing is
+    written for the shard; the second pass (:func:`annotate_shard`) collects.
+    """
+    if Path(out_path).exists():
+        return SubmitStats()
+    items = pq.read_table(in_path).to_pandas()
+    plan = plan_shard(items["text"].tolist(), run.teacher, run.template)
+    meter = _spend_meter(run, budget_left_usd, None)
+    cache = ResponseCache(run.client.cache_path)
+    by_endpoint: dict[int, list[TeacherRequest]] = {}
+    for r in plan.requests:
+        if transport_of(run.teacher, r.endpoint) == Transport.batch:
+            by_endpoint.setdefault(r.endpoint, []).append(r)
+    stats = ClientStats()
+
+    async def submit(e: int, reqs: list[TeacherRequest]) -> None:
+        cl = _batch(run, e, cache=cache, meter=meter, on_result=None, logger=logger)
+        async with cl:
+            await cl.submit(reqs)
+        stats.add(cl.stats)
+
+    try:
+        for e, reqs in by_endpoint.items():
+            run_async(submit(e, reqs))
+    finally:
+        cache.close()
+    held = meter.reserved_usd if meter is not None else 0.0
+    return SubmitStats(stats, held)
 
 
 def _spend_meter(
@@ -283,7 +331,7 @@ def _send(
         by_endpoint.setdefault(r.endpoint, []).append(r)
     per_request = choices_per_request(run.teacher)
     cache = ResponseCache(run.client.cache_path)
-    clients: dict[int, TeacherClient] = {}
+    clients: dict[int, TeacherClient | BatchClient] = {}
 
     def on_result(stats: ClientStats) -> None:
         total = stats  # one endpoint (the usual case): no merge per answer
@@ -291,25 +339,21 @@ def _send(
             total = ClientStats.total(cl.stats for cl in clients.values())
         progress.update(total, total.requests_cached + (total.requests_ok + total.requests_failed) * per_request)
 
-    c = run.client
     for e in by_endpoint:
         if e >= len(run.endpoints):
             raise ValueError(f"teacher.members[{e - 1}] has no endpoint: pass every member's endpoint")
-        clients[e] = TeacherClient(
-            run.endpoints[e],
-            cache,
-            run.run_id,
-            c,
-            on_result=on_result,
-            logger=logger,
-            limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute),
-            meter=meter,
-            counter=run.counter,
-        )
+        make = _batch if transport_of(run.teacher, e) == Transport.batch else _online
+        clients[e] = make(run, e, cache=cache, meter=meter, on_result=on_result, logger=logger)
 
     async def one(e: int) -> dict[str, Outcome]:
         async with clients[e] as cl:
-            return await cl.run(by_endpoint[e])
+            out = await cl.run(by_endpoint[e])
+        if isinstance(cl, BatchClient) and cl.retry_online:  # failed inside batches, retried online by config
+            online = _online(run, e, cache=cache, meter=meter, on_result=on_result, logger=logger)
+            async with online as oc:
+                out.update(await oc.run(cl.retry_online))
+            cl.stats.add(online.stats)
+        return out
 
     async def all_endpoints() -> dict[str, Outcome]:
         results: dict[str, Outcome] = {}
@@ -323,6 +367,40 @@ def _send(
         progress.close()
         cache.close()
     return outcomes, ClientStats.total(cl.stats for cl in clients.values())
+
+
+def _batch(
+    run: ShardSettings, e: int, *, cache: ResponseCache, meter: Optional[SpendMeter], on_result: Any, logger: Any
+) -> BatchClient:
+    return BatchClient(
+        run.endpoints[e],
+        cache,
+        run.run_id,
+        run.client,
+        run.teacher.batch,
+        meter=meter,
+        counter=run.counter,
+        on_result=on_result,
+        logger=logger,
+        deadline=run.batch_deadline,
+    )
+
+
+def _online(
+    run: ShardSettings, e: int, *, cache: ResponseCache, meter: Optional[SpendMeter], on_result: Any, logger: Any
+) -> TeacherClient:
+    c = run.client
+    return TeacherClient(
+        run.endpoints[e],
+        cache,
+        run.run_id,
+        c,
+        on_result=on_result,
+        logger=logger,
+        limiter=RateLimiter(c.requests_per_minute, c.tokens_per_minute),
+        meter=meter,
+        counter=run.counter,
+    )
 
 
 def _write_part(df: pd.DataFrame, out: Path, *, partial: bool) -> str:
@@ -346,7 +424,9 @@ def _spend(
     for r in plan.requests:
         o = outcomes.get(r.keys[0])
         if prices and o is not None and o.text is not None:
-            c = prices[min(r.endpoint, len(prices) - 1)].token_cost(o.prompt_tokens, o.completion_tokens, 1)
+            price = prices[min(r.endpoint, len(prices) - 1)]
+            price = price.batch_variant() if o.transport == "batch" else price
+            c = price.token_cost(o.prompt_tokens, o.completion_tokens, 1)
             answers_usd += c
             fresh_usd += 0.0 if o.cached else c
     if meter is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,18 +21,19 @@ from typing import Optional
 
 from prefect import task, unmapped
 
-from distill.config import ClientConfig, PricingConfig, RuntimeConfig, TeacherConfig
+from distill.config import ClientConfig, PricingConfig, RuntimeConfig, TeacherConfig, Transport
 from distill.faults import failpoint
 from distill.runtime import resolve_api_key, run_logger, task_runner_for, workers
 from tasks.accounting.budget import BudgetExhausted
 from tasks.results.accounting import TeacherPrice
 from tasks.results.stages import Loaded, Plan
-from tasks.results.teacher import ClientStats, PlanFigures, Probe, ShardResult, Spend
+from tasks.results.teacher import ClientStats, PlanFigures, Probe, ShardResult, ShardTotals, Spend
+from tasks.teacher.batch import BatchesPending
 from tasks.teacher.client import Endpoint
 from tasks.teacher.local_server import TeacherServerError, local_teacher
 from tasks.teacher.plan import budget_shares, make_plan, plan_text
-from tasks.teacher.requests import choices_per_request
-from tasks.teacher.shard import ShardSettings, annotate_shard
+from tasks.teacher.requests import choices_per_request, transport_of
+from tasks.teacher.shard import ShardSettings, SubmitStats, annotate_shard, submit_shard
 from tasks.teacher.tokenizer import counter_for
 from tasks.templates.load import Template
 
@@ -49,9 +51,16 @@ class AnnotatedShards:
     probe: Optional[Probe] = None
     run_id: str = ""  # the run's id in the attempt ledger (the Prefect flow run's, else a fresh one)
     shards_not_started: int = 0  # when the budget stopped the run
+    submitted: ClientStats = field(default_factory=ClientStats)  # a batch run's first pass (tasks/teacher/batch.py)
 
     def split(self, name: str) -> list[ShardResult]:
         return {"pool": self.pool, "gold": self.gold}[name]
+
+    def totals(self, splits: tuple[str, ...] = ("gold", "pool")) -> ShardTotals:
+        """The run's figures: the shards of ``splits``, with the probe and the submit pass when both splits count."""
+        whole = set(splits) == {"gold", "pool"}
+        shards = [r for s in splits for r in self.split(s)]
+        return ShardTotals.of(shards, self.probe if whole else None, self.submitted if whole else None)
 
 
 def endpoints_for(teacher: TeacherConfig, base_url: str) -> list[Endpoint]:
@@ -82,6 +91,7 @@ class ShardAsk:
     base_url: str
     run_id: str
     prices: list[TeacherPrice]
+    batch_deadline: Optional[float] = None  # epoch seconds: when the run stops waiting for its batches
 
 
 @task(name="annotate-shard", task_run_name="annotate-{name}")
@@ -98,7 +108,14 @@ def annotate_shard_task(
     """Thin Prefect task over :func:`annotate_shard`."""
     t = ask.teacher
     settings = ShardSettings(
-        ask.template, t, ask.client, endpoints_for(t, ask.base_url), ask.run_id, ask.prices, counter_for(t)
+        ask.template,
+        t,
+        ask.client,
+        endpoints_for(t, ask.base_url),
+        ask.run_id,
+        ask.prices,
+        counter_for(t),
+        batch_deadline=ask.batch_deadline,
     )
     return annotate_shard(
         in_path,
@@ -109,6 +126,23 @@ def annotate_shard_task(
         logger=run_logger(),
         show_progress=show_progress,
     )
+
+
+@task(name="submit-batches", task_run_name="submit-{name}")
+def submit_batches_task(
+    in_path: str,
+    out_path: str,
+    name: str,  # noqa: ARG001  (names the task run)
+    *,
+    ask: ShardAsk,
+    budget_left_usd: Optional[float] = None,
+) -> SubmitStats:
+    """Thin Prefect task over :func:`submit_shard`."""
+    t = ask.teacher
+    settings = ShardSettings(
+        ask.template, t, ask.client, endpoints_for(t, ask.base_url), ask.run_id, ask.prices, counter_for(t)
+    )
+    return submit_shard(in_path, out_path, settings, budget_left_usd=budget_left_usd, logger=run_logger())
 
 
 @task(name="plan")
@@ -194,7 +228,9 @@ def probe_teacher(
     """One real item's requests through the run's client, cache and price meter, before any other request.
 
     Its answers stay in the cache (annotation takes them from there and counts the item) and
-    its spend is the run's: the result is the paid part of the probe, no item of it.
+    its spend is the run's: the result is the paid part of the probe, no item of it. With the
+    batch transport the probe still goes online (one item, at the online price): a wrong key,
+    model or template then fails in seconds, not after a batch's 24-hour window.
     """
     import pandas as pd
 
@@ -208,7 +244,7 @@ def probe_teacher(
         str(src),
         str(out),
         "preflight-probe",
-        ask=ShardAsk(loaded.template, teacher, client, base_url, run_id, loaded.prices),
+        ask=ShardAsk(loaded.template, _online_only(teacher), client, base_url, run_id, loaded.prices),
         budget_left_usd=max_usd,
         show_progress=False,
     )
@@ -231,6 +267,13 @@ def probe_teacher(
     return Probe(
         paid, spend, answers=r.client.requests_ok * choices_per_request(teacher), wall_s=r.times.wall_s, path=r.path
     )
+
+
+def _online_only(teacher: TeacherConfig) -> TeacherConfig:
+    if not uses_batches(teacher):
+        return teacher
+    members = [m.model_copy(update={"transport": None}) for m in teacher.members]
+    return teacher.model_copy(update={"transport": Transport.online, "members": members})
 
 
 def _probe_item(shards: list[str], out_dir: Path) -> Optional[Path]:
@@ -291,7 +334,9 @@ def annotate_items(
             for split in ("gold", "pool")
             for p in loaded.shards(split)
         ]
-        ask = ShardAsk(loaded.template, teacher, client, base_url, done.run_id, loaded.prices)
+        ask = ShardAsk(loaded.template, teacher, client, base_url, done.run_id, loaded.prices, _deadline(teacher))
+        if uses_batches(teacher):  # every shard's batches at the provider before the run waits on the first
+            _submit_batches(jobs, ask=ask, max_usd=max_usd, done=done)
         if runtime.task_runner.value == "dask":
             results = _all_at_once(jobs, runtime, budget_shares(max_usd, plan.figures.shard_requests), ask)
             for job, r in zip(jobs, results):
@@ -301,7 +346,30 @@ def annotate_items(
     if any(r.budget_exhausted for r in done.pool + done.gold):
         done.shards_not_started = sum(len(loaded.shards(s)) - len(done.split(s)) for s in ("gold", "pool"))
         raise BudgetExhausted("budget.max_usd reached", shards=done)
+    if any(r.batch_pending for r in done.pool + done.gold):
+        raise BatchesPending("batches still at the provider", shards=done)
     return done
+
+
+def uses_batches(teacher: TeacherConfig) -> bool:
+    return any(transport_of(teacher, e) == Transport.batch for e in range(1 + len(teacher.members)))
+
+
+def _deadline(teacher: TeacherConfig) -> Optional[float]:
+    """When the run stops waiting for its batches (epoch seconds; one for every shard of the run)."""
+    w = teacher.batch.max_wait_s
+    return time.time() + w if w and uses_batches(teacher) else None
+
+
+def _submit_batches(jobs: list[_Job], *, ask: ShardAsk, max_usd: Optional[float], done: AnnotatedShards) -> None:
+    """The first pass of a batch run: submit every shard's batches (as many as ``max_in_flight`` allows)."""
+    spent = done.probe.spend.spent_usd if done.probe else 0.0
+    held = 0.0
+    for job in jobs:
+        left = None if max_usd is None else max(0.0, max_usd - spent - held)
+        sub = submit_batches_task(job.in_path, job.out_path, job.name, ask=ask, budget_left_usd=left)
+        held += sub.reserved_usd
+        done.submitted.add(sub.client)
 
 
 @dataclass(frozen=True)
