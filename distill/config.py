@@ -292,6 +292,13 @@ class ClientConfig(_Strict):
     tokens_per_minute: Optional[float] = Field(
         default=None, gt=0, description="Token rate cap; prompt+max_tokens reserved, reconciled with real usage."
     )
+    rate_limit_headers: bool = Field(
+        default=True,
+        description=(
+            "Pace by the provider's x-ratelimit-remaining-requests/-tokens and x-ratelimit-reset-* headers (OpenAI "
+            "and others send them): wait for the window's reset before its 429 instead of after."
+        ),
+    )
     timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout in seconds.")
     max_attempts: int = Field(default=6, ge=1, le=50, description="Attempts per request before it fails for good.")
     backoff_base_s: float = Field(default=0.5, gt=0, description="First retry delay; doubles per attempt, full jitter.")

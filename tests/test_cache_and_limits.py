@@ -152,3 +152,35 @@ def test_backoff_is_jittered_capped_and_floored_by_retry_after():
 
 def test_redact():
     assert redact("Bearer sk-123 failed", ["sk-123"]) == "Bearer *** failed"
+
+
+def test_reset_headers_in_openai_format():
+    from tasks.teacher.ratelimit import parse_reset
+
+    assert parse_reset("6m0s") == 360.0 and parse_reset("1.5s") == 1.5 and parse_reset("20ms") == pytest.approx(0.02)
+    assert parse_reset("1h2m3s") == 3723.0 and parse_reset("2") == 2.0
+    assert parse_reset("soon") is None and parse_reset(None) is None and parse_reset("5x") is None
+
+
+def test_provider_limits_wait_for_the_reset_when_nothing_is_left():
+    from tasks.teacher.ratelimit import ProviderLimits
+
+    now = [100.0]
+    p = ProviderLimits(clock=lambda: now[0])
+    p.update(
+        {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "2s"}
+    )
+    assert p._wait(10) == 0.0
+    asyncio.run(p.acquire(10))  # takes the last request of the window
+    assert p.requests_left == 0 and p._wait(10) == pytest.approx(2.0)
+    now[0] += 2.5  # the window has reset and no answer said more: it holds the limit again, for as long as before
+    assert p._wait(10) == 0.0 and p.requests_left == 3
+    for _ in range(3):
+        asyncio.run(p.acquire(10))
+    assert p._wait(10) == pytest.approx(2.0)
+    # an answer from the same window saying more is left (it left the server before ours arrived) does not raise it
+    p.update({"x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "1s"})
+    assert p.requests_left == 0
+    t = ProviderLimits(clock=lambda: now[0])
+    t.update({"x-ratelimit-remaining-tokens": "5", "x-ratelimit-reset-tokens": "1s"})
+    assert t._wait(10) == pytest.approx(1.0) and t._wait(5) == 0.0  # 10 estimated tokens do not fit the 5 left

@@ -227,3 +227,32 @@ def test_teachers_variation_needs_members(tmp_path, binary_prompt):
 
     with pytest.raises(ConfigError, match="teacher.members"):
         make_cfg(tmp_path, binary_prompt, "http://127.0.0.1:1/v1", teacher={"variation": "teachers"})
+
+
+@pytest.mark.parametrize("read_headers", [True, False])
+def test_provider_rate_limit_headers_pace_before_the_429(tmp_path, binary_prompt, fake_teacher, read_headers):
+    """A provider that allows 6 requests a second and says so in x-ratelimit-* headers: distill waits for the reset."""
+    fake_teacher.window_requests, fake_teacher.window_s = 6, 0.5
+    rows = pd.DataFrame({"id": [f"i{i}" for i in range(20)], "text": [f"good film {i}" for i in range(20)]})
+    shard = tmp_path / f"shard-{read_headers}.parquet"
+    rows.to_parquet(shard)
+    cfg = make_cfg(
+        tmp_path,
+        binary_prompt,
+        fake_teacher.base_url,
+        teacher={"samples": 1, "variation": "prompt_variants"},
+        rate_limit_headers=read_headers,
+        max_attempts=10,
+        timeout_s=5,
+    )
+    run = shard_settings(cfg, load_prompt(cfg.prompt), fake_teacher.base_url)
+    res = annotate_shard(str(shard), str(tmp_path / f"out-{read_headers}.parquet"), run, show_progress=False)
+    df = pq.read_table(res.path).to_pandas()
+    assert all(list(s) == ["ok"] for s in df["sample_status"])  # the same answers either way
+    too_many = fake_teacher.statuses["429"]
+    print(f"429s with rate_limit_headers={read_headers}: {too_many}")
+    if read_headers:
+        # concurrency 8 against a window of 6: the first burst can overshoot before any answer has told the limit
+        assert too_many <= 2, f"{too_many} 429s with the headers read"
+    else:
+        assert too_many >= 5, f"only {too_many} 429s without the headers: the comparison says nothing"

@@ -29,7 +29,7 @@ from distill.config import ClientConfig
 from tasks.accounting.budget import SpendMeter
 from tasks.results.teacher import ClientStats
 from tasks.teacher.cache import CachedAnswer, ResponseCache
-from tasks.teacher.ratelimit import RateLimiter
+from tasks.teacher.ratelimit import ProviderLimits, RateLimiter
 from tasks.teacher.responses import (
     MAX_UNUSABLE_ATTEMPTS,
     RETRYABLE_STATUS,
@@ -164,6 +164,8 @@ class TeacherClient:
         self.settings = settings
         self.timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self.limiter = limiter if limiter is not None and limiter.active else None
+        # the provider's own x-ratelimit-* count, read from its answers (client.rate_limit_headers)
+        self.provider = ProviderLimits() if settings.rate_limit_headers else None
         self.meter = meter
         self.counter = counter or heuristic_counter()
         self.on_result = on_result
@@ -281,11 +283,15 @@ class TeacherClient:
         try:
             if self.limiter is not None:
                 await self.limiter.acquire(req.est_tokens)
+            if self.provider is not None:
+                await self.provider.acquire(req.est_tokens)
             t0 = time.perf_counter()
             self.stats.requests_sent += 1
             try:
                 async with self._session.post(self.base_url + req.path, json=req.payload) as resp:
                     status, body, ra_header = resp.status, await resp.read(), resp.headers.get("Retry-After")
+                    if self.provider is not None:
+                        self.provider.update(resp.headers)
                 latency = time.perf_counter() - t0
                 if status == 200:
                     usage, billed, result = self._answered(req, attempt, body, latency, unusable)
@@ -293,6 +299,8 @@ class TeacherClient:
                 usage, billed, result = self._refused(req, attempt, status, body, ra_header=ra_header, latency=latency)
                 return result
             except TimeoutError:
+                if self.provider is not None:
+                    self.provider.release()
                 return self._failed(
                     req,
                     attempt,
@@ -303,6 +311,8 @@ class TeacherClient:
                     usage=usage,
                 )
             except (aiohttp.ClientError, ConnectionError, OSError) as e:
+                if self.provider is not None:
+                    self.provider.release()
                 return self._failed(
                     req,
                     attempt,

@@ -10,8 +10,9 @@ tokens-per-minute budget honest without waiting for answers to start the next re
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 
@@ -94,3 +95,109 @@ class RateLimiter:
 def estimate_tokens(prompt_chars: int, max_tokens: int, n: int = 1) -> int:
     """A cheap upper-ish estimate: about 4 characters per token plus the answer budget."""
     return prompt_chars // 4 + 1 + max_tokens * n
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_reset(value: Optional[str]) -> Optional[float]:
+    """Seconds in an ``x-ratelimit-reset-*`` header: OpenAI's "6m0s", "1.5s", "20ms", or plain seconds."""
+    if not value:
+        return None
+    v = value.strip()
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(v)
+    if not parts or "".join(n + u for n, u in parts) != v.replace(" ", ""):
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+class ProviderLimits:
+    """The provider's own count of what is left, from its ``x-ratelimit-*`` headers: pace before its 429, not after.
+
+    OpenAI (and Azure, Groq, Together, gateways in front of vLLM) send with every answer how
+    many requests and tokens are left in the current window, the window's limit, and when
+    it resets. A request starts only if what the last answer said is left, less what was
+    sent since, covers it; otherwise it waits for the reset. When a window has reset and
+    no answer has said more yet, the new window holds the limit, and lasts as long as the
+    longest reset seen. With no such headers nothing changes.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.left: dict[str, Optional[float]] = {"requests": None, "tokens": None}
+        self.limit: dict[str, Optional[float]] = {"requests": None, "tokens": None}
+        self.reset_at: dict[str, float] = {"requests": 0.0, "tokens": 0.0}
+        self.window_s: dict[str, float] = {"requests": 1.0, "tokens": 1.0}
+        self.waited_s = 0.0
+        self.in_flight = 0  # requests started and not yet answered: the provider's count does not hold them yet
+        self._lock = asyncio.Lock()
+
+    @property
+    def requests_left(self) -> Optional[float]:
+        return self.left["requests"]
+
+    def release(self) -> None:
+        """A request ended without an answer (timeout, dropped connection)."""
+        self.in_flight = max(0, self.in_flight - 1)
+
+    def update(self, headers: Mapping[str, str]) -> None:
+        """One answer's headers. What is left is the provider's figure less the requests still in flight; within
+        one window, answers arriving out of order never raise it."""
+        self.release()
+        now = self.clock()
+        for kind in ("requests", "tokens"):
+            left = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+            if left is None:
+                continue
+            reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+            if kind == "requests":
+                left -= self.in_flight
+            same_window = self.left[kind] is not None and now < self.reset_at[kind]
+            self.left[kind] = min(left, self.left[kind]) if same_window and self.left[kind] is not None else left
+            self.limit[kind] = _number(headers.get(f"x-ratelimit-limit-{kind}")) or self.limit[kind]
+            if reset is not None:
+                self.window_s[kind] = max(self.window_s[kind] if self.limit[kind] else 0.0, reset, 0.001)
+            self.reset_at[kind] = now + (reset if reset is not None else self.window_s[kind])
+
+    def _roll(self, now: float) -> None:
+        """A window that has reset: it holds the limit again (unknown limit: no pacing until an answer says)."""
+        for kind in ("requests", "tokens"):
+            if self.left[kind] is not None and now >= self.reset_at[kind]:
+                self.left[kind] = self.limit[kind]
+                self.reset_at[kind] = now + self.window_s[kind]
+
+    def _wait(self, est_tokens: int) -> float:
+        now = self.clock()
+        self._roll(now)
+        w = 0.0
+        if self.left["requests"] is not None and self.left["requests"] < 1:
+            w = self.reset_at["requests"] - now
+        if self.left["tokens"] is not None and self.left["tokens"] < est_tokens:
+            w = max(w, self.reset_at["tokens"] - now)
+        return max(0.0, w)
+
+    async def acquire(self, est_tokens: int) -> None:
+        """Wait until the provider's window has room, then count the request against it."""
+        self.in_flight += 1
+        if self.left["requests"] is None and self.left["tokens"] is None:
+            return
+        async with self._lock:
+            while (w := self._wait(est_tokens)) > 0:
+                self.waited_s += w
+                await asyncio.sleep(w)
+            if self.left["requests"] is not None:
+                self.left["requests"] -= 1
+            if self.left["tokens"] is not None:
+                self.left["tokens"] -= est_tokens
+
+
+def _number(v: Optional[str]) -> Optional[float]:
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
