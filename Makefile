@@ -53,7 +53,7 @@ data/xsum/info.json: $(STAMP)
 demo: setup
 	$(BIN)/distill run $(CONFIG) --summary-json runs/demo-summary.json
 
-# workers for the test suite: most of the slow tests wait on servers and subprocesses, not on the CPU
+# workers for the test suite: one per core (the suite is bound by CPU; README "Tests")
 TEST_WORKERS ?= 4
 
 lint: setup

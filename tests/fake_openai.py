@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import json
 import threading
+import time
 from collections import Counter
 from typing import Any, Optional
 
@@ -104,6 +105,11 @@ class FakeOpenAI:
         self.batch_tokens_out = 0
         self.batches_created = 0
         self.hold_batches = threading.Event()  # set: batches stay in_progress until cleared
+        # a provider's fixed-window request limit, told in OpenAI's x-ratelimit-* headers on every answer
+        self.window_requests: Optional[int] = None
+        self.window_s = 1.0
+        self._window_start = 0.0
+        self._window_used = 0
         self.lock = threading.Lock()
         self.port = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -115,8 +121,28 @@ class FakeOpenAI:
         self.released.set()
 
     # ------------------------------------------------------------------ app
+    def _over_window(self) -> bool:
+        """Count a request in the current window; True when it is past the window's limit (a 429)."""
+        with self.lock:
+            now = time.monotonic()
+            if now - self._window_start >= self.window_s:
+                self._window_start, self._window_used = now, 0
+            self._window_used += 1
+            return self._window_used > (self.window_requests or 0)
+
+    async def _limit_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.window_requests is None or not request.path.endswith("completions"):
+            return
+        with self.lock:
+            left = max(0, self.window_requests - self._window_used)
+            reset = max(0.0, self.window_s - (time.monotonic() - self._window_start))
+        response.headers["x-ratelimit-limit-requests"] = str(self.window_requests)
+        response.headers["x-ratelimit-remaining-requests"] = str(left)
+        response.headers["x-ratelimit-reset-requests"] = f"{reset * 1000:.0f}ms"
+
     def app(self) -> web.Application:
         app = web.Application()
+        app.on_response_prepare.append(self._limit_headers)
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_get("/v1/models", self.models)
@@ -126,7 +152,25 @@ class FakeOpenAI:
         app.router.add_post("/v1/batches", self.create_batch)
         app.router.add_get("/v1/batches", self.list_batches)
         app.router.add_get("/v1/batches/{bid}", self.get_batch)
+        app.router.add_get("/_stats", self.stats)
         return app
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """What benchmarks read from a fake in another process."""
+        with self.lock:
+            return web.json_response(
+                {
+                    "received": len(self.received),
+                    "tokens_in": self.tokens_in,
+                    "tokens_out": self.tokens_out,
+                    "batch_tokens_in": self.batch_tokens_in,
+                    "batch_tokens_out": self.batch_tokens_out,
+                    "batches_created": self.batches_created,
+                    "batch_lines": sum(self.batch_lines.values()),
+                    "batch_lines_distinct": len(self.batch_lines),
+                    "batch_lines_twice": sum(1 for n in self.batch_lines.values() if n > 1),
+                }
+            )
 
     # ------------------------------------------------------------------ the Batch API
     def _new_file(self, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
@@ -331,6 +375,12 @@ class FakeOpenAI:
                 await asyncio.sleep(0.05)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        if self.window_requests is not None and self._over_window():
+            return self._status(
+                web.json_response(
+                    {"error": {"message": "rate limit reached"}}, status=429, headers={"Retry-After": "1"}
+                )
+            )
         fault = self._fault(text, attempt)
         if fault == "429":
             return self._status(
@@ -546,7 +596,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--answer", default=" positive")
+    ap.add_argument("--full", action="store_true", help="the whole fake (faults, bookkeeping, the Batch API)")
     a = ap.parse_args()
+    if a.full:
+        web.run_app(FakeOpenAI(latency_s=a.latency).app(), host="127.0.0.1", port=a.port, access_log=None, print=None)
+        return
     web.run_app(lean_app(a.latency, a.answer), host="127.0.0.1", port=a.port, access_log=None, print=None, backlog=4096)
 
 

@@ -157,8 +157,8 @@ class ProviderLimits:
             reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
             if kind == "requests":
                 left -= self.in_flight
-            same_window = self.left[kind] is not None and now < self.reset_at[kind]
-            self.left[kind] = min(left, self.left[kind]) if same_window and self.left[kind] is not None else left
+            before = self.left[kind]
+            self.left[kind] = min(left, before) if before is not None and now < self.reset_at[kind] else left
             self.limit[kind] = _number(headers.get(f"x-ratelimit-limit-{kind}")) or self.limit[kind]
             if reset is not None:
                 self.window_s[kind] = max(self.window_s[kind] if self.limit[kind] else 0.0, reset, 0.001)
