@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from distill.runtime import set_offline_env
+from distill.runtime import set_quiet_env
 
-set_offline_env()
+set_quiet_env()
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -24,21 +24,35 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 if TYPE_CHECKING:  # the config imports nothing of this module; annotations only
     from distill.config import RuntimeConfig
 
-OFFLINE_ENV = {
+# never sent anywhere, online or not: analytics and telemetry (set unless the shell says otherwise)
+QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
 }
+# what keeps the Hugging Face libraries off the hub: a setting of the host, not of distill. `make demo`, `make test`
+# and the docker images set them (their models are bundled); a library or CLI user on a machine with internet gets
+# hub students (student.model_path: distilroberta-base) unless they set HF_HUB_OFFLINE=1 themselves.
+HF_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE_ENV = {**QUIET_ENV, **HF_OFFLINE_ENV}  # what an offline host sets (tests, benchmarks)
+
+
+def set_quiet_env() -> None:
+    """Default analytics and telemetry off (users may still override them in their shell); the hub stays reachable."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def set_offline_env() -> None:
-    """Default the offline variables (users may still override them in their shell)."""
+    """Default every offline variable, the hub's too: for the tests and benchmarks, whose models are bundled."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+
+
+def hf_offline() -> bool:
+    """Whether this process keeps the Hugging Face libraries off the hub (HF_HUB_OFFLINE, as huggingface_hub reads)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @contextlib.contextmanager

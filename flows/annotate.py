@@ -11,13 +11,13 @@ from typing import Any
 from prefect import flow
 
 from distill.config import DistillConfig
-from distill.runtime import set_offline_env
+from distill.runtime import set_quiet_env
 from tasks.pipeline import stages
 from tasks.pipeline.checkpoints import run_lock
 from tasks.pipeline.run import StageClock
 from tasks.pipeline.summary import annotation_summary
 
-set_offline_env()
+set_quiet_env()
 
 
 @flow(name="annotate", log_prints=True)

@@ -15,13 +15,13 @@ from typing import Any
 from prefect import flow
 
 from distill.config import DistillConfig
-from distill.runtime import set_offline_env
+from distill.runtime import set_quiet_env
 from flows.annotate import annotate_flow
 from tasks.pipeline import stages
 from tasks.pipeline.run import DistillRun
 from tasks.pipeline.task_types import task_kind
 
-set_offline_env()
+set_quiet_env()
 
 
 @flow(name="distill", log_prints=True)

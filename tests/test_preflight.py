@@ -99,3 +99,25 @@ def test_not_enough_disk_for_the_student(tmp_path, binary_prompt):
         check_outputs(cfg, free_bytes=1024)
     figures = check_outputs(cfg)
     assert figures.student_mb_needed is not None and figures.student_mb_needed > 100 and figures.disk_free_mb > 0
+
+
+@pytest.mark.parametrize("case", ["misspelt hub id", "folder without a model", "missing folder"])
+def test_a_student_base_that_cannot_load_stops_the_run_before_the_teacher(
+    tmp_path, binary_prompt, fake_teacher, prefect_api, monkeypatch, capsys, case
+):
+    """Training comes after the teacher is paid: a student base that cannot load is found before the first request."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty-model").mkdir()
+    path = {
+        "misspelt hub id": "sentence-transformers/all-MiniLM-L6-v2-misspelt",
+        "folder without a model": str(tmp_path / "empty-model"),
+        "missing folder": str(tmp_path / "models" / "nope"),
+    }[case]
+    cfg, _ = write_cfg(tmp_path, binary_prompt, fake_teacher.base_url, student={"model_path": path})
+    rc, err = run_cli(cfg, tmp_path, capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("distill: error:")]
+    assert rc == 2 and len(lines) == 1 and "student.model_path" in lines[0] and path in lines[0], err
+    assert "Nothing was sent to the teacher" in lines[0]
+    if case == "misspelt hub id":  # the tests run offline, as this machine is: the line names the setting to change
+        assert "HF_HUB_OFFLINE=0" in lines[0]
+    assert len(fake_teacher.received) == 0

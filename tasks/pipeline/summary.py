@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Optional, Protocol
 
 from distill.config import DistillConfig
+from distill.runtime import hf_offline
 from tasks.results.accounting import Projection, TeacherBill, figures_of
 from tasks.results.classify import ClassifierEvaluation, ClassifierTraining
 from tasks.results.generate import GeneratorEvaluation
@@ -291,6 +292,8 @@ def distill_summary(
         "samples_per_item": cfg.teacher.samples,
         "mlflow_run_id": mlflow_run_id,
         "mlflow_tracking_uri": tracking_uri,
+        "hf_hub_offline": hf_offline(),  # whether the Hugging Face libraries were kept off the hub (a host setting)
+        "teacher_transport": cfg.teacher.transport.value,
         **task_figures,
         "stage_seconds": {k: round(v, 2) for k, v in clock.seconds.items()},
         "stages_reused": list(getattr(clock, "reused", [])),
