@@ -54,7 +54,7 @@ demo: setup
 	$(BIN)/distill run $(CONFIG) --summary-json runs/demo-summary.json
 
 # workers for the test suite: one per core (the suite is bound by CPU; README "Tests")
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 2
 
 lint: setup
 	$(BIN)/ruff format --check .
