@@ -141,7 +141,7 @@ class FakeOpenAI:
         response.headers["x-ratelimit-reset-requests"] = f"{reset * 1000:.0f}ms"
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=512 * 1024 * 1024)  # batch input files: OpenAI takes up to 200 MB
         app.on_response_prepare.append(self._limit_headers)
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/chat/completions", self.handle)

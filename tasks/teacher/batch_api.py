@@ -194,6 +194,8 @@ class BatchAPI:
                 if status == 200:
                     return body if raw else json.loads(body)
                 last = f"HTTP {status}: {snippet(body, 300)!r}"
+                if status == 413:
+                    last += " (the batch file is larger than the provider takes: lower teacher.batch.max_bytes)"
                 if status not in RETRYABLE_STATUS and status < 500:
                     break
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
