@@ -11,6 +11,7 @@ Secret block, and :func:`distill.runtime.resolve_api_key` reads it at request ti
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -120,7 +121,7 @@ class TeacherMember(_Strict):
 class DataConfig(_Strict):
     pool_path: str = Field(
         description="File or folder of unlabelled items to annotate: .csv, .jsonl, .parquet or a saved `datasets` "
-        "folder."
+        "folder; or one file at an fsspec URL (s3://, gs://, az://, hf://datasets/..., memory://), read in chunks."
     )
     text_column: str = Field(default="text", description="Column holding the text to label.")
     id_column: str = Field(default="id", description="Column holding a unique id per item.")
@@ -140,6 +141,14 @@ class DataConfig(_Strict):
     chunk_rows: int = Field(
         default=2000, ge=1, le=1_000_000, description="Rows read per chunk and items per annotation shard."
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "fsspec options for URL inputs (e.g. {client_kwargs: {endpoint_url: ...}}, {anon: true}); credentials "
+            "come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN), never from here: the "
+            "config is logged and is a Prefect parameter."
+        ),
+    )
     overlong: Literal["truncate", "reject"] = Field(
         default="truncate",
         description=(
@@ -148,6 +157,27 @@ class DataConfig(_Strict):
             "reported) or 'reject'ed (set aside in the rejected file with its reason)."
         ),
     )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
+        def walk(d: dict[str, Any], prefix: str) -> None:
+            for k, x in d.items():
+                if isinstance(x, dict):
+                    walk(x, f"{prefix}.{k}")
+                elif _SECRET_OPTION.search(str(k)):
+                    raise ValueError(
+                        f"{prefix}.{k}: credentials do not belong in the config (it is logged to MLflow and sent as "
+                        "a Prefect parameter); set them where the filesystem reads them (AWS_ACCESS_KEY_ID/"
+                        "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN, ...)"
+                    )
+
+        walk(v, "data.storage_options")
+        return v
+
+
+# option names that carry a credential (storage options, never in a config)
+_SECRET_OPTION = re.compile(r"(key|secret|token|password|passwd|credential|sas|signature)", re.IGNORECASE)
 
 
 class LabelForms(str, Enum):

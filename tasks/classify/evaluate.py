@@ -100,10 +100,28 @@ def plot_coverage(curve: list[dict[str, float]], path: Path) -> str:
     return str(path)
 
 
-def read_gold(gold_path: str, text_column: str, id_column: str, label_column: str, labels: list[str]) -> pd.DataFrame:
+def read_gold(
+    gold_path: str,
+    text_column: str,
+    id_column: str,
+    label_column: str,
+    labels: list[str],
+    *,
+    storage_options: Optional[dict[str, Any]] = None,
+) -> pd.DataFrame:
     from tasks.data.readers import iter_items
 
-    frames = list(iter_items(gold_path, text_column, id_column, 100_000, label_column=label_column, labels=labels))
+    frames = list(
+        iter_items(
+            gold_path,
+            text_column,
+            id_column,
+            100_000,
+            label_column=label_column,
+            labels=labels,
+            storage_options=storage_options,
+        )
+    )
     return pd.concat(frames, ignore_index=True)
 
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from distill.config import DataConfig
 from distill.runtime import long_lived_heap_frozen
+from tasks.data.remote import public
 from tasks.data.readers import DataError, iter_items, write_shards
 from tasks.results.data import DataReport
 from tasks.templates.tokens import TokenCounter
@@ -141,18 +142,18 @@ def prepare_inputs(data: DataConfig, *, labels: Optional[list[str]], out_dir: Pa
     cut or set aside per ``data.overlong``; ``labels`` checks the gold labels.
     """
     d = data
-    pool_report = DataReport(path=d.pool_path)
+    pool_report = DataReport(path=public(d.pool_path))
     rejected: list[dict] = []
     chunks = iter_items(d.pool_path, d.text_column, d.id_column, d.chunk_rows, limit=d.pool_limit,
-                        report=pool_report, rejected=rejected, fit=guard)
+                        report=pool_report, rejected=rejected, fit=guard, storage_options=d.storage_options)
     out = PreparedInputs([str(p) for p in write_shards(chunks, out_dir / "pool", d.chunk_rows)], pool_report,
                          _write_rejected(rejected, out_dir / "pool_rejected.parquet"))
     if d.gold_path:
-        gold_report = DataReport(path=d.gold_path)
+        gold_report = DataReport(path=public(d.gold_path))
         g_rej: list[dict] = []
         frames = list(iter_items(d.gold_path, d.text_column, d.id_column, d.chunk_rows,
                                  label_column=d.gold_label_column, labels=labels, report=gold_report,
-                                 rejected=g_rej, fit=guard))
+                                 rejected=g_rej, fit=guard, storage_options=d.storage_options))
         gold = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "text", "label"])
         gold = gold.rename(columns={"label": "label_gold"})
         if d.gold_teacher_limit is not None and len(gold) > d.gold_teacher_limit:

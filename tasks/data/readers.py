@@ -9,19 +9,23 @@ kept and counted (the response cache makes their repeats free).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.data import remote
 from tasks.data.hashset import HashSet64
+from tasks.data.remote import RemoteError, is_url, public
 from tasks.results.data import DataReport
 from tasks.templates.base import has_markup
 
@@ -140,23 +144,85 @@ def _detect_format(path: Path) -> str:
     raise DataError(f"{path}: unknown file type {suf!r}; use .csv, .jsonl, .parquet or a saved datasets folder")
 
 
-def iter_raw_chunks(path: str | Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Yield DataFrames of the named columns (as str), checking the columns exist."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"input not found: {path}")
-    fmt = _detect_format(path)
+def _detect_remote_format(url: str) -> str:
+    name = PurePosixPath(urlsplit(url).path)
+    suf = "".join(name.suffixes[-2:]).lower() if name.suffix.lower() == ".gz" else name.suffix.lower()
+    for fmt, sufs in (("csv", (".csv", ".tsv")), ("jsonl", (".jsonl", ".ndjson", ".json")), ("parquet", (".parquet", ".pq"))):
+        if suf in sufs:
+            return fmt
+    raise DataError(
+        f"{public(url)}: unknown file type {suf!r}; a remote input is one .csv, .jsonl or .parquet file "
+        "(a dataset on the hub: hf://datasets/ORG/NAME/PATH/TO/FILE.parquet)"
+    )
 
+
+def _open_input(path: str | Path, storage_options: Optional[dict[str, Any]]) -> tuple[Any, str, str, str]:
+    """(what to read: a local path or an open remote file, its name for messages, format, suffix)."""
+    if is_url(str(path)):
+        url = str(path)
+        try:
+            if not remote.exists(url, storage_options):
+                raise DataError(f"input not found: {public(url)}")
+            if remote.is_dir(url, storage_options):
+                raise DataError(f"{public(url)}: a folder; a remote input is one .csv, .jsonl or .parquet file")
+            fmt = _detect_remote_format(url)
+            return remote.open_binary(url, storage_options), public(url), fmt, PurePosixPath(urlsplit(url).path).suffix
+        except RemoteError as e:
+            raise DataError(str(e)) from None
+    local = Path(path)
+    if not local.exists():
+        raise DataError(f"input not found: {local}")
+    return local, str(local), _detect_format(local), local.suffix
+
+
+def iter_raw_chunks(
+    path: str | Path, columns: list[str], chunk_rows: int, storage_options: Optional[dict[str, Any]] = None
+) -> Iterator[pd.DataFrame]:
+    """Yield DataFrames of the named columns (as str), checking the columns exist.
+
+    ``path`` is a local file or folder, or an fsspec URL (tasks/data/remote.py) read through
+    a file object in chunks as a local file is; a remote read that breaks off is one error
+    naming the URL and the rows read, raised before anything is sent to the teacher.
+    """
+    source, name, fmt, suffix = _open_input(path, storage_options)
+    rows_done = 0
+    try:
+        for df in _chunks(source, name, fmt, suffix, columns, chunk_rows):
+            rows_done += len(df)
+            yield df
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a remote filesystem's own errors: a cut stream, a denied read)
+        if not is_url(str(path)):
+            raise
+        raise DataError(
+            f"{name}: reading stopped after {rows_done:,} rows ({type(e).__name__}: {remote.describe(e)})"
+        ) from None
+    finally:
+        if not isinstance(source, Path):
+            source.close()
+
+
+def _chunks(
+    source: Any, name: str, fmt: str, suffix: str, columns: list[str], chunk_rows: int
+) -> Iterator[pd.DataFrame]:
     def check(available: list[str]) -> None:
         missing = [c for c in columns if c not in available]
         if missing:
-            raise DataError(f"{path}: column(s) {missing} not found; the file has columns {available}")
+            raise DataError(f"{name}: column(s) {missing} not found; the file has columns {available}")
 
     if fmt == "csv":
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        sep = "\t" if suffix.lower() == ".tsv" else ","
         try:
-            reader = pd.read_csv(path, sep=sep, dtype=object, keep_default_na=False, chunksize=chunk_rows,
-                                 encoding="utf-8", encoding_errors="surrogateescape")
+            reader = pd.read_csv(
+                source,
+                sep=sep,
+                dtype=object,
+                keep_default_na=False,
+                chunksize=chunk_rows,
+                encoding="utf-8",
+                encoding_errors="surrogateescape",
+            )
             first = True
             for df in reader:
                 if first:
@@ -164,10 +230,11 @@ def iter_raw_chunks(path: str | Path, columns: list[str], chunk_rows: int) -> It
                     first = False
                 yield df[columns]
         except pd.errors.ParserError as e:
-            raise DataError(f"{path}: CSV parse error: {e}") from None
+            raise DataError(f"{name}: CSV parse error: {e}") from None
     elif fmt == "jsonl":
         rows: list[dict] = []
-        with open(path, "rb") as fh:
+        with contextlib.ExitStack() as stack:
+            fh = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
             for lineno, raw in enumerate(fh, start=1):
                 line = raw.decode("utf-8", "surrogateescape").strip()
                 if lineno == 1:
@@ -177,12 +244,12 @@ def iter_raw_chunks(path: str | Path, columns: list[str], chunk_rows: int) -> It
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+                    raise DataError(f"{name}: line {lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                    raise DataError(f"{name}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
                 missing = [c for c in columns if c not in obj]
                 if missing:
-                    raise DataError(f"{path}: line {lineno}: missing field(s) {missing}; it has {sorted(obj)}")
+                    raise DataError(f"{name}: line {lineno}: missing field(s) {missing}; it has {sorted(obj)}")
                 rows.append({c: "" if obj[c] is None else str(obj[c]) for c in columns})
                 if len(rows) >= chunk_rows:
                     yield pd.DataFrame(rows, columns=columns, dtype=object)
@@ -190,16 +257,16 @@ def iter_raw_chunks(path: str | Path, columns: list[str], chunk_rows: int) -> It
         if rows:
             yield pd.DataFrame(rows, columns=columns, dtype=object)
     elif fmt == "parquet":
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(source)
         check(pf.schema_arrow.names)
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):
             yield _arrow_to_str_frame(batch, columns)
     else:  # datasets folder
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(source))
         if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; point at one split's folder")
+            raise DataError(f"{name}: a DatasetDict with splits {list(ds)}; point at one split's folder")
         check(list(ds.column_names))
         for batch in ds.with_format("arrow").iter(batch_size=chunk_rows):
             yield _arrow_to_str_frame(batch, columns)
@@ -232,6 +299,7 @@ def iter_items(
     report: Optional[DataReport] = None,
     rejected: Optional[list[dict]] = None,
     fit: Optional[Callable[[str], tuple[Optional[str], Optional[str]]]] = None,
+    storage_options: Optional[dict[str, Any]] = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield clean chunks with columns id, text (and label), updating ``report`` as it goes.
 
@@ -240,13 +308,14 @@ def iter_items(
     (the teacher's context, :class:`tasks.data.load.ContextGuard`) returns a text as it is, cut
     to fit (with a note), or None and the reason it was rejected.
     """
-    report = report if report is not None else DataReport(path=str(path))
+    shown = public(str(path))  # a URL without credentials or query string
+    report = report if report is not None else DataReport(path=shown)
     cols = [id_column, text_column] + ([label_column] if label_column else [])
     seen_ids = HashSet64()  # 8 bytes per item, not a Python set's ~75 (tasks/data/hashset.py)
     seen_texts = HashSet64()
-    checker = LabelChecker(labels, str(path), label_column, report) if (label_column and labels is not None) else None
+    checker = LabelChecker(labels, shown, label_column, report) if (label_column and labels is not None) else None
     row_no = 0
-    for df in iter_raw_chunks(path, cols, chunk_rows):
+    for df in iter_raw_chunks(path, cols, chunk_rows, storage_options):
         keep_ids, keep_texts, keep_labels = [], [], []
         raw_texts = df.iloc[:, 1].tolist()
         raw_labels = df.iloc[:, 2].tolist() if label_column else []
@@ -267,7 +336,7 @@ def iter_items(
                 report.invalid_utf8 += 1
                 _note(report.invalid_utf8_rows, row_no, rid)
             if not rid.strip():
-                raise DataError(f"{path}: row {row_no}: column '{id_column}' is empty; every item needs an id")
+                raise DataError(f"{shown}: row {row_no}: column '{id_column}' is empty; every item needs an id")
             if looks_mojibake(text):
                 report.suspect_mojibake += 1
                 _note(report.suspect_mojibake_rows, row_no, rid)
@@ -306,7 +375,7 @@ def iter_items(
                     report.invalid_utf8 += 1
                     _note(report.invalid_utf8_rows, row_no, rid)
                 if not raw_lab.strip():
-                    raise DataError(f"{path}: row {row_no} (id {rid!r}): column '{label_column}' is empty; every gold "
+                    raise DataError(f"{shown}: row {row_no} (id {rid!r}): column '{label_column}' is empty; every gold "
                                     f"item needs its human label or reference")
                 if checker is not None:
                     lab = checker.check(raw_lab, row_no, rid)

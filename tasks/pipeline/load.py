@@ -14,14 +14,16 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from prefect import task
 
 from distill.config import DistillConfig, SampleVariation, SelectionConfig, TrackingConfig
 from distill.runtime import run_logger
 from tasks.accounting.pricing import resolve_prices
+from tasks.data import remote
 from tasks.data.load import ContextGuard, PreparedInputs, prepare_inputs
+from tasks.data.remote import is_url
 from tasks.data.select import select_items
 from tasks.pipeline.task_types import check_template_suits
 from tasks.results.data import Selection
@@ -84,7 +86,9 @@ def input_fingerprint(cfg: DistillConfig, template: Template, selected_shards: O
     ids are part of the hash.
     """
 
-    def stat(path: Optional[str]) -> Optional[list[int]]:
+    def stat(path: Optional[str]) -> Optional[list[Any]]:
+        if path and is_url(path):  # a remote file's size and ETag (or modification time): a new upload is new data
+            return remote.stat(path, cfg.data.storage_options)
         if not path or not Path(path).exists():
             return None
         st = Path(path).stat()
