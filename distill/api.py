@@ -30,7 +30,7 @@ def distill(
 ) -> dict[str, Any]:
     """The whole distill flow on ``pool`` and ``gold`` (a pandas.DataFrame or a datasets.Dataset each, optional)."""
     from flows.distillation import distill_flow
-    from tasks.data.frames import with_frames
+    from tasks.pipeline.load import with_frames
 
     return cast(dict[str, Any], distill_flow(with_frames(_config(config, pool), pool=pool, gold=gold), **flow_kwargs))
 
@@ -40,6 +40,6 @@ def annotate(
 ) -> dict[str, Any]:
     """The annotate flow alone (teacher labels and their aggregation) on in-memory data."""
     from flows.annotate import annotate_flow
-    from tasks.data.frames import with_frames
+    from tasks.pipeline.load import with_frames
 
     return cast(dict[str, Any], annotate_flow(with_frames(_config(config, pool), pool=pool, gold=gold), **flow_kwargs))

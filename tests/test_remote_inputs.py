@@ -204,7 +204,7 @@ def test_frames_from_python_run_as_files_in_the_run_folder(tmp_path, binary_prom
 
     async def params() -> list[dict]:
         async with get_client() as c:
-            runs = await c.read_flow_runs(limit=5)
+            runs = await c.read_flow_runs(limit=200)
             return [r.parameters for r in runs]
 
     ours = [json.dumps(p, default=str) for p in asyncio.run(params())]

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 from pandas.core.util.hashing import hash_pandas_object
 
-from distill.config import DistillConfig
 
 
 def frame_digest(frame: Any) -> str:
@@ -46,15 +45,3 @@ def write_frame(frame: Any, folder: Path, name: str) -> Path:
         frame.to_parquet(str(tmp))
     tmp.replace(out)
     return out
-
-
-def with_frames(cfg: DistillConfig, *, pool: Optional[Any] = None, gold: Optional[Any] = None) -> DistillConfig:
-    """``cfg`` with ``data.pool_path``/``data.gold_path`` pointing at the frames, written into the run folder."""
-    folder = cfg.run_dir / "inputs"
-    data = cfg.data.model_copy(
-        update={
-            **({"pool_path": str(write_frame(pool, folder, "pool"))} if pool is not None else {}),
-            **({"gold_path": str(write_frame(gold, folder, "gold"))} if gold is not None else {}),
-        }
-    )
-    return cfg.model_copy(update={"data": data})

@@ -187,7 +187,7 @@ def iter_raw_chunks(
     source, name, fmt, suffix = _open_input(path, storage_options)
     rows_done = 0
     try:
-        for df in _chunks(source, name, fmt, suffix, columns, chunk_rows):
+        for df in _chunks(source, name, fmt=fmt, suffix=suffix, columns=columns, chunk_rows=chunk_rows):
             rows_done += len(df)
             yield df
     except DataError:
@@ -204,7 +204,7 @@ def iter_raw_chunks(
 
 
 def _chunks(
-    source: Any, name: str, fmt: str, suffix: str, columns: list[str], chunk_rows: int
+    source: Any, name: str, *, fmt: str, suffix: str, columns: list[str], chunk_rows: int
 ) -> Iterator[pd.DataFrame]:
     def check(available: list[str]) -> None:
         missing = [c for c in columns if c not in available]

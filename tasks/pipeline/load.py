@@ -22,6 +22,7 @@ from distill.config import DistillConfig, SampleVariation, SelectionConfig, Trac
 from distill.runtime import run_logger
 from tasks.accounting.pricing import resolve_prices
 from tasks.data import remote
+from tasks.data.frames import write_frame
 from tasks.data.load import ContextGuard, PreparedInputs, prepare_inputs
 from tasks.data.remote import is_url
 from tasks.data.select import select_items
@@ -171,3 +172,15 @@ def load_inputs(cfg: DistillConfig) -> Loaded:
         sel,
         fp,
     )
+
+
+def with_frames(cfg: DistillConfig, *, pool: Optional[Any] = None, gold: Optional[Any] = None) -> DistillConfig:
+    """``cfg`` with ``data.pool_path``/``data.gold_path`` pointing at the frames, written into the run folder."""
+    folder = cfg.run_dir / "inputs"
+    data = cfg.data.model_copy(
+        update={
+            **({"pool_path": str(write_frame(pool, folder, "pool"))} if pool is not None else {}),
+            **({"gold_path": str(write_frame(gold, folder, "gold"))} if gold is not None else {}),
+        }
+    )
+    return cfg.model_copy(update={"data": data})
