@@ -96,6 +96,15 @@ class BatchConfig(_Strict):
     )
 
 
+class Constrain(str, Enum):
+    """How the endpoint is asked to answer only with a label (the answer cannot be anything else)."""
+
+    none = "none"
+    json_schema = "json_schema"  # OpenAI structured outputs: {"label": <one of the labels>} (chat)
+    guided_choice = "guided_choice"  # vLLM: the answer is one of the labels
+    grammar = "grammar"  # llama.cpp (the embedded teacher): a GBNF grammar of the labels
+
+
 class TeacherMember(_Strict):
     """One more teacher for ``variation: teachers``; unset fields fall back to the main teacher's."""
 
@@ -287,6 +296,13 @@ class TeacherConfig(_Strict):
         ),
     )
     batch: BatchConfig = Field(default_factory=BatchConfig, description="The batch transport's limits and waits.")
+    constrain: Constrain = Field(
+        default=Constrain.none,
+        description=(
+            "Ask the endpoint to answer only with a label, so no invalid answer is paid for: json_schema (OpenAI "
+            "structured outputs, chat mode), guided_choice (vLLM), grammar (llama.cpp, the embedded teacher)."
+        ),
+    )
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads of the local server.")
     startup_timeout_s: float = Field(
         default=120.0, gt=0, description="Seconds to wait for the local server's health check."
@@ -301,6 +317,8 @@ class TeacherConfig(_Strict):
     def _endpoint(self) -> TeacherConfig:
         if not self.local and not self.base_url:
             raise ValueError("teacher.base_url is required when teacher.local is false")
+        if self.constrain == Constrain.json_schema and self.mode != TeacherMode.chat:
+            raise ValueError("teacher.constrain 'json_schema' (structured outputs) needs teacher.mode: chat")
         if self.transport == Transport.batch and self.local:
             raise ValueError(
                 "teacher.transport 'batch' needs a remote endpoint with a Batch API (teacher.base_url); the local "

@@ -175,3 +175,93 @@ def test_servers_listen_on_loopback_only(live):
         ]
         assert listening, f"{name}: no listening socket found (the check would pass vacuously)"
         assert all(a.ip in ("127.0.0.1", "::1") for a in listening), f"{name} listens beyond loopback: {listening}"
+
+
+def _serve(tmp_path, cfg_path, api: str, tracking: str, tag: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "MLFLOW_TRACKING_URI": tracking,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(tmp_path / f"serve-home-{tag}"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "serve", str(cfg_path)],
+        cwd=REPO,
+        env=env,
+        stdout=open(tmp_path / f"serve-{tag}.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the flow runs it starts die with it
+    )
+
+
+def _wait_until(what, check, timeout: float, log) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} never happened\n" + log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def test_a_batch_run_killed_while_it_waits_is_collected_by_the_next_deployment_run(live, tmp_path):
+    """The nightly's batch case: a deployment run submits its batches and is killed -9 while they run at the
+    provider; the next run of the deployment re-attaches by the recorded ids, submits nothing again, and finishes."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    wd, started = live
+    api, tracking = started["prefect"].url, started["mlflow"].url
+    teacher = FakeOpenAI().start()
+    teacher.hold_batches.set()  # the batches stay in_progress at the "provider"
+    raw = write_run(tmp_path, teacher.base_url)
+    raw["run_name"] = "nightly-batch"
+    raw["teacher"].update({"transport": "batch", "batch": {"poll_interval_s": 0.2, "poll_max_interval_s": 0.5}})
+    raw["tracking"]["model_name"] = "batch-student"
+    prices = {"teacher": {**FAKE_PRICES["models"]["teacher"], "batch_discount": 0.5}}
+    raw["pricing"] = {"models": prices}
+    cfg_path = tmp_path / "nightly.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    serve = _serve(tmp_path, cfg_path, api, tracking, "first")
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+
+                def registered() -> bool:
+                    try:
+                        client.read_deployment_by_name("distill/on-demand")
+                        return True
+                    except Exception:
+                        return False
+
+                _wait_until("the deployments registering", registered, 120, tmp_path / "serve-first.log")
+            first = run_deployment("distill/on-demand", parameters={"config": raw}, timeout=0)
+            # the gold and the pool shard each submit a batch; then the run waits on them
+            _wait_until(
+                "both batches submitted", lambda: teacher.batches_created == 2, 300, tmp_path / "serve-first.log"
+            )
+            time.sleep(1.0)
+            os.killpg(serve.pid, signal.SIGKILL)  # the worker and the flow run it started: kill -9 while waiting
+            serve.wait(30)
+            teacher.hold_batches.clear()  # the provider finishes the batches while nothing of distill runs
+            serve = _serve(tmp_path, cfg_path, api, tracking, "second")
+            with get_client(sync_client=True) as client:
+                _wait_until("the deployments registering again", registered, 120, tmp_path / "serve-second.log")
+            second = run_deployment("distill/on-demand", parameters={"config": raw}, timeout=900, poll_interval=2)
+            assert second.state is not None and second.state.is_completed(), (
+                f"{second.state}\n" + (tmp_path / "serve-second.log").read_text()[-4000:]
+            )
+        assert first.id != second.id
+        assert teacher.batches_created == 2  # re-attached by the recorded ids: nothing submitted twice
+        assert set(teacher.batch_lines.values()) == {1} and len(teacher.received) == 2  # the probe alone went online
+        summary = json.loads((tmp_path / "runs" / "nightly-batch" / "distill_summary.json").read_text())
+        assert summary["promoted"] is True and summary["teacher_transport"] == "batch"
+    finally:
+        teacher.stop()
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)

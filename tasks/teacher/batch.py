@@ -25,6 +25,7 @@ What it does with the requests the cache does not hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -92,6 +93,8 @@ class BatchClient:
         self.retry_online: list[TeacherRequest] = []  # what failed inside batches, for the online client
         self._session: Optional[aiohttp.ClientSession] = None
         self._api: Optional[BatchAPI] = None
+        self._artifact: Any = None  # the Prefect progress artifact the UI shows while batches run
+        self._last_report = 0.0
 
     def __repr__(self) -> str:  # never show the key
         return f"BatchClient({self.base_url!r})"
@@ -174,7 +177,32 @@ class BatchClient:
                     del jobs[job.local_id]
                     pending.extend(self._next_round(retry, job, ours, rounds, results))
             self._progress()
+            self._report(jobs, total=len(todo), done=sum(1 for r in todo if r.keys[0] in results))
         return results
+
+    def _report(self, jobs: dict[str, BatchJob], *, total: int, done: int) -> None:
+        """While batches run: a log line and a Prefect progress artifact (batches by state, requests done)."""
+        now = time.monotonic()
+        if now - self._last_report < 30 and done < total:
+            return
+        self._last_report = now
+        states: dict[str, int] = {}
+        for j in jobs.values():
+            states[j.state] = states.get(j.state, 0) + 1
+        line = (
+            f"batch transport: {len(jobs)} batches at the provider ({', '.join(f'{n} {s}' for s, n in states.items())}"
+            f"{'' if jobs else 'none'}), {self.stats.batches_submitted} submitted and {self.stats.batches_collected} "
+            f"collected by this shard; {done:,} of {total:,} requests done"
+        )
+        self.log.info(line)
+        with contextlib.suppress(Exception):  # outside a Prefect run there is no UI to tell
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            pct = 100.0 * done / total if total else 100.0
+            if self._artifact is None:
+                self._artifact = create_progress_artifact(pct, key="distill-batches", description=line)
+            else:
+                update_progress_artifact(self._artifact, pct, description=line)
 
     async def _submit_only(
         self,

@@ -8,11 +8,12 @@ their few-shot prefix, which a llama.cpp server reuses from its KV cache.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distill.config import SampleVariation, TeacherConfig, TeacherMode, Transport
+from distill.config import Constrain, SampleVariation, TeacherConfig, TeacherMode, Transport
 from tasks.teacher.cache import KeyMaker
 from tasks.teacher.client import TeacherRequest
 from tasks.teacher.local_server import default_gguf
@@ -56,6 +57,33 @@ def sampling_params(t: TeacherConfig, sample_index: int, mode: TeacherMode = Tea
         else:
             sp["logprobs"] = t.top_logprobs
     return sp
+
+
+def constraint_params(t: TeacherConfig, labels: list[str], mode: TeacherMode) -> dict[str, Any]:
+    """What asks the endpoint to answer only with one of ``labels`` (``teacher.constrain``); part of the cache key.
+
+    The completion prompts end in an output prefix ("Sentiment:") that the model answers with
+    a space and the label, so the completion forms allow that leading space.
+    """
+    c = t.constrain
+    if c == Constrain.none or not labels:  # a writing task has no label set to hold the answer to
+        return {}
+    space = mode == TeacherMode.completion
+    if c == Constrain.guided_choice:
+        return {"guided_choice": [(" " if space else "") + lab for lab in labels]}
+    if c == Constrain.grammar:
+        alts = " | ".join(json.dumps(lab) for lab in labels)
+        lead = '" "? ' if space else ""
+        return {"grammar": f"root ::= {lead}( {alts} )"}
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": list(labels)}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    return {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": schema}}
+    }
 
 
 def endpoint_identity(teacher: TeacherConfig, endpoint: int) -> str:
@@ -122,12 +150,13 @@ def plan_shard(
         path = "/chat/completions" if chat else "/completions"
         ep = endpoints[endpoint]
         # the key's constant parts (model, sampling, endpoint) serialised once per sample, not per item
+        constraint = constraint_params(t, getattr(template, "labels", []), mode)
         if use_n:
-            base = sampling_params(t, 0, mode)
+            base = {**sampling_params(t, 0, mode), **constraint}
             makers = [KeyMaker(model, {**base, "n": k}, j, ep) for j in range(k)]
             makers_sampling = base
         else:
-            makers_sampling = sampling_params(t, i, mode)
+            makers_sampling = {**sampling_params(t, i, mode), **constraint}
             makers = [KeyMaker(model, makers_sampling, endpoint=ep)]
         for idx, text in enumerate(texts):
             rendered: Any = template.render_chat(text, i, vary) if chat else template.render_completion(text, i, vary)

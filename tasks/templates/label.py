@@ -10,6 +10,7 @@ with its raw text, never mapped to a label by guesswork.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -129,7 +130,15 @@ class PromptTemplate:
         """Map an answer to a label, or None when it is not exactly a label or alias."""
         if answer is None:
             return None
-        first = answer.strip().splitlines()[0] if answer.strip() else ""
+        stripped = answer.strip()
+        if stripped.startswith("{"):  # a structured-outputs answer (teacher.constrain: json_schema): {"label": ...}
+            try:
+                doc = json.loads(stripped)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("label"), str):
+                return self._lookup.get(normalise_answer(doc["label"]))
+        first = stripped.splitlines()[0] if stripped else ""
         return self._lookup.get(normalise_answer(first))
 
     def template_hash(self) -> str:
