@@ -77,3 +77,31 @@ def test_the_constraint_is_sent_and_keys_the_cache(tmp_path, binary_prompt, fake
     assert ["guided_choice" in b for b in sent] == [False, False, True, True]
     assert sent[-1]["guided_choice"] == [" positive", " negative"]
     assert list(pq.read_table(res.path).to_pandas()["votes"].map(list)) == [["positive"], ["negative"]]
+
+
+def test_structured_answers_take_their_probability_from_votes(tmp_path, binary_prompt, fake_teacher):
+    """The log-probabilities of {"label": ...} are the JSON's tokens: no label distribution is read from them."""
+    from tasks.teacher.client import Outcome
+    from tasks.teacher.requests import plan_shard
+    from tasks.teacher.shard import assemble
+    from tests.fake_openai import fake_logprobs
+
+    cfg = config_from_dict(
+        {
+            "run_name": "c",
+            "prompt": str(binary_prompt),
+            "data": {"pool_path": "x.csv"},
+            "teacher": {"local": False, "base_url": "http://x/v1", "mode": "chat", "samples": 1},
+        }
+    )
+    t = load_prompt(binary_prompt)
+    plan = plan_shard(["good film"], cfg.teacher, t)
+    key = plan.samples[0].key
+    out = assemble(
+        pd.DataFrame({"id": ["a"], "text": ["good film"]}),
+        plan,
+        {key: Outcome('{"label": "positive"}', cached=False, logprobs=fake_logprobs('{"', True, 0.9))},
+        t,
+        k=1,
+    )
+    assert list(out["votes"][0]) == ["positive"] and out["sample_probs"][0][0] is None
