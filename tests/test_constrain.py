@@ -105,3 +105,22 @@ def test_structured_answers_take_their_probability_from_votes(tmp_path, binary_p
         k=1,
     )
     assert list(out["votes"][0]) == ["positive"] and out["sample_probs"][0][0] is None
+
+
+def test_openai_models_are_counted_with_tiktoken_offline(tmp_path, monkeypatch):
+    """tiktoken's rank file comes from bpe-openai's package data (no download), checked by tiktoken's own hash."""
+    import bpe_openai
+
+    from tasks.teacher.tokenizer import counter_for
+    from tasks.templates.tokens import openai_counter
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))  # an empty cache: nothing downloaded
+    c = openai_counter("gpt-4o-mini")
+    assert c is not None and c.exact and "o200k_base" in c.method
+    texts = ["Hello, world!", "Le café coûte 3,50 € ☕", "def f(x):\n    return x ** 2", "   spaces   ", "日本語のテキスト"]
+    ref = bpe_openai.get_encoding("o200k_base")  # another implementation over the same ranks
+    assert [c.count(t) for t in texts] == [len(ref.encode(t)) for t in texts]
+    assert openai_counter("Qwen/Qwen2.5-7B-Instruct") is None  # not an OpenAI model: the estimate, which says so
+    t = TeacherConfig(local=False, base_url="http://x/v1", model="gpt-4o-mini")
+    assert counter_for(t).exact
+    assert not counter_for(t.model_copy(update={"model": "llama3:8b"})).exact

@@ -177,10 +177,10 @@ class BatchClient:
                     del jobs[job.local_id]
                     pending.extend(self._next_round(retry, job, ours, rounds, results))
             self._progress()
-            self._report(jobs, total=len(todo), done=sum(1 for r in todo if r.keys[0] in results))
+            await self._report(jobs, total=len(todo), done=sum(1 for r in todo if r.keys[0] in results))
         return results
 
-    def _report(self, jobs: dict[str, BatchJob], *, total: int, done: int) -> None:
+    async def _report(self, jobs: dict[str, BatchJob], *, total: int, done: int) -> None:
         """While batches run: a log line and a Prefect progress artifact (batches by state, requests done)."""
         now = time.monotonic()
         if now - self._last_report < 30 and done < total:
@@ -195,14 +195,18 @@ class BatchClient:
             f"collected by this shard; {done:,} of {total:,} requests done"
         )
         self.log.info(line)
-        with contextlib.suppress(Exception):  # outside a Prefect run there is no UI to tell
-            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return  # outside a Prefect run there is no UI to tell
+        with contextlib.suppress(Exception):
+            from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
             pct = 100.0 * done / total if total else 100.0
             if self._artifact is None:
-                self._artifact = create_progress_artifact(pct, key="distill-batches", description=line)
+                self._artifact = await acreate_progress_artifact(pct, key="distill-batches", description=line)
             else:
-                update_progress_artifact(self._artifact, pct, description=line)
+                await aupdate_progress_artifact(self._artifact, pct, description=line)
 
     async def _submit_only(
         self,

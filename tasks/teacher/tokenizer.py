@@ -1,15 +1,15 @@
 """The teacher's tokenizer on this machine, when there is one: what its prompts and answers are counted with.
 
 The local GGUF's own vocabulary, or a Hugging Face tokenizer folder named by
-``teacher.tokenizer``; otherwise (a remote teacher) the 4-characters-per-token estimate,
-which says so (tasks/templates/tokens.py).
+``teacher.tokenizer``; tiktoken for an OpenAI model name; otherwise the
+4-characters-per-token estimate, which says so (tasks/templates/tokens.py).
 """
 
 from __future__ import annotations
 
 from distill.config import TeacherConfig
 from tasks.teacher.local_server import default_gguf
-from tasks.templates.tokens import TokenCounter, heuristic_counter, hf_counter, llama_counter
+from tasks.templates.tokens import TokenCounter, heuristic_counter, hf_counter, llama_counter, openai_counter
 
 
 def counter_for(teacher: TeacherConfig) -> TokenCounter:
@@ -18,4 +18,4 @@ def counter_for(teacher: TeacherConfig) -> TokenCounter:
         return hf_counter(teacher.tokenizer)
     if teacher.local:
         return llama_counter(str(teacher.gguf_path or default_gguf()))
-    return heuristic_counter()
+    return openai_counter(teacher.model) or heuristic_counter()

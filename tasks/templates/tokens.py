@@ -4,8 +4,9 @@ Why: prices are per token, and two numbers need tokens without a server's word f
 the plan (made before any request) and answers whose response carried no ``usage``. The
 counter uses the teacher's own tokenizer where it is on this machine (the local GGUF via
 llama.cpp's vocab-only loader, which matches llama.cpp's reported prompt tokens exactly,
-or a Hugging Face tokenizer folder named by ``teacher.tokenizer``), else 4 characters per
-token. Every count carries its method so reports can mark it ``counted`` or ``estimated``.
+a Hugging Face tokenizer folder named by ``teacher.tokenizer``, or tiktoken for an OpenAI
+model name), else 4 characters per token. Every count carries its method so reports can
+mark it ``counted`` or ``estimated``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,61 @@ def llama_counter(gguf_path: str) -> TokenCounter:
         return len(vocab.tokenize(text.encode("utf-8", "replace"), add_bos=prompt, special=prompt))
 
     return TokenCounter(fn, f"counted with the teacher's tokenizer ({gguf_path.rsplit('/', 1)[-1]})")
+
+
+# where tiktoken downloads an encoding's rank file from; its cache is keyed by the SHA-1 of this address
+_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+
+
+def _seed_tiktoken_cache(name: str) -> None:
+    """Put ``name``'s rank file where tiktoken looks before it downloads, from bpe-openai's package data.
+
+    tiktoken fetches its encodings from the internet on first use; on a machine without it
+    (CI, here) the same files ship gzipped inside the bpe-openai wheel. tiktoken checks a
+    cached file against the SHA-256 it expects before using it, so a wrong file is never used.
+    """
+    import gzip
+    import hashlib
+    import tempfile
+    from importlib.resources import files
+
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    folder = cache or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    target = os.path.join(folder, hashlib.sha1(_TIKTOKEN_URL.format(name).encode()).hexdigest())
+    if os.path.exists(target):
+        return
+    try:
+        packed = files("bpe_openai").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
+    except (ImportError, FileNotFoundError, OSError):
+        return
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(gzip.decompress(packed))
+    os.replace(tmp, target)
+
+
+def openai_counter(model: str) -> Optional[TokenCounter]:
+    """tiktoken's count for an OpenAI model name (gpt-4o-mini: o200k_base), or None if it is not one tiktoken knows."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    try:
+        name = tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        return None
+    _seed_tiktoken_cache(name)
+    try:
+        enc = tiktoken.get_encoding(name)
+    except Exception:  # noqa: BLE001  (no rank file and no internet: the estimate, which says so)
+        return None
+
+    def fn(text: str, prompt: bool) -> int:
+        del prompt  # OpenAI adds no BOS; chat framing is count_prompt's per-message rule
+        return len(enc.encode(text, disallowed_special=()))
+
+    return TokenCounter(fn, f"counted with tiktoken {name} ({model})")
 
 
 def hf_counter(path: str) -> TokenCounter:
