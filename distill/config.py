@@ -296,6 +296,14 @@ class TeacherConfig(_Strict):
         ),
     )
     batch: BatchConfig = Field(default_factory=BatchConfig, description="The batch transport's limits and waits.")
+    reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = Field(
+        default=None,
+        description=(
+            "For reasoning models (OpenAI o-series, gpt-5): sent as reasoning_effort, with max_tokens sent as "
+            "max_completion_tokens (the bound of hidden reasoning plus answer). Their reasoning tokens are billed as "
+            "output: counted, priced and held against the cap like any (usage.completion_tokens_details)."
+        ),
+    )
     constrain: Constrain = Field(
         default=Constrain.none,
         description=(

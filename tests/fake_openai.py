@@ -58,6 +58,10 @@ FAKE_PRICES = {
 }
 
 
+# what a request with reasoning_effort reports as hidden reasoning, per choice
+REASONING_TOKENS = 25
+
+
 def canonical(payload: dict[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, ensure_ascii=False)
 
@@ -460,6 +464,10 @@ class FakeOpenAI:
         body_json: dict[str, Any] = {"id": "x", "object": "text_completion", "choices": choices}
         if "[nousage]" not in text:
             body_json["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+            if payload.get("reasoning_effort"):  # a reasoning model: hidden reasoning billed inside completion_tokens
+                body_json["usage"]["completion_tokens"] = ct = ct + REASONING_TOKENS * n
+                body_json["usage"]["total_tokens"] = pt + ct
+                body_json["usage"]["completion_tokens_details"] = {"reasoning_tokens": REASONING_TOKENS * n}
         resp = web.json_response(body_json)
         if request.transport is None or request.transport.is_closing():
             with self.lock:

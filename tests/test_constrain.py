@@ -117,7 +117,13 @@ def test_openai_models_are_counted_with_tiktoken_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))  # an empty cache: nothing downloaded
     c = openai_counter("gpt-4o-mini")
     assert c is not None and c.exact and "o200k_base" in c.method
-    texts = ["Hello, world!", "Le café coûte 3,50 € ☕", "def f(x):\n    return x ** 2", "   spaces   ", "日本語のテキスト"]
+    texts = [
+        "Hello, world!",
+        "Le café coûte 3,50 € ☕",
+        "def f(x):\n    return x ** 2",
+        "   spaces   ",
+        "日本語のテキスト",
+    ]
     ref = bpe_openai.get_encoding("o200k_base")  # another implementation over the same ranks
     assert [c.count(t) for t in texts] == [len(ref.encode(t)) for t in texts]
     assert openai_counter("Qwen/Qwen2.5-7B-Instruct") is None  # not an OpenAI model: the estimate, which says so

@@ -54,6 +54,7 @@ class ClientStats(_Summable):
     tokens_in: int = 0
     tokens_out: int = 0
     tokens_counted: int = 0  # of tokens_in + tokens_out: counted or estimated by distill (no usage in the response)
+    tokens_reasoning: int = 0  # of tokens_out: a reasoning model's hidden reasoning (billed as output)
     not_sent_budget: int = 0  # requests never sent because the budget was exhausted
     invalid_answers: int = 0  # requests given up on an unusable 200 (another model's answer, no choices)
     context_exceeded: int = 0  # requests the server refused as longer than its context (never retried)

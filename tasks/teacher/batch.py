@@ -42,7 +42,14 @@ from tasks.results.teacher import ClientStats
 from tasks.teacher.batch_api import TERMINAL, BatchAPI, BatchJob, BatchLedger, input_line, read_lines, write_input
 from tasks.teacher.cache import ResponseCache
 from tasks.teacher.client import Endpoint, Outcome, TeacherRequest, from_cache
-from tasks.teacher.responses import RETRYABLE_STATUS, ServerError, extract_answers, model_matches, usage_of
+from tasks.teacher.responses import (
+    RETRYABLE_STATUS,
+    ServerError,
+    extract_answers,
+    model_matches,
+    reasoning_tokens,
+    usage_of,
+)
 from tasks.templates.tokens import TokenCounter, heuristic_counter
 
 log = logging.getLogger("distill.teacher.batch")
@@ -442,6 +449,7 @@ class BatchClient:
         for a in answers:
             a.usage_source = source
             a.transport = "batch"
+        self.stats.tokens_reasoning += reasoning_tokens(data)
         self.cache.put_success(
             list(zip(keys, answers)),
             body,

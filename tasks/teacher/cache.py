@@ -353,7 +353,8 @@ class ResponseCache:
         now = time.time()
         req_json = _dumps(request)
         first = entries[0][1]
-        model, cap, chars = request.get("model"), request.get("max_tokens"), prompt_chars(request)
+        model, chars = request.get("model"), prompt_chars(request)
+        cap = request.get("max_tokens", request.get("max_completion_tokens"))  # a reasoning model's cap
         self._resp.extend(
             (
                 k,

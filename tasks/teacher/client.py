@@ -39,6 +39,7 @@ from tasks.teacher.responses import (
     is_context_error,
     model_matches,
     parse_retry_after,
+    reasoning_tokens,
     redact,
     snippet,
     usage_of,
@@ -374,6 +375,7 @@ class TeacherClient:
                 ),
             )
         pt, ct, source = self._fill_usage(req.payload, answers, pt, ct)
+        self.stats.tokens_reasoning += reasoning_tokens(data)
         self.cache.put_success(
             list(zip(req.keys, answers)), req.payload, self.run_id, attempt=attempt, http_status=200, latency_s=latency
         )

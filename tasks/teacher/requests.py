@@ -51,6 +51,9 @@ def sampling_params(t: TeacherConfig, sample_index: int, mode: TeacherMode = Tea
         "stop": list(t.stop),
         "seed": t.seed + (sample_index if t.variation == SampleVariation.temperature else 0),
     }
+    if t.reasoning_effort is not None:  # a reasoning model: the cap covers its hidden reasoning too
+        sp["reasoning_effort"] = t.reasoning_effort
+        sp["max_completion_tokens"] = sp.pop("max_tokens")
     if t.logprobs:
         if mode == TeacherMode.chat:
             sp.update({"logprobs": True, "top_logprobs": t.top_logprobs})

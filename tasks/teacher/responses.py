@@ -122,6 +122,17 @@ def usage_of(data: Any) -> tuple[Optional[int], Optional[int]]:
     return pt, ct
 
 
+def reasoning_tokens(data: Any) -> int:
+    """A reasoning model's hidden reasoning tokens (``usage.completion_tokens_details.reasoning_tokens``), else 0.
+
+    They are part of ``completion_tokens`` and billed as output; distill counts them apart to show them.
+    """
+    usage = data.get("usage") if isinstance(data, dict) else None
+    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
+    n = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return n if isinstance(n, int) else 0
+
+
 def extract_answers(data: Any, n: int) -> tuple[list[CachedAnswer], Optional[int], Optional[int]]:
     """Pull choices and usage out of an OpenAI-style body; raises ServerError if it is not one."""
     if not isinstance(data, dict):

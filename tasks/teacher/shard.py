@@ -110,9 +110,10 @@ def assemble(
         status[i][j] = "ok" if lab is not None else "invalid"
         if lab is None:
             errors[i][j] = f"answer not in label set {template.labels}" if template.labels else "empty answer"
-        # a structured answer ({"label": ...}, teacher.constrain: json_schema): its log-probabilities are the JSON's
-        # tokens, not the label's, so the item's probability comes from its votes (as without log-probabilities)
-        structured = o.text.lstrip().startswith("{")
+        # a structured answer ({"label": ...}, teacher.constrain: json_schema) or one that reasons first (the
+        # template's answer_marker): its first tokens are not the label's, so the item's probability comes from its
+        # votes (as without log-probabilities)
+        structured = o.text.lstrip().startswith("{") or bool(getattr(template, "answer_marker", None))
         use_lp = o.logprobs is not None and matcher is not None and not structured
         dist = label_distribution(o.logprobs, matcher, label_forms) if use_lp and matcher else None
         if dist is not None:

@@ -50,6 +50,9 @@ class PromptTemplate:
     aliases: dict[str, str] = field(default_factory=dict)
     completion_template: str = DEFAULT_COMPLETION_TEMPLATE
     source: str = ""
+    # chain of thought: the teacher reasons, then answers on a last line starting with this marker ("Answer:");
+    # only that line is read, so a label word inside the reasoning never counts
+    answer_marker: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._slot = SlotTemplate(self.completion_template)
@@ -131,6 +134,8 @@ class PromptTemplate:
         if answer is None:
             return None
         stripped = answer.strip()
+        if self.answer_marker:
+            return self._after_marker(stripped)
         if stripped.startswith("{"):  # a structured-outputs answer (teacher.constrain: json_schema): {"label": ...}
             try:
                 doc = json.loads(stripped)
@@ -140,6 +145,15 @@ class PromptTemplate:
                 return self._lookup.get(normalise_answer(doc["label"]))
         first = stripped.splitlines()[0] if stripped else ""
         return self._lookup.get(normalise_answer(first))
+
+    def _after_marker(self, answer: str) -> Optional[str]:
+        """The label on the last line that starts with the answer marker; None if there is no such line."""
+        marker = (self.answer_marker or "").strip().lower()
+        for line in reversed(answer.splitlines()):
+            text = line.strip().lstrip("*#> ").strip()
+            if text.lower().startswith(marker):
+                return self._lookup.get(normalise_answer(text[len(marker) :].strip(" :*.")))
+        return None
 
     def template_hash(self) -> str:
         """Hash of everything in the template that shapes a request."""
@@ -152,6 +166,7 @@ class PromptTemplate:
                 self.output_prefix,
                 self.completion_template,
             )
+            + ((self.answer_marker,) if self.answer_marker else ())
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -167,6 +182,7 @@ def label_template_from(raw: dict[str, Any], p: Path) -> PromptTemplate:
         "output_prefix",
         "aliases",
         "completion_template",
+        "answer_marker",
     }
     unknown = set(raw) - allowed
     if unknown:
@@ -186,7 +202,8 @@ def label_template_from(raw: dict[str, Any], p: Path) -> PromptTemplate:
         if ex["label"] not in labels:
             raise PromptError(f"{p}: examples[{i}].label {ex['label']!r} is not in labels {labels}")
         examples.append(Example(text=str(ex["text"]), label=ex["label"]))
-    kwargs: dict[str, Any] = {k: raw[k] for k in ("input_prefix", "output_prefix", "completion_template") if k in raw}
+    keys = ("input_prefix", "output_prefix", "completion_template", "answer_marker")
+    kwargs: dict[str, Any] = {k: raw[k] for k in keys if k in raw}
     try:
         return PromptTemplate(
             name=raw["name"],
