@@ -322,27 +322,24 @@ class FakeOpenAI:
         if err:
             b["error_file_id"] = self._new_file("err.jsonl", "batch_output", _jsonl(err))["id"]
 
-    def _completion(self, payload: dict[str, Any], text: str) -> dict[str, Any]:
-        """The answer the online endpoint gives (no faults), with usage."""
-        n = int(payload.get("n", 1) or 1)
-        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
-        pt, ct = self.count_tokens(prompt), 1 * n
+    def _choices(self, payload: dict[str, Any], text: str, n: int) -> list[dict[str, Any]]:
+        """The n choices of an answer in the endpoint's format, with log-probabilities when asked (no faults)."""
         ans = self._answer(text, str(payload.get("model", "")))
         chat = "messages" in payload
         want_lp = bool(payload.get("logprobs")) and "[nologprobs]" not in text
         lp = fake_logprobs(ans, chat, 0.6 if "[unsure]" in text else 0.9) if want_lp else None
         if chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": ans.strip()},
-                    "finish_reason": "stop",
-                    "logprobs": lp,
-                }
-                for i in range(n)
-            ]
-        else:
-            choices = [{"index": i, "text": ans, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
+            message = {"role": "assistant", "content": ans.strip()}
+            return [{"index": i, "message": message, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
+        return [{"index": i, "text": ans, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
+
+    def _completion(self, payload: dict[str, Any], text: str) -> dict[str, Any]:
+        """The answer the online endpoint gives (no faults), with usage."""
+        n = int(payload.get("n", 1) or 1)
+        prompt = payload.get("prompt") or json.dumps(payload.get("messages"))
+        pt, ct = self.count_tokens(prompt), 1 * n
+        choices = self._choices(payload, text, n)
+        chat = "messages" in payload
         return {
             "id": "x",
             "object": "chat.completion" if chat else "text_completion",
@@ -445,22 +442,7 @@ class FakeOpenAI:
             return web.Response(status=200)
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
-        ans = self._answer(text, str(payload.get("model", "")))
-        chat = "messages" in payload
-        want_lp = bool(payload.get("logprobs")) and "[nologprobs]" not in text
-        lp = fake_logprobs(ans, chat, 0.6 if "[unsure]" in text else 0.9) if want_lp else None
-        if chat:
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": ans.strip()},
-                    "finish_reason": "stop",
-                    "logprobs": lp,
-                }
-                for i in range(n)
-            ]
-        else:
-            choices = [{"index": i, "text": ans, "finish_reason": "stop", "logprobs": lp} for i in range(n)]
+        choices = self._choices(payload, text, n)
         body_json: dict[str, Any] = {"id": "x", "object": "text_completion", "choices": choices}
         if "[nousage]" not in text:
             body_json["usage"] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}

@@ -96,22 +96,7 @@ def test_on_demand_deployment_triggered_through_the_api_completes_and_registers(
 
     cfg_path = tmp_path / "nightly.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": api,
-        "MLFLOW_TRACKING_URI": tracking,
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "PYTHONPATH": str(REPO),
-        "PREFECT_HOME": str(tmp_path / "serve-home"),
-    }
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "serve", str(cfg_path)],
-        cwd=REPO,
-        env=env,
-        stdout=open(tmp_path / "serve.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    serve = _serve(tmp_path, cfg_path, api, tracking, "on-demand")
     try:
         with temporary_settings({PREFECT_API_URL: api}):
             with get_client(sync_client=True) as client:
@@ -122,7 +107,7 @@ def test_on_demand_deployment_triggered_through_the_api_completes_and_registers(
                         client.read_deployment_by_name("distill/on-demand")
                         break
                     except Exception:
-                        assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                        assert serve.poll() is None, (tmp_path / "serve-on-demand.log").read_text()[-3000:]
                         assert time.monotonic() < deadline, "deployments never registered"
                         time.sleep(1)
                 sched = nightly.schedules[0].schedule
@@ -131,7 +116,7 @@ def test_on_demand_deployment_triggered_through_the_api_completes_and_registers(
             params = {"config": {**raw, "run_name": "from-the-api"}}
             fr = run_deployment("distill/on-demand", parameters=params, timeout=900, poll_interval=2)
             assert fr.state is not None and fr.state.is_completed(), (
-                f"{fr.state}\n" + (tmp_path / "serve.log").read_text()[-4000:]
+                f"{fr.state}\n" + (tmp_path / "serve-on-demand.log").read_text()[-4000:]
             )
             with get_client(sync_client=True) as client:
                 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
+from distill.config import DataConfig
 from tasks.classify.aggregate import NO_LABEL, agreement_bin, or_no_label
 from tasks.classify.calibration import Reliability, plot_reliability, reliability
 from tasks.results.classify import ClassifierEvaluation, TeacherGoldScores, TeacherSubset
@@ -100,26 +101,19 @@ def plot_coverage(curve: list[dict[str, float]], path: Path) -> str:
     return str(path)
 
 
-def read_gold(
-    gold_path: str,
-    text_column: str,
-    id_column: str,
-    label_column: str,
-    labels: list[str],
-    *,
-    storage_options: Optional[dict[str, Any]] = None,
-) -> pd.DataFrame:
+def read_gold(data: DataConfig, labels: list[str]) -> pd.DataFrame:
+    """The whole gold file (``data.gold_path``, local or a URL), its labels checked against ``labels``."""
     from tasks.data.readers import iter_items
 
     frames = list(
         iter_items(
-            gold_path,
-            text_column,
-            id_column,
+            data.gold_path or "",
+            data.text_column,
+            data.id_column,
             100_000,
-            label_column=label_column,
+            label_column=data.gold_label_column,
             labels=labels,
-            storage_options=storage_options,
+            storage_options=data.storage_options,
         )
     )
     return pd.concat(frames, ignore_index=True)

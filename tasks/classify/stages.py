@@ -173,14 +173,7 @@ def evaluate_task(
     majority_label: Optional[str],
 ) -> ClassifierEvaluation:
     """Reads the gold file itself: big lists never travel as Prefect parameters."""
-    gold = read_gold(
-        data.gold_path or "",
-        data.text_column,
-        data.id_column,
-        data.gold_label_column,
-        labels,
-        storage_options=data.storage_options,
-    )
+    gold = read_gold(data, labels)
     pred = StudentPredictor(model_dir, precision=student.precision, max_length=student.max_length)
     return evaluate(
         gold,
@@ -244,14 +237,7 @@ def register_task(
     candidate: Optional[str],
 ) -> Registration:
     """Reads the gold file itself: big lists never travel as Prefect parameters."""
-    gold = read_gold(
-        data.gold_path or "",
-        data.text_column,
-        data.id_column,
-        data.gold_label_column,
-        labels,
-        storage_options=data.storage_options,
-    )
+    gold = read_gold(data, labels)
     return register_classifier(
         log_model,
         model_name=model_name,

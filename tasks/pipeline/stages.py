@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -172,29 +173,41 @@ def _budget_stop(
         bill=ann.bill,
         shards_not_started=shards.shards_not_started,
     )
-    (cfg.run_dir / "budget_stop.json").write_text(json.dumps(partial, indent=2, default=str))
-    run_logger().error(partial["message"])
-    with contextlib.suppress(Exception):
-        create_markdown_artifact(
-            markdown="# distill stopped at its budget\n\n" + partial["message"],
-            key="distill-budget-stop",
-            description="the run reached budget.max_usd",
-        )
+    _publish_stop(
+        cfg,
+        partial,
+        file="budget_stop.json",
+        title="distill stopped at its budget",
+        key="distill-budget-stop",
+        description="the run reached budget.max_usd",
+        level=logging.ERROR,
+    )
     return BudgetExhausted(partial["message"], partial)
 
 
 def _batches_pending(cfg: DistillConfig, plan: Plan, ann: Annotation, shards: AnnotatedShards) -> BatchesPending:
     """The run ends, its batches still at the provider: a nightly must not hold a worker for a 24-hour window."""
     partial = batches_pending_summary(cfg, plan_usd=plan.figures.usd, totals=shards.totals(), bill=ann.bill)
-    (cfg.run_dir / "batches_pending.json").write_text(json.dumps(partial, indent=2, default=str))
-    run_logger().warning(partial["message"])
-    with contextlib.suppress(Exception):
-        create_markdown_artifact(
-            markdown="# distill is waiting for its batches\n\n" + partial["message"],
-            key="distill-batches-pending",
-            description="batches still at the provider",
-        )
+    _publish_stop(
+        cfg,
+        partial,
+        file="batches_pending.json",
+        title="distill is waiting for its batches",
+        key="distill-batches-pending",
+        description="batches still at the provider",
+        level=logging.WARNING,
+    )
     return BatchesPending(partial["message"], partial)
+
+
+def _publish_stop(
+    cfg: DistillConfig, partial: dict[str, Any], *, file: str, title: str, key: str, description: str, level: int
+) -> None:
+    """A stopped run's summary where people look: a JSON file in the run folder, the run log, a Prefect artifact."""
+    (cfg.run_dir / file).write_text(json.dumps(partial, indent=2, default=str))
+    run_logger().log(level, partial["message"])
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(markdown=f"# {title}\n\n" + partial["message"], key=key, description=description)
 
 
 def aggregate(cfg: DistillConfig, ann: Annotation) -> Aggregation:

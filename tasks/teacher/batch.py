@@ -140,9 +140,12 @@ class BatchClient:
         ours = {r.keys[0]: r for r in todo}
         rounds: dict[str, int] = {}
         jobs: dict[str, BatchJob] = {}
+        waiting: set[str] = set()  # every request of the batches re-attached to, ours or not
         for job in self.ledger.open_jobs(self.base_url):  # 1. what an earlier run submitted
-            held = set(self.ledger.requests_of(job.local_id)) & ours.keys()
+            asked = self.ledger.requests_of(job.local_id)
+            held = asked.keys() & ours.keys()
             if held:
+                waiting.update(asked)
                 await self._finish_submission(job)
                 jobs[job.local_id] = job
                 if self.meter is not None:
@@ -152,7 +155,6 @@ class BatchClient:
                 self.log.info(
                     "batch transport: re-attached to %s (%s, %d requests)", job.batch_id, job.state, len(held)
                 )
-        waiting = {cid for j in jobs.values() for cid in self.ledger.requests_of(j.local_id)}
         pending = [r for r in todo if r.keys[0] not in waiting]
         if self.submit_only:
             return await self._submit_only(pending, jobs, rounds, results, ours)
@@ -249,7 +251,8 @@ class BatchClient:
         submitted = False
         limit = self.batch.max_in_flight if room is None else len(jobs) + max(0, room)
         while pending and len(jobs) < limit:
-            chunk = self._chunk(pending)
+            lines = self._chunk(pending)
+            chunk = pending[: len(lines)]
             reservation = self._worst_case(chunk)
             if self.meter is not None and not self.meter.try_reserve(reservation):
                 if jobs or self.submit_only:
@@ -261,23 +264,27 @@ class BatchClient:
                     return [], submitted
             pending = pending[len(chunk) :]
             rnd = max(rounds.get(r.keys[0], 0) for r in chunk) + 1
-            job = await self._submit(chunk, reservation, rnd)
+            job = await self._submit(chunk, lines[: len(chunk)], reservation, rnd)
             jobs[job.local_id] = job
             for r in chunk:
                 rounds[r.keys[0]] = rnd
             submitted = True
         return pending, submitted
 
-    def _chunk(self, pending: list[TeacherRequest]) -> list[TeacherRequest]:
-        """The next batch: at most ``max_requests`` requests and ``max_bytes`` of input."""
-        size, n = 0, 0
+    def _chunk(self, pending: list[TeacherRequest]) -> list[bytes]:
+        """The JSONL lines of the next batch (of ``pending``'s head): at most ``max_requests`` and ``max_bytes``.
+
+        Serialised once: the lines that size the batch are the ones written to its input file.
+        """
+        lines: list[bytes] = []
+        size = 0
         for r in pending[: self.batch.max_requests]:
-            line = len(input_line(r))
-            if n and size + line > self.batch.max_bytes:
+            line = input_line(r)
+            if lines and size + len(line) > self.batch.max_bytes:
                 break
-            size += line
-            n += 1
-        return pending[: max(1, n)]
+            size += len(line)
+            lines.append(line)
+        return lines
 
     def _worst_case(self, chunk: list[TeacherRequest]) -> float:
         """What ``chunk`` could cost at most at the batch price (prompt tokens bounded as the meter bounds them)."""
@@ -311,11 +318,11 @@ class BatchClient:
         return chunk[:n]
 
     # ------------------------------------------------------------------ one batch
-    async def _submit(self, chunk: list[TeacherRequest], reservation: float, rnd: int) -> BatchJob:
+    async def _submit(self, chunk: list[TeacherRequest], lines: list[bytes], reservation: float, rnd: int) -> BatchJob:
         """Record, write, upload and submit one batch; each step is in the ledger before the next starts."""
         local_id = f"distill-{uuid.uuid4().hex[:16]}"
         path = self.work_dir / f"{local_id}.jsonl"
-        write_input(path, chunk)
+        write_input(path, lines)
         job = BatchJob(
             local_id,
             self.base_url,

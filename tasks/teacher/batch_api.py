@@ -120,21 +120,17 @@ class BatchLedger:
         return ("UPDATE batch_jobs SET state='collected', updated=? WHERE local_id=?", (time.time(), job.local_id))
 
 
-def write_input(path: Path, requests: list[TeacherRequest]) -> int:
-    """The batch's JSONL input (one line per request, ``custom_id`` its first cache key); returns its bytes."""
+def write_input(path: Path, lines: list[bytes]) -> None:
+    """The batch's JSONL input (lines of :func:`input_line`), written atomically: a temp file renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    size = 0
     with tmp.open("wb") as f:
-        for r in requests:
-            line = input_line(r)
-            f.write(line)
-            size += len(line)
+        f.writelines(lines)
     tmp.replace(path)
-    return size
 
 
 def input_line(r: TeacherRequest) -> bytes:
+    """One request as a line of the provider's batch input; ``custom_id`` is its first cache key."""
     doc = {"custom_id": r.keys[0], "method": "POST", "url": "/v1" + r.path, "body": r.payload}
     return (json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 

@@ -93,6 +93,20 @@ class ShardAsk:
     prices: list[TeacherPrice]
     batch_deadline: Optional[float] = None  # epoch seconds: when the run stops waiting for its batches
 
+    def settings(self) -> ShardSettings:
+        """What the shard asks with, made where it runs: the endpoints with their keys, the tokenizer."""
+        t = self.teacher
+        return ShardSettings(
+            self.template,
+            t,
+            self.client,
+            endpoints_for(t, self.base_url),
+            self.run_id,
+            self.prices,
+            counter_for(t),
+            batch_deadline=self.batch_deadline,
+        )
+
 
 @task(name="annotate-shard", task_run_name="annotate-{name}")
 def annotate_shard_task(
@@ -106,21 +120,10 @@ def annotate_shard_task(
     show_progress: bool = True,
 ) -> ShardResult:
     """Thin Prefect task over :func:`annotate_shard`."""
-    t = ask.teacher
-    settings = ShardSettings(
-        ask.template,
-        t,
-        ask.client,
-        endpoints_for(t, ask.base_url),
-        ask.run_id,
-        ask.prices,
-        counter_for(t),
-        batch_deadline=ask.batch_deadline,
-    )
     return annotate_shard(
         in_path,
         out_path,
-        settings,
+        ask.settings(),
         budget_left_usd=budget_left_usd,
         prompt_ratio=prompt_ratio,
         logger=run_logger(),
@@ -138,11 +141,7 @@ def submit_batches_task(
     budget_left_usd: Optional[float] = None,
 ) -> SubmitStats:
     """Thin Prefect task over :func:`submit_shard`."""
-    t = ask.teacher
-    settings = ShardSettings(
-        ask.template, t, ask.client, endpoints_for(t, ask.base_url), ask.run_id, ask.prices, counter_for(t)
-    )
-    return submit_shard(in_path, out_path, settings, budget_left_usd=budget_left_usd, logger=run_logger())
+    return submit_shard(in_path, out_path, ask.settings(), budget_left_usd=budget_left_usd, logger=run_logger())
 
 
 @task(name="plan")
