@@ -27,6 +27,13 @@ from tests.fake_openai import FakeOpenAI  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the long tests first and spread over the workers (tests/scheduling.py)."""
+    from tests.scheduling import worker_count, xdist_order
+
+    items[:] = xdist_order(items, worker_count())
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """One Prefect test server for the session; yields its API URL (for subprocesses too)."""

