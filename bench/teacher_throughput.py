@@ -1,34 +1,31 @@
-"""The local teacher's requests/s against what this machine allows, setting by setting.
+"""The local teacher's requests/s, server by server and setting by setting, side by side.
 
 The same requests (dev items of the demo data, k prompt variants each, exactly as a run
-renders them) go to the real llama.cpp server (SmolLM2-135M via llama-cpp-python) under
-each setting. This machine's speed drifts by 2x within minutes, so the settings are run
-side by side: every setting has its own server(s), started up front, and the requests
-are sent in small chunks, round-robin over the settings (round r sends chunk r of every
-setting, in a rotated order), so a slow spell hits all settings alike. A setting's
-requests/s is its requests over the sum of its chunks' times.
+renders them) go to the real SmolLM2-135M GGUF under each setting. This machine's speed
+drifts by 2x within minutes, so the settings are run side by side: every setting has its
+own server, started up front, and the requests are sent in small chunks, round-robin over
+the settings (round r sends chunk r of every setting, in a rotated order), so a slow spell
+hits all settings alike. A setting's requests/s is its requests over the sum of its chunks'
+times.
 
-- default: one server, 2 threads, requests sample-major (all items' variant 0, then
-  variant 1, ...) so consecutive prompts share their few-shot prefix, which llama.cpp
-  keeps in its KV cache; log-probabilities on, max_tokens from the config
-- item_major: requests item by item (the k variants of one item in a row), so
-  consecutive prompts differ from the first example on: no shared prefix
-- item_major_state_cache: item-major with llama-cpp-python's prompt-state cache
-  (``--cache true``), which restores a saved prefix instead of recomputing it
-- no_logprobs: without log-probabilities (what they cost)
-- no_logprobs_lean: without them and with the server's ``--logits_all false`` (it then
-  skips the output layer for prompt tokens, which log-probabilities need)
-- max_tokens_1: one generated token (llama-cpp-python sorts the whole vocabulary in
-  Python once per generated token when log-probabilities are asked, so the stop token's
-  own step is not free)
-- threads_1: one server with 1 thread
-- two_servers: 2 servers of 1 thread each (2 sequences decoded in parallel; the client
-  alternates requests between them); two_servers_max_tokens_1 adds max_tokens 1
+- default: llama.cpp's C++ ``llama-server`` as distill starts it (2 slots, 2 threads,
+  continuous batching, prompt cache), the client 2 requests in flight, sample-major order
+  (all items' variant 0, then variant 1, ...) so a slot's next prompt shares its few-shot
+  prefix with its last; log-probabilities on, max_tokens from the config
+- slots_1 / slots_4: 1 or 4 slots (the client keeps as many requests in flight)
+- item_major: requests item by item (the k variants of one item in a row): consecutive
+  prompts differ from the first example on
+- no_logprobs: without log-probabilities (what they cost now)
+- other_build (with ``--other-build PATH``): the default's setting on another build of
+  llama-server, e.g. one made with ``make setup LLAMA_NATIVE=ON`` (this CPU's AVX-512)
+- python_server: llama-cpp-python's server as distill started it before (``--logits_all
+  true``, 2 threads, 2 requests in flight); run only where llama-cpp-python[server] is
+  installed (`make setup` no longer installs it: ``pip install 'llama-cpp-python[server]==0.3.36'``)
 
 Each setting's answers are compared with the default's: a faster setting only counts if
 it gives the same answers.
 
-    .venv/bin/python bench/teacher_throughput.py [--items 40] [--samples 3] [--chunk 20]
+    .venv/bin/python bench/teacher_throughput.py [--items 100] [--samples 3] [--chunk 30]
 
 Last line: one JSON object with every figure.
 """
@@ -49,23 +46,35 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
-SETTINGS = {
-    "default": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True},
-    "item_major": {"servers": 1, "threads": 2, "order": "item", "logprobs": True},
-    "item_major_state_cache": {
-        "servers": 1,
-        "threads": 2,
-        "order": "item",
-        "logprobs": True,
-        "extra": ("--cache", "true"),
-    },
-    "no_logprobs": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False},
-    "no_logprobs_lean": {"servers": 1, "threads": 2, "order": "sample", "logprobs": False, "logits_all": False},
-    "max_tokens_1": {"servers": 1, "threads": 2, "order": "sample", "logprobs": True, "max_tokens": 1},
-    "threads_1": {"servers": 1, "threads": 1, "order": "sample", "logprobs": True},
-    "two_servers": {"servers": 2, "threads": 1, "order": "sample", "logprobs": True},
-    "two_servers_max_tokens_1": {"servers": 2, "threads": 1, "order": "sample", "logprobs": True, "max_tokens": 1},
+SETTINGS: dict[str, dict] = {
+    "default": {"server": "cpp", "slots": 2, "threads": 2, "order": "sample", "logprobs": True},
+    "slots_1": {"server": "cpp", "slots": 1, "threads": 2, "order": "sample", "logprobs": True},
+    "slots_4": {"server": "cpp", "slots": 4, "threads": 2, "order": "sample", "logprobs": True},
+    "item_major": {"server": "cpp", "slots": 2, "threads": 2, "order": "item", "logprobs": True},
+    "no_logprobs": {"server": "cpp", "slots": 2, "threads": 2, "order": "sample", "logprobs": False},
+    "python_server": {"server": "python", "slots": 2, "threads": 2, "order": "sample", "logprobs": True},
 }
+
+
+def start_python_server(threads: int):  # type: ignore[no-untyped-def]
+    """llama-cpp-python's server exactly as distill started it up to 2026-12-05 (for the comparison)."""
+    import subprocess
+    import time as _t
+
+    from tasks.teacher import local_server as lt
+
+    port = lt.free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(lt.default_gguf()), "--model_alias", "teacher"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)]
+    cmd += ["--logits_all", "true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    st = lt.ServerState(proc.pid, port, "", "teacher", "", _t.time())
+    deadline = _t.monotonic() + 120
+    while not lt.healthy(st.base_url, timeout=1.0):
+        if proc.poll() is not None or _t.monotonic() > deadline:
+            raise RuntimeError("llama-cpp-python's server did not start")
+        _t.sleep(0.3)
+    return st
 
 
 def build_requests(
@@ -127,14 +136,22 @@ async def send(urls: list[str], reqs, per_url_concurrency: int) -> tuple[float, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=20, help="requests per setting per round")
+    ap.add_argument("--chunk", type=int, default=30, help="requests per setting per round")
     ap.add_argument("--only", nargs="*", help="setting names to run (default always)")
+    ap.add_argument("--other-build", help="another llama-server binary, run as setting other_build")
     a = ap.parse_args()
+    if a.other_build:
+        SETTINGS["other_build"] = {**SETTINGS["default"], "binary": a.other_build}
+    import importlib.util
+
     from tasks.teacher import local_server as lt
 
     names = [n for n in SETTINGS if not a.only or n in a.only or n == "default"]
+    if importlib.util.find_spec("llama_cpp") is None and "python_server" in names:
+        print("llama-cpp-python is not installed: python_server left out", flush=True)
+        names.remove("python_server")
     plans = {
         n: build_requests(
             a.config,
@@ -150,21 +167,22 @@ def main() -> None:
     try:
         for n in names:
             st = SETTINGS[n]
-            servers[n] = [
-                lt.start_server(
-                    None,
-                    n_ctx=2048,
-                    n_threads=st["threads"],
-                    alias="teacher",
-                    startup_timeout_s=120,
-                    write_state=False,
-                    extra_args=tuple(st.get("extra", ())),
-                    logits_all=st.get("logits_all", True),
-                )
-                for _ in range(st["servers"])
-            ]
-            urls = [s.base_url for s in servers[n]]
-            asyncio.run(send(urls, plans[n][0][: len(urls)], 1))  # warm-up: first requests load pages, build graphs
+            if st["server"] == "python":
+                servers[n] = [start_python_server(st["threads"])]
+            else:
+                servers[n] = [
+                    lt.start_server(
+                        None,
+                        n_ctx=2048,
+                        n_threads=st["threads"],
+                        n_parallel=st["slots"],
+                        alias="teacher",
+                        startup_timeout_s=120,
+                        write_state=False,
+                        binary=Path(st["binary"]) if st.get("binary") else None,
+                    )
+                ]
+            asyncio.run(send([servers[n][0].base_url], plans[n][0][:2], 1))  # warm-up: pages in, graphs built
         n_req = len(plans["default"][0])
         spent = {n: 0.0 for n in names}
         texts: dict[str, dict] = {n: {} for n in names}
@@ -174,7 +192,7 @@ def main() -> None:
             for n in order:
                 urls = [s.base_url for s in servers[n]]
                 chunk = plans[n][0][r * a.chunk : (r + 1) * a.chunk]
-                el, got = asyncio.run(send(urls, chunk, 2 if len(urls) == 1 else 1))
+                el, got = asyncio.run(send(urls, chunk, max(2, SETTINGS[n]["slots"])))
                 spent[n] += el
                 texts[n].update(got)
             print(
@@ -197,8 +215,7 @@ def main() -> None:
             "vs_default": round(spent["default"] / spent[n], 3),
             "same_answers": round(same, 4),
             "seconds": round(spent[n], 1),
-            **{k: v for k, v in SETTINGS[n].items() if k != "extra"},
-            "extra_args": list(SETTINGS[n].get("extra", ())),
+            **SETTINGS[n],
         }
         print(f"{n:<26} {rps:7.2f} {result[n]['vs_default']:9.2f}x {100 * same:12.1f}%")
     same_fast = [n for n in names if result[n]["same_answers"] == 1.0]

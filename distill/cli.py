@@ -156,6 +156,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
             t.gguf_path if t else None,
             n_ctx=t.n_ctx if t else 2048,
             n_threads=t.n_threads if t else 2,
+            n_parallel=t.n_parallel if t else 1,
             alias=t.model if t else "teacher",
             startup_timeout_s=t.startup_timeout_s if t else 120.0,
         )

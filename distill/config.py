@@ -312,6 +312,17 @@ class TeacherConfig(_Strict):
         ),
     )
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads of the local server.")
+    n_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Slots of the local server: sequences it decodes at once in one batch (continuous batching), each "
+            "with n_ctx of context; keep client.concurrency above it. 1 on 2 cores: more slots were no faster "
+            "there (bench/teacher_throughput.py) and one slot's answers do not depend on which requests shared "
+            "its batch; raise it where the server has cores to spare."
+        ),
+    )
     startup_timeout_s: float = Field(
         default=120.0, gt=0, description="Seconds to wait for the local server's health check."
     )

@@ -110,3 +110,31 @@ def shard_settings(
         Endpoint(u, k, i, check) for i, (u, k) in enumerate(members or [], start=1)
     ]
     return ShardSettings(template, cfg.teacher, cfg.client, endpoints, run_id, list(prices or []), counter)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenize() -> Iterator:
+    """``tokenize(text, parse_special)`` by the real llama-server on the bundled GGUF (its /tokenize endpoint).
+
+    What the embedded teacher does to a prompt is what this returns with ``parse_special``
+    True (llama-server parses special tokens in a completion prompt).
+    """
+    import json
+    import urllib.request
+
+    from tasks.teacher import local_server as lt
+
+    st = lt.start_server(None, n_parallel=1, write_state=False, state_dir=Path(_TMP) / "tokenize-server")
+
+    def tokenize(text: str, parse_special: bool = True) -> list[int]:
+        body = json.dumps({"content": text, "add_special": parse_special, "parse_special": parse_special}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{st.port}/tokenize", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["tokens"]
+
+    try:
+        yield tokenize
+    finally:
+        lt._kill(st.pid)

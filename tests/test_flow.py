@@ -254,7 +254,7 @@ def llama_servers() -> set[int]:
     out = set()
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"llama_cpp.server" in (d / "cmdline").read_bytes():
+            if d.name.isdigit() and b"llama-server" in (d / "cmdline").read_bytes().split(b"\0")[0]:
                 ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 if ppid == os.getpid():
                     out.add(int(d.name))

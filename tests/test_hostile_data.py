@@ -574,7 +574,6 @@ def test_overlong_end_to_end_against_a_server_with_a_context(tmp_path, binary_pr
 
 def test_overlong_local_teacher_counts_with_its_own_tokenizer(tmp_path, binary_prompt):
     """The local teacher's context is teacher.n_ctx, counted with the GGUF's tokenizer: a cut prompt fits exactly."""
-    pytest.importorskip("llama_cpp")
     from tasks.teacher.tokenizer import counter_for
 
     cfg = overlong_cfg(tmp_path, binary_prompt, local=True, n_ctx=512)
@@ -623,19 +622,14 @@ def test_injected_item_stays_in_its_slot(prompt, hostile):
     assert "\n" not in cb[-1]["content"] and not has_markup(cb[-1]["content"])
 
 
-def test_control_markup_does_not_tokenize_as_control_tokens():
-    """With the local teacher's own tokenizer (special tokens parsed, as llama.cpp does for a prompt)."""
-    pytest.importorskip("llama_cpp")
-    from llama_cpp import Llama
-
-    from tasks.teacher.local_server import default_gguf
-
-    vocab = Llama(model_path=str(default_gguf()), vocab_only=True, verbose=False)
-    special = {vocab.token_bos(), vocab.token_eos()} | set(range(0, 17))  # SmolLM2's control tokens are 0-16
+@pytest.mark.slow
+def test_control_markup_does_not_tokenize_as_control_tokens(llama_tokenize):
+    """With the local teacher's own server (special tokens parsed, as llama-server does for a prompt)."""
+    special = set(range(0, 17))  # SmolLM2's control tokens are 0-16 (BOS and EOS among them)
     tpl = load_prompt(str(REPO / "prompts/sentiment_binary.yaml"))
-    raw = vocab.tokenize(INJECTIONS[4].encode(), add_bos=False, special=True)
+    raw = llama_tokenize(INJECTIONS[4])
     assert special & set(raw)  # the attack is real: undefused, the item carries control tokens
-    toks = vocab.tokenize(tpl.render_completion(INJECTIONS[4]).encode(), add_bos=False, special=True)
+    toks = llama_tokenize(tpl.render_completion(INJECTIONS[4]))
     assert not special & set(toks)
 
 

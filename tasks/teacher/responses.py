@@ -58,8 +58,9 @@ def model_matches(asked: Optional[str], answered: Any) -> bool:
     servers send none); the same name in another case; a dated snapshot or tag of the name
     asked (OpenAI answers ``gpt-4o-mini`` as ``gpt-4o-mini-2024-07-18``); the same name
     with or without a ``vendor/`` prefix (routers); and a model *file* (llama.cpp's own
-    server without ``--alias`` names the one GGUF it serves; llama-cpp-python, distill's
-    local teacher, echoes the name asked). Anything else is another model's answer.
+    server without ``--alias`` names the one GGUF it serves; with ``--alias``, as distill
+    starts its local teacher, it echoes the alias; llama-cpp-python's server echoes the
+    name asked). Anything else is another model's answer.
     """
     if not asked or not isinstance(answered, str) or not answered.strip():
         return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from distill.config import TeacherConfig
 from tasks.teacher.local_server import default_gguf
-from tasks.templates.tokens import TokenCounter, heuristic_counter, hf_counter, llama_counter, openai_counter
+from tasks.templates.tokens import TokenCounter, gguf_counter, heuristic_counter, hf_counter, openai_counter
 
 
 def counter_for(teacher: TeacherConfig) -> TokenCounter:
@@ -17,5 +17,5 @@ def counter_for(teacher: TeacherConfig) -> TokenCounter:
     if teacher.tokenizer:
         return hf_counter(teacher.tokenizer)
     if teacher.local:
-        return llama_counter(str(teacher.gguf_path or default_gguf()))
+        return gguf_counter(str(teacher.gguf_path or default_gguf()))
     return openai_counter(teacher.model) or heuristic_counter()

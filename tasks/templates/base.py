@@ -103,8 +103,8 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-# Chat and control tokens written as text. llama.cpp tokenizes a prompt with special tokens parsed
-# (llama-cpp-python: special=True when there is no suffix), so "<|im_end|>" or "</s>" in an item would become
+# Chat and control tokens written as text. llama.cpp's server tokenizes a prompt with special tokens parsed
+# (its /tokenize endpoint shows the same: tests/test_hostile_data.py), so "<|im_end|>" or "</s>" in an item would become
 # the real control token and end the item's turn, or the document, from inside the data.
 _MARKUP = re.compile(
     r"<\|[^<>|\s]{0,48}\|>|</?s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk)>", re.IGNORECASE

@@ -2,10 +2,10 @@
 
 Why: prices are per token, and two numbers need tokens without a server's word for them:
 the plan (made before any request) and answers whose response carried no ``usage``. The
-counter uses the teacher's own tokenizer where it is on this machine (the local GGUF via
-llama.cpp's vocab-only loader, which matches llama.cpp's reported prompt tokens exactly,
-a Hugging Face tokenizer folder named by ``teacher.tokenizer``, or tiktoken for an OpenAI
-model name), else 4 characters per token. Every count carries its method so reports can
+counter uses the teacher's own tokenizer where it is on this machine (the local GGUF's,
+read from its metadata once, which matches llama.cpp's own tokenisation, a Hugging Face
+tokenizer folder named by ``teacher.tokenizer``, or tiktoken for an OpenAI model name),
+else 4 characters per token. Every count carries its method so reports can
 mark it ``counted`` or ``estimated``.
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English text
@@ -75,15 +77,54 @@ def heuristic_counter() -> TokenCounter:
     return TokenCounter(None, f"estimated at {CHARS_PER_TOKEN:g} characters per token")
 
 
-def llama_counter(gguf_path: str) -> TokenCounter:
-    """The GGUF's own tokenizer (vocab only: loads in well under a second, no weights)."""
-    from llama_cpp import Llama
+def gguf_tokenizer_dir(gguf_path: str, cache_root: str = ".distill/models") -> Path:
+    """The GGUF's tokenizer as a Hugging Face ``tokenizer.json`` folder: converted once, then reused.
 
-    with _quiet_stderr():  # llama.cpp prints context warnings straight to fd 2, verbose=False or not
-        vocab = Llama(model_path=gguf_path, vocab_only=True, verbose=False)
+    Why: the embedded teacher is llama.cpp's C++ server, so nothing in Python loads the GGUF;
+    transformers reads the tokenizer out of the GGUF's metadata (about 10 s here), and the
+    saved folder loads in a fraction of a second. The folder is keyed by the file's name and
+    size, written to a temporary folder and renamed into place (a killed conversion leaves no
+    half-written tokenizer), under a file lock (two runs convert once).
+    """
+    from filelock import FileLock
+
+    gguf = Path(gguf_path)
+    root = Path(cache_root).absolute() / "tokenizers"
+    final = root / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (final / "tokenizer.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{final.name}.lock")):
+        if (final / "tokenizer.json").is_file():
+            return final
+        from transformers import AutoTokenizer
+
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_stderr():
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    return final
+
+
+def gguf_counter(gguf_path: str) -> TokenCounter:
+    """The local GGUF's own tokenizer, as llama.cpp applies it.
+
+    A prompt is tokenised as llama-server tokenises one (special tokens such as
+    ``<|im_end|>`` parsed, the model's BOS added if it has one); an answer's text without
+    parsing special tokens. Checked against llama.cpp's own tokenizer on the bundled data
+    (tests/test_costs.py).
+    """
+    from tokenizers import Tokenizer
+
+    path = str(gguf_tokenizer_dir(gguf_path) / "tokenizer.json")
+    as_prompt = Tokenizer.from_file(path)
+    as_text = Tokenizer.from_file(path)
+    as_text.encode_special_tokens = True  # an answer's "<|im_end|>" is text, not a control token
 
     def fn(text: str, prompt: bool) -> int:
-        return len(vocab.tokenize(text.encode("utf-8", "replace"), add_bos=prompt, special=prompt))
+        return len((as_prompt if prompt else as_text).encode(text, add_special_tokens=prompt).ids)
 
     return TokenCounter(fn, f"counted with the teacher's tokenizer ({gguf_path.rsplit('/', 1)[-1]})")
 
