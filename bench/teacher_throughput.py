@@ -52,6 +52,14 @@ SETTINGS: dict[str, dict] = {
     "slots_4": {"server": "cpp", "slots": 4, "threads": 2, "order": "sample", "logprobs": True},
     "item_major": {"server": "cpp", "slots": 2, "threads": 2, "order": "item", "logprobs": True},
     "no_logprobs": {"server": "cpp", "slots": 2, "threads": 2, "order": "sample", "logprobs": False},
+    "poll_0": {
+        "server": "cpp",
+        "slots": 1,
+        "threads": 2,
+        "order": "sample",
+        "logprobs": True,
+        "extra": ["--poll", "0"],
+    },
     "python_server": {"server": "python", "slots": 2, "threads": 2, "order": "sample", "logprobs": True},
 }
 
@@ -180,6 +188,7 @@ def main() -> None:
                         startup_timeout_s=120,
                         write_state=False,
                         binary=Path(st["binary"]) if st.get("binary") else None,
+                        extra_args=tuple(st.get("extra", ())),
                     )
                 ]
             asyncio.run(send([servers[n][0].base_url], plans[n][0][:2], 1))  # warm-up: pages in, graphs built

@@ -575,8 +575,23 @@ class GateConfig(_Strict):
         default=0.0,
         ge=0,
         le=1,
-        description="A challenger must beat the champion's gold macro-F1 by at least this much (ties keep the "
+        description="A challenger must beat the champion's gold macro-F1 by more than this: for a classifier, the "
+        "lower end of the improvement's confidence interval on the same gold items must clear it (ties keep the "
         "champion).",
+    )
+    confidence: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="task: classify: confidence of the paired bootstrap interval of (challenger - champion) "
+        "macro-F1 on the same gold items; the gate promotes only when its lower end clears min_improvement.",
+    )
+    bootstrap_resamples: int = Field(
+        default=2000,
+        ge=0,
+        le=100_000,
+        description="Resamples of the gold items for that interval (0: compare point estimates only, as before "
+        "2026-12-05).",
     )
 
 

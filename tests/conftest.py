@@ -19,6 +19,9 @@ os.environ.update(
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(Path(_TMP) / "prefect-results"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "DISTILL_STATE_DIR": str(Path(_TMP) / "distill-state"),
+        # the suite runs the local teacher beside other CPU-bound tests on every core: OpenMP threads that spin at
+        # their barriers then starve each other (README "Teacher speed"); passive waiting keeps it steady there
+        "OMP_WAIT_POLICY": "passive",
     }
 )
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from distill.config import StudentConfig  # noqa: E402
+from distill.config import GateConfig, StudentConfig  # noqa: E402
 from tasks.classify.pyfunc import log_student_model  # noqa: E402
 from tasks.classify.register import register_classifier  # noqa: E402
 from tasks.classify.train import train_student  # noqa: E402
@@ -68,8 +68,7 @@ def test_gate_against_real_registry(tmp_path, student_dir, monkeypatch):
                 gold_texts=texts,
                 gold_labels=gold,
                 labels=LABELS,
-                floor=floor,
-                margin=margin,
+                gate=GateConfig(min_macro_f1=floor, min_improvement=margin),
                 run_id=run.info.run_id,
             )
 
@@ -122,7 +121,7 @@ class _Broken(__import__("mlflow").pyfunc.PythonModel):
 def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student_dir, monkeypatch):
     import mlflow
 
-    from tasks.registry.gate import find_candidate, gated_registration
+    from tasks.registry.gate import ChampionNow, find_candidate, gated_registration
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -137,8 +136,7 @@ def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student
             gold_texts=texts,
             gold_labels=gold,
             labels=LABELS,
-            floor=0.6,
-            margin=0.0,
+            gate=GateConfig(min_macro_f1=0.6),
             run_id=run.info.run_id,
             candidate="good",
         )
@@ -149,7 +147,7 @@ def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student
             broken,
             "m",
             candidate="broken",
-            champion=lambda: ("1", 0.5),
+            champion=lambda: ChampionNow("1", 0.5),
             floor=0.6,
             margin=0.0,
             metric="macro-F1",
@@ -168,8 +166,7 @@ def test_champion_never_points_at_a_version_that_fails_to_load(tmp_path, student
         gold_texts=texts,
         gold_labels=gold,
         labels=LABELS,
-        floor=0.6,
-        margin=0.0,
+        gate=GateConfig(min_macro_f1=0.6),
         run_id="r",
         candidate="good",
     )

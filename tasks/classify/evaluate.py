@@ -147,6 +147,9 @@ def evaluate(
     g = gold["label"].tolist()
     s_pred, s_conf = predictor.predict(texts, batch_size)
     student = scores(g, s_pred, labels)
+    # each gold item's prediction: the gate pairs them with the champion's on the same items (tasks/registry/paired.py)
+    predictions = out / "student_gold_predictions.parquet"
+    pd.DataFrame({"id": gold["id"].tolist(), "label": g, "pred": s_pred, "confidence": s_conf}).to_parquet(predictions)
     s_rel = reliability("student", s_conf, [p == t for p, t in zip(s_pred, g)])
     plots = [plot_confusion(g, s_pred, labels, "student on gold", out / "confusion_student.png")]
     curves = [s_rel]
@@ -189,6 +192,7 @@ def evaluate(
         teacher_items_per_s=None,
         speed_ratio=None,
         plots=plots,
+        gold_predictions_path=str(predictions),
     )
 
 

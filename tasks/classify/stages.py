@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from prefect import task
 
-from distill.config import DataConfig, EnergyConfig, PricingConfig, StudentConfig, VoteConfig
+from distill.config import DataConfig, EnergyConfig, GateConfig, PricingConfig, StudentConfig, VoteConfig
 from tasks.accounting.costs import training_cost
 from tasks.classify.aggregate import vote_shards, vote_stats
 from tasks.classify.evaluate import evaluate, read_gold, teacher_gold_scores
@@ -46,6 +46,9 @@ TABLE_KEYS = [
     "speed_ratio",
     "promoted",
     "gate_reason",
+    "gate_improvement",
+    "gate_improvement_ci_low",
+    "gate_improvement_ci_high",
     "model_name",
     "model_version",
     "mlflow_run_id",
@@ -219,7 +222,11 @@ def evaluate_stage(
     ev.teacher_items_per_s = teacher_items_per_s
     ev.speed_ratio = ev.speed.student_items_per_s / teacher_items_per_s if teacher_items_per_s else None
     return Evaluation(
-        ev, PRIMARY_METRIC, ev.student_macro_f1, documents={"calibration.json": {"reliability": ev.reliability}}
+        ev,
+        PRIMARY_METRIC,
+        ev.student_macro_f1,
+        documents={"calibration.json": {"reliability": ev.reliability}},
+        tables={"student_gold_predictions.json": ev.gold_predictions_path} if ev.gold_predictions_path else {},
     )
 
 
@@ -231,13 +238,19 @@ def register_task(
     labels: list[str],
     model_name: str,
     score: float,
-    floor: float,
-    margin: float,
+    gold_predictions_path: Optional[str],
+    gate: GateConfig,
     run_id: str,
     candidate: Optional[str],
 ) -> Registration:
-    """Reads the gold file itself: big lists never travel as Prefect parameters."""
+    """Reads the gold file and the student's gold predictions itself: big lists never travel as Prefect parameters."""
+    import pandas as pd
+
     gold = read_gold(data, labels)
+    challenger = None
+    if gold_predictions_path and gate.bootstrap_resamples > 0:
+        by_id = pd.read_parquet(gold_predictions_path).set_index("id")["pred"]
+        challenger = [str(by_id[i]) for i in gold["id"]]
     return register_classifier(
         log_model,
         model_name=model_name,
@@ -245,8 +258,8 @@ def register_task(
         gold_texts=gold["text"].tolist(),
         gold_labels=gold["label"].tolist(),
         labels=labels,
-        floor=floor,
-        margin=margin,
+        gate=gate,
+        challenger_pred=challenger,
         run_id=run_id,
         candidate=candidate,
     )
@@ -261,8 +274,7 @@ def register_stage(
     student: StudentConfig,
     labels: list[str],
     model_name: str,
-    floor: float,
-    margin: float,
+    gate: GateConfig,
     run_id: str,
 ) -> Registration:
     """Log the student as an MLflow pyfunc, register it and let the gate decide on gold macro-F1."""
@@ -272,14 +284,15 @@ def register_stage(
         texts = pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:3]
         return log_student_model(model.model_dir, student.precision, student.max_length, texts).model_uri
 
+    figures = ev.figures
     return register_task(
         log_model,
         data=data,
         labels=labels,
         model_name=model_name,
         score=ev.score,
-        floor=floor,
-        margin=margin,
+        gold_predictions_path=getattr(figures, "gold_predictions_path", None),
+        gate=gate,
         run_id=run_id,
         candidate=model.uid,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tasks.registry.gate import ModelSource, gated_registration
+from tasks.registry.gate import ChampionNow, ModelSource, gated_registration
 from tasks.results.stages import Registration
 
 
@@ -67,7 +67,7 @@ def register_generator(
         model,
         model_name,
         candidate=candidate,
-        champion=lambda: champion_score(model_name, metric, documents, references),
+        champion=lambda: ChampionNow(*champion_score(model_name, metric, documents, references)),
         floor=floor,
         margin=margin,
         metric=metric,

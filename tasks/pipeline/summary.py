@@ -197,7 +197,15 @@ def registration_figures(reg: Registration, task: str) -> dict[str, Any]:
         "previous_champion_version": reg.previous_champion_version,
     }
     if task == "classify":
-        out["previous_champion_macro_f1"] = reg.previous_champion_score
+        ci = reg.improvement_interval  # None for a first model, or with gate.bootstrap_resamples 0
+        out.update(
+            {
+                "previous_champion_macro_f1": reg.previous_champion_score,
+                "gate_improvement": ci.diff if ci else None,
+                "gate_improvement_ci_low": ci.low if ci else None,
+                "gate_improvement_ci_high": ci.high if ci else None,
+            }
+        )
     else:
         out.update({"previous_champion_score": reg.previous_champion_score, "gate_metric": reg.metric})
     return out

@@ -143,8 +143,7 @@ class Classify:
             student=cfg.student,
             labels=_labels(cfg),
             model_name=cfg.tracking.model_name,
-            floor=cfg.gate.min_macro_f1,
-            margin=cfg.gate.min_improvement,
+            gate=cfg.gate,
             run_id=run_id,
         )
 

@@ -16,21 +16,44 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from distill.faults import failpoint
+from tasks.results.registry import PairedInterval
 from tasks.results.stages import Registration
 
 
 def decide(
-    challenger_f1: float, champion_f1: Optional[float], floor: float, margin: float, metric: str = "macro-F1"
+    challenger_f1: float,
+    champion_f1: Optional[float],
+    floor: float,
+    margin: float,
+    *,
+    metric: str = "macro-F1",
+    interval: Optional[PairedInterval] = None,
 ) -> tuple[bool, str]:
-    """The gate rule as a pure function (see the module docstring); ``metric`` names the figure in the reason."""
+    """The gate rule as a pure function (see the module docstring); ``metric`` names the figure in the reason.
+
+    With ``interval`` (the paired bootstrap of challenger minus champion on the same gold
+    items, tasks/registry/paired.py) the challenger must beat the champion beyond noise:
+    the interval's lower end must be above zero and at least the margin.
+    """
     if challenger_f1 < floor:
         return False, f"{metric} {challenger_f1:.4f} is below the floor {floor:.4f}"
     if champion_f1 is None:
         return True, f"first model: {metric} {challenger_f1:.4f} clears the floor {floor:.4f}"
+    if interval is not None:
+        if interval.low > 0 and interval.low >= margin:
+            return True, (
+                f"{metric} {challenger_f1:.4f} beats the champion's {champion_f1:.4f} on the same gold items by "
+                f"{interval.describe()}: the interval clears the margin {margin:.4f}"
+            )
+        return False, (
+            f"{metric} {challenger_f1:.4f} vs the champion's {champion_f1:.4f} on the same gold items: "
+            f"{interval.describe()}; its lower end does not clear zero and the margin {margin:.4f} (within noise)"
+        )
     diff = challenger_f1 - champion_f1
     if diff > 0 and diff >= margin:
         return (
@@ -130,9 +153,16 @@ def gate_lock(model_name: str) -> Iterator[None]:
         os.close(fd)
 
 
-ChampionScore = Callable[
-    [], tuple[Optional[str], Optional[float]]
-]  # the champion's version and score now, or (None, None)
+@dataclass(frozen=True)
+class ChampionNow:
+    """The current champion re-measured on this gold set now (all None when there is none)."""
+
+    version: Optional[str] = None
+    score: Optional[float] = None
+    interval: Optional[PairedInterval] = None  # challenger minus this champion on the same gold items, if paired
+
+
+ChampionScore = Callable[[], ChampionNow]
 
 
 def gated_registration(
@@ -198,9 +228,11 @@ def _gated_registration(
             metric,
             champ_v,
             champ_s,
+            interval_from_tags(t),
         )
-    champ_v, champ_s = champion()
-    promote, reason = decide(float(tags["distill.score"]), champ_s, floor, margin, metric=metric)
+    now = champion()
+    champ_v, champ_s, ci = now.version, now.score, now.interval
+    promote, reason = decide(float(tags["distill.score"]), champ_s, floor, margin, metric=metric, interval=ci)
     uri = model() if callable(model) else model
     failpoint("register:logged")
     born = {
@@ -210,10 +242,34 @@ def _gated_registration(
         "gate_reason": reason,
         "compared_with_version": champ_v or "",
         "distill.champion_score_now": "" if champ_s is None else f"{champ_s:.6f}",
+        **(interval_tags(ci) if ci is not None else {}),
     }
     mv = mlflow.register_model(uri, model_name, tags=born)
     failpoint("register:created")
     promoted, note = _set_aliases(model_name, str(mv.version), promote, champ_v, probe)
     return Registration(
-        model_name, str(mv.version), promoted, reason + (f" ({note})" if note else ""), metric, champ_v, champ_s
+        model_name, str(mv.version), promoted, reason + (f" ({note})" if note else ""), metric, champ_v, champ_s, ci
+    )
+
+
+def interval_tags(ci: PairedInterval) -> dict[str, str]:
+    """The interval as the model version's tags (a rerun that finds the version reads them back)."""
+    return {
+        "gate_improvement": f"{ci.diff:.6f}",
+        "gate_improvement_ci_low": f"{ci.low:.6f}",
+        "gate_improvement_ci_high": f"{ci.high:.6f}",
+        "gate_confidence": f"{ci.confidence:g}",
+        "gate_bootstrap_resamples": str(ci.resamples),
+    }
+
+
+def interval_from_tags(t: dict[str, str]) -> Optional[PairedInterval]:
+    if not t.get("gate_improvement_ci_low"):
+        return None
+    return PairedInterval(
+        float(t["gate_improvement"]),
+        float(t["gate_improvement_ci_low"]),
+        float(t["gate_improvement_ci_high"]),
+        float(t["gate_confidence"]),
+        int(t["gate_bootstrap_resamples"]),
     )

@@ -142,3 +142,4 @@ class ClassifierEvaluation:
     teacher_items_per_s: Optional[float]
     speed_ratio: Optional[float]
     plots: list[str] = field(default_factory=list)
+    gold_predictions_path: Optional[str] = None  # Parquet: id, label, pred, confidence per gold item

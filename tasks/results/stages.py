@@ -19,6 +19,7 @@ from tasks.results.accounting import TeacherBill, TeacherPrice, TrainingCost
 from tasks.results.classify import ClassifierEvaluation, ClassifierTraining, TeacherGoldScores, VoteStats
 from tasks.results.data import DataReport, Selection
 from tasks.results.generate import GeneratorEvaluation, GeneratorGoldScores, GeneratorTraining, MedoidStats
+from tasks.results.registry import PairedInterval
 from tasks.results.teacher import PlanFigures, Probe, ShardResult, ShardTotals, TeacherSpeed
 from tasks.templates.load import Template
 
@@ -146,3 +147,4 @@ class Registration:
     metric: str  # the figure the gate compared, as its reason names it
     previous_champion_version: Optional[str] = None
     previous_champion_score: Optional[float] = None  # the previous champion re-measured on this gold now
+    improvement_interval: Optional[PairedInterval] = None  # challenger minus that champion, paired bootstrap
