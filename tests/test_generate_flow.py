@@ -52,6 +52,7 @@ def test_generate_run_on_the_real_local_teacher_registers_a_generator_that_loads
             "teacher.samples=2",
             "teacher.max_tokens=40",
             f"client.cache_path={tmp_path / 'cache.sqlite'}",
+            "client.timeout_s=600",  # beside other tests on 2 cores an answer can take minutes: not a retry
             "student.max_steps=3",
             "student.batch_size=2",
             "student.max_new_tokens=12",
