@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("mlflow")
 
 from distill.cli import main as cli_main  # noqa: E402
-from distill.config import PredictConfig, StudentConfig  # noqa: E402
+from distill.config import GateConfig, PredictConfig, StudentConfig  # noqa: E402
 from tasks.classify.pyfunc import log_student_model  # noqa: E402
 from tasks.classify.register import register_classifier  # noqa: E402
 from tasks.classify.train import train_student  # noqa: E402
@@ -56,8 +56,7 @@ def champion(tmp_path_factory):
             gold_texts=POS + NEG,
             gold_labels=["positive"] * 6 + ["negative"] * 6,
             labels=LABELS,
-            floor=0.5,
-            margin=0.0,
+            gate=GateConfig(min_macro_f1=0.5),
             run_id=run.info.run_id,
         )
     assert r.promoted
