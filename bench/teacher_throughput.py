@@ -52,14 +52,6 @@ SETTINGS: dict[str, dict] = {
     "slots_4": {"server": "cpp", "slots": 4, "threads": 2, "order": "sample", "logprobs": True},
     "item_major": {"server": "cpp", "slots": 2, "threads": 2, "order": "item", "logprobs": True},
     "no_logprobs": {"server": "cpp", "slots": 2, "threads": 2, "order": "sample", "logprobs": False},
-    "poll_0": {
-        "server": "cpp",
-        "slots": 1,
-        "threads": 2,
-        "order": "sample",
-        "logprobs": True,
-        "extra": ["--poll", "0"],
-    },
     "python_server": {"server": "python", "slots": 2, "threads": 2, "order": "sample", "logprobs": True},
 }
 

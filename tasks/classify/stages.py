@@ -284,14 +284,13 @@ def register_stage(
         texts = pd.read_parquet(agg.pool_paths[0], columns=["text"])["text"].tolist()[:3]
         return log_student_model(model.model_dir, student.precision, student.max_length, texts).model_uri
 
-    figures = ev.figures
     return register_task(
         log_model,
         data=data,
         labels=labels,
         model_name=model_name,
         score=ev.score,
-        gold_predictions_path=getattr(figures, "gold_predictions_path", None),
+        gold_predictions_path=getattr(ev.figures, "gold_predictions_path", None),
         gate=gate,
         run_id=run_id,
         candidate=model.uid,
