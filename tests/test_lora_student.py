@@ -211,17 +211,39 @@ def test_adapter_reloads_and_reproduces_its_targets(trained: gt.LoraTrainResult)
 
 
 def test_choose_precision() -> None:
-    q = gt.choose_precision("auto", cuda_available=True, bf16_supported=True)
-    assert q.quantize_4bit and q.device == "cuda" and q.dtype == "bfloat16" and "QLoRA" in q.reason
-    assert gt.choose_precision("auto", cuda_available=True, bf16_supported=False).dtype == "float16"
+    gib = gt.GIB
+    # a 135M base on a card with room: plain bf16 LoRA, not 4-bit (4-bit was 2.6x slower on an H200 for nothing)
+    small = gt.choose_precision("auto", True, True, base_params=135_000_000, free_bytes=140 * gib)
+    assert (small.device, small.quantize_4bit, small.dtype) == ("cuda", False, "bfloat16"), small
+    assert "135M" in small.reason and "GiB free" in small.reason
+    # a 70B base on the same card: its bf16 weights alone (140 GB) do not fit, so QLoRA
+    big = gt.choose_precision("auto", True, True, base_params=70_000_000_000, free_bytes=140 * gib)
+    assert big.quantize_4bit and big.dtype == "bfloat16" and "QLoRA" in big.reason
+    # the boundary: 4 bytes a parameter + 2 GiB
+    assert gt.bf16_fits(1_000_000_000, 4_000_000_000 + 2 * gib)
+    assert not gt.bf16_fits(1_000_000_000, 4_000_000_000 + 2 * gib - 1)
+    assert gt.choose_precision("auto", True, False, base_params=70_000_000_000, free_bytes=gib).dtype == "float16"
+    assert gt.choose_precision("auto", True, False, base_params=1000, free_bytes=40 * gib).dtype == "float32"
     c = gt.choose_precision("auto", cuda_available=False)
     assert (c.device, c.quantize_4bit, c.dtype) == ("cpu", False, "float32") and "LoRA" in c.reason
     f = gt.choose_precision("4bit", cuda_available=False)
     assert f.quantize_4bit and f.device == "cpu"
-    n = gt.choose_precision("none", cuda_available=True, bf16_supported=True)
+    forced = gt.choose_precision("4bit", True, True, base_params=1000, free_bytes=140 * gib)
+    assert forced.quantize_4bit and forced.device == "cuda"
+    n = gt.choose_precision("none", True, True, base_params=70_000_000_000, free_bytes=gib)
     assert not n.quantize_4bit and n.device == "cuda"
     with pytest.raises(ValueError):
         gt.choose_precision("8bit", cuda_available=False)
+
+
+def test_count_params_reads_safetensors_headers(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model-1.safetensors"))
+    save_file({"c": torch.zeros(2, 2, 2)}, str(tmp_path / "model-2.safetensors"))
+    assert gt.count_params(tmp_path) == 12 + 5 + 8
+    assert gt.count_params(tmp_path / "nothing") is None
 
 
 def test_4bit_qlora_runs_on_cpu(base_dir: Path, tmp_path: Path) -> None:

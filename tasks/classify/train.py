@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from distill.config import StudentConfig
 from tasks.classify.aggregate import is_missing as _missing
 from tasks.classify.evaluate import ZERO
+from tasks.classify.inference import pad_batch, tokenize
 from tasks.results.classify import ClassifierTraining
 
 
@@ -183,11 +184,11 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[list[int], 
     return order[n_val:], order[:n_val]
 
 
-def rows(data: TrainData, idx: list[int]) -> list[dict[str, Any]]:
-    """Training rows as plain dicts: a list is all the Trainer needs (a `datasets.Dataset` would
-    fingerprint it with dill, which prints bytecode into the run log)."""
+def rows(data: TrainData, idx: list[int], ids: list[list[int]]) -> list[dict[str, Any]]:
+    """Training rows as plain dicts with their token ids: a list is all the Trainer needs (a
+    `datasets.Dataset` would fingerprint it with dill, which prints bytecode into the run log)."""
     return [
-        {"text": data.texts[i], "label": data.labels[i], "weight": data.weights[i], "soft": data.soft[i]} for i in idx
+        {"input_ids": ids[i], "label": data.labels[i], "weight": data.weights[i], "soft": data.soft[i]} for i in idx
     ]
 
 
@@ -205,22 +206,27 @@ def resolve_student_path(model_path: str) -> str:
 
 
 class _Collator:
-    """Dynamic padding per batch; carries weights and soft targets next to the tokens."""
+    """Pads pre-tokenised rows to the batch's longest; carries weights and soft targets next to the tokens.
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tok = tokenizer
-        self.max_length = max_length
+    The texts are tokenised once, before training, in one batched call of the fast
+    tokenizer (``tokenize``): tokenising batch by batch in the collator kept a GPU waiting
+    on the main thread's tokenizer every step, and repeated the work every epoch.
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        enc = self.tok(
-            [r["text"] for r in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        enc["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
-        enc["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float)
-        enc["soft"] = torch.tensor([r["soft"] for r in rows], dtype=torch.float)
-        return enc
+        input_ids, mask = pad_batch([r["input_ids"] for r in rows], self.pad_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long),
+            "weights": torch.tensor([r["weight"] for r in rows], dtype=torch.float),
+            "soft": torch.tensor([r["soft"] for r in rows], dtype=torch.float),
+        }
 
 
 def _make_trainer_class():  # type: ignore[no-untyped-def]
@@ -315,6 +321,8 @@ def train_student(
         label2id={lab: i for i, lab in enumerate(labels)},
     )
     dev = pick_device()
+    ids = tokenize(tok, data.texts, student.max_length)
+    group = dev["device"] == "cuda" if student.group_by_length is None else student.group_by_length
     out = Path(out_dir)
     ckpt = out / "checkpoints"
     steps_per_epoch = max(1, -(-len(tr_idx) // student.batch_size))
@@ -345,7 +353,9 @@ def train_student(
         fp16=dev["fp16"],
         remove_unused_columns=False,
         disable_tqdm=not show_progress,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0,  # the rows are token ids already: nothing left for workers to do
+        # batches of similar lengths pad less (LengthGroupedSampler; class_balance=sampling keeps its own sampler)
+        train_sampling_strategy="group_by_length" if group else "random",
     )
     Trainer = _make_trainer_class()
     Trainer.soft_weight = student.soft_label_weight
@@ -359,9 +369,9 @@ def train_student(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=rows(data, tr_idx),  # type: ignore[arg-type]  (a list of dicts is a map-style dataset)
-        eval_dataset=rows(data, va_idx) if va_idx else None,  # type: ignore[arg-type]
-        data_collator=_Collator(tok, student.max_length),
+        train_dataset=rows(data, tr_idx, ids),  # type: ignore[arg-type]  (a list of dicts is a map-style dataset)
+        eval_dataset=rows(data, va_idx, ids) if va_idx else None,  # type: ignore[arg-type]
+        data_collator=_Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
         processing_class=tok,
         callbacks=[EarlyStoppingCallback(student.early_stopping_patience)] if va_idx else [],
         compute_metrics=macro_f1_metric if va_idx else None,
