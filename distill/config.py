@@ -586,16 +586,16 @@ class GateConfig(_Strict):
         default=0.0,
         ge=0,
         le=1,
-        description="A challenger must beat the champion's gold macro-F1 by more than this: for a classifier, the "
-        "lower end of the improvement's confidence interval on the same gold items must clear it (ties keep the "
-        "champion).",
+        description="A challenger must beat the champion's gold figure by more than this: the lower end of the "
+        "improvement's confidence interval on the same gold items must clear it (ties keep the champion).",
     )
     confidence: float = Field(
         default=0.95,
         gt=0,
         lt=1,
-        description="task: classify: confidence of the paired bootstrap interval of (challenger - champion) "
-        "macro-F1 on the same gold items; the gate promotes only when its lower end clears min_improvement.",
+        description="Confidence of the paired bootstrap interval of (challenger - champion) on the same gold items "
+        "(macro-F1 for classify, the mean per-item gate metric for generate); the gate promotes only when its "
+        "lower end clears min_improvement.",
     )
     bootstrap_resamples: int = Field(
         default=2000,

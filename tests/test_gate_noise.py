@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score
 
 from distill.config import GateConfig
 from tasks.registry.gate import decide
-from tasks.registry.paired import paired_macro_f1, resample_weights, weighted_macro_f1
+from tasks.registry.paired import paired_macro_f1, paired_mean, resample_weights, weighted_macro_f1
 from tasks.results.registry import PairedInterval
 from tests.conftest import REPO
 
@@ -133,3 +133,72 @@ def test_seeds_do_not_flip_the_champion_and_a_clearly_better_student_is_promoted
     client = mlflow.MlflowClient()
     v = client.get_model_version_by_alias("nightly", "champion")
     assert str(v.version) == better.model_version and float(v.tags["gate_improvement_ci_low"]) > 0
+
+
+def test_paired_mean_of_per_item_scores():
+    rng = np.random.default_rng(2)
+    base = list(rng.uniform(0.2, 0.6, 400))
+    same = paired_mean(base, base, confidence=0.95, resamples=1000)
+    assert same.diff == same.low == same.high == 0
+    noisy = [b + rng.normal(0, 0.1) for b in base]  # no systematic gain: the interval straddles zero
+    n = paired_mean(noisy, base, confidence=0.95, resamples=1000)
+    assert n.low < 0 < n.high
+    gain = paired_mean([b + 0.05 for b in noisy], base, confidence=0.95, resamples=1000)
+    assert gain.low > 0.02 and gain.low < gain.diff < gain.high
+    with pytest.raises(ValueError, match="one score per gold item"):
+        paired_mean([0.1], [0.1, 0.2], confidence=0.95, resamples=10)
+
+
+class _Writer(__import__("mlflow").pyfunc.PythonModel):
+    """A 'generator' that answers like distill's (``text``, ``finish_reason``): the first ``n`` words of each text."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def predict(self, context: object, model_input: pd.DataFrame, params: object = None) -> pd.DataFrame:  # pyright: ignore[reportIncompatibleMethodOverride]
+        out = [" ".join(t.split()[: self.n]) for t in model_input["text"]]
+        return pd.DataFrame({"text": out, "finish_reason": ["stop"] * len(out)})
+
+
+@pytest.mark.system
+def test_generator_gate_decides_on_the_paired_interval(tmp_path, monkeypatch):
+    """The generator's gate re-scores the champion per item and pairs it with the challenger's scores."""
+    import mlflow
+
+    from tasks.generate.register import per_item_scores, register_generator
+    from tasks.registry.tracking import setup_tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    setup_tracking(None, "gate-noise-gen")
+    gold = pd.read_parquet(REPO / "data/movie/gold.parquet")["text"].tolist()[:120]
+    docs = [f"{t} {t}" for t in gold]
+    refs = [" ".join(t.split()[:12]) for t in gold]  # the reference: the first 12 words
+    gate = GateConfig()
+
+    def night(n_words: int):
+        writer = _Writer(n_words)
+        scores = per_item_scores("rougeL", writer.predict(None, pd.DataFrame({"text": docs}))["text"].tolist(), refs)
+        with mlflow.start_run() as run:
+            uri = mlflow.pyfunc.log_model(name="gen", python_model=writer, pip_requirements=[]).model_uri
+            return register_generator(
+                uri,
+                model_name="gen-nightly",
+                score=sum(scores) / len(scores),
+                metric="rougeL",
+                documents=docs,
+                references=refs,
+                gate=gate,
+                challenger_scores=scores,
+                run_id=run.info.run_id,
+            )
+
+    assert night(6).promoted is True  # the first model
+    same = night(6)  # the same writer again: exactly the champion's scores
+    assert same.promoted is False and same.improvement_interval is not None
+    assert same.improvement_interval.diff == 0 and "within noise" in same.gate_reason
+    better = night(12)  # writes the references exactly
+    assert better.promoted is True and better.improvement_interval is not None
+    assert better.improvement_interval.low > 0.1
+    v = mlflow.MlflowClient().get_model_version_by_alias("gen-nightly", "champion")
+    assert str(v.version) == better.model_version and float(v.tags["gate_improvement_ci_low"]) > 0.1

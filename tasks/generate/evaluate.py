@@ -130,6 +130,9 @@ def evaluate_generator(
             "teacher_medoid": texts_of(df["label"]),
             "student": preds,
             "student_finish_reason": [o.finish_reason for o in outs],
+            # per item, for the gate's paired comparison with the champion (tasks/generate/register.py)
+            "student_bertscore_f1": b.per_item_f1,
+            "student_rougeL": r.per_item_rougeL,
         }
     ).to_parquet(od / "generations.parquet")
     (od / "student_eval.json").write_text(json.dumps(asdict(ev), indent=2))

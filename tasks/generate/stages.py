@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from prefect import task
 
-from distill.config import EnergyConfig, GeneratorStudentConfig, PricingConfig, VoteConfig
+from distill.config import EnergyConfig, GateConfig, GeneratorStudentConfig, PricingConfig, VoteConfig
 from tasks.accounting.carbon import measure_energy
 from tasks.accounting.costs import training_cost
 from tasks.generate.aggregate import medoid_shards, medoid_summary
@@ -218,18 +218,25 @@ def register_generator_task(
     log_model: Any,
     *,
     voted_gold: list[str],
+    generations_path: Optional[str],
     model_name: str,
     score: float,
     metric: str,
-    floor: float,
-    margin: float,
+    gate: GateConfig,
     run_id: str,
     candidate: Optional[str],
 ) -> Registration:
-    """Reads the gold documents itself: big lists never travel as Prefect parameters."""
+    """Reads the gold documents and the challenger's per-item scores itself: big lists never travel as parameters."""
     import pandas as pd
 
-    df = pd.concat([pd.read_parquet(p, columns=["text", "label_gold"]) for p in voted_gold])
+    df = pd.concat([pd.read_parquet(p, columns=["id", "text", "label_gold"]) for p in voted_gold])
+    challenger = None
+    column = "student_bertscore_f1" if metric == "bertscore_f1" else "student_rougeL"
+    if generations_path and Path(generations_path).exists() and gate.bootstrap_resamples > 0:
+        gen = pd.read_parquet(generations_path)
+        if column in gen.columns:  # generations of an evaluation before 2026-12-05 have no per-item scores
+            by_id = gen.set_index(gen["id"].astype(str))[column]
+            challenger = [float(by_id[str(i)]) for i in df["id"]]
     return register_generator(
         log_model,
         model_name=model_name,
@@ -237,8 +244,8 @@ def register_generator_task(
         metric=metric,
         documents=df["text"].tolist(),
         references=df["label_gold"].tolist(),
-        floor=floor,
-        margin=margin,
+        gate=gate,
+        challenger_scores=challenger,
         run_id=run_id,
         candidate=candidate,
     )
@@ -252,8 +259,8 @@ def register_stage(
     student: GeneratorStudentConfig,
     template: GenerationTemplate,
     model_name: str,
-    floor: float,
-    margin: float,
+    gate: GateConfig,
+    generations_path: Optional[str],
     run_id: str,
 ) -> Registration:
     """Log the generator pyfunc (adapter + base, or merged), register it, gate on the configured metric."""
@@ -266,11 +273,11 @@ def register_stage(
     return register_generator_task(
         log_model,
         voted_gold=agg.gold_paths,
+        generations_path=generations_path,
         model_name=model_name,
         score=ev.score,
         metric=ev.primary_metric,
-        floor=floor,
-        margin=margin,
+        gate=gate,
         run_id=run_id,
         candidate=model.uid,
     )

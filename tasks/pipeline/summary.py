@@ -207,7 +207,16 @@ def registration_figures(reg: Registration, task: str) -> dict[str, Any]:
             }
         )
     else:
-        out.update({"previous_champion_score": reg.previous_champion_score, "gate_metric": reg.metric})
+        ci = reg.improvement_interval
+        out.update(
+            {
+                "previous_champion_score": reg.previous_champion_score,
+                "gate_metric": reg.metric,
+                "gate_improvement": ci.diff if ci else None,
+                "gate_improvement_ci_low": ci.low if ci else None,
+                "gate_improvement_ci_high": ci.high if ci else None,
+            }
+        )
     return out
 
 

@@ -222,8 +222,8 @@ class Generate:
             student=cfg.student,
             template=_writing(cfg),
             model_name=cfg.tracking.model_name,
-            floor=cfg.gate.min_score,
-            margin=cfg.gate.min_improvement,
+            gate=cfg.gate,
+            generations_path=str(cfg.run_dir / "evaluation" / "generations.parquet"),
             run_id=run_id,
         )
 

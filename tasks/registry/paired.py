@@ -69,3 +69,24 @@ def paired_macro_f1(
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(d, [tail, 100 - tail])
     return PairedInterval(diff, float(low), float(high), confidence, resamples)
+
+
+def paired_mean(
+    challenger: Sequence[float], champion: Sequence[float], *, confidence: float, resamples: int
+) -> PairedInterval:
+    """The challenger's mean per-item score minus the champion's (a generator's BERTScore F1 or ROUGE-L), paired.
+
+    The same resamples of the gold items as for macro-F1: the difference of means under each
+    row of item weights.
+    """
+    if len(challenger) != len(champion) or not len(challenger):
+        raise ValueError(
+            f"paired comparison needs one score per gold item from each model: challenger {len(challenger)}, "
+            f"champion {len(champion)}"
+        )
+    d = np.asarray(challenger, dtype=np.float64) - np.asarray(champion, dtype=np.float64)
+    w = resample_weights(len(d), resamples)
+    boot = (w @ d) / len(d)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return PairedInterval(float(d.mean()), float(low), float(high), confidence, resamples)
