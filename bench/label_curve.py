@@ -14,6 +14,8 @@ killed part-way resumes from its last finished stage (its run folder is kept und
 ``.distill/bench/label-curve``). ``--plot-only`` redraws the PNG from the JSON.
 
     .venv/bin/python bench/label_curve.py [--points 250 500 1000 1500 2000 4000] [--seeds 42 43 44]
+    .venv/bin/python bench/label_curve.py --points 1500 --out bench/figures/amazon_1500.json \
+        --png docs/amazon_1500.png --set data.pool_path=data/amazon/pool.parquet --set data.gold_path=...
 
 Last line: one JSON object: per point the mean and standard deviation over the seeds done.
 """
@@ -56,7 +58,7 @@ def commit() -> str:
     return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def run_point(config: str, n: int, seed: int, extra: list[str]) -> dict[str, Any]:
+def run_point(config: str, n: int, seed: int, extra: list[str], tag: str) -> dict[str, Any]:
     """One real flow run; the figures this curve keeps, with when, where and how long."""
     from distill.config import load_config
     from flows.distillation import distill_flow
@@ -66,7 +68,7 @@ def run_point(config: str, n: int, seed: int, extra: list[str]) -> dict[str, Any
         [
             f"data.pool_limit={n}",
             f"student.seed={seed}",
-            f"run_name=curve-{n}-s{seed}",
+            f"run_name=curve-{tag}-{n}-s{seed}",
             f"workdir={HOME / 'runs'}",
             f"tracking.tracking_uri=sqlite:///{HOME / 'mlflow.db'}",
             "tracking.model_name=label-curve",
@@ -99,7 +101,7 @@ def summarise(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(summary: dict[str, dict[str, Any]], path: Path, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +129,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("teacher-labelled pool items (k=1)")
     ax.set_ylabel("macro-F1 on the teacher's gold subset (%)")
     seeds = max(r["seeds"] for r in row)
-    ax.set_title(f"Student vs teacher labels, demo config ({seeds} seeds a point)")
+    ax.set_title(f"Student vs teacher labels: {what} ({seeds} seeds a point)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -147,9 +149,12 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true")
     a = ap.parse_args()
     out = REPO / a.out
-    store: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"config": a.config, "points": {}}
-    if store["config"] != a.config:
-        sys.exit(f"{out} holds a curve of {store['config']}, not {a.config}: pass another --out")
+    fresh: dict[str, Any] = {"config": a.config, "sets": a.sets, "points": {}}
+    store: dict[str, Any] = json.loads(out.read_text()) if out.exists() else fresh
+    if (store["config"], store.get("sets", [])) != (a.config, a.sets):
+        sys.exit(
+            f"{out} holds a curve of {store['config']} {store.get('sets')}, not {a.config} {a.sets}: another --out"
+        )
     HOME.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     for n in [] if a.plot_only else a.points:
@@ -157,7 +162,7 @@ def main() -> None:
             key = f"{n}/{seed}"
             if key in store["points"]:
                 continue
-            p = run_point(a.config, n, seed, a.sets)
+            p = run_point(a.config, n, seed, a.sets, Path(a.out).stem)
             store["points"][key] = p
             tmp = out.with_suffix(".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +177,8 @@ def main() -> None:
             )
     summary = summarise(store["points"])
     if summary:
-        plot(summary, REPO / a.png)
+        what = " ".join([Path(a.config).name, *(x.split("=")[-1] for x in a.sets)])
+        plot(summary, REPO / a.png, what)
         for n, r in summary.items():
             sd = r["gap_on_subset_std"]
             print(
@@ -181,7 +187,7 @@ def main() -> None:
                 + f" over {r['seeds']} seed(s), student {100 * r['student_macro_f1_on_teacher_subset_mean']:.1f} on "
                 f"the subset, {100 * r['student_macro_f1_mean']:.1f} on all gold"
             )
-    print(json.dumps({"config": a.config, "out": a.out, "png": a.png, "curve": summary}))
+    print(json.dumps({"config": a.config, "sets": a.sets, "out": a.out, "png": a.png, "curve": summary}))
 
 
 if __name__ == "__main__":

@@ -221,7 +221,10 @@ def test_predictor_keeps_caller_order_and_int8_agrees(tmp_path):
     rows = [("good " * (i % 7 + 1), ["positive"] * 3, "positive", 1.0) for i in range(10)]
     rows += [("bad " * (i % 5 + 1), ["negative"] * 3, "negative", 1.0) for i in range(10)]
     p = voted_file(tmp_path, rows)
-    cfg = StudentConfig(epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20)
+    # batches grouped by length (the CUDA default) train as well as random ones
+    cfg = StudentConfig(
+        epochs=5, batch_size=8, learning_rate=3e-4, max_length=16, early_stopping_patience=20, group_by_length=True
+    )
     r = train_student(
         [p],
         labels=["positive", "negative"],
