@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +74,48 @@ def cfg_dict(tmp_path, prompt, teacher, measure_energy: bool = False) -> dict:
     }
 
 
+def check_model_card(s: dict, run_dir: Path, prompt_path: str) -> None:
+    """The version's model card: its sections, every figure equal to the summary's, the prompt registered and linked."""
+    import mlflow
+
+    from tasks.registry.model_card import fmt
+
+    card = (run_dir / "model_card.md").read_text()
+    for section in (
+        "## Task and labels",
+        "## Teacher",
+        "## Data",
+        "## Gold figures",
+        "## Per class",
+        "## Calibration",
+        "## Cost and CO2",
+        "## Gate",
+        "## Provenance",
+    ):
+        assert section in card, section
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", card, flags=re.M))
+    for k in ("teacher_macro_f1_voted", "student_macro_f1", "student_ece", "teacher_usd", "cost_ratio_per_1m", "items"):
+        assert rows[k] == fmt(s[k]), k
+    assert len(rows) >= 15 and all(rows[k] == fmt(s[k]) for k in rows)  # no figure of its own
+    assert s["gate_reason"] in card and s["teacher_usd_per_1m_method"] in card
+    assert Path(prompt_path).read_text().strip() in card  # the prompt's text
+    assert "positive" in card.split("## Teacher")[0]  # the labels
+    assert re.search(r"digest of `gold` \(MLflow dataset\): `\w+`", card)
+    assert "api_key" not in card.lower() or "api_key_env" in card.lower()  # names of variables only, no key
+    client = mlflow.MlflowClient()
+    v = client.get_model_version(s["model_name"], s["model_version"])
+    # the description is the card without the prompt's text and the config (MLflow's SQL stores keep 5,000 characters)
+    d = v.description
+    assert len(d) <= 5000 and d.split("\n")[0] == card.split("\n")[0] and "## Gold figures" in d and "## Gate" in d
+    assert dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", d, flags=re.M)) == rows
+    assert "model_card.md" in d and v.tags["model_card"] == "model_card.md"
+    assert v.tags["prompt_uri"] == "prompts:/dag-student-prompt/1"
+    prompt = mlflow.genai.load_prompt(v.tags["prompt_uri"])
+    assert prompt.template == Path(prompt_path).read_text()
+    logged = mlflow.artifacts.load_text(f"runs:/{s['mlflow_run_id']}/model_card.md")
+    assert logged == card
+
+
 def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefect_api, monkeypatch, capsys):
     import mlflow
     import yaml
@@ -136,6 +179,7 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     ann_run = children[children["tags.mlflow.runName"] == "annotate"]["run_id"].iloc[0]
     lineage = {d.dataset.name for d in mlflow.get_run(ann_run).inputs.dataset_inputs}
     assert lineage == {"gold", "pool-votes"}
+    check_model_card(s, tmp_path / "runs" / raw["run_name"], binary_prompt)
 
     # the same run again finds every stage finished with the same inputs: nothing recomputed, nothing registered twice
     assert cli_main(["run", str(p), "--no-progress", "--summary-json", str(out)]) == 0
@@ -146,6 +190,10 @@ def test_whole_dag_on_fake_teacher(tmp_path, fake_teacher, binary_prompt, prefec
     assert cli_main(["run", str(p), "--no-progress", "--fresh", "--summary-json", str(out)]) == 0
     s2 = json.loads(out.read_text())
     assert s2["stages_reused"] == [] and s2["promoted"] is False and s2["model_version"] == "2"
+    # version 2 has its own card (not promoted, with the gate's interval) and the same prompt version: unchanged text
+    v2 = mlflow.MlflowClient().get_model_version("dag-student", "2")
+    assert "not promoted" in v2.description and "`gate_improvement_ci_low`" in v2.description
+    assert v2.tags["prompt_uri"] == "prompts:/dag-student-prompt/1"
     assert str(mlflow.MlflowClient().get_model_version_by_alias("dag-student", "champion").version) == "1"
 
     # predict a file with the champion, the way a user would

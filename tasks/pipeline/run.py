@@ -90,6 +90,7 @@ class DistillRun(StageClock):
         self._children: dict[str, str] = {}
         self._logged: dict[str, set[str]] = {}  # metric keys already logged per nested run
         self.annotation: dict[str, Any] = {}  # the annotation summary (teacher_report), which the run's summary shows
+        self.digests: dict[str, str] = {}  # MLflow dataset name -> digest, for the model card
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> DistillRun:
@@ -220,14 +221,15 @@ class DistillRun(StageClock):
             mlflow.log_dict(summary, "annotation_summary.json")
             with contextlib.suppress(Exception):
                 if cfg.data.gold_path and cfg.data.gold_path.endswith(".parquet"):
-                    gold_df = pd.read_parquet(cfg.data.gold_path)
-                    mlflow.log_input(from_pandas(gold_df, source=cfg.data.gold_path, name="gold"), context="evaluation")
+                    gold_ds = from_pandas(pd.read_parquet(cfg.data.gold_path), source=cfg.data.gold_path, name="gold")
+                    mlflow.log_input(gold_ds, context="evaluation")
+                    self.digests["gold"] = gold_ds.digest
                 votes_df = pd.concat(
                     [pd.read_parquet(p, columns=["id", "text", "label", "confidence"]) for p in agg.pool_paths]
                 )
-                mlflow.log_input(
-                    from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes"), context="training"
-                )
+                votes_ds = from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes")
+                mlflow.log_input(votes_ds, context="training")
+                self.digests["pool-votes"] = votes_ds.digest
         return summary
 
     def report(
@@ -272,9 +274,46 @@ class DistillRun(StageClock):
         table = kind.table(summary) + "\n\n" + cost_table(summary)
         mlflow.log_text(table, "summary.md")
         (cfg.run_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        self._model_card(kind, summary)
         self._publish(reg, table)
         summary["table"] = table
         return summary
+
+    def _model_card(self, kind: TaskKind, summary: dict[str, Any]) -> None:
+        """The version's model card and its prompt in MLflow's prompt registry (tasks/registry/model_card.py)."""
+        from tasks.data.remote import is_url, public
+        from tasks.registry.model_card import CardFacts, git_commit, publish_model_card, register_prompt
+
+        cfg = self.cfg
+        template = load_prompt(cfg.prompt)
+        text = Path(template.source).read_text()
+        prompt_uri = register_prompt(
+            cfg.tracking.model_name, text, source=str(cfg.prompt), prompt_hash=template.template_hash()
+        )
+        t = cfg.teacher
+        endpoint = "embedded llama-server" if t.local else public(t.base_url or "") or "OpenAI"
+
+        def shown(path: Optional[str]) -> str:
+            return "n/a" if not path else public(path) if is_url(path) else path
+
+        student = cfg.student
+        facts = CardFacts(
+            task=kind.name,
+            labels=list(getattr(template, "labels", []) or []),
+            teacher_model=t.model,
+            endpoint=f"{endpoint}, {cfg.teacher.transport.value}",
+            teacher_mode=t.mode.value,
+            prompt_path=str(cfg.prompt),
+            prompt_text=text,
+            prompt_uri=prompt_uri,
+            pool_source=shown(cfg.data.pool_path),
+            gold_source=shown(cfg.data.gold_path),
+            digests=dict(self.digests),
+            student_base=str(getattr(student, "model_path", None) or getattr(student, "base_model", "")),
+            commit=git_commit(Path(__file__).resolve().parents[2]),
+            config=json.loads(cfg.model_dump_json()),
+        )
+        publish_model_card(summary, facts, out_path=cfg.run_dir / "model_card.md")
 
     def _publish(self, reg: Registration, table: str) -> None:
         from prefect.artifacts import create_markdown_artifact
