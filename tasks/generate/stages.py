@@ -235,8 +235,8 @@ def register_generator_task(
     if generations_path and Path(generations_path).exists() and gate.bootstrap_resamples > 0:
         gen = pd.read_parquet(generations_path)
         if column in gen.columns:  # generations of an evaluation before 2026-12-05 have no per-item scores
-            by_id = gen.set_index(gen["id"].astype(str))[column]
-            challenger = [float(by_id[str(i)]) for i in df["id"]]
+            by_id: dict[str, float] = dict(zip(gen["id"].astype(str), gen[column].astype(float)))
+            challenger = [by_id[str(i)] for i in df["id"]]
     return register_generator(
         log_model,
         model_name=model_name,

@@ -228,16 +228,16 @@ def git_commit(repo: Path) -> str:
 
 def register_prompt(model_name: str, text: str, *, source: str, prompt_hash: str) -> str:
     """The template in MLflow's prompt registry: a new version only when its text changed; returns its URI."""
-    import mlflow
+    from mlflow import genai  # pyright: ignore[reportPrivateImportUsage]  (mlflow.genai is public API)
 
     name = f"{model_name}-prompt"
     try:
-        latest = mlflow.genai.load_prompt(f"prompts:/{name}@latest")
+        latest = genai.load_prompt(f"prompts:/{name}@latest")
     except Exception:  # no such prompt yet (the store raises its own not-found error)
         latest = None
     if latest is not None and latest.template == text:
         return latest.uri
-    p = mlflow.genai.register_prompt(
+    p = genai.register_prompt(
         name=name,
         template=text,
         commit_message=f"{source} (hash {prompt_hash})",
