@@ -40,6 +40,8 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+from bench.plotting import save_figure  # noqa: E402
+
 KEEP = [
     "train_items",
     "teacher_macro_f1_single",
@@ -114,10 +116,7 @@ def plot(curves: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_title("Student's gap to its teacher vs teacher labels")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+from bench.plotting import save_figure  # noqa: E402
+
 HOME = REPO / ".distill" / "bench" / "label-curve"
 KEEP = [
     "train_items",
@@ -132,10 +134,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, what: str) -> None:
     ax.set_title(f"Student vs teacher labels: {what} ({seeds} seeds a point)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+from bench.plotting import save_figure  # noqa: E402
+
 
 def night(config: str, lineage: str, n: int, *, per_night: int, candidates: int, tracking: str) -> dict:
     from distill.config import load_config
@@ -88,10 +90,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     ax.set_title("Nightly budget: uncertainty vs random selection")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -51,6 +51,11 @@ def tokenize(tok: Any, texts: list[str], max_length: int) -> list[list[int]]:
     return tok(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
 
 
+def pad_id_of(tok: Any) -> int:
+    """The token that pads a batch: the tokenizer's own, else 0 (masked out either way)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     """(input_ids, attention_mask) as int64 tensors, right-padded to the longest row, as the tokenizer pads."""
     import torch
@@ -94,7 +99,7 @@ class StudentPredictor:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = choose_precision(precision, self.device)
         self.precision_reason = "as requested" if precision != "auto" else f"auto on {self.device}"
-        self.pad_id: int = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.pad_id = pad_id_of(self.tok)
         if self.precision == "int8":
             if self.device != "cpu":
                 raise ValueError("int8 dynamic quantisation runs on CPU only")

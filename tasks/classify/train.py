@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from distill.config import StudentConfig
 from tasks.classify.aggregate import is_missing as _missing
 from tasks.classify.evaluate import ZERO
-from tasks.classify.inference import pad_batch, tokenize
+from tasks.classify.inference import pad_batch, pad_id_of, tokenize
 from tasks.results.classify import ClassifierTraining
 
 
@@ -371,7 +371,7 @@ def train_student(
         args=args,
         train_dataset=rows(data, tr_idx, ids),  # type: ignore[arg-type]  (a list of dicts is a map-style dataset)
         eval_dataset=rows(data, va_idx, ids) if va_idx else None,  # type: ignore[arg-type]
-        data_collator=_Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
+        data_collator=_Collator(pad_id_of(tok)),
         processing_class=tok,
         callbacks=[EarlyStoppingCallback(student.early_stopping_patience)] if va_idx else [],
         compute_metrics=macro_f1_metric if va_idx else None,

@@ -27,6 +27,10 @@ from tasks.results.generate import GeneratorEvaluation, GeneratorTraining
 from tasks.results.stages import Aggregation, Evaluation, Registration, Trained
 from tasks.templates.generation import GenerationTemplate
 
+GENERATIONS_TABLE = (
+    "generations.json"  # the evaluation's table of generations (and per-item scores), by its MLflow name
+)
+
 PRIMARY_METRIC = "bertscore_f1"  # the gate's default figure; gate.metric may choose rougeL
 GATE_FIGURES = {"bertscore_f1": "BERTScore F1", "rougeL": "ROUGE-L"}
 TABLE_KEYS = [
@@ -210,7 +214,7 @@ def evaluate_stage(
     gen = out_dir / "generations.parquet"
     metric = PRIMARY_METRIC if gate_metric in ("auto", PRIMARY_METRIC) else "rougeL"
     score = ev.student_bertscore_f1 if metric == "bertscore_f1" else ev.student_rougeL
-    return Evaluation(ev, metric, score, tables={"generations.json": str(gen)} if gen.exists() else {})
+    return Evaluation(ev, metric, score, tables={GENERATIONS_TABLE: str(gen)} if gen.exists() else {})
 
 
 @task(name="register-generator")
@@ -260,7 +264,6 @@ def register_stage(
     template: GenerationTemplate,
     model_name: str,
     gate: GateConfig,
-    generations_path: Optional[str],
     run_id: str,
 ) -> Registration:
     """Log the generator pyfunc (adapter + base, or merged), register it, gate on the configured metric."""
@@ -273,7 +276,7 @@ def register_stage(
     return register_generator_task(
         log_model,
         voted_gold=agg.gold_paths,
-        generations_path=generations_path,
+        generations_path=ev.tables.get(GENERATIONS_TABLE),
         model_name=model_name,
         score=ev.score,
         metric=ev.primary_metric,

@@ -57,7 +57,12 @@ def bf16_fits(base_params: int, free_bytes: int) -> bool:
     CUDA context and the allocator's slack. A 135M base needs about 2.5 GiB; a 7B one 28 GiB
     (an 80 GB card trains it in bf16); a 70B one 263 GiB (QLoRA on any single card).
     """
-    return free_bytes >= 4 * base_params + 2 * GIB
+    return free_bytes >= bf16_need_bytes(base_params)
+
+
+def bf16_need_bytes(base_params: int) -> int:
+    """GPU memory ``bf16_fits`` asks for: 4 bytes a parameter and 2 GiB."""
+    return 4 * base_params + 2 * GIB
 
 
 def count_params(base_dir: Path) -> Optional[int]:
@@ -126,7 +131,9 @@ def choose_precision(
     if quantize == "4bit":
         return PrecisionChoice("cuda", True, gpu_dtype, f"quantize=4bit: {qlora}")
     dt = "bfloat16" if bf16_supported else "float32"
-    plain = f"plain LoRA on CUDA, base in {dt}" + ("" if bf16_supported else " (no bf16 on this GPU)")
+    plain = f"plain LoRA on CUDA, base in {dt}" + (
+        "" if bf16_supported else " (no bf16 on this GPU; fp16 weights train unstably)"
+    )
     if quantize == "none":
         return PrecisionChoice("cuda", False, dt, f"quantize=none: {plain}")
     if base_params is None:
@@ -135,7 +142,7 @@ def choose_precision(
         import torch
 
         free_bytes = int(torch.cuda.mem_get_info()[0])
-    need = 4 * base_params + 2 * GIB
+    need = bf16_need_bytes(base_params)
     sizes = f"{base_params / 1e6:,.0f}M parameters need about {need / GIB:.1f} GiB, {free_bytes / GIB:.1f} GiB free"
     if bf16_fits(base_params, free_bytes):
         return PrecisionChoice("cuda", False, dt, f"{plain}: {sizes} (4-bit would be slower for no need)")

@@ -95,7 +95,7 @@ class DistillRun(StageClock):
 
     def __enter__(self) -> DistillRun:
         cfg = self.cfg
-        template = load_prompt(cfg.prompt)
+        template = self.template = load_prompt(cfg.prompt)
         self._stack.enter_context(run_lock(cfg.run_dir))  # before anything is written into the folder
         self.checkpoints = StageCheckpoints(cfg.run_dir, enabled=not self.fresh)
         try:  # preflight of the tracking store: the run, its params and an artifact are written before any spend
@@ -284,8 +284,7 @@ class DistillRun(StageClock):
         from tasks.data.remote import is_url, public
         from tasks.registry.model_card import CardFacts, git_commit, publish_model_card, register_prompt
 
-        cfg = self.cfg
-        template = load_prompt(cfg.prompt)
+        cfg, template = self.cfg, self.template
         text = Path(template.source).read_text()
         prompt_uri = register_prompt(
             cfg.tracking.model_name, text, source=str(cfg.prompt), prompt_hash=template.template_hash()

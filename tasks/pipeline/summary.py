@@ -196,27 +196,18 @@ def registration_figures(reg: Registration, task: str) -> dict[str, Any]:
         "gate_reason": reg.gate_reason,
         "previous_champion_version": reg.previous_champion_version,
     }
+    ci = reg.improvement_interval  # None for a first model, or with gate.bootstrap_resamples 0
+    out.update(
+        {
+            "gate_improvement": ci.diff if ci else None,
+            "gate_improvement_ci_low": ci.low if ci else None,
+            "gate_improvement_ci_high": ci.high if ci else None,
+        }
+    )
     if task == "classify":
-        ci = reg.improvement_interval  # None for a first model, or with gate.bootstrap_resamples 0
-        out.update(
-            {
-                "previous_champion_macro_f1": reg.previous_champion_score,
-                "gate_improvement": ci.diff if ci else None,
-                "gate_improvement_ci_low": ci.low if ci else None,
-                "gate_improvement_ci_high": ci.high if ci else None,
-            }
-        )
+        out["previous_champion_macro_f1"] = reg.previous_champion_score
     else:
-        ci = reg.improvement_interval
-        out.update(
-            {
-                "previous_champion_score": reg.previous_champion_score,
-                "gate_metric": reg.metric,
-                "gate_improvement": ci.diff if ci else None,
-                "gate_improvement_ci_low": ci.low if ci else None,
-                "gate_improvement_ci_high": ci.high if ci else None,
-            }
-        )
+        out.update({"previous_champion_score": reg.previous_champion_score, "gate_metric": reg.metric})
     return out
 
 

@@ -223,7 +223,6 @@ class Generate:
             template=_writing(cfg),
             model_name=cfg.tracking.model_name,
             gate=cfg.gate,
-            generations_path=str(cfg.run_dir / "evaluation" / "generations.parquet"),
             run_id=run_id,
         )
 

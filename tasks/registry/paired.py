@@ -66,8 +66,13 @@ def paired_macro_f1(
     )
     w = resample_weights(len(gold), resamples)
     d = weighted_macro_f1(w, gold, challenger, labels) - weighted_macro_f1(w, gold, champion, labels)
+    return percentile_interval(diff, d, confidence=confidence, resamples=resamples)
+
+
+def percentile_interval(diff: float, boot: np.ndarray, *, confidence: float, resamples: int) -> PairedInterval:
+    """The observed difference with the central ``confidence`` share of its bootstrap replicates."""
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(d, [tail, 100 - tail])
+    low, high = np.percentile(boot, [tail, 100 - tail])
     return PairedInterval(diff, float(low), float(high), confidence, resamples)
 
 
@@ -86,7 +91,4 @@ def paired_mean(
         )
     d = np.asarray(challenger, dtype=np.float64) - np.asarray(champion, dtype=np.float64)
     w = resample_weights(len(d), resamples)
-    boot = (w @ d) / len(d)
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(boot, [tail, 100 - tail])
-    return PairedInterval(float(d.mean()), float(low), float(high), confidence, resamples)
+    return percentile_interval(float(d.mean()), (w @ d) / len(d), confidence=confidence, resamples=resamples)
