@@ -42,7 +42,7 @@ LLAMA_CMAKE := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=$(LLAMA_NATIVE) -DLLAMA_
 	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON
 
-.PHONY: setup demo test test-fast lint bench screenshots clean
+.PHONY: setup labelstudio demo test test-fast lint docs figures bench screenshots clean
 
 setup: $(STAMP) $(LLAMA_SERVER) data/xsum/info.json
 
@@ -69,6 +69,16 @@ $(LLAMA_SERVER): | $(STAMP)
 	cp $(LLAMA_DIR)/build/bin/llama-server $(LLAMA_SERVER).tmp && mv $(LLAMA_SERVER).tmp $(LLAMA_SERVER)
 	rm -rf $(LLAMA_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON) $(LLAMA_DIR)/*.tar.gz $(LLAMA_DIR)/build
 
+# Label Studio for human review (`distill up --labelstudio`, `distill review`, its tests): in an environment of its
+# own, since its pins clash with distill's (openai<2, pyarrow<25, pytz<2023); about 1 minute with uv, 0.8 GB
+LABEL_STUDIO_VERSION := 1.23.2
+LS_VENV := .venv-labelstudio
+labelstudio: $(LS_VENV)/bin/label-studio
+
+$(LS_VENV)/bin/label-studio: | $(STAMP)
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(UV) pip install --python $(LS_VENV)/bin/python --compile-bytecode --quiet label-studio==$(LABEL_STUDIO_VERSION)
+
 data/xsum/info.json: $(STAMP)
 	$(BIN)/distill data fetch
 
@@ -84,7 +94,18 @@ lint: setup
 	$(BIN)/basedpyright
 	$(BIN)/lint-imports
 
-test: lint
+# the measurement tables and plots in docs/, rendered from the benches' committed JSON (bench/figures/), without
+# rerunning any bench
+figures: setup
+	$(BIN)/python docs/gen_figures.py
+
+# the documentation site (docs/, mkdocs.yml): the configuration reference is generated from the pydantic schema
+# first, then the site is built with --strict (a broken link or a missing page fails the build)
+docs: setup
+	$(BIN)/python docs/gen_reference.py
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+test: lint docs labelstudio
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-fast: setup

@@ -6,9 +6,11 @@ distill run CONFIG [--set k=v]... [--summary-json PATH] [--dry-run]   the whole 
 distill plan CONFIG [--set k=v]... [--json PATH]   requests, tokens, $ and time, before any request
 distill predict FILE [--model models:/NAME@champion] [--output OUT] [--config predict.yaml]
 distill teacher start|stop|status       a long-lived local teacher for repeated runs
-distill up [--prefect-port P] [--mlflow-port M]   local Prefect + MLflow servers (loopback, persistent)
+distill up [--prefect-port P] [--mlflow-port M] [--labelstudio]   local Prefect + MLflow (+ Label Studio) servers
 distill down | distill status           stop them / say what runs
 distill serve [CONFIG] [--on-demand-config C] [--predict-config P]   serve the deployments
+distill review export CONFIG [--select low_confidence|disagreement|random] [--n N] [--format F --out FILE]
+distill review import CONFIG            reviewers' labels from Label Studio into a new human-label version
 """
 
 from __future__ import annotations
@@ -184,10 +186,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         prefect_database_url=args.prefect_database_url,
         mlflow_backend_uri=args.mlflow_backend_uri,
         mlflow_artifacts=args.mlflow_artifacts,
+        which=("prefect", "mlflow", "labelstudio") if args.labelstudio else ("prefect", "mlflow"),
+        labelstudio_port=args.labelstudio_port,
+        timeout_s=240.0 if args.labelstudio else 120.0,
     )
     p, m = got["prefect"], got["mlflow"]
     print(f"Prefect UI   {p.ui}   (API {p.url}, pid {p.pid}, log {p.log})")
     print(f"MLflow UI    {m.ui}   (tracking and registry {m.url}, pid {m.pid}, log {m.log})")
+    if "labelstudio" in got:
+        ls = got["labelstudio"]
+        cred = servers.state_dir(args.workdir) / "servers" / "labelstudio" / "credentials.json"
+        print(
+            f"Label Studio {ls.ui}   (pid {ls.pid}, log {ls.log}; sign in as distill@localhost, password and API "
+            f"token in {cred}: distill commands here read the token themselves)"
+        )
     print(
         f"written to {servers.state_dir(args.workdir) / 'servers.json'}: every distill command here uses these "
         f"servers; elsewhere `set -a; . {servers.state_dir(args.workdir) / 'servers.env'}; set +a`"
@@ -248,13 +260,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels_of(cfg: Any) -> list[str]:
+    from tasks.templates.load import load_prompt
+
+    labels = list(getattr(load_prompt(cfg.prompt), "labels", None) or [])
+    if not labels:
+        from distill.config import ConfigError
+
+        raise ConfigError(f"{cfg.prompt}: human review needs a label prompt (task: classify)")
+    return labels
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from tasks.review.loop import export_review, import_review, log_import
+
+    cfg = _load(args)
+    labels = _labels_of(cfg)
+    if args.action == "export":
+        ex = export_review(
+            run_dir=cfg.run_dir,
+            review=cfg.review,
+            tracking=cfg.tracking,
+            labels=labels,
+            how=args.select,
+            n=args.n,
+            seed=args.seed,
+            max_length=getattr(cfg.student, "max_length", 128),
+            fmt=args.format,
+            out=Path(args.out) if args.out else None,
+        )
+        short = f" (only {ex.selected} qualified)" if ex.selected < args.n else ""
+        if args.format == "labelstudio":
+            print(
+                f"{ex.selected} items chosen by {args.select}{short}: {ex.sent} new tasks sent, "
+                f"{ex.already_in_project} already in the project; review them at {ex.where}"
+            )
+        else:
+            print(f"{ex.selected} items chosen by {args.select}{short}, written to {ex.where} ({args.format})")
+        return 0
+    im = import_review(review=cfg.review, labels=labels, project_id=args.project_id)
+    w = im.written
+    run_id = log_import(im, tracking=cfg.tracking, review=cfg.review)
+    state = f"new version {w.version}" if w.new else f"unchanged: still version {w.version}"
+    print(
+        f"{im.annotations} annotations of {im.items} items from project {im.project_id} "
+        f"({im.skipped} skipped or empty): {state}, {w.path} (digest {w.digest})"
+        + (f"; logged to MLflow run {run_id}" if run_id else "")
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil a teacher LLM into a cheap student.")
     sub = p.add_subparsers(dest="command", required=True)
     _run_commands(sub)
     _local_commands(sub)
     _server_commands(sub)
+    _review_commands(sub)
     return p
+
+
+def _review_commands(sub: Any) -> None:
+    """review export / import: items to reviewers in Label Studio, their labels back as a versioned file."""
+    from tasks.review.select import STRATEGIES
+
+    rv = sub.add_parser("review", help="send uncertain items to Label Studio reviewers, import their labels")
+    rv.add_argument("action", choices=["export", "import"])
+    rv.add_argument("config", help="the run's config: its run folder, labels and review section")
+    rv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rv.add_argument("--select", choices=STRATEGIES, default="low_confidence", help="export: which items")
+    rv.add_argument("--n", type=int, default=100, help="export: at most this many items")
+    rv.add_argument("--seed", type=int, default=0, help="export: seed of random and of ties")
+    rv.add_argument(
+        "--format",
+        choices=["labelstudio", "labelstudio-json", "argilla-json"],
+        default="labelstudio",
+        help="export: into Label Studio through its API (default), or a file to import by hand",
+    )
+    rv.add_argument("--out", help="export: the file for --format labelstudio-json or argilla-json")
+    rv.add_argument("--project-id", type=int, help="import: this project instead of the one export recorded")
+    rv.set_defaults(func=cmd_review)
 
 
 def _run_commands(sub: Any) -> None:
@@ -336,6 +421,10 @@ def _server_commands(sub: Any) -> None:
     u.add_argument(
         "--mlflow-artifacts", help="where MLflow stores artifacts (default .distill/servers/mlflow/artifacts)"
     )
+    u.add_argument(
+        "--labelstudio", action="store_true", help="also start Label Studio for human review (make labelstudio)"
+    )
+    u.add_argument("--labelstudio-port", type=int, default=8080)
     u.set_defaults(func=cmd_up)
     dn = sub.add_parser("down", help="stop the servers `distill up` started")
     dn.set_defaults(func=cmd_down)
@@ -366,9 +455,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from distill.servers import ServerError, use_servers
     from tasks.accounting.budget import BudgetExhausted
     from tasks.accounting.pricing import PricingError
+    from tasks.data.human_labels import HumanLabelsError
     from tasks.data.readers import DataError
     from tasks.pipeline.checkpoints import RunBusy
     from tasks.pipeline.preflight import PreflightError
+    from tasks.review.labelstudio import LabelStudioError
+    from tasks.review.loop import ReviewError
     from tasks.teacher.batch import BatchesPending
     from tasks.teacher.local_server import TeacherServerError
     from tasks.templates.base import PromptError
@@ -388,6 +480,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         ServerError,
         RunBusy,
         PreflightError,
+        ReviewError,
+        LabelStudioError,
+        HumanLabelsError,
     ) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2

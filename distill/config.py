@@ -872,6 +872,84 @@ class RuntimeConfig(_Strict):
     )
 
 
+class ReviewPrecedence(str, Enum):
+    human = "human"
+    teacher = "teacher"
+
+
+class ReviewDisagreement(str, Enum):
+    teacher = "teacher"
+    latest = "latest"
+    exclude = "exclude"
+
+
+class ReviewConfig(_Strict):
+    """Human review in Label Studio: where its labels live and how a run learns from them (docs/review.md)."""
+
+    labels_dir: Optional[str] = Field(
+        default=None,
+        description=(
+            "Folder of the versioned human-label files `distill review import` writes (human-labels-vNNNN.parquet; "
+            "a run reads the newest, or labels_version). None: this run uses no human review."
+        ),
+    )
+    labels_version: Optional[int] = Field(
+        default=None, ge=1, description="Pin a version of the human-label file (None: the newest)."
+    )
+    precedence: ReviewPrecedence = Field(
+        default=ReviewPrecedence.human,
+        description=(
+            "'human': a reviewed pool item trains with the reviewer's label (a one-hot target, weight `weight`) "
+            "instead of the teacher's; 'teacher': reviewed items keep the teacher's label (their human labels only "
+            "grow the gold, see gold_share)."
+        ),
+    )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=100,
+        description=(
+            "Loss weight of a human-labelled training item (a teacher-labelled one weighs its confidence, at most 1, "
+            "with student.use_votes: weight)."
+        ),
+    )
+    gold_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of reviewed items that grow the gold set instead of training: chosen by a hash of the item id, so "
+            "an item keeps its role across imports and is never in both the training data and gold."
+        ),
+    )
+    on_disagreement: ReviewDisagreement = Field(
+        default=ReviewDisagreement.teacher,
+        description=(
+            "An item whose reviewers disagree (every annotation is kept in the file): 'teacher' keeps the teacher's "
+            "label as if unreviewed, 'latest' takes the most recent annotation, 'exclude' leaves the item out of "
+            "training and gold."
+        ),
+    )
+    url: str = Field(
+        default="http://127.0.0.1:8080", description="Label Studio's address (`distill up --labelstudio` starts one)."
+    )
+    api_key_env: str = Field(
+        default="LABEL_STUDIO_API_KEY",
+        description="Environment variable holding the Label Studio API token (never in the config, logs or files).",
+    )
+    project: Optional[str] = Field(
+        default=None, description="Title of the Label Studio project (None: '<tracking.model_name> review')."
+    )
+    usd_per_label: float = Field(
+        default=0.25,
+        ge=0,
+        description=(
+            "What one human label costs, for the run's bill and the equal-cost comparison with teacher labels. "
+            "Default: a reviewer at USD 30 an hour confirming or correcting 120 short items an hour."
+        ),
+    )
+
+
 def _student_any_of(schema: dict[str, Any]) -> None:
     """The Prefect UI form picks a union member by its value under ``anyOf`` (pydantic writes ``oneOf``)."""
     student = schema.get("properties", {}).get("student", {})
@@ -918,6 +996,10 @@ class DistillConfig(_Strict):
     runtime: RuntimeConfig = Field(
         default_factory=RuntimeConfig, description="Where annotation shards run: in this process, or on a Dask cluster."
     )
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig,
+        description="Human review: items sent to Label Studio, and how the reviewers' labels train and grow gold.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -947,6 +1029,8 @@ class DistillConfig(_Strict):
         gen_metric = self.gate.metric in ("bertscore_f1", "rougeL")
         if self.gate.metric != "auto" and gen_metric != (self.task == TaskType.generate):
             raise ValueError(f"gate.metric '{self.gate.metric}' does not suit task '{self.task.value}'")
+        if self.review.labels_dir and self.task == TaskType.generate:
+            raise ValueError("review.labels_dir: human review trains classifiers (task: classify), not task: generate")
         medoid = self.vote.aggregation == Aggregation.medoid
         if medoid != (self.task == TaskType.generate):
             raise ValueError(

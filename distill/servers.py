@@ -36,7 +36,7 @@ class ServerError(RuntimeError):
 
 @dataclass
 class Server:
-    name: str  # "prefect" or "mlflow"
+    name: str  # "prefect", "mlflow" or "labelstudio"
     pid: int
     url: str  # what clients use: the Prefect API URL, the MLflow tracking URI
     ui: str  # what a person opens in a browser
@@ -119,6 +119,8 @@ def _write_state(workdir: str | Path, servers: dict[str, Server]) -> None:
         lines.append(f"PREFECT_API_URL={servers['prefect'].url}")
     if "mlflow" in servers:
         lines.append(f"MLFLOW_TRACKING_URI={servers['mlflow'].url}")
+    if "labelstudio" in servers:
+        lines.append(f"DISTILL_LABEL_STUDIO_URL={servers['labelstudio'].url}")
     (d / "servers.env").write_text("\n".join(lines) + "\n")
 
 
@@ -170,6 +172,7 @@ def up(
     mlflow_artifacts: Optional[str] = None,
     timeout_s: float = 120.0,
     which: tuple[str, ...] = ("prefect", "mlflow"),
+    labelstudio_port: int = 8080,
 ) -> dict[str, Server]:
     """Start the Prefect server and the MLflow tracking server (with its registry); reuse healthy ones.
 
@@ -187,6 +190,8 @@ def up(
         started.append(_start_prefect(base, prefect_port, prefect_database_url))
     if "mlflow" in which and "mlflow" not in servers:
         started.append(_start_mlflow(base, mlflow_port, mlflow_backend_uri, mlflow_artifacts))
+    if "labelstudio" in which and "labelstudio" not in servers:
+        started.append(_start_labelstudio(base, labelstudio_port, Path(workdir)))
     try:
         for srv, proc in started:
             _wait(srv, proc, timeout_s)
@@ -240,6 +245,80 @@ def _start_mlflow(
     return Server("mlflow", proc.pid, url, url, str(log), url + "/health"), proc
 
 
+LABEL_STUDIO_VERSION = "1.23.2"
+
+
+def labelstudio_bin(workdir: Path) -> str:
+    """Label Studio's command: $DISTILL_LABEL_STUDIO, else the environment `make labelstudio` builds, else PATH.
+
+    It never lives in distill's own environment: its pins clash with distill's (openai<2,
+    pyarrow<25, pytz<2023).
+    """
+    import shutil
+
+    for cand in (
+        os.environ.get("DISTILL_LABEL_STUDIO"),
+        str(Path(workdir).resolve() / ".venv-labelstudio" / "bin" / "label-studio"),
+        str(Path(__file__).resolve().parents[1] / ".venv-labelstudio" / "bin" / "label-studio"),
+        shutil.which("label-studio"),
+    ):
+        if cand and Path(cand).is_file():
+            return cand
+    raise ServerError(
+        f"Label Studio is not installed: `make labelstudio` installs label-studio=={LABEL_STUDIO_VERSION} into "
+        ".venv-labelstudio (its own environment: its pins clash with distill's), or set DISTILL_LABEL_STUDIO"
+    )
+
+
+def labelstudio_credentials(base: Path) -> dict[str, str]:
+    """The reviewer account distill creates in its Label Studio (made once, kept 0600 beside its database)."""
+    import secrets
+
+    p = base / "labelstudio" / "credentials.json"
+    if p.is_file():
+        return json.loads(p.read_text())
+    p.parent.mkdir(parents=True, exist_ok=True)
+    cred = {
+        "username": "distill@localhost",
+        "password": secrets.token_urlsafe(16),
+        "token": secrets.token_hex(20),
+    }
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cred, f)
+    return cred
+
+
+def labelstudio_env(data_dir: Path, cred: dict[str, str]) -> dict[str, str]:
+    """Label Studio offline and quiet: no version check against PyPI, no Sentry, no analytics; one account whose
+    legacy API token distill uses (``Authorization: Token ...``)."""
+    return {
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LATEST_VERSION_CHECK": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+        "COLLECT_ANALYTICS": "false",
+        "DO_NOT_TRACK": "true",
+        "LABEL_STUDIO_USERNAME": cred["username"],
+        "LABEL_STUDIO_PASSWORD": cred["password"],
+        "LABEL_STUDIO_USER_TOKEN": cred["token"],
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+    }
+
+
+def _start_labelstudio(base: Path, port: int, workdir: Path) -> tuple[Server, subprocess.Popen]:
+    if not _port_free(port):
+        raise ServerError(f"port {port} on {HOST} is in use: choose another with --labelstudio-port")
+    exe = labelstudio_bin(workdir)
+    data = base / "labelstudio"
+    env = labelstudio_env(data, labelstudio_credentials(base))
+    log = base / "labelstudio.log"
+    cmd = [exe, "start", "--no-browser", "--internal-host", HOST, "--port", str(port), "--data-dir", str(data)]
+    proc = _start("labelstudio", cmd, env, log)
+    url = f"http://{HOST}:{port}"
+    return Server("labelstudio", proc.pid, url, url, str(log), url + "/health"), proc
+
+
 def _stop_pid(pid: int, grace_s: float = 15.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -291,4 +370,10 @@ def use_servers(workdir: str | Path = ".") -> dict[str, str]:
         srv = read_state(workdir).get(name)
         if srv is not None and not os.environ.get(var) and _alive(srv.pid) and srv.healthy(1.0):
             os.environ[var] = done[var] = srv.url
+    ls = read_state(workdir).get("labelstudio")
+    cred = state_dir(workdir) / "servers" / "labelstudio" / "credentials.json"
+    if ls is not None and cred.is_file() and not os.environ.get("LABEL_STUDIO_API_KEY") and _alive(ls.pid):
+        # the token of distill's own loopback Label Studio (never printed); review.api_key_env names this variable
+        os.environ["LABEL_STUDIO_API_KEY"] = json.loads(cred.read_text())["token"]
+        done["LABEL_STUDIO_API_KEY"] = "(token)"
     return done

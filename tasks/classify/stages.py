@@ -14,7 +14,15 @@ from typing import Any, Optional
 
 from prefect import task
 
-from distill.config import DataConfig, EnergyConfig, GateConfig, PricingConfig, StudentConfig, VoteConfig
+from distill.config import (
+    DataConfig,
+    EnergyConfig,
+    GateConfig,
+    PricingConfig,
+    ReviewConfig,
+    StudentConfig,
+    VoteConfig,
+)
 from tasks.accounting.costs import training_cost
 from tasks.classify.aggregate import vote_shards, vote_stats
 from tasks.classify.evaluate import evaluate, read_gold, teacher_gold_scores
@@ -84,6 +92,16 @@ TRAIN_KEYS = (
     "class_balance",
     "train_label_counts",
     "val_macro_f1",
+    "human_labelled_items",
+    "human_share",
+    "excluded_reviewed",
+    "review_labels_version",
+    "review_labels_digest",
+    "review_items",
+    "review_disagreements",
+    "gold_items_from_review",
+    "review_usd",
+    "review_usd_method",
 )
 
 
@@ -125,6 +143,7 @@ def train_task(
     student: StudentConfig,
     min_agreement: float,
     show_progress: bool = True,
+    review: Optional[ReviewConfig] = None,
 ) -> ClassifierTraining:
     return train_on_all_gpus(
         voted_paths,
@@ -133,6 +152,7 @@ def train_task(
         student=student,
         min_agreement=min_agreement,
         show_progress=show_progress,
+        review=review,
     )
 
 
@@ -146,8 +166,9 @@ def train_stage(
     pricing: PricingConfig,
     out_dir: Path,
     show_progress: bool,
+    review: Optional[ReviewConfig] = None,
 ) -> Trained:
-    """Fine-tune the classifier student on the aggregated pool, measuring its energy and cost."""
+    """Fine-tune the classifier student on the aggregated pool (and reviewers' labels), measuring energy and cost."""
     with training_cost(energy, pricing) as meter:
         tr = train_task(
             agg.pool_paths,
@@ -156,6 +177,7 @@ def train_stage(
             student=student,
             min_agreement=min_agreement,
             show_progress=show_progress,
+            review=review,
         )
     assert meter.cost is not None
     return Trained(tr.model_dir, tr, meter.cost)

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from distill.config import StudentConfig
+from distill.config import ReviewConfig, StudentConfig
 from tasks.classify.aggregate import is_missing as _missing
 from tasks.classify.evaluate import ZERO
 from tasks.classify.inference import pad_batch, pad_id_of, tokenize
+from tasks.data.human_labels import Reviewed, load_reviewed
 from tasks.results.classify import ClassifierTraining
 
 
@@ -41,28 +42,54 @@ class TrainData:
     soft: list[list[float]]
     excluded_abstained: int
     excluded_low_agreement: int
+    ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # 'teacher' or 'human' per row
+    excluded_reviewed: int = 0
 
 
-def build_train_data(voted_paths: list[str], labels: list[str], use_votes: str, min_agreement: float) -> TrainData:
+def build_train_data(
+    voted_paths: list[str],
+    labels: list[str],
+    use_votes: str,
+    min_agreement: float,
+    *,
+    reviewed: Optional[Reviewed] = None,
+    human_weight: float = 1.0,
+) -> TrainData:
     """Turn voted shards into training rows; see the module docstring for the rules.
 
     The soft target is the shard's ``label_dist`` (written by the aggregation); shards
-    without one (older runs) fall back to the share of valid votes.
+    without one (older runs) fall back to the share of valid votes. A reviewed item trains
+    with its reviewer's label (a one-hot target of weight ``human_weight``), whatever the
+    teacher said or whether it abstained; reviewed items that grew the gold or were excluded
+    never train.
     """
     idx = {lab: i for i, lab in enumerate(labels)}
-    texts, ys, ws, soft = [], [], [], []
-    abst = low = 0
+    human = reviewed.train if reviewed else {}
+    skip = reviewed.not_for_training if reviewed else set()
+    data = TrainData([], [], [], [], 0, 0)
     for p in voted_paths:
-        cols = ["text", "votes", "label", "confidence"]
-        has_dist = "label_dist" in pq.read_schema(p).names
-        df = pq.read_table(p, columns=cols + (["label_dist"] if has_dist else [])).to_pandas()
-        dists = df["label_dist"] if has_dist else [None] * len(df)
-        for text, votes, lab, conf, ld in zip(df["text"], df["votes"], df["label"], df["confidence"], dists):
+        names = pq.read_schema(p).names
+        cols = ["text", "votes", "label", "confidence"] + [c for c in ("id", "label_dist") if c in names]
+        df = pq.read_table(p, columns=cols).to_pandas()
+        dists = df["label_dist"] if "label_dist" in names else [None] * len(df)
+        item_ids = df["id"].astype(str) if "id" in names else [f"{Path(p).name}:{i}" for i in range(len(df))]
+        for item_id, text, votes, lab, conf, ld in zip(
+            item_ids, df["text"], df["votes"], df["label"], df["confidence"], dists
+        ):
+            if item_id in skip:
+                data.excluded_reviewed += 1
+                continue
+            if item_id in human:
+                dist = np.zeros(len(labels))
+                dist[idx[human[item_id]]] = 1.0
+                _add(data, item_id=item_id, text=text, y=idx[human[item_id]], w=human_weight, dist=dist, source="human")
+                continue
             if _missing(lab):
-                abst += 1
+                data.excluded_abstained += 1
                 continue
             if use_votes == "filter" and conf < min_agreement:
-                low += 1
+                data.excluded_low_agreement += 1
                 continue
             if ld is not None and len(ld) == len(labels):
                 dist = np.asarray(ld, dtype=float)
@@ -71,11 +98,37 @@ def build_train_data(voted_paths: list[str], labels: list[str], use_votes: str, 
                 for v in votes:
                     if not _missing(v) and v in idx:
                         dist[idx[v]] += 1
-            texts.append(text)
-            ys.append(idx[lab])
-            ws.append(float(conf) if use_votes == "weight" else 1.0)
-            soft.append((dist / dist.sum()).tolist())
-    return TrainData(texts, ys, ws, soft, abst, low)
+            w = float(conf) if use_votes == "weight" else 1.0
+            _add(data, item_id=item_id, text=text, y=idx[lab], w=w, dist=dist, source="teacher")
+    return data
+
+
+def _add(data: TrainData, *, item_id: str, text: str, y: int, w: float, dist: Any, source: str) -> None:
+    data.ids.append(item_id)
+    data.texts.append(text)
+    data.labels.append(y)
+    data.weights.append(w)
+    data.soft.append((dist / dist.sum()).tolist())
+    data.sources.append(source)
+
+
+def write_train_set(data: TrainData, labels: list[str], val_idx: list[int], path: Path) -> str:
+    """The rows the student trained on (and validated on), with where each label came from: the record of what
+    a reviewed item taught, read by the tests and the review bench."""
+    import pandas as pd
+
+    val = set(val_idx)
+    pd.DataFrame(
+        {
+            "id": data.ids,
+            "text": data.texts,
+            "label": [labels[y] for y in data.labels],
+            "weight": data.weights,
+            "source": data.sources,
+            "split": ["val" if i in val else "train" for i in range(len(data.ids))],
+        }
+    ).to_parquet(path, index=False)
+    return str(path)
 
 
 def target_log_prior(data: TrainData, rows: list[int], soft_weight: float) -> list[float]:
@@ -302,16 +355,29 @@ def train_student(
     student: StudentConfig,
     min_agreement: float,
     show_progress: bool = True,
+    review: Optional[ReviewConfig] = None,
 ) -> ClassifierTraining:
-    """Fine-tune the student on the votes; writes model, tokenizer and labels.json to ``out_dir``."""
+    """Fine-tune the student on the votes (and reviewers' labels); writes model, tokenizer, labels.json and
+    the training rows (train_set.parquet) to ``out_dir``."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, EarlyStoppingCallback, TrainingArguments
 
     set_seed(student.seed)
-    data = build_train_data(voted_paths, labels, student.use_votes.value, min_agreement)
+    reviewed = load_reviewed(review, labels) if review else None
+    data = build_train_data(
+        voted_paths,
+        labels,
+        student.use_votes.value,
+        min_agreement,
+        reviewed=reviewed,
+        human_weight=review.weight if review else 1.0,
+    )
     if len(data.texts) < 4:
         raise ValueError(f"only {len(data.texts)} usable teacher-labelled items: too few to train a student")
     tr_idx, va_idx = split_train_val(len(data.texts), student.val_fraction, student.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set = write_train_set(data, labels, va_idx, out / "train_set.parquet")
     path = resolve_student_path(student.model_path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -323,7 +389,6 @@ def train_student(
     dev = pick_device()
     ids = tokenize(tok, data.texts, student.max_length)
     group = dev["device"] == "cuda" if student.group_by_length is None else student.group_by_length
-    out = Path(out_dir)
     ckpt = out / "checkpoints"
     steps_per_epoch = max(1, -(-len(tr_idx) // student.batch_size))
     args = TrainingArguments(
@@ -409,7 +474,31 @@ def train_student(
         global_steps=int(trainer.state.global_step),
         train_seconds=float(result.metrics.get("train_runtime", 0.0)),
         torch_threads=torch.get_num_threads(),
+        train_set_path=train_set,
+        **review_figures(data, reviewed, review),
     )
+
+
+def review_figures(data: TrainData, reviewed: Optional[Reviewed], review: Optional[ReviewConfig]) -> dict[str, Any]:
+    """What the human review gave this student, for the summary, MLflow and the model card."""
+    if reviewed is None or review is None:
+        return {}
+    human = data.sources.count("human")
+    return {
+        "human_labelled_items": human,
+        "human_share": human / len(data.sources) if data.sources else 0.0,
+        "excluded_reviewed": data.excluded_reviewed,
+        "review_labels_version": reviewed.version,
+        "review_labels_digest": reviewed.digest,
+        "review_items": reviewed.items,
+        "review_disagreements": reviewed.disagreements,
+        "gold_items_from_review": len(reviewed.gold),
+        "review_usd": reviewed.annotations * review.usd_per_label,
+        "review_usd_method": (
+            f"{reviewed.annotations} annotations in human-label file v{reviewed.version} x review.usd_per_label "
+            f"({review.usd_per_label:g} USD)"
+        ),
+    }
 
 
 def accelerate_command(n_gpu: int, args_file: str, env: Optional[dict[str, str]] = None) -> Optional[list[str]]:
@@ -445,6 +534,7 @@ def train_on_all_gpus(
     student: StudentConfig,
     min_agreement: float,
     show_progress: bool = True,
+    review: Optional[ReviewConfig] = None,
 ) -> ClassifierTraining:
     """Train in this process, or, with several GPUs, under accelerate on all of them (the same function per rank)."""
     import json
@@ -459,6 +549,7 @@ def train_on_all_gpus(
             student=student,
             min_agreement=min_agreement,
             show_progress=show_progress,
+            review=review,
         )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(cmd[-1]).write_text(
@@ -469,6 +560,7 @@ def train_on_all_gpus(
                 "out_dir": out_dir,
                 "student": student.model_dump(mode="json"),
                 "min_agreement": min_agreement,
+                "review": review.model_dump(mode="json") if review else None,
             }
         )
     )
@@ -490,6 +582,7 @@ def _main(args_file: str) -> None:
         student=StudentConfig(**a["student"]),
         min_agreement=a["min_agreement"],
         show_progress=False,
+        review=ReviewConfig(**a["review"]) if a.get("review") else None,
     )
     if os.environ.get("RANK", "0") == "0":
         (Path(a["out_dir"]) / "train_result.json").write_text(json.dumps(dataclasses.asdict(res)))

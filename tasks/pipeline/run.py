@@ -230,7 +230,23 @@ class DistillRun(StageClock):
                 votes_ds = from_pandas(votes_df, source=cfg.data.pool_path, name="pool-votes")
                 mlflow.log_input(votes_ds, context="training")
                 self.digests["pool-votes"] = votes_ds.digest
+                self._log_human_labels()
         return summary
+
+    def _log_human_labels(self) -> None:
+        """The human-label file this run learns from, as an MLflow dataset with its digest (docs/review.md)."""
+        import mlflow
+        from mlflow.data.pandas_dataset import from_pandas
+
+        from tasks.data.human_labels import file_for, for_mlflow
+
+        review = self.cfg.review
+        path = file_for(review.labels_dir, review.labels_version) if review.labels_dir else None
+        if path is None:
+            return
+        ds = from_pandas(for_mlflow(path), source=str(path), name="human-labels")
+        mlflow.log_input(ds, context="training")
+        self.digests["human-labels"] = ds.digest
 
     def report(
         self, kind: TaskKind, ann: Annotation, model: Trained, ev: Evaluation, reg: Registration

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any, Optional, Protocol
 
 from distill.config import DistillConfig, GeneratorStudentConfig, StudentConfig, TaskType
+from tasks.data.human_labels import gold_with_reviews
 from tasks.pipeline.summary import task_summary
 from tasks.results.stages import Aggregation, Annotation, Evaluation, Registration, Trained
 from tasks.templates.generation import GenerationTemplate
@@ -112,6 +113,7 @@ class Classify:
             pricing=cfg.pricing,
             out_dir=cfg.run_dir / "student",
             show_progress=show_progress,
+            review=cfg.review,
         )
 
     def evaluate(
@@ -121,7 +123,7 @@ class Classify:
         return _classify().evaluate_stage(
             agg,
             model,
-            data=cfg.data,
+            data=gold_with_reviews(cfg.data, cfg.review, labels=_labels(cfg), out_dir=cfg.run_dir / "input"),
             student=cfg.student,
             labels=_labels(cfg),
             samples=cfg.teacher.samples,
@@ -139,7 +141,7 @@ class Classify:
             agg,
             model,
             ev,
-            data=cfg.data,
+            data=gold_with_reviews(cfg.data, cfg.review, labels=_labels(cfg), out_dir=cfg.run_dir / "input"),
             student=cfg.student,
             labels=_labels(cfg),
             model_name=cfg.tracking.model_name,

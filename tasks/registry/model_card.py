@@ -50,8 +50,21 @@ COST_KEYS = [
     "teacher_kgco2_per_1m",
     "student_kgco2_per_1m",
     "co2_ratio_per_1m",
+    "review_usd",
 ]
-DATA_KEYS = ["items", "train_items", "abstained", "samples_per_item"]
+DATA_KEYS = [
+    "items",
+    "train_items",
+    "abstained",
+    "samples_per_item",
+    "human_labelled_items",
+    "human_share",
+    "review_items",
+    "review_disagreements",
+    "gold_items_from_review",
+    "review_labels_version",
+    "review_labels_digest",
+]
 
 
 @dataclass
@@ -102,6 +115,18 @@ def _per_class(per_class: Optional[dict[str, dict[str, float]]], title: str) -> 
     return [*out, ""]
 
 
+def _review_line(summary: dict[str, Any]) -> str:
+    """The human-reviewed share of the training labels, in words."""
+    if summary.get("review_labels_version") is None:
+        return "- human-reviewed share of the training labels: 0 (no review in this run; every label is the teacher's)"
+    return (
+        f"- human-reviewed share of the training labels: {fmt(summary.get('human_share'))} "
+        f"({fmt(summary.get('human_labelled_items'))} items with a reviewer's label, human-label file version "
+        f"{fmt(summary.get('review_labels_version'))}; {fmt(summary.get('gold_items_from_review'))} reviewed items "
+        "grew the gold instead)"
+    )
+
+
 DESCRIPTION_LIMIT = 5000  # characters of a model version's description in MLflow's SQL stores (String(5000))
 
 
@@ -139,7 +164,7 @@ def render_model_card(summary: dict[str, Any], facts: CardFacts, *, compact: boo
         f"- pool: `{facts.pool_source}`",
         f"- gold (human labels): `{facts.gold_source}`",
         *[f"- digest of `{k}` (MLflow dataset): `{v}`" for k, v in sorted(facts.digests.items())],
-        "- human-reviewed share of the training labels: 0 (no review in this run; every label is the teacher's)",
+        _review_line(summary),
         "",
         *table,
         *_rows(summary, DATA_KEYS),

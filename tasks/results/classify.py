@@ -80,6 +80,19 @@ class ClassifierTraining:
     global_steps: int
     train_seconds: float
     torch_threads: int
+    # human review (review.labels_dir): items training with a reviewer's label, reviewed items kept out of training
+    # (they grew the gold, or their reviewers disagreed under on_disagreement: exclude), and the training rows
+    human_labelled_items: int = 0
+    human_share: float = 0.0  # of the training and validation rows
+    excluded_reviewed: int = 0
+    train_set_path: str = ""
+    review_labels_version: Optional[int] = None
+    review_labels_digest: Optional[str] = None
+    review_items: int = 0  # items in the human-label file (after the disagreement rule: see review_disagreements)
+    review_disagreements: int = 0
+    gold_items_from_review: int = 0
+    review_usd: float = 0.0  # every annotation in the file this run used, at review.usd_per_label
+    review_usd_method: Optional[str] = None
 
     @property
     def majority_label(self) -> str:
