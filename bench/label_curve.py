@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -40,6 +39,7 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+from bench import record  # noqa: E402
 from bench.plotting import save_figure  # noqa: E402
 
 HOME = REPO / ".distill" / "bench" / "label-curve"
@@ -52,12 +52,6 @@ KEEP = [
     "requests_sent",
     "requests_cached",
 ]
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def run_point(config: str, n: int, seed: int, extra: list[str], tag: str) -> dict[str, Any]:
@@ -82,7 +76,9 @@ def run_point(config: str, n: int, seed: int, extra: list[str], tag: str) -> dic
     s = distill_flow(cfg, show_progress=False)
     out: dict[str, Any] = {k: s.get(k) for k in KEEP}
     out["gap_on_subset"] = s["student_macro_f1_on_teacher_subset"] - s["teacher_macro_f1_voted"]
-    out.update(seconds=round(time.monotonic() - t0, 1), date=date.today().isoformat(), commit=commit(), sets=extra)
+    out.update(
+        seconds=round(time.monotonic() - t0, 1), date=date.today().isoformat(), commit=record.commit(), sets=extra
+    )
     return out
 
 
@@ -163,6 +159,7 @@ def main() -> None:
                 continue
             p = run_point(a.config, n, seed, a.sets, Path(a.out).stem)
             store["points"][key] = p
+            record.stamp(store)  # the file's date, commit, command and machine: its last point's (docs/gen_figures.py)
             tmp = out.with_suffix(".tmp")
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(store, indent=1, sort_keys=True))

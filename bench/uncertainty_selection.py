@@ -14,6 +14,7 @@ asks the same k=1 prompts), so the teacher requests counted are those each linea
 would have paid for, whether or not this machine had to send them today.
 
     .venv/bin/python bench/uncertainty_selection.py [--nights 4] [--per-night 200] [--candidates 2400]
+        [--out bench/figures/uncertainty_selection.json]   # the docs' figures (docs/gen_figures.py draws them)
 
 Last line: one JSON object with every figure.
 """
@@ -33,6 +34,7 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+from bench import record  # noqa: E402
 from bench.plotting import save_figure  # noqa: E402
 
 
@@ -100,6 +102,9 @@ def main() -> None:
     ap.add_argument("--per-night", type=int, default=200)
     ap.add_argument("--candidates", type=int, default=2400)
     ap.add_argument("--png", default="bench/results/uncertainty_selection.png")
+    ap.add_argument(
+        "--out", help="also write the curves, dated, to this JSON (bench/figures/uncertainty_selection.json: the docs)"
+    )
     a = ap.parse_args()
     tracking = f"sqlite:///{tempfile.mkdtemp(prefix='selection-')}/mlflow.db"
     for lineage in ("random", "uncertainty"):  # a fresh ledger per bench run
@@ -113,6 +118,10 @@ def main() -> None:
                 night(a.config, lineage, n, per_night=a.per_night, candidates=a.candidates, tracking=tracking)
             )
     plot(curves, REPO / a.png)
+    if a.out:
+        record.write(
+            a.out, {"nights": a.nights, "per_night": a.per_night, "candidates": a.candidates, "curves": curves}
+        )
     last = {k: v[-1] for k, v in curves.items()}
     print(
         f"\nafter {a.nights} nights ({last['random']['requests_spent']:,} teacher requests each): random "
