@@ -30,6 +30,14 @@ from tests.fake_openai import FakeOpenAI  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """This process's scratch folder (Prefect home, results, state) goes when its session ends: every pytest
+    process (the controller and each xdist worker) made one, and /tmp kept them all."""
+    import shutil
+
+    shutil.rmtree(_TMP, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, the long tests first and spread over the workers (tests/scheduling.py)."""
     from tests.scheduling import worker_count, xdist_order

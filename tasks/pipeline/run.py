@@ -319,6 +319,7 @@ class DistillRun(StageClock):
             endpoint=f"{endpoint}, {cfg.teacher.transport.value}",
             teacher_mode=t.mode.value,
             prompt_path=str(cfg.prompt),
+            prompt_hash=template.template_hash(),
             prompt_text=text,
             prompt_uri=prompt_uri,
             pool_source=shown(cfg.data.pool_path),

@@ -83,6 +83,7 @@ class CardFacts:
     gold_source: str
     digests: dict[str, str] = field(default_factory=dict)  # MLflow dataset name -> digest
     student_base: str = ""
+    prompt_hash: str = ""
     commit: str = "unknown"
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -155,7 +156,7 @@ def render_model_card(summary: dict[str, Any], facts: CardFacts, *, compact: boo
         "",
         f"- model: `{facts.teacher_model}` ({facts.endpoint}, {facts.teacher_mode} mode)",
         f"- samples per item: {fmt(summary.get('samples_per_item'))}, aggregation: {fmt(summary.get('aggregation'))}",
-        f"- prompt: `{facts.prompt_path}`, hash `{summary.get('prompt_hash') or 'n/a'}`"
+        f"- prompt: `{facts.prompt_path}`, hash `{summary.get('prompt_hash') or facts.prompt_hash or 'n/a'}`"
         + (f", registered as `{facts.prompt_uri}`" if facts.prompt_uri else ""),
         "",
         *([] if compact else ["```yaml", facts.prompt_text.rstrip(), "```", ""]),
