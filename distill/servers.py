@@ -303,6 +303,8 @@ def labelstudio_env(data_dir: Path, cred: dict[str, str]) -> dict[str, str]:
         "LABEL_STUDIO_PASSWORD": cred["password"],
         "LABEL_STUDIO_USER_TOKEN": cred["token"],
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        # reviewers join through the organisation's invite link (Organization -> Add People), not an open sign-up page
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
     }
 
 

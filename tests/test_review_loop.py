@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import re
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -36,18 +37,28 @@ def labelstudio(tmp_path_factory):
         assert servers.down(work) == ["labelstudio"]
 
 
-def second_reviewer(url: str, email: str) -> str:
-    """Sign a second reviewer up through Label Studio's own form and return their API token."""
+def sign_up(url: str, email: str, invite: str = "") -> str:
+    """Sign a reviewer up through Label Studio's own form (with the organisation's invite link, or without);
+    their API token, or "" when Label Studio refused."""
     jar = http.cookiejar.CookieJar()
     op = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    html = op.open(url + "/user/signup/").read().decode()
+    page = url + "/user/signup/" + (f"?token={invite}" if invite else "")
+    html = op.open(page).read().decode()
     csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html)
     assert csrf
     form = urllib.parse.urlencode({"csrfmiddlewaretoken": csrf.group(1), "email": email, "password": "rev-pass-4821"})
-    op.open(
-        urllib.request.Request(url + "/user/signup/", data=form.encode(), headers={"Referer": url + "/user/signup/"})
-    )
-    return json.loads(op.open(url + "/api/current-user/token").read())["token"]
+    try:
+        op.open(urllib.request.Request(page, data=form.encode(), headers={"Referer": page}))
+        return json.loads(op.open(url + "/api/current-user/token").read())["token"]
+    except urllib.error.HTTPError:
+        return ""
+
+
+def second_reviewer(url: str, admin_token: str, email: str) -> str:
+    """A second reviewer, joined through the organisation's invite link (open sign-up is off); their API token."""
+    req = urllib.request.Request(url + "/api/invite", headers={"Authorization": f"Token {admin_token}"})
+    invite = json.loads(urllib.request.urlopen(req).read())["token"]
+    return sign_up(url, email, invite)
 
 
 def client(url: str, token: str, monkeypatch):
@@ -92,7 +103,8 @@ def test_review_loop_through_a_real_label_studio(
     for t in tasks:
         human[t["data"]["distill_id"]] = flip[t["data"]["teacher_label"]]
         ls.annotate(t["id"], human[t["data"]["distill_id"]], from_name="label", to_name="text")
-    other = client(url, second_reviewer(url, "reviewer2@example.com"), monkeypatch)
+    assert not sign_up(url, "stranger@example.com")  # no invite link: Label Studio refuses
+    other = client(url, second_reviewer(url, token, "reviewer2@example.com"), monkeypatch)
     contested = tasks[0]["data"]["distill_id"]
     other.annotate(tasks[0]["id"], tasks[0]["data"]["teacher_label"], from_name="label", to_name="text")
 
