@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -45,13 +44,9 @@ from distill.runtime import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+from bench import record  # noqa: E402
+
 HOME = REPO / ".distill" / "bench" / "review-value"
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True)
-    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def run(config: str, name: str, seed: int, extra: list[str]) -> dict[str, Any]:
@@ -79,7 +74,7 @@ def run(config: str, name: str, seed: int, extra: list[str]) -> dict[str, Any]:
     out["teacher_usd_per_item"] = (s.get("teacher_usd") or 0) / max(1, s.get("items") or 1)
     out["human_labelled_items"] = s.get("human_labelled_items")
     out["predictions"] = str(cfg.run_dir / "evaluation" / "student_gold_predictions.parquet")
-    out.update(seconds=round(time.monotonic() - t0, 1), date=date.today().isoformat(), commit=commit())
+    out.update(seconds=round(time.monotonic() - t0, 1), date=date.today().isoformat(), commit=record.commit())
     return out
 
 
@@ -212,8 +207,6 @@ def main() -> None:
             }
     doc["summary"] = summary
     doc["usd_per_label"] = usd
-    from bench import record
-
     record.stamp(doc, cmd=doc["command"])  # the file's date, commit and machine: its runs' (docs/gen_figures.py)
     first = next(iter(runs.values()))
     doc["date"], doc["commit"] = first["date"], first["commit"]

@@ -18,7 +18,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from distill.config import DataConfig
 from tasks.classify.aggregate import NO_LABEL, agreement_bin, or_no_label
 from tasks.classify.calibration import Reliability, plot_reliability, reliability
 from tasks.results.classify import ClassifierEvaluation, TeacherGoldScores, TeacherSubset
@@ -99,24 +98,6 @@ def plot_coverage(curve: list[dict[str, float]], path: Path) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
-
-
-def read_gold(data: DataConfig, labels: list[str]) -> pd.DataFrame:
-    """The whole gold file (``data.gold_path``, local or a URL), its labels checked against ``labels``."""
-    from tasks.data.readers import iter_items
-
-    frames = list(
-        iter_items(
-            data.gold_path or "",
-            data.text_column,
-            data.id_column,
-            100_000,
-            label_column=data.gold_label_column,
-            labels=labels,
-            storage_options=data.storage_options,
-        )
-    )
-    return pd.concat(frames, ignore_index=True)
 
 
 def evaluate(

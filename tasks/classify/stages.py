@@ -25,11 +25,12 @@ from distill.config import (
 )
 from tasks.accounting.costs import training_cost
 from tasks.classify.aggregate import vote_shards, vote_stats
-from tasks.classify.evaluate import evaluate, read_gold, teacher_gold_scores
+from tasks.classify.evaluate import evaluate, teacher_gold_scores
 from tasks.classify.inference import StudentPredictor
 from tasks.classify.pyfunc import log_student_model
 from tasks.classify.register import register_classifier
 from tasks.classify.train import train_on_all_gpus
+from tasks.data.readers import read_gold
 from tasks.results.classify import ClassifierEvaluation, ClassifierTraining
 from tasks.results.stages import Aggregation, Evaluation, Registration, Trained
 

@@ -26,6 +26,7 @@ import pandas as pd
 from pandas.core.util.hashing import hash_pandas_object
 
 from distill.config import DataConfig, ReviewConfig
+from tasks.data.readers import read_gold
 
 FILE_RE = re.compile(r"^human-labels-v(\d{4,})\.parquet$")
 # one row per annotation; the columns a run needs come first
@@ -233,25 +234,10 @@ def gold_with_reviews(data: DataConfig, review: ReviewConfig, *, labels: list[st
     run, so the gate and the evaluation score one gold set) and the returned section points
     at it; the teacher keeps its seeded subset of the original gold.
     """
-    from tasks.data.readers import iter_items
-
     reviewed = load_reviewed(review, labels) if data.gold_path else None
     if reviewed is None or not len(reviewed.gold):
         return data
-    gold = pd.concat(
-        list(
-            iter_items(
-                data.gold_path or "",
-                data.text_column,
-                data.id_column,
-                100_000,
-                label_column=data.gold_label_column,
-                labels=labels,
-                storage_options=data.storage_options,
-            )
-        ),
-        ignore_index=True,
-    )
+    gold = read_gold(data, labels)
     clash = set(gold["id"].astype(str)) & set(reviewed.gold["id"])
     if clash:
         raise HumanLabelsError(

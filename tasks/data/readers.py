@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill.config import DataConfig
 from tasks.data import remote
 from tasks.data.hashset import HashSet64
 from tasks.data.remote import RemoteError, is_url, public
@@ -446,3 +447,21 @@ def write_shards(chunks: Iterator[pd.DataFrame], out_dir: Path, shard_rows: int)
     more = False
     flush()
     return paths
+
+
+def read_gold(data: DataConfig, labels: list[str]) -> pd.DataFrame:
+    """The whole gold file (``data.gold_path``, local or a URL), its labels checked against ``labels``: what the
+    student is scored and gated on (tasks/classify/stages.py) and what reviewed items are added to
+    (tasks/data/human_labels.py)."""
+    frames = list(
+        iter_items(
+            data.gold_path or "",
+            data.text_column,
+            data.id_column,
+            100_000,
+            label_column=data.gold_label_column,
+            labels=labels,
+            storage_options=data.storage_options,
+        )
+    )
+    return pd.concat(frames, ignore_index=True)

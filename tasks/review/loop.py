@@ -21,8 +21,8 @@ import pandas as pd
 
 from distill.config import ReviewConfig, TrackingConfig
 from tasks.data.human_labels import COLUMNS, Written, file_for, for_mlflow, write_version
-from tasks.review.formats import FROM_NAME, argilla_records, chosen_label, label_config, labelstudio_tasks
-from tasks.review.labelstudio import LabelStudio, LabelStudioError, ProjectGone
+from tasks.review.formats import argilla_records, chosen_label, label_config, labelstudio_tasks
+from tasks.review.labelstudio import LabelStudio, ProjectGone
 from tasks.review.select import ReviewItem, add_student, candidates, pick
 
 STATE_FILE = "labelstudio.json"
@@ -243,6 +243,3 @@ def log_import(imported: Imported, *, tracking: TrackingConfig, review: ReviewCo
         mlflow.log_metrics({"review_annotations": imported.annotations, "review_items": imported.items})
         mlflow.set_tag("distill.kind", "review-import")
         return run.info.run_id
-
-
-__all__ = ["FROM_NAME", "LabelStudioError", "ProjectGone"]
