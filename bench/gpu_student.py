@@ -165,7 +165,8 @@ def main() -> None:
     tokens = sum(len(x) for x in tok(texts, truncation=True, max_length=a.max_length)["input_ids"]) / len(texts)
     res["train_mean_tokens"] = round(tokens, 1)
     for bs in (int(x) for x in a.train_batch.split(",")):
-        lr = min(1e-3, 2e-4 * math.sqrt(bs / 16))  # the default 2e-4 at 16, square-root scaled with the batch
+        # the default learning rate at batch 16, square-root scaled with the batch
+        lr = min(1e-3, StudentConfig().learning_rate * math.sqrt(bs / 16))
         cfg = StudentConfig(batch_size=bs, eval_batch_size=1024, learning_rate=lr, epochs=1, max_length=a.max_length)
         torch.cuda.reset_peak_memory_stats()
         t = train_student([big], labels=labels, out_dir=str(work / f"t{bs}"), student=cfg, min_agreement=0.0)
