@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--png", default="docs/label_curve.png")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--name", default="movie (the demo)", help="the data's name in docs/measurements.md")
-    ap.add_argument("--target-points", type=float, default=2, help="the gap the issue allows this data, in points")
+    ap.add_argument("--target-points", type=float, default=2.0, help="the gap the issue allows this data, in points")
     a = ap.parse_args()
     out = REPO / a.out
     fresh: dict[str, Any] = {
