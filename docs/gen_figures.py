@@ -83,10 +83,10 @@ def _by_seed(points: dict[str, dict[str, Any]], n: str) -> list[tuple[int, dict[
     return sorted((int(k.split("/")[1]), p) for k, p in points.items() if k.split("/")[0] == n)
 
 
-def label_curve() -> list[str]:
+def label_curve(name: str = "label_curve") -> list[str]:
     from bench.label_curve import summarise
 
-    rec = load("label_curve")
+    rec = load(name)
     summary = summarise(rec["points"])
     seeds = sorted({int(k.split("/")[1]) for k in rec["points"]})
     teacher = {r["teacher_macro_f1_voted_mean"] for r in summary.values()}
@@ -95,7 +95,7 @@ def label_curve() -> list[str]:
         "",
         f"Set-up: {len(rec['points'])} whole `distill run`s of `{rec['config']}` with llama-server as the teacher, "
         "only `data.pool_limit` and `student.seed` changed, every answer asked once through the shared cache; each "
-        "point keeps its own date and commit in `bench/figures/label_curve.json`. Teacher "
+        f"point keeps its own date and commit in `bench/figures/{name}.json`. Teacher "
         + ", ".join(_pct(t) for t in sorted(teacher))
         + " on the 300-item gold subset at every point; student macro-F1 on the same subset, mean ± standard "
         f"deviation over seeds {', '.join(map(str, seeds))}. Target: within {rec['target_points']} points of the "
@@ -118,7 +118,25 @@ def label_curve() -> list[str]:
         )
     seeds_col = f"seeds {' / '.join(map(str, seeds))} (gap)"
     columns = ["pool items (k=1)", "training labels", "student (subset)", "student (all 1,000 gold)", "gap on subset"]
-    return lines + md_table([*columns, seeds_col], rows)
+    return lines + md_table([*columns, seeds_col], rows) + _notes(rec)
+
+
+def student_recipe() -> list[str]:
+    """The student's recipe variants on the same votes: chosen on the dev split, gold shown beside it."""
+    from bench.student_recipe import COLUMNS, summarise
+
+    rec = load("student_recipe")
+    summary = summarise(rec["points"])
+    best = max(summary, key=lambda n: summary[n]["dev_mean"])
+    rows = []
+    for name, r in sorted(summary.items(), key=lambda kv: -kv[1]["dev_mean"]):
+        sets = ", ".join(f"`{k}={v}`" for k, v in rec["variants"][name].items())
+        cells = [f"{r[f'{c}_mean']:.1f} ± {r[f'{c}_std'] or 0:.1f}" for c in COLUMNS]
+        cells[0] = f"**{cells[0]}**" if name == best else cells[0]
+        rows.append([name, sets, str(r["seeds"]), *cells])
+    lines = [*provenance(rec), "", f"Set-up: {rec['setup']}.", ""] if rec.get("setup") else [*provenance(rec), ""]
+    columns = ["variant", "student.* set", "seeds", "dev (chosen on)", "all gold", "teacher's gold subset"]
+    return lines + md_table(columns, rows) + _notes(rec)
 
 
 def other_data() -> list[str]:
@@ -132,6 +150,12 @@ def other_data() -> list[str]:
         if name != "label_curve":
             lines += [*provenance(rec), ""]
         r = summarise(rec["points"])["1500"]
+        before = FIGURES / f"{name}_lr2e-4.json"
+        was = (
+            summarise(json.loads(before.read_text())["points"])["1500"]["gap_on_subset_mean"]
+            if before.exists()
+            else None
+        )
         gap = round(100 * r["gap_on_subset_mean"], 1)
         target = rec["target_points"]
         verdict = "met" if gap >= -target else f"missed by {-gap - target:.1f}"
@@ -145,6 +169,7 @@ def other_data() -> list[str]:
                 _pct(r["student_macro_f1_mean"]),
                 f"**{gap:+.1f}** ({per_seed})",
                 f"within {target} points: {verdict}",
+                _gap(was) if was is not None else "",
             ]
         )
     lines += [
@@ -153,6 +178,7 @@ def other_data() -> list[str]:
         "",
     ]
     columns = ["data", "teacher", "student (subset, mean ± sd)", "student (all gold)", "gap (per seed)", "target"]
+    columns.append("gap at learning rate 2e-4 (before)")
     return lines + md_table(columns, rows)
 
 
@@ -174,6 +200,8 @@ def uncertainty_selection() -> list[str]:
 
 SPECIAL: dict[str, Callable[[], list[str]]] = {
     "label_curve": label_curve,
+    "label_curve_lr2e-4": lambda: label_curve("label_curve_lr2e-4"),
+    "student_recipe": student_recipe,
     "other_data_1500": other_data,
     "uncertainty_selection": uncertainty_selection,
 }
@@ -199,11 +227,14 @@ def draw_plots() -> list[Path]:
     """The plots from the JSON, with the benches' own plot functions (nothing is measured again)."""
     from bench import label_curve, uncertainty_selection
 
-    curve = load("label_curve")
-    what = " ".join([Path(curve["config"]).name, *(x.split("=")[-1] for x in curve.get("sets", []))])
-    paths = [REPO / "docs" / "label_curve.png", REPO / "docs" / "uncertainty_selection.png"]
-    label_curve.plot(label_curve.summarise(curve["points"]), paths[0], what)
-    uncertainty_selection.plot(load("uncertainty_selection")["curves"], paths[1])
+    paths = []
+    for name in ("label_curve", "label_curve_lr2e-4"):
+        curve = load(name)
+        what = " ".join([Path(curve["config"]).name, *(x.split("=")[-1] for x in curve.get("sets", []))])
+        paths.append(REPO / "docs" / f"{name}.png")
+        label_curve.plot(label_curve.summarise(curve["points"]), paths[-1], what)
+    paths.append(REPO / "docs" / "uncertainty_selection.png")
+    uncertainty_selection.plot(load("uncertainty_selection")["curves"], paths[-1])
     return paths
 
 
