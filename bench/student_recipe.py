@@ -56,10 +56,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, over
 
 
-def macro_f1(truth: list[str], pred: list[str]) -> float:
-    from sklearn.metrics import f1_score
+def macro_f1(truth: list[str], pred: list[str], labels: list[str]) -> float:
+    """The run's own macro-F1 (tasks/classify/evaluate.py: over the prompt's labels, 0 for a class never predicted)."""
+    from tasks.classify.evaluate import scores
 
-    return round(100 * float(f1_score(truth, pred, average="macro")), 2)
+    return round(100 * scores(truth, pred, labels)["macro_f1"], 2)
 
 
 def votes_of(config: str, sets: list[str]) -> tuple[Any, list[str], list[str]]:
@@ -106,9 +107,9 @@ def run_variant(cfg: Any, pool: list[str], subset_ids: list[str], over: dict[str
     sub = gold[gold[cfg.data.id_column].isin(set(subset_ids))]
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "dev": macro_f1(dev["label"].tolist(), pred.predict(dev[cfg.data.text_column].astype(str).tolist())[0]),
-        "gold": macro_f1(gold[col].tolist(), gold["pred"].tolist()),
-        "subset": macro_f1(sub[col].tolist(), sub["pred"].tolist()),
+        "dev": macro_f1(dev["label"].tolist(), pred.predict(dev[cfg.data.text_column].astype(str).tolist())[0], labels),
+        "gold": macro_f1(gold[col].tolist(), gold["pred"].tolist(), labels),
+        "subset": macro_f1(sub[col].tolist(), sub["pred"].tolist(), labels),
         "val_teacher_labels": round(100 * tr.val_macro_f1, 2),
         "epochs_run": round(tr.epochs_run, 2),
         "train_items": tr.train_items,
@@ -158,10 +159,7 @@ def main() -> None:
             store["variants"][name] = over
             p = run_variant(cfg, pool, subset_ids, over, seed)
             store["points"][f"{name}/{seed}"] = p
-            record.stamp(store)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
-            tmp.replace(out)  # a point is in the file whole or not at all
+            store = record.write(a.out, store)  # stamped, and written whole or not at all
             print(
                 f"{name} seed {seed}: dev {p['dev']:.1f}  gold {p['gold']:.1f}  subset {p['subset']:.1f}  "
                 f"({p['epochs_run']} epochs, {p['train_seconds']:.0f} s)",

@@ -150,10 +150,10 @@ def other_data() -> list[str]:
         if name != "label_curve":
             lines += [*provenance(rec), ""]
         r = summarise(rec["points"])["1500"]
-        before = FIGURES / f"{name}_lr2e-4.json"
+        before = f"{name}_lr2e-4"
         was = (
-            summarise(json.loads(before.read_text())["points"])["1500"]["gap_on_subset_mean"]
-            if before.exists()
+            summarise(load(before)["points"])["1500"]["gap_on_subset_mean"]
+            if (FIGURES / f"{before}.json").exists()
             else None
         )
         gap = round(100 * r["gap_on_subset_mean"], 1)
